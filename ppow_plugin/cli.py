@@ -1,0 +1,107 @@
+"""`ppow` console script: thin subcommands over the library.
+
+    ppow doctor                              what is installed, patched, prepared
+    ppow prepare [--force]                   embedded SmolLM2 target -> HF dir in the cache
+    ppow patch {check,apply,revert}          pinned fixes/hooks for the EAGLE host
+    ppow validate <recipe> [k=v ...]         load + check a recipe, print it resolved
+    ppow sft <recipe> [k=v ...]              supervised drafter training (EAGLE-1 objective)
+    ppow train <recipe> [k=v ...]            the PPOW stage
+
+Bad input raises `UserError`: printed as one `error: ...` line, exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from ppow_plugin.errors import UserError
+
+
+def _cmd_validate(args) -> int:
+    from ppow_plugin.config import config_to_dict, load_config
+    cfg = load_config(args.recipe, args.overrides)
+    print(json.dumps(config_to_dict(cfg), indent=2))
+    print(f"ok: {args.recipe} is a valid {cfg.stage} recipe", file=sys.stderr)
+    return 0
+
+
+def _cmd_train(args, stage: str) -> int:
+    from ppow_plugin.config import load_config
+    cfg = load_config(args.recipe, args.overrides)
+    if cfg.stage != stage:
+        raise UserError(f"{args.recipe} is a stage={cfg.stage} recipe; run `ppow {_STAGE_CMD[cfg.stage]}` "
+                        f"or set stage={stage}")
+    from ppow_plugin import eagle_compat, trainer
+    eagle_compat.require_host()
+    out = trainer.main(cfg)
+    print(f"drafter written to {out}")
+    return 0
+
+
+_STAGE_CMD = {"sft": "sft", "ppow": "train"}
+
+
+def _cmd_prepare(args) -> int:
+    from ppow_plugin import assets
+    path = assets.prepare_default_target(force=args.force)
+    print(f"target ready: {path}")
+    return 0
+
+
+def _cmd_patch(args) -> int:
+    from ppow_plugin import patching
+    if args.action == "apply":
+        applied = patching.apply_patches()
+        print("applied: " + ", ".join(applied) if applied else "already patched: nothing to do")
+    elif args.action == "revert":
+        reverted = patching.revert_patches()
+        print("reverted: " + ", ".join(reverted) if reverted else "not patched: nothing to revert")
+    status = patching.patch_status()
+    print(status.describe())
+    return 0 if args.action != "check" or status.fully_patched else 1
+
+
+def _cmd_doctor(args) -> int:
+    from ppow_plugin import doctor
+    return doctor.run()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ppow", description="PPOW RL stage for EAGLE drafters")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    def recipe_cmd(name: str, help_: str):
+        sp = sub.add_parser(name, help=help_)
+        sp.add_argument("recipe", help="recipe YAML (see recipes/)")
+        sp.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-5")
+        return sp
+
+    recipe_cmd("validate", "check a recipe without loading models").set_defaults(fn=_cmd_validate)
+    recipe_cmd("sft", "supervised drafter training").set_defaults(fn=lambda a: _cmd_train(a, "sft"))
+    recipe_cmd("train", "PPOW training").set_defaults(fn=lambda a: _cmd_train(a, "ppow"))
+    sp = sub.add_parser("prepare", help="convert the embedded SmolLM2 target into the cache")
+    sp.add_argument("--force", action="store_true", help="rebuild even if present")
+    sp.set_defaults(fn=_cmd_prepare)
+    sp = sub.add_parser("patch", help="check/apply/revert the pinned EAGLE host patches")
+    sp.add_argument("action", choices=["check", "apply", "revert"])
+    sp.set_defaults(fn=_cmd_patch)
+    sub.add_parser("doctor", help="report environment health").set_defaults(fn=_cmd_doctor)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,250 @@
+"""Device, dtype, seeding, process group and the optimisation engine.
+
+This is the only module that imports DeepSpeed (inside `_deepspeed_engine`), so everything else imports
+without it. The DeepSpeed config is generated here from the one typed recipe; there is no second JSON.
+
+Launch: single process as-is, or under `torchrun --nproc_per_node 2` / `deepspeed --num_gpus 2`; the
+process group starts only when the launcher's environment variables (RANK, WORLD_SIZE) are present.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ppow_plugin.config import Config, DistCfg, OptimCfg
+from ppow_plugin.errors import UserError
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def get_device(name: str = "auto") -> torch.device:
+    """Resolve a device name once at the entry point: auto -> cuda, then mps, then cpu."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"dist.device={name} but no CUDA device is visible; use dist.device=cpu or auto")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"dist.device={name} but MPS is not available; use dist.device=cpu or auto")
+    return dev
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_process_group(device: torch.device) -> DistInfo:
+    """Start torch.distributed only under a launcher (RANK/WORLD_SIZE set); gloo on CPU, nccl on CUDA."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    rank = int(os.environ.get("RANK", 0))
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    if world > 1 and not torch.distributed.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        torch.distributed.init_process_group(backend=backend)
+    return DistInfo(rank=rank, world_size=world, local_rank=local)
+
+
+def barrier() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def all_reduce_mean(values: dict[str, float]) -> dict[str, float]:
+    """Average scalar metrics over ranks (no-op in a single process)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return values
+    keys = sorted(values)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
+    torch.distributed.all_reduce(t)
+    t /= torch.distributed.get_world_size()
+    return dict(zip(keys, t.tolist()))
+
+
+def lr_at(step: int, cfg: OptimCfg, max_steps: int) -> float:
+    """Learning rate after `step` optimizer steps: linear warm-up, then constant / cosine / linear decay."""
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return cfg.lr
+    span = max(1, max_steps - cfg.warmup_steps)
+    frac = min(1.0, (step - cfg.warmup_steps) / span)
+    if cfg.schedule == "cosine":
+        return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * frac))
+    return cfg.lr * (1.0 - frac)
+
+
+def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
+    """The DeepSpeed JSON, generated from the recipe (also printed by `ppow plan`)."""
+    return {
+        "train_micro_batch_size_per_gpu": cfg.data.micro_batch,
+        "gradient_accumulation_steps": cfg.optim.grad_accum,
+        "train_batch_size": cfg.data.micro_batch * cfg.optim.grad_accum * world_size,
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_optimization": {"stage": cfg.dist.zero_stage},
+        "bf16": {"enabled": cfg.dist.dtype == "bf16"},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,  # we log ourselves
+        "wall_clock_breakdown": False,
+    }
+
+
+class Engine:
+    """Optimizer + clipping + LR schedule behind one interface, for DeepSpeed or plain torch.
+
+    `backward(loss)` accumulates; `step()` returns True when an optimizer step happened (every
+    `grad_accum` micro-steps). `module` is the trainable drafter (DeepSpeed's wrapped module under ZeRO).
+    """
+
+    def __init__(self, module: torch.nn.Module, cfg: Config, dist_info: DistInfo):
+        self.cfg = cfg
+        self.micro_step = 0
+        self.opt_step = 0
+        self.grad_accum = cfg.optim.grad_accum
+        params = [p for p in module.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=cfg.optim.betas,
+                                weight_decay=cfg.optim.weight_decay)
+        self.kind = cfg.dist.engine
+        if self.kind == "deepspeed":
+            self.ds, self.optimizer = _deepspeed_engine(module, opt, cfg, dist_info.world_size)
+            self.module = self.ds.module
+        else:
+            if dist_info.world_size > 1:
+                raise UserError("dist.engine=torch is single-process; use dist.engine=deepspeed under a launcher")
+            self.ds, self.optimizer, self.module = None, opt, module
+        self._set_lr()
+
+    def _set_lr(self) -> None:
+        lr = lr_at(self.opt_step, self.cfg.optim, self.cfg.run.max_steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def backward(self, loss: torch.Tensor) -> None:
+        if self.ds is not None:
+            self.ds.backward(loss)  # DeepSpeed scales by 1/grad_accum itself
+        else:
+            (loss / self.grad_accum).backward()
+        self.micro_step += 1
+
+    def grads_finite(self) -> bool:
+        """False if any local gradient is NaN/inf (checked before the optimizer step)."""
+        for p in self.module.parameters():
+            g = p.grad
+            if g is not None and not torch.isfinite(g).all():
+                return False
+        return True
+
+    def zero_grad(self) -> None:
+        if self.ds is not None:
+            self.ds.zero_grad()
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
+
+    def step(self) -> bool:
+        """Optimizer step at an accumulation boundary. Returns True when one happened."""
+        boundary = self.micro_step % self.grad_accum == 0
+        if self.ds is not None:
+            self.ds.step()  # DeepSpeed tracks the boundary and clips itself
+        elif boundary:
+            torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.cfg.optim.grad_clip)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        if boundary:
+            self.opt_step += 1
+            self._set_lr()
+        return boundary
+
+    # -- checkpoint state ---------------------------------------------------------------------
+    def save(self, directory: Path) -> None:
+        """Write model + optimizer state under `directory` (all ranks call this under DeepSpeed)."""
+        if self.ds is not None:
+            self.ds.save_checkpoint(str(directory), tag="engine", client_state={})
+        else:
+            torch.save({"module": self.module.state_dict(), "optimizer": self.optimizer.state_dict()},
+                       directory / "engine.pt")
+
+    def load(self, directory: Path) -> None:
+        if self.ds is not None:
+            path, _ = self.ds.load_checkpoint(str(directory), tag="engine")
+            if path is None:
+                raise UserError(f"checkpoint {directory} has no DeepSpeed state; was it written by engine=torch?")
+        else:
+            state = torch.load(directory / "engine.pt", map_location="cpu", weights_only=True)
+            self.module.load_state_dict(state["module"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        self._set_lr()
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """Consolidated trainable-module weights on CPU (gathers ZeRO-3 partitions on every rank)."""
+        if self.ds is not None and self.cfg.dist.zero_stage == 3:
+            import deepspeed  # noqa: F401  (only to reach GatheredParameters; module already imported)
+            params = list(self.module.parameters())
+            with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+                return {k: v.detach().to("cpu", torch.float32).clone() for k, v in self.module.state_dict().items()}
+        return {k: v.detach().to("cpu", torch.float32).clone() for k, v in self.module.state_dict().items()}
+
+
+def _deepspeed_engine(module, optimizer, cfg: Config, world_size: int):
+    if importlib.util.find_spec("deepspeed") is None:
+        raise UserError("dist.engine=deepspeed needs DeepSpeed: pip install 'ppow-plugin[deepspeed]' "
+                        "(or set dist.engine=torch for a single process)")
+    _single_process_env()
+    # Imported here, not at module top: every other module must import without DeepSpeed.
+    import deepspeed
+    import deepspeed.ops
+
+    # Skip the 45 s JIT build of the shared-memory comm op on CPU; gloo is used instead.
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    engine, opt, _, _ = deepspeed.initialize(model=module, optimizer=optimizer,
+                                             config=deepspeed_config(cfg, world_size))
+    return engine, opt
+
+
+def _single_process_env() -> None:
+    """DeepSpeed wants launcher variables even for one process; provide loopback defaults."""
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("LOCAL_RANK", "0")
+
+
+def dist_summary(cfg: DistCfg) -> dict[str, str]:
+    """What `ppow doctor` prints about device, dtype and the DeepSpeed accelerator."""
+    out = {"device": str(get_device(cfg.device)), "dtype": cfg.dtype, "target_dtype": cfg.target_dtype}
+    if importlib.util.find_spec("deepspeed") is None:
+        out["deepspeed"] = "not installed"
+    else:
+        from importlib.metadata import version
+        out["deepspeed"] = version("deepspeed")
+        out["deepspeed_accelerator"] = "cpu (gloo)" if not torch.cuda.is_available() else "cuda"
+    return out

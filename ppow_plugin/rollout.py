@@ -1,0 +1,234 @@
+"""Teacher-forced passes, grouped window rollouts and batched speculative verification.
+
+Conventions (docs/glossary.md):
+- A training sequence x_0..x_{T-1}. The target's feature f_i and distribution P_i = p(x_{i+1} | x_<=i).
+- The EAGLE-1 drafter reads pairs (f_i, x_{i+1}) at position i and predicts f_{i+1}; the target's
+  lm_head turns that into Q_{i+1}. So `draft_logits[i]` (aligned) and `target_logits[i]` both predict x_{i+1}.
+- A window starting at s: the prefix is x_0..x_s, where x_s plays EAGLE's *root* (the token the target
+  itself emitted last). The drafter drafts d_1..d_K for x_{s+1}..x_{s+K}: d_1 ~ Q_s from the
+  teacher-forced pass, then each step feeds its own predicted feature back (EAGLE-style).
+- Verification: all G windows of a start form one tree (root + G chains of K) verified by ONE target
+  forward over the host's KV cache of the prefix, with the host's tree-attention mask. The accepted
+  length k counts draft tokens (bonus excluded).
+
+Departures / choices (docs/algorithm.md): windows are chains of length K (not trees); the root is the
+data token (teacher forcing), not a target sample; starts of one sequence are verified in descending order
+so each tree overwrites only KV slots that later (shorter) prefixes never read.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+class TargetPass(NamedTuple):
+    features: Tensor  # [T, H] target features f_i (final-norm hidden states, EAGLE-1)
+    logits: Tensor  # [T, V] target logits, row i predicts x_{i+1}
+
+
+class DraftPass(NamedTuple):
+    out_features: Tensor  # [T-1, H] drafter outputs; row i = predicted f_{i+1}
+    kv: tuple  # host drafter cache: per layer (k, v), each [1, kv_heads, T-1, head_dim]
+
+
+class Rollout(NamedTuple):
+    starts: Tensor  # [n] int64 window starts s (root index)
+    draft_tokens: Tensor  # [n, G, K] int64 sampled draft windows
+    old_logprobs: Tensor  # [n, G, K] float drafter log-probs at sampling time
+    accept_len: Tensor  # [n, G] int64 accepted draft tokens, bonus excluded
+    target_logits: Tensor  # [n, G, K, V] target logits at each window position (drafted prefix)
+    target_draft_logprobs: Tensor  # [n, G, K] log p_T(d_j | prefix, d_<j)
+    target_greedy_logprobs: Tensor  # [n, G, K] max_v log p_T(v | prefix, d_<j)
+    valid_mask: Tensor  # [n, G, K] bool True = real window position
+
+
+# ----------------------------------------------------------------------------------------------
+# Pure acceptance rules
+
+
+def greedy_accept_len(draft_tokens: Tensor, target_logits: Tensor) -> Tensor:
+    """Accepted prefix length under greedy (T=0) verification.
+
+    Args:
+        draft_tokens: [..., K] int64 drafted tokens.
+        target_logits: [..., K, V] target logits at each window position (given the drafted prefix).
+    Returns:
+        [...] int64: number of leading draft tokens equal to the target's argmax.
+    """
+    match = (draft_tokens == target_logits.argmax(-1)).long()
+    return match.cumprod(-1).sum(-1)
+
+
+def sampling_accept_len(target_logprobs: Tensor, draft_logprobs: Tensor, uniforms: Tensor) -> Tensor:
+    """Accepted prefix length under speculative (rejection) sampling: accept d_j iff u_j < p(d_j)/q(d_j).
+
+    Args:
+        target_logprobs: [..., K] log p_T(d_j) under the (temperature-warped) target.
+        draft_logprobs: [..., K] log q(d_j) under the drafter's sampling distribution.
+        uniforms: [..., K] U(0,1) draws.
+    Returns:
+        [...] int64 accepted lengths.
+    """
+    ratio = (target_logprobs - draft_logprobs).clamp(max=0.0).exp()
+    return (uniforms < ratio).long().cumprod(-1).sum(-1)
+
+
+def tree_layout(group_size: int, window: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Static tree of one root and `group_size` chains of `window` tokens (node 0 = root).
+
+    Returns:
+        tree_mask: [L, L] float, 1 where node r may attend node c (itself, the root, its chain ancestors).
+        depth: [L] int64 position offset of each node from the root.
+        parent: [G, K] int64 node whose target logits verify window token (g, j).
+    """
+    n = 1 + group_size * window
+    mask = torch.zeros(n, n)
+    mask[:, 0] = 1.0
+    depth = torch.zeros(n, dtype=torch.long)
+    parent = torch.zeros(group_size, window, dtype=torch.long)
+    for g in range(group_size):
+        base = 1 + g * window
+        for j in range(window):
+            node = base + j
+            mask[node, base:node + 1] = 1.0
+            depth[node] = j + 1
+            parent[g, j] = 0 if j == 0 else node - 1
+    return mask, depth, parent
+
+
+# ----------------------------------------------------------------------------------------------
+# Model passes (no optimisation state, no device choice: tensors arrive on the right device)
+
+
+def target_forward(target, input_ids: Tensor, kv=None) -> TargetPass:
+    """Teacher-forced pass of the host target over one sequence; fills `kv` when given.
+
+    Args:
+        target: host KV Llama (`eagle_compat.load_host_target`).
+        input_ids: [1, T] int64.
+        kv: host KV cache list (length reset to 0 by the caller) or None.
+    """
+    with torch.no_grad():
+        hidden = target.model(input_ids=input_ids, past_key_values=kv)[0]  # [1, T, H]
+        logits = target.lm_head(hidden)
+    return TargetPass(features=hidden[0], logits=logits[0].float())
+
+
+def draft_forward(drafter, features: Tensor, input_ids: Tensor) -> DraftPass:
+    """Teacher-forced drafter pass over pairs (f_i, x_{i+1}), i = 0..T-2, keeping its KV cache.
+
+    Args:
+        features: [T, H] target features (already noised by the caller if wanted).
+        input_ids: [T] int64 sequence.
+    """
+    feats = features[None, :-1].to(_dtype(drafter))
+    out, kv = drafter(feats, input_ids=input_ids[None, 1:], use_cache=True)
+    return DraftPass(out_features=out[0], kv=kv)
+
+
+def draft_windows(drafter, head, dpass: DraftPass, starts: Tensor, group_size: int, window: int,
+                  temperature: float, tokens: Tensor | None = None,
+                  generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Draft (or re-score) G windows of K tokens from each start, feeding the drafter its own features.
+
+    With `tokens=None` it samples (call under no_grad); with `tokens` given it re-scores those tokens
+    with gradients (the policy-update pass). Both run the identical computation.
+
+    Args:
+        dpass: teacher-forced drafter pass of the sequence.
+        starts: [n] int64 roots s (1 <= s <= T-1).
+        tokens: [n, G, K] int64 windows to score, or None to sample.
+    Returns:
+        tokens [n, G, K], logprobs [n, G, K] (log q at `temperature`), logits [n, G, K, V] (raw).
+    """
+    n = starts.numel()
+    rows = n * group_size
+    past = dpass.kv[0][0].shape[2]  # T-1 teacher-forced positions
+    feat = dpass.out_features[starts - 1]  # [n, H] predicted f_s
+    feat = feat.repeat_interleave(group_size, 0)[:, None]  # [N, 1, H]
+    # Row r may attend teacher-forced positions < s (its own prefix) plus its own drafted steps.
+    pos = torch.arange(past, device=starts.device)
+    prefix_ok = (pos[None] < starts[:, None]).repeat_interleave(group_size, 0)  # [N, past]
+    kv = tuple((k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1)) for k, v in dpass.kv)
+    s_rows = starts.repeat_interleave(group_size)  # [N]
+    out_tokens, out_logprobs, out_logits = [], [], []
+    for j in range(window):
+        logits = head(feat[:, 0]).float()  # [N, V]
+        logp = F.log_softmax(logits / temperature, dim=-1)
+        if tokens is None:
+            tok = torch.multinomial(logp.exp(), 1, generator=generator)[:, 0]
+        else:
+            tok = tokens.reshape(rows, window)[:, j]
+        out_tokens.append(tok)
+        out_logprobs.append(logp.gather(-1, tok[:, None])[:, 0])
+        out_logits.append(logits)
+        if j == window - 1:
+            break
+        # Next step: pair (predicted f_{s+j}, d_{j+1}) at position s+j.
+        mask = torch.cat([prefix_ok, torch.ones(rows, j + 1, dtype=torch.bool, device=starts.device)], 1)
+        feat, kv = drafter(feat, input_ids=tok[:, None], past_key_values=kv,
+                           position_ids=(s_rows + j)[:, None], attention_mask=mask, use_cache=True)
+    shape = (n, group_size, window)
+    return (torch.stack(out_tokens, 1).reshape(shape), torch.stack(out_logprobs, 1).reshape(shape),
+            torch.stack(out_logits, 1).reshape(*shape, -1))
+
+
+def verify_windows(target, kv, input_ids: Tensor, starts: Tensor, draft_tokens: Tensor,
+                   verify: str, verify_temperature: float, draft_logprobs: Tensor,
+                   generator: torch.Generator | None = None):
+    """Verify every window with one target tree forward per start, over the prefix's cached KV.
+
+    `kv` must hold the teacher-forced KV of `input_ids` (from `target_forward`); trees are run for
+    starts in descending order, so each overwrites only cache slots >= its own start.
+
+    Args:
+        input_ids: [T] int64 sequence (roots are input_ids[s]).
+        starts: [n] int64; draft_tokens: [n, G, K]; draft_logprobs: [n, G, K] (for verify=sampling).
+    Returns:
+        accept_len [n, G], target_logits [n, G, K, V], target log-probs of the drafts [n, G, K],
+        greedy (max) target log-probs [n, G, K].
+    """
+    n, G, K = draft_tokens.shape
+    tree_mask, depth, parent = tree_layout(G, K)
+    tree_mask = tree_mask.to(input_ids.device)[None, None]
+    depth, parent = depth.to(input_ids.device), parent.to(input_ids.device)
+    logits_out = [None] * n
+    order = torch.argsort(starts, descending=True).tolist()
+    with torch.no_grad():
+        for i in order:
+            s = int(starts[i])
+            _set_kv_length(kv, s)
+            nodes = torch.cat([input_ids[s:s + 1], draft_tokens[i].reshape(-1)])[None]  # [1, L]
+            target.model.tree_mask = tree_mask
+            try:
+                hidden = target.model(input_ids=nodes, past_key_values=kv, position_ids=(s + depth)[None])[0]
+            finally:
+                target.model.tree_mask = None
+            logits = target.lm_head(hidden[0]).float()  # [L, V]
+            logits_out[i] = logits[parent]  # [G, K, V]
+    target_logits = torch.stack(logits_out)  # [n, G, K, V]
+    if verify == "greedy":
+        target_logp = F.log_softmax(target_logits, -1)
+        accept = greedy_accept_len(draft_tokens, target_logits)
+    else:
+        target_logp = F.log_softmax(target_logits / verify_temperature, -1)
+        uniforms = torch.rand(draft_tokens.shape, generator=generator, device=draft_tokens.device)
+        draft_target_lp = target_logp.gather(-1, draft_tokens[..., None])[..., 0]
+        accept = sampling_accept_len(draft_target_lp, draft_logprobs, uniforms)
+    tgt_draft = target_logp.gather(-1, draft_tokens[..., None])[..., 0]
+    tgt_greedy = target_logp.max(-1).values
+    return accept, target_logits, tgt_draft, tgt_greedy
+
+
+def _set_kv_length(kv, length: int) -> None:
+    for layer in kv:
+        for cache in layer:
+            cache.current_length.fill_(length)
+
+
+def _dtype(module) -> torch.dtype:
+    return next(module.parameters()).dtype

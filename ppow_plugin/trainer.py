@@ -1,0 +1,383 @@
+"""The one trainer for both stages: supervised warm start (`ppow sft`) and PPOW (`ppow train`).
+
+    ppow sft   recipes/smollm2/135M_sft.yaml
+    ppow train recipes/smollm2/135M_ppow.yaml run.max_steps=20
+
+`Trainer.train()` reads top to bottom: batch -> target pass -> (SFT loss | rollout -> rewards ->
+advantages -> PPOW loss) -> backward/step -> log -> checkpoint. Both stages share the engine
+(DeepSpeed ZeRO or plain torch), checkpointing, resume and export.
+
+Where we depart from the paper (details in docs/algorithm.md):
+1. The paper trains EAGLE-3 drafters; this path trains the host's EAGLE-1 drafter (features = final
+   hidden states, logits through the target's lm_head). EAGLE-3 arrives with issue 7.
+2. Window roots are data tokens (teacher forcing), and R_dist's Δ is computed along the drafted prefix.
+3. An optional token-level soft-CE to the target on the teacher-forced sequence (loss.distill_weight)
+   keeps the drafter anchored on positions no window covers.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import random
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import ppow_plugin
+from ppow_plugin import distributed, eagle_compat, export, losses, rewards, rollout, windowing
+from ppow_plugin.config import Config, config_to_dict
+from ppow_plugin.data import TrainingData, build_training_samples
+from ppow_plugin.errors import UserError
+
+
+class StepResult(NamedTuple):
+    loss: torch.Tensor  # scalar, with grad
+    stats: dict[str, float]  # detached scalars for logging
+
+
+class Trainer:
+    """setup() -> train() -> cleanup(); save_checkpoint() is called by train()."""
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.out_dir = Path(cfg.run.output_dir)
+        self.step = 0
+        self.bad_steps = 0
+
+    # ------------------------------------------------------------------------------------------
+    # setup
+    def setup(self) -> None:
+        cfg = self.cfg
+        self.device = distributed.get_device(cfg.dist.device)
+        self.dist = distributed.init_process_group(self.device)
+        distributed.seed_everything(cfg.dist.seed + self.dist.rank)
+        self._check_output_dir()
+        self.target_dir = _resolve_target(cfg.model.target)
+        self.target = eagle_compat.load_host_target(self.target_dir, distributed.DTYPES[cfg.dist.target_dtype])
+        self.target.to(self.device)
+        self.head = self.target.lm_head  # EAGLE-1: the drafter reuses the target's frozen LM head
+        self.kv = eagle_compat.new_kv_cache(self.target)
+        drafter = self._build_drafter()
+        self.engine = distributed.Engine(drafter, cfg, self.dist)
+        self.drafter = self.engine.module
+        self.gamma = _resolve_gamma(cfg)
+        self.data = TrainingData(build_training_samples(cfg.data, self.target_dir), seed=cfg.dist.seed,
+                                 rank=self.dist.rank, world_size=self.dist.world_size)
+        self.gen = torch.Generator(device="cpu").manual_seed(cfg.dist.seed * 7919 + self.dist.rank)
+        if cfg.run.resume:
+            self._resume()
+        self.metrics_path = self.out_dir / "metrics.jsonl"
+
+    def _check_output_dir(self) -> None:
+        ckpts = self.out_dir / "checkpoints"
+        if ckpts.exists() and any(ckpts.iterdir()) and not self.cfg.run.resume:
+            raise UserError(f"{self.out_dir} already holds checkpoints; pass run.resume=true to continue "
+                            "or choose another run.output_dir")
+        try:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            probe = self.out_dir / ".write-probe"
+            probe.write_text("ok")
+            probe.unlink()
+        except OSError as exc:
+            raise UserError(f"run.output_dir {self.out_dir} is not writable ({exc.strerror}); choose another") from None
+
+    def _build_drafter(self) -> torch.nn.Module:
+        cfg = self.cfg
+        if cfg.model.drafter_type != "eagle1":
+            raise UserError("model.drafter_type=eagle3 is not available yet; use eagle1")
+        dtype = distributed.DTYPES[cfg.dist.dtype]
+        drafter = eagle_compat.new_eagle1_drafter(self.target.config, bias=cfg.model.drafter_bias,
+                                                  embed_weight=self.target.model.embed_tokens.weight, dtype=dtype)
+        if cfg.model.drafter is not None:
+            _, state = export.load_drafter_dir(cfg.model.drafter)
+            eagle_compat.load_drafter_weights(drafter, state)
+        elif cfg.stage == "ppow":
+            raise UserError("PPOW needs a supervised drafter to start from: set model.drafter "
+                            "(e.g. the committed assets/drafters/smollm2-135m-eagle1-sft)")
+        return drafter.to(self.device)
+
+    # ------------------------------------------------------------------------------------------
+    # train
+    def train(self) -> Path:
+        cfg = self.cfg
+        start_time = time.time()
+        pbar = _progress(cfg.run.max_steps, self.step, self.dist.is_main)
+        while self.step < cfg.run.max_steps:
+            samples = [self.data.next() for _ in range(cfg.optim.grad_accum * cfg.data.micro_batch)]
+            stats = self._optimizer_step(samples)
+            self.step += 1
+            stats.update(step=self.step, lr=self.engine.lr, elapsed_s=time.time() - start_time)
+            self._log(stats, pbar)
+            if self.step % cfg.run.save_every == 0:
+                self.save_checkpoint()
+            if cfg.run.max_minutes is not None and time.time() - start_time > 60 * cfg.run.max_minutes:
+                break
+        pbar.close()
+        if self.step % cfg.run.save_every != 0:
+            self.save_checkpoint()
+        return self.export_drafter(self.out_dir / "drafter")
+
+    def _optimizer_step(self, samples: list) -> dict[str, float]:
+        """grad_accum micro-steps (PPOW: collect rollouts first, then ppo_epochs updates on them)."""
+        epochs = self.cfg.loss.ppo_epochs if self.cfg.stage == "ppow" else 1
+        prepared = [self._prepare(sample) for sample in samples]  # target pass + rollouts (no grad)
+        totals: dict[str, float] = {}
+        for _ in range(epochs):
+            for item in prepared:
+                result = self._sft_loss(item) if self.cfg.stage == "sft" else self._ppow_loss(item)
+                loss = result.loss
+                if not torch.isfinite(loss):
+                    self._count_bad_step("loss")
+                    loss = sum(p.sum() * 0.0 for p in self.drafter.parameters() if p.requires_grad)
+                self.engine.backward(loss)
+                if self.engine.micro_step % self.engine.grad_accum == 0 and not self.engine.grads_finite():
+                    self._count_bad_step("gradient")
+                    self.engine.zero_grad()
+                self.engine.step()
+                for k, v in result.stats.items():
+                    totals[k] = totals.get(k, 0.0) + v / (len(prepared) * epochs)
+        return distributed.all_reduce_mean(totals)
+
+    def _count_bad_step(self, what: str) -> None:
+        self.bad_steps += 1
+        if self.bad_steps > self.cfg.run.max_bad_steps:
+            raise RuntimeError(f"{self.bad_steps} steps had a non-finite {what}; aborting "
+                               "(lower optim.lr, use dist.dtype=fp32, or raise run.max_bad_steps)")
+
+    # ------------------------------------------------------------------------------------------
+    # phases
+    def _prepare(self, sample) -> dict:
+        """Target pass (fills the KV cache) and, for PPOW, window selection + rollouts + verification."""
+        ids = torch.as_tensor(sample.input_ids, dtype=torch.long, device=self.device)
+        mask = torch.as_tensor(sample.loss_mask, dtype=torch.bool, device=self.device)
+        # aligned[i] for i in 1..T-1: position i predicts x_{i+1}; train where x_{i+1} is assistant text.
+        valid = torch.zeros_like(mask)
+        valid[1:-1] = mask[2:]
+        eagle_compat.reset_kv(self.kv)
+        tpass = rollout.target_forward(self.target, ids[None], self.kv)
+        item = {"ids": ids, "valid": valid, "tpass": tpass}
+        if self.cfg.stage == "sft":
+            return item
+        with torch.no_grad():
+            dpass = rollout.draft_forward(self.drafter, tpass.features, ids)
+            draft_logits = self.head(dpass.out_features.to(self.head.weight.dtype)).float()  # [T-1, V]
+            pos = windowing.position_scores(tpass.logits[None, 1:], draft_logits[None])[0]  # i = 1..T-1
+            pos_scores = torch.cat([pos.new_zeros(1), pos])  # [T], index = position
+            scores = windowing.window_scores(pos_scores[None], valid[None], self.cfg.rollout.window)
+            rule = windowing.adaw_rule_for_step(self.step, self.cfg.windowing.warmup_steps, self.cfg.windowing.rule)
+            sel = windowing.select_windows(scores, self.cfg.rollout.prefixes_per_sequence, rule, self.gen,
+                                           self.cfg.windowing.temperature)
+            starts = sel.starts[0][sel.valid_mask[0]]
+            item["window_score"] = windowing.score_summary(scores, torch.isfinite(scores))
+            if starts.numel() == 0:
+                item["rollout"] = None
+                return item
+            r = self.cfg.rollout
+            tokens, old_lp, _ = rollout.draft_windows(self.drafter, self._head_fn, dpass, starts, r.group_size,
+                                                      r.window, r.temperature, generator=self.gen)
+            accept, t_logits, t_draft_lp, t_greedy_lp = rollout.verify_windows(
+                self.target, self.kv, ids, starts, tokens, r.verify, r.verify_temperature, old_lp, self.gen)
+        item["rollout"] = rollout.Rollout(starts, tokens, old_lp, accept, t_logits, t_draft_lp, t_greedy_lp,
+                                          torch.ones_like(tokens, dtype=torch.bool))
+        return item
+
+    def _head_fn(self, features: torch.Tensor) -> torch.Tensor:
+        return self.head(features.to(self.head.weight.dtype))
+
+    def _sft_loss(self, item: dict) -> StepResult:
+        """EAGLE-1 objective: next-feature SmoothL1 + soft CE to the target, on noised input features."""
+        cfg, tpass, ids = self.cfg, item["tpass"], item["ids"]
+        feats = tpass.features.to(distributed.DTYPES[cfg.dist.dtype])
+        noise = (torch.rand(feats.shape, generator=self.gen) - 0.5).to(feats) * cfg.sft.feature_noise
+        dpass = rollout.draft_forward(self.drafter, feats + noise, ids)
+        pred = dpass.out_features  # [T-1, H], row i predicts f_{i+1}
+        draft_logits = self._head_fn(pred).float()
+        loss, st = losses.eagle1_sft_loss(pred[None], feats[None, 1:], draft_logits[None], tpass.logits[None, 1:],
+                                          item["valid"][None, 1:], cfg.sft.feature_weight, cfg.sft.token_weight)
+        return StepResult(loss, {"loss": float(loss), "feature_loss": float(st.feature_loss),
+                                 "token_loss": float(st.token_loss), "top1_acc": float(st.top1_acc)})
+
+    def _ppow_loss(self, item: dict) -> StepResult:
+        cfg, tpass, ids, ro = self.cfg, item["tpass"], item["ids"], item["rollout"]
+        feats = tpass.features.to(distributed.DTYPES[cfg.dist.dtype])
+        dpass = rollout.draft_forward(self.drafter, feats, ids)  # with grad
+        draft_logits = self._head_fn(dpass.out_features).float()  # [T-1, V]
+        distill, _ = losses.distill_loss(tpass.logits[1:], draft_logits, item["valid"][1:])
+        if ro is None:  # no assistant position to draft from: distillation only
+            return StepResult(cfg.loss.distill_weight * distill, {"distill": float(distill)})
+        r = cfg.rollout
+        _, new_lp, new_logits = rollout.draft_windows(self.drafter, self._head_fn, dpass, ro.starts, r.group_size,
+                                                      r.window, r.temperature, tokens=ro.draft_tokens)
+        delta = rewards.proximity_delta(ro.target_greedy_logprobs, ro.target_draft_logprobs, ro.valid_mask)
+        rw = rewards.joint_reward(ro.accept_len, delta, self.gamma, cfg.reward.eta, cfg.reward.epsilon,
+                                  cfg.reward.speedup_weight, cfg.reward.proximity_weight)
+        adv = losses.group_advantages(rw.total, scale=cfg.loss.advantage_scale)
+        pol, pst = losses.policy_loss(new_lp, ro.old_logprobs, adv, ro.valid_mask, cfg.loss.clip_eps,
+                                      cfg.loss.ratio_mode)
+        V = new_logits.shape[-1]
+        kl, _ = losses.target_kl_loss(ro.target_logits.reshape(-1, V), new_logits.reshape(-1, V),
+                                      ro.valid_mask.reshape(-1), cfg.loss.kl_direction)
+        loss = pol + cfg.loss.kl_beta * kl + cfg.loss.distill_weight * distill
+        k = ro.accept_len.float()
+        stats = {"loss": float(loss), "policy_loss": float(pol), "kl": float(kl), "distill": float(distill),
+                 "reward": float(rw.total.mean()), "r_speedup": float(rw.speedup.mean()),
+                 "r_proximity": float(rw.proximity.mean()), "accept_len": float(k.mean()),
+                 "tau_est": float(k.mean() + 1.0), "zero_accept_frac": float((k == 0).float().mean()),
+                 "clip_frac": float(pst.clip_fraction), "ratio": float(pst.ratio_mean),
+                 "window_score_mean": item["window_score"].get("mean", float("nan"))}
+        return StepResult(loss, stats)
+
+    # ------------------------------------------------------------------------------------------
+    # logging, checkpoints, export
+    def _log(self, stats: dict[str, float], pbar) -> None:
+        if not self.dist.is_main:
+            return
+        keys = ("loss", "reward", "accept_len", "kl", "clip_frac", "top1_acc")
+        pbar.set_postfix({k: f"{stats[k]:.3g}" for k in keys if k in stats}, refresh=False)
+        pbar.update(1)
+        if self.step % self.cfg.run.log_every == 0:
+            with open(self.metrics_path, "a") as f:
+                f.write(json.dumps({k: _jsonable(v) for k, v in stats.items()}) + "\n")
+
+    def save_checkpoint(self) -> Path:
+        """Atomic checkpoint dir with engine state, trainer state (RNG, data position) and meta.json."""
+        final = self.out_dir / "checkpoints" / f"step-{self.step:06d}"
+        tmp = final.with_name(final.name + ".tmp")
+        if self.dist.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        distributed.barrier()
+        self.engine.save(tmp)
+        if self.dist.is_main:
+            torch.save(self._trainer_state(), tmp / "trainer_state.pt")
+            meta = self._meta() | {"files": {p.relative_to(tmp).as_posix(): export.sha256_file(p)
+                                             for p in sorted(tmp.rglob("*")) if p.is_file()}}
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+            shutil.rmtree(final, ignore_errors=True)
+            tmp.rename(final)
+            self._rotate_checkpoints()
+        distributed.barrier()
+        return final
+
+    def _rotate_checkpoints(self) -> None:
+        ckpts = sorted((self.out_dir / "checkpoints").glob("step-??????"))
+        for old in ckpts[:-self.cfg.run.keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def _trainer_state(self) -> dict:
+        return {"step": self.step, "bad_steps": self.bad_steps, "data": self.data.state_dict(),
+                "python_rng": random.getstate(), "numpy_rng": np.random.get_state(),
+                "torch_rng": torch.get_rng_state(), "gen": self.gen.get_state(),
+                "engine_steps": (self.engine.micro_step, self.engine.opt_step)}
+
+    def _resume(self) -> None:
+        for ckpt in sorted((self.out_dir / "checkpoints").glob("step-??????"), reverse=True):
+            problem = _verify_checkpoint(ckpt)
+            if problem:
+                print(f"warning: skipping checkpoint {ckpt.name}: {problem}", file=sys.stderr)
+                continue
+            self.engine.load(ckpt)
+            st = torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=False)
+            self.step, self.bad_steps = st["step"], st["bad_steps"]
+            self.data.load_state_dict(st["data"])
+            random.setstate(st["python_rng"])
+            np.random.set_state(st["numpy_rng"])
+            torch.set_rng_state(st["torch_rng"])
+            self.gen.set_state(st["gen"])
+            self.engine.micro_step, self.engine.opt_step = st["engine_steps"]
+            self.engine._set_lr()
+            print(f"resumed from {ckpt} at step {self.step}", file=sys.stderr)
+            return
+        print(f"no usable checkpoint in {self.out_dir / 'checkpoints'}; starting fresh", file=sys.stderr)
+
+    def _meta(self) -> dict:
+        import transformers
+        return {"plugin_version": ppow_plugin.__version__, "step": self.step, "stage": self.cfg.stage,
+                "config": config_to_dict(self.cfg), "host": eagle_compat.host_version(),
+                "torch": torch.__version__, "transformers": transformers.__version__,
+                "python": platform.python_version(), "machine": platform.machine(),
+                "target": str(self.target_dir), "gamma": self.gamma}
+
+    def drafter_state(self) -> dict[str, torch.Tensor]:
+        return self.engine.full_state_dict()
+
+    def export_drafter(self, out: Path) -> Path:
+        """Compact EAGLE-1 drafter dir (the format it was loaded in), written once by rank 0."""
+        state = self.drafter_state()
+        if self.dist.is_main:
+            config = eagle_compat.eagle1_config_dict(self.target.config, self.cfg.model.drafter_bias)
+            export.save_drafter_dir(out, state, config, self._meta())
+        distributed.barrier()
+        return out
+
+    def cleanup(self) -> None:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def _verify_checkpoint(ckpt: Path) -> str | None:
+    meta_path = ckpt / "meta.json"
+    if not meta_path.is_file():
+        return "meta.json missing"
+    try:
+        files = json.loads(meta_path.read_text())["files"]
+    except (json.JSONDecodeError, KeyError):
+        return "meta.json unreadable"
+    for rel, digest in files.items():
+        p = ckpt / rel
+        if not p.is_file() or export.sha256_file(p) != digest:
+            return f"{rel} missing or corrupt (hash mismatch)"
+    return None
+
+
+def _resolve_target(target: str) -> Path:
+    if target == "default":
+        from ppow_plugin import assets
+        return assets.default_target_dir(prepare=True)
+    p = Path(target)
+    if not (p / "config.json").is_file():
+        raise UserError(f"model.target={target} is not a model directory with config.json; "
+                        "use 'default' or a local HF causal-LM directory")
+    return p
+
+
+def _resolve_gamma(cfg: Config) -> float:
+    if cfg.reward.gamma_profile is None:
+        return cfg.reward.gamma
+    p = Path(cfg.reward.gamma_profile)
+    try:
+        gamma = float(json.loads(p.read_text())["gamma"])
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError):
+        raise UserError(f"reward.gamma_profile={p} is not a `ppow profile` JSON with a 'gamma' field; "
+                        "run `ppow profile` or unset reward.gamma_profile") from None
+    if not math.isfinite(gamma) or gamma < 0:
+        raise UserError(f"reward.gamma_profile={p} holds gamma={gamma}; re-run `ppow profile`")
+    return gamma
+
+
+def _progress(total: int, initial: int, enabled: bool):
+    from tqdm import tqdm
+    return tqdm(total=total, initial=initial, disable=not enabled, dynamic_ncols=True, desc="train")
+
+
+def _jsonable(v):
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
+
+
+def main(cfg: Config) -> Path:
+    trainer = Trainer(cfg)
+    trainer.setup()
+    try:
+        return trainer.train()
+    finally:
+        trainer.cleanup()
