@@ -1,0 +1,271 @@
+"""The EAGLE-1 host bridge: loading, the drafter contract, and lossless greedy decoding vs HF `generate`.
+
+Tiny random Llama targets (rope_theta 1e5, so the rope-base patch matters) with a word-level tokenizer;
+one slow test on the real SmolLM2-135M-Instruct target with MT-Bench prompts.
+"""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from ppow_plugin import eagle_compat, patching
+from ppow_plugin.errors import UserError
+
+if patching.patch_status().state in ("missing", "wrong-version"):
+    pytest.skip("eagle-llm 1.2.1 is not installed", allow_module_level=True)
+
+VOCAB = 256
+EOS = 1
+
+
+def _save_tokenizer(out_dir: Path) -> None:
+    """Word-level tokenizer "t0".."t255" (EaModel reads the target dir's tokenizer for its EOS id)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(VOCAB)}, unk_token="t3"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="t0", eos_token=f"t{EOS}",
+                            unk_token="t3").save_pretrained(out_dir)
+
+
+def _make_target(out_dir: Path, tie: bool, residual_scale: float, seed: int = 0) -> LlamaForCausalLM:
+    """A 3-layer random Llama saved to `out_dir`. `residual_scale` < 1 shrinks what attention and MLP
+    add to the residual stream, so the model is close to a bigram model (see `_bigram_drafter`)."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         rope_theta=1e5, bos_token_id=0, eos_token_id=EOS, tie_word_embeddings=tie)
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.mul_(residual_scale)
+            layer.mlp.down_proj.weight.mul_(residual_scale)
+    model.save_pretrained(out_dir)
+    _save_tokenizer(out_dir)
+    return model
+
+
+@pytest.fixture(scope="module")
+def near_bigram_target(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, LlamaForCausalLM]:
+    out_dir = tmp_path_factory.mktemp("target_untied")
+    return out_dir, _make_target(out_dir, tie=False, residual_scale=0.3)
+
+
+@pytest.fixture(scope="module")
+def tied_target(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, LlamaForCausalLM]:
+    out_dir = tmp_path_factory.mktemp("target_tied")
+    return out_dir, _make_target(out_dir, tie=True, residual_scale=1.0, seed=1)
+
+
+def _bigram_drafter(drafter: torch.nn.Module) -> torch.nn.Module:
+    """Make the drafter output the embedding of its input token: fc = [I | 0], its layer adds nothing.
+    For a target whose features are ~norm(embed(x_t)), lm_head of that predicts the target's next token,
+    so this drafter is often right (long accepted prefixes, off-first-branch acceptances)."""
+    hidden = drafter.fc.weight.shape[0]
+    with torch.no_grad():
+        drafter.fc.weight.zero_()
+        drafter.fc.weight[:, :hidden] = torch.eye(hidden)
+        drafter.fc.bias.zero_()
+        drafter.layers[0].self_attn.o_proj.weight.zero_()
+        drafter.layers[0].mlp.down_proj.weight.zero_()
+    return drafter
+
+
+def _save_drafter(drafter: torch.nn.Module, target_config: LlamaConfig, out_dir: Path, bias: bool) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.json").write_text(json.dumps(eagle_compat.eagle1_config_dict(target_config, bias)))
+    torch.save(drafter.state_dict(), out_dir / "pytorch_model.bin")
+    return out_dir
+
+
+def _hf_greedy(model: torch.nn.Module, prompt: torch.Tensor, n: int) -> list[int]:
+    out = model.generate(prompt, max_new_tokens=n, do_sample=False, eos_token_id=model.config.eos_token_id,
+                         pad_token_id=model.config.eos_token_id)
+    return out[0, prompt.shape[1]:].tolist()
+
+
+def _check_lossless_and_accounting(result: eagle_compat.HostGenerateResult, prompt: torch.Tensor,
+                                   reference: list[int], n: int, max_depth: int) -> None:
+    generated = result.output_ids[0, prompt.shape[1]:].tolist()
+    assert generated[: len(reference)] == reference
+    if EOS not in reference and len(reference) == n:
+        assert len(generated) > n  # eagenerate stops once more than max_new_tokens are committed
+    # one cycle commits its accepted drafts plus the root token sampled by the previous cycle
+    assert result.new_tokens == len(generated)
+    assert len(result.accept_lengths) == result.cycles
+    assert sum(result.accept_lengths) + result.cycles == result.new_tokens
+    assert all(0 <= a <= max_depth for a in result.accept_lengths)
+
+
+def _tree_depth() -> int:
+    return max(len(path) for path in eagle_compat.default_tree_choices())
+
+
+@pytest.mark.parametrize("fixture", ["near_bigram_target", "tied_target"])
+def test_load_host_target_matches_hf(fixture: str, request: pytest.FixtureRequest) -> None:
+    target_dir, hf_model = request.getfixturevalue(fixture)
+    host = eagle_compat.load_host_target(target_dir)
+    assert not host.training and not any(p.requires_grad for p in host.parameters())
+    if hf_model.config.tie_word_embeddings:
+        assert host.lm_head.weight.data_ptr() == host.model.embed_tokens.weight.data_ptr()
+    ids = torch.randint(2, VOCAB, (2, 17))
+    with torch.no_grad():
+        torch.testing.assert_close(host(ids).logits, hf_model(ids).logits, rtol=1e-4, atol=1e-5)
+    rotary = host.model.layers[0].self_attn.rotary_emb
+    assert rotary.base == 1e5 and rotary.cos_cached.dtype == torch.float32
+
+
+def test_host_kv_cache_and_features(near_bigram_target: tuple[Path, LlamaForCausalLM]) -> None:
+    """Features = final-norm output (HF's last hidden state); the host cache continues a sequence."""
+    target_dir, hf_model = near_bigram_target
+    host = eagle_compat.load_host_target(target_dir)
+    ids = torch.randint(2, VOCAB, (1, 12))
+    kv = eagle_compat.new_kv_cache(host)
+    with torch.no_grad():
+        full = host.model(input_ids=ids)[0]                      # [1, 12, H]
+        reference = hf_model(ids, output_hidden_states=True).hidden_states[-1]
+        head = host.model(input_ids=ids[:, :9], past_key_values=kv)[0]
+        tail = host.model(input_ids=ids[:, 9:], past_key_values=kv)[0]
+        assert kv[0][0].current_length.item() == 12
+        eagle_compat.reset_kv(kv)
+        again = host.model(input_ids=ids, past_key_values=kv)[0]
+    torch.testing.assert_close(full, reference, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(torch.cat([head, tail], dim=1), full, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(again, full, rtol=1e-4, atol=1e-5)
+
+
+def test_load_drafter_weights_is_strict(near_bigram_target: tuple[Path, LlamaForCausalLM]) -> None:
+    _, target = near_bigram_target
+    with_bias = eagle_compat.new_eagle1_drafter(target.config, bias=True)
+    without_bias = eagle_compat.new_eagle1_drafter(target.config, bias=False)
+    with pytest.raises(UserError, match=r"unexpected \['fc.bias'\]"):
+        eagle_compat.load_drafter_weights(without_bias, with_bias.state_dict())
+    state = {k: v for k, v in with_bias.state_dict().items() if k != "fc.bias"}
+    eagle_compat.load_drafter_weights(without_bias, state)
+    assert torch.equal(without_bias.fc.weight, with_bias.fc.weight)
+
+
+def test_load_host_target_rejects_other_architectures(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"]}))
+    with pytest.raises(UserError, match="supports only LlamaForCausalLM"):
+        eagle_compat.load_host_target(tmp_path)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_new_drafter_contract(near_bigram_target: tuple[Path, LlamaForCausalLM], bias: bool) -> None:
+    _, target = near_bigram_target
+    embed = target.get_input_embeddings().weight
+    drafter = eagle_compat.new_eagle1_drafter(target.config, bias=bias, embed_weight=embed)
+    keys = set(drafter.state_dict())
+    assert ("fc.bias" in keys) == bias
+    assert "layers.0.input_layernorm.weight" not in keys and len(drafter.layers) == 1
+    assert torch.equal(drafter.embed_tokens.weight, embed) and not drafter.embed_tokens.weight.requires_grad
+
+    drafter.train()  # with the host's gradient checkpointing left on, train mode returned no KV
+    features = torch.randn(2, 7, 64)    # [B, T, H] target features f_0..f_6
+    shifted_ids = torch.randint(2, VOCAB, (2, 7))  # [B, T] tokens x_1..x_7
+    out, kv = drafter(features, input_ids=shifted_ids, use_cache=True)
+    assert out.shape == (2, 7, 64) and len(kv) == 1 and kv[0][0].shape == (2, 2, 7, 16)
+    out.sum().backward()
+    assert drafter.fc.weight.grad is not None
+
+    # the KV cache continues the sequence: last position computed incrementally == full forward
+    drafter.eval()
+    with torch.no_grad():
+        full = drafter(features, input_ids=shifted_ids)
+        _, kv = drafter(features[:, :6], input_ids=shifted_ids[:, :6], use_cache=True)
+        last, _ = drafter(features[:, 6:], input_ids=shifted_ids[:, 6:], past_key_values=kv, use_cache=True)
+    torch.testing.assert_close(last, full[:, 6:], rtol=1e-4, atol=1e-5)
+
+
+def test_greedy_host_generate_is_lossless_with_random_drafter(
+        near_bigram_target: tuple[Path, LlamaForCausalLM], tmp_path: Path) -> None:
+    target_dir, target = near_bigram_target
+    drafter = eagle_compat.new_eagle1_drafter(target.config, bias=True,
+                                              embed_weight=target.get_input_embeddings().weight)
+    ea_model = eagle_compat.load_ea_model(target_dir, _save_drafter(drafter, target.config, tmp_path, True))
+    torch.manual_seed(2)
+    for length in (3, 8, 13):
+        prompt = torch.randint(2, VOCAB, (1, length))
+        result = eagle_compat.host_generate(ea_model, prompt, temperature=0.0, max_new_tokens=24)
+        _check_lossless_and_accounting(result, prompt, _hf_greedy(target, prompt, 24), 24, _tree_depth())
+
+
+def test_greedy_host_generate_is_lossless_with_accepting_drafter(
+        near_bigram_target: tuple[Path, LlamaForCausalLM], tmp_path: Path) -> None:
+    target_dir, target = near_bigram_target
+    drafter = eagle_compat.new_eagle1_drafter(target.config, bias=True,
+                                              embed_weight=target.get_input_embeddings().weight)
+    drafter_dir = _save_drafter(_bigram_drafter(drafter), target.config, tmp_path, True)
+    ea_model = eagle_compat.load_ea_model(target_dir, drafter_dir)
+    torch.manual_seed(3)
+    all_accepts = []
+    for length in (4, 9, 5, 12):
+        prompt = torch.randint(2, VOCAB, (1, length))
+        result = eagle_compat.host_generate(ea_model, prompt, temperature=0.0, max_new_tokens=40)
+        _check_lossless_and_accounting(result, prompt, _hf_greedy(target, prompt, 40), 40, _tree_depth())
+        all_accepts += result.accept_lengths
+    assert max(all_accepts) == _tree_depth() and min(all_accepts) < _tree_depth()  # full and partial accepts
+
+
+def test_tied_target_and_bias_free_drafter_round_trip(tied_target: tuple[Path, LlamaForCausalLM],
+                                                      tmp_path: Path) -> None:
+    target_dir, target = tied_target
+    drafter = eagle_compat.new_eagle1_drafter(target.config, bias=False,
+                                              embed_weight=target.get_input_embeddings().weight)
+    ea_model = eagle_compat.load_ea_model(target_dir, _save_drafter(drafter, target.config, tmp_path, False))
+    for name, tensor in drafter.state_dict().items():  # strict load: every key, same values
+        assert torch.equal(ea_model.ea_layer.state_dict()[name], tensor), name
+    prompt = torch.randint(2, VOCAB, (1, 6))
+    result = eagle_compat.host_generate(ea_model, prompt, max_new_tokens=16)
+    _check_lossless_and_accounting(result, prompt, _hf_greedy(target, prompt, 16), 16, _tree_depth())
+
+
+def test_sampling_runs_and_keeps_accounting(near_bigram_target: tuple[Path, LlamaForCausalLM],
+                                            tmp_path: Path) -> None:
+    target_dir, target = near_bigram_target
+    drafter = eagle_compat.new_eagle1_drafter(target.config, embed_weight=target.get_input_embeddings().weight)
+    ea_model = eagle_compat.load_ea_model(target_dir, _save_drafter(_bigram_drafter(drafter), target.config,
+                                                                    tmp_path, True))
+    torch.manual_seed(4)
+    result = eagle_compat.host_generate(ea_model, torch.randint(2, VOCAB, (1, 5)), temperature=0.8,
+                                        max_new_tokens=20)
+    assert sum(result.accept_lengths) + result.cycles == result.new_tokens == result.output_ids.shape[1] - 5
+
+
+def test_tree_helpers_are_reexported() -> None:
+    buffers = eagle_compat.generate_tree_buffers(device="cpu")
+    nodes = len(eagle_compat.default_tree_choices())
+    assert buffers["tree_attn_mask"].shape[-1] == nodes + 1  # + the root
+    assert buffers["retrieve_indices"].shape[1] == _tree_depth() + 1
+
+
+@pytest.mark.slow
+def test_smollm2_greedy_host_generate_is_lossless(tmp_path: Path) -> None:
+    """Real target, random-init EAGLE-1 drafter, MT-Bench first turns: 64 new tokens == HF greedy."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ppow_plugin.assets import default_target_dir
+    from ppow_plugin.data import load_mt_bench
+
+    target_dir = default_target_dir(prepare=True)
+    tokenizer = AutoTokenizer.from_pretrained(target_dir)
+    target = AutoModelForCausalLM.from_pretrained(target_dir, dtype=torch.float32).eval()
+    torch.manual_seed(0)
+    drafter = eagle_compat.new_eagle1_drafter(target.config, bias=True,
+                                              embed_weight=target.get_input_embeddings().weight)
+    ea_model = eagle_compat.load_ea_model(target_dir, _save_drafter(drafter, target.config, tmp_path, True))
+
+    questions = {q.category: q for q in load_mt_bench()}  # one per category, deterministic
+    for category in ("writing", "reasoning", "coding"):
+        messages = [{"role": "user", "content": questions[category].turns[0]}]
+        prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                               return_dict=True)["input_ids"]
+        result = eagle_compat.host_generate(ea_model, prompt, temperature=0.0, max_new_tokens=64)
+        reference = target.generate(prompt, max_new_tokens=64, do_sample=False)[0, prompt.shape[1]:].tolist()
+        generated = result.output_ids[0, prompt.shape[1]:].tolist()
+        assert generated[: len(reference)] == reference, category
+        assert sum(result.accept_lengths) + result.cycles == result.new_tokens == len(generated)
