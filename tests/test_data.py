@@ -10,6 +10,7 @@ import re
 import zipfile
 from collections import Counter
 from itertools import islice
+from types import SimpleNamespace
 
 import pytest
 from tokenizers import Regex, Tokenizer, models, pre_tokenizers
@@ -243,47 +244,68 @@ def many_convs(n: int) -> list[Conversation]:
             for i in range(n)]
 
 
+def tokenized(convs, max_len=64):
+    return data.TokenizedConversations(convs, tiny_tokenizer(CHATML), max_len)
+
+
+def take_ids(td: data.TrainingData, n: int) -> list[str]:
+    return [td.next().conversation_id for _ in range(n)]
+
+
 def test_training_data_resumes_exactly():
-    tok = tiny_tokenizer(CHATML)
-    convs = many_convs(7)
-    full = TrainingDataIds(data.TrainingData(convs, tok, max_len=64, seed=3), 17)
-    first = data.TrainingData(convs, tok, max_len=64, seed=3)
-    head = TrainingDataIds(first, 9)
+    samples = tokenized(many_convs(7))
+    full = take_ids(data.TrainingData(samples, seed=3), 17)
+    first = data.TrainingData(samples, seed=3)
+    head = take_ids(first, 9)
     state = first.state_dict()
     assert state["epoch"] == 1 and state["position"] == 2
-    resumed = data.TrainingData(convs, tok, max_len=64, seed=3)
-    resumed.load_state_dict(state)
-    assert head + TrainingDataIds(resumed, 8) == full
-    # Epochs differ in order, cover everything, and seeds differ.
+    resumed = data.TrainingData(samples, seed=3)
+    resumed.load_state_dict(json.loads(json.dumps(state)))  # survives a JSON checkpoint
+    assert head + take_ids(resumed, 8) == full
+    # Epochs differ in order but cover everything; another seed gives another order.
     assert sorted(full[:7]) == sorted(full[7:14]) and full[:7] != full[7:14]
-    assert TrainingDataIds(data.TrainingData(convs, tok, max_len=64, seed=4), 7) != full[:7]
-
-
-def TrainingDataIds(td: data.TrainingData, n: int) -> list[str]:
-    return [s.conversation_id for s in islice(iter(td), n)]
+    assert take_ids(data.TrainingData(samples, seed=4), 7) != full[:7]
+    assert [s.conversation_id for s in islice(data.TrainingData(samples, seed=3), 17)] == full
 
 
 def test_training_data_shards_are_disjoint_and_equal():
-    tok = tiny_tokenizer(CHATML)
-    convs = many_convs(11)
-    ranks = [data.TrainingData(convs, tok, max_len=64, seed=0, rank=r, world_size=3) for r in range(3)]
+    samples = tokenized(many_convs(11))
+    ranks = [data.TrainingData(samples, seed=0, rank=r, world_size=3) for r in range(3)]
     orders = [td.epoch_order(0) for td in ranks]
     assert [len(o) for o in orders] == [3, 3, 3]
     assert len(set(sum(orders, []))) == 9
     with pytest.raises(UserError, match="world_size=3"):
-        data.TrainingData(convs, tok, max_len=64, world_size=2).load_state_dict(ranks[0].state_dict())
+        data.TrainingData(samples, world_size=2).load_state_dict(ranks[0].state_dict())
+    with pytest.raises(ValueError):
+        data.TrainingData(samples, rank=3, world_size=3)
 
 
 def test_training_data_skips_and_counts_empty_samples():
-    tok = tiny_tokenizer(CHATML)
     long_user = conv(("user", " ".join(["hi"] * 30)), ("assistant", "fine"), cid="long_0")
-    convs = [long_user] + many_convs(3)
-    td = data.TrainingData(convs, tok, max_len=20, seed=0)
-    got = TrainingDataIds(td, 6)
+    samples = tokenized([long_user] + many_convs(3), max_len=20)
+    td = data.TrainingData(samples, seed=0)
+    got = take_ids(td, 6)
     visits = td.epoch + (0 in td.epoch_order(td.epoch)[: td.position])  # long_0 is index 0
     assert "long_0" not in got and td.num_empty == visits >= 1
-    with pytest.raises(UserError, match="no conversation"):
-        next(iter(data.TrainingData([long_user], tok, max_len=20)))
+    with pytest.raises(UserError, match="no training sample"):
+        data.TrainingData(tokenized([long_user], max_len=20)).next()
+
+
+def test_build_training_samples_uses_train_split(cache, tmp_path):
+    name, version, member = data.SHAREGPT
+    records = [{"id": f"r{i}_0", "conversations": [{"from": "human", "value": "hi"},
+                                                   {"from": "gpt", "value": "hello there"}]}
+               for i in range(40)]
+    fake_wheel(cache, name, version, {member: json.dumps(records).encode()})
+    tiny_tokenizer(CHATML).save_pretrained(tmp_path / "target")
+    cfg = SimpleNamespace(dataset="sharegpt", max_len=32, num_conversations=None, heldout_fraction=0.25)
+    samples = data.build_training_samples(cfg, tmp_path / "target")
+    ids = {samples[i].conversation_id for i in range(len(samples))}
+    assert ids == {f"r{i}_0" for i in range(40) if data.split_of(f"r{i}_0", 0.25) == "train"}
+    assert 20 <= len(ids) < 40
+    cfg.num_conversations = 5
+    assert len(data.build_training_samples(cfg, tmp_path / "target")) == 5
+    assert samples[0].loss_mask.sum() == 3  # hello there <|im_end|>
 
 
 # --- real data (slow) ------------------------------------------------------------------------------
