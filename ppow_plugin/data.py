@@ -357,6 +357,37 @@ class TokenizedConversations(Sequence[TokenizedSample]):
         return tokenize_conversation(self.tokenizer, self.conversations[i], self.max_len)
 
 
+def load_jsonl_conversations(path: str | Path | None) -> list[Conversation]:
+    """Your own data: one ShareGPT-style record per line ({"id", "conversations": [{"from", "value"}]}).
+
+    Records that do not form a user-first, alternating conversation are dropped (counted in the error
+    when nothing is left).
+    """
+    if path is None:
+        raise UserError("data.dataset=jsonl needs data.path=<file.jsonl>")
+    p = Path(path)
+    try:
+        lines = p.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"data.path={p} is unreadable ({type(exc).__name__}); pass a UTF-8 JSONL file") from None
+    kept, stats = [], Counter()
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{p}:{n} is not valid JSON ({exc.msg}); fix or remove that line") from None
+        conv, reason = normalize_sharegpt(record)
+        stats[reason] += 1
+        if conv is not None:
+            kept.append(conv)
+    if not kept:
+        raise UserError(f"{p} holds no usable conversation ({dict(stats)}); each line needs an id and "
+                        "user/assistant turns starting with the user")
+    return kept
+
+
 def build_training_samples(data_cfg, target_dir: str | Path) -> TokenizedConversations:
     """The training set a config asks for, tokenized lazily with the target's chat template.
 
@@ -366,12 +397,14 @@ def build_training_samples(data_cfg, target_dir: str | Path) -> TokenizedConvers
     """
     from transformers import AutoTokenizer
 
-    if data_cfg.dataset != "sharegpt":
-        raise UserError(f"data.dataset={data_cfg.dataset!r} is not available; use 'sharegpt'")
     tokenizer = AutoTokenizer.from_pretrained(target_dir)
     if not tokenizer.chat_template:
         raise UserError(f"the tokenizer in {target_dir} has no chat template; training needs one")
-    train = [c for c in load_sharegpt() if split_of(c.id, data_cfg.heldout_fraction) == "train"]
+    convs = load_sharegpt() if data_cfg.dataset == "sharegpt" else load_jsonl_conversations(data_cfg.path)
+    train = [c for c in convs if split_of(c.id, data_cfg.heldout_fraction) == "train"]
+    if not train:
+        raise UserError(f"no training conversations left in data.dataset={data_cfg.dataset} after the "
+                        f"held-out split; add data or lower data.heldout_fraction")
     return TokenizedConversations(train[: data_cfg.num_conversations], tokenizer, data_cfg.max_len)
 
 

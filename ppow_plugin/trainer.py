@@ -98,6 +98,8 @@ class Trainer:
                                                   embed_weight=self.target.model.embed_tokens.weight, dtype=dtype)
         if cfg.model.drafter is not None:
             _, state = export.load_drafter_dir(cfg.model.drafter)
+            # Compact dirs leave out the embeddings: they are the target's, frozen.
+            state.setdefault(export.EMBED_KEY, self.target.model.embed_tokens.weight.detach())
             eagle_compat.load_drafter_weights(drafter, state)
         elif cfg.stage == "ppow":
             raise UserError("PPOW needs a supervised drafter to start from: set model.drafter "
@@ -202,7 +204,7 @@ class Trainer:
         draft_logits = self._head_fn(pred).float()
         loss, st = losses.eagle1_sft_loss(pred[None], feats[None, 1:], draft_logits[None], tpass.logits[None, 1:],
                                           item["valid"][None, 1:], cfg.sft.feature_weight, cfg.sft.token_weight)
-        return StepResult(loss, {"loss": float(loss), "feature_loss": float(st.feature_loss),
+        return StepResult(loss, {"loss": float(loss.detach()), "feature_loss": float(st.feature_loss),
                                  "token_loss": float(st.token_loss), "top1_acc": float(st.top1_acc)})
 
     def _ppow_loss(self, item: dict) -> StepResult:
@@ -212,7 +214,7 @@ class Trainer:
         draft_logits = self._head_fn(dpass.out_features).float()  # [T-1, V]
         distill, _ = losses.distill_loss(tpass.logits[1:], draft_logits, item["valid"][1:])
         if ro is None:  # no assistant position to draft from: distillation only
-            return StepResult(cfg.loss.distill_weight * distill, {"distill": float(distill)})
+            return StepResult(cfg.loss.distill_weight * distill, {"distill": float(distill.detach())})
         r = cfg.rollout
         _, new_lp, new_logits = rollout.draft_windows(self.drafter, self._head_fn, dpass, ro.starts, r.group_size,
                                                       r.window, r.temperature, tokens=ro.draft_tokens)
@@ -227,7 +229,8 @@ class Trainer:
                                       ro.valid_mask.reshape(-1), cfg.loss.kl_direction)
         loss = pol + cfg.loss.kl_beta * kl + cfg.loss.distill_weight * distill
         k = ro.accept_len.float()
-        stats = {"loss": float(loss), "policy_loss": float(pol), "kl": float(kl), "distill": float(distill),
+        stats = {"loss": float(loss.detach()), "policy_loss": float(pol.detach()), "kl": float(kl.detach()),
+                 "distill": float(distill.detach()),
                  "reward": float(rw.total.mean()), "r_speedup": float(rw.speedup.mean()),
                  "r_proximity": float(rw.proximity.mean()), "accept_len": float(k.mean()),
                  "tau_est": float(k.mean() + 1.0), "zero_accept_frac": float((k == 0).float().mean()),

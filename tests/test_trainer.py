@@ -1,0 +1,93 @@
+"""Trainer smoke and equivalence tests on a tiny random target (CPU, fp32, seconds each)."""
+
+import json
+
+import pytest
+import torch
+
+from ppow_plugin import export, patching, trainer
+from ppow_plugin.config import load_config
+from tiny import overrides
+
+if patching.patch_status().state != "patched":
+    pytest.skip("the EAGLE host is not installed and patched (`ppow patch apply`)", allow_module_level=True)
+
+
+def run(tmp_path, stage, **extra):
+    t = trainer.Trainer(load_config(None, overrides(tmp_path, stage, **extra)))
+    t.setup()
+    before = {k: v.detach().clone() for k, v in t.drafter.state_dict().items()}
+    target_before = {k: v.detach().clone() for k, v in t.target.state_dict().items()}
+    out = t.train()
+    t.cleanup()
+    return t, before, target_before, out
+
+
+def assert_trained(t, before, target_before):
+    after = t.drafter.state_dict()
+    trainable = {n for n, p in t.drafter.named_parameters() if p.requires_grad}
+    assert trainable, "drafter has trainable parameters"
+    for name in trainable:
+        assert not torch.equal(before[name], after[name]), f"{name} did not change"
+    assert torch.equal(before["embed_tokens.weight"], after["embed_tokens.weight"]), "embeddings are frozen"
+    for name, value in t.target.state_dict().items():
+        assert torch.equal(target_before[name], value), f"target {name} changed"
+
+
+def test_sft_smoke(tmp_path):
+    t, before, target_before, out = run(tmp_path, "sft")
+    assert_trained(t, before, target_before)
+    lines = [json.loads(x) for x in (tmp_path / "run-sft" / "metrics.jsonl").read_text().splitlines()]
+    assert len(lines) == 3 and all(map(lambda r: r["loss"] is not None and r["loss"] > 0, lines))
+    config, state = export.load_drafter_dir(out)
+    assert "embed_tokens.weight" not in state and "fc.weight" in state
+
+
+def test_sft_loss_goes_down(tmp_path):
+    t, *_ = run(tmp_path, "sft", **{"run.max_steps": 30, "optim.lr": 3e-3, "data.max_len": 64})
+    lines = [json.loads(x)["loss"] for x in (tmp_path / "run-sft" / "metrics.jsonl").read_text().splitlines()]
+    assert sum(lines[-5:]) / 5 < 0.85 * sum(lines[:5]) / 5, lines
+
+
+@pytest.fixture
+def sft_drafter(tmp_path):
+    _, _, _, out = run(tmp_path, "sft", **{"run.max_steps": 2})
+    return out
+
+
+@pytest.mark.parametrize("engine", ["torch", "deepspeed"])
+def test_ppow_smoke(tmp_path, sft_drafter, engine):
+    t, before, target_before, out = run(tmp_path, "ppow", engine=engine, **{"model.drafter": sft_drafter,
+                                                                             "run.output_dir": tmp_path / f"ppow-{engine}"})
+    assert_trained(t, before, target_before)
+    rows = [json.loads(x) for x in (tmp_path / f"ppow-{engine}" / "metrics.jsonl").read_text().splitlines()]
+    for key in ("reward", "accept_len", "kl", "policy_loss", "clip_frac"):
+        assert all(r[key] is not None for r in rows), key
+    assert all(0 <= r["accept_len"] <= 4 for r in rows)
+
+
+def test_ppow_needs_a_drafter(tmp_path):
+    from ppow_plugin.errors import UserError
+    t = trainer.Trainer(load_config(None, overrides(tmp_path, "ppow")))
+    with pytest.raises(UserError, match="model.drafter"):
+        t.setup()
+
+
+def test_existing_run_is_not_overwritten(tmp_path):
+    from ppow_plugin.errors import UserError
+    run(tmp_path, "sft", **{"run.max_steps": 1})
+    t = trainer.Trainer(load_config(None, overrides(tmp_path, "sft")))
+    with pytest.raises(UserError, match="run.resume=true"):
+        t.setup()
+
+
+@pytest.mark.parametrize("stage", ["sft", "ppow"])
+def test_resume_equals_uninterrupted(tmp_path, sft_drafter, stage):
+    extra = {"model.drafter": sft_drafter} if stage == "ppow" else {}
+    straight, *_ = run(tmp_path, stage, **extra, **{"run.max_steps": 4, "run.output_dir": tmp_path / "straight"})
+    run(tmp_path, stage, **extra, **{"run.max_steps": 2, "run.save_every": 2, "run.output_dir": tmp_path / "split"})
+    resumed, *_ = run(tmp_path, stage, **extra, **{"run.max_steps": 4, "run.save_every": 2, "run.resume": True,
+                                                   "run.output_dir": tmp_path / "split"})
+    a, b = straight.drafter.state_dict(), resumed.drafter.state_dict()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs after resume"

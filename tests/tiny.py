@@ -1,0 +1,69 @@
+"""Tiny random Llama target + word-level ChatML tokenizer + JSONL conversations, for trainer tests.
+
+Everything is built in a temp dir in well under a second; no downloads.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import torch
+from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+SPECIAL = ["<pad>", "<unk>", "<|im_start|>", "<|im_end|>"]
+WORDS = SPECIAL + ["user", "assistant", "system", "\n"] + [f"w{i}" for i in range(120)]
+CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>' + '\n' }}"
+          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+def make_target(out_dir: Path, layers: int = 6, seed: int = 0) -> Path:
+    """Save a tiny random Llama (hidden 64, vocab 128, rope_theta 1e5) and its tokenizer."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(WORDS), hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         rope_theta=1e5, bos_token_id=2, eos_token_id=3, pad_token_id=0, tie_word_embeddings=True)
+    LlamaForCausalLM(config).eval().save_pretrained(out_dir)
+    tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(" "), "removed"),
+                                                pre_tokenizers.Split(Regex("\n"), "isolated")])
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", pad_token="<pad>",
+                                  bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                  additional_special_tokens=["<|im_start|>", "<|im_end|>"])
+    tok.chat_template = CHATML
+    tok.save_pretrained(out_dir)
+    return out_dir
+
+
+def make_conversations(path: Path, n: int = 12, seed: int = 0) -> Path:
+    """ShareGPT-style JSONL: short user turns, longer assistant turns of counting-like word runs."""
+    rng = random.Random(seed)
+    with open(path, "w") as f:
+        for i in range(n):
+            turns = []
+            for _ in range(2):
+                start = rng.randrange(100)
+                user = " ".join(f"w{rng.randrange(120)}" for _ in range(4))
+                answer = " ".join(f"w{(start + k) % 120}" for k in range(rng.randint(20, 40)))
+                turns += [{"from": "human", "value": user}, {"from": "gpt", "value": answer}]
+            f.write(json.dumps({"id": f"conv{i}", "conversations": turns}) + "\n")
+    return path
+
+
+def overrides(tmp: Path, stage: str, engine: str = "torch", **extra) -> list[str]:
+    """Dotted overrides for a tiny, fast, fp32 run in `tmp`."""
+    target = tmp / "target"
+    if not target.exists():
+        make_target(target)
+        make_conversations(tmp / "convs.jsonl")
+    base = {
+        "stage": stage, "model.target": str(target), "data.dataset": "jsonl", "data.path": str(tmp / "convs.jsonl"),
+        "data.max_len": 96, "data.heldout_fraction": 0.0, "dist.engine": engine, "dist.zero_stage": 2,
+        "dist.dtype": "fp32", "dist.target_dtype": "fp32", "run.max_steps": 3, "run.save_every": 100,
+        "run.output_dir": str(tmp / f"run-{stage}"), "optim.lr": 1e-3, "rollout.group_size": 4,
+        "rollout.window": 4, "rollout.prefixes_per_sequence": 2, "windowing.warmup_steps": 1,
+    }
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
