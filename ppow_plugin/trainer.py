@@ -83,7 +83,7 @@ class Trainer:
                             "or choose another run.output_dir")
         try:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            probe = self.out_dir / ".write-probe"
+            probe = self.out_dir / f".write-probe-{self.dist.rank}"
             probe.write_text("ok")
             probe.unlink()
         except OSError as exc:
@@ -259,8 +259,10 @@ class Trainer:
             tmp.mkdir(parents=True)
         distributed.barrier()
         self.engine.save(tmp)
+        # Per rank: data position and RNG streams differ between ranks.
+        torch.save(self._trainer_state(), tmp / f"trainer_state_rank{self.dist.rank}.pt")
+        distributed.barrier()
         if self.dist.is_main:
-            torch.save(self._trainer_state(), tmp / "trainer_state.pt")
             meta = self._meta() | {"files": {p.relative_to(tmp).as_posix(): export.sha256_file(p)
                                              for p in sorted(tmp.rglob("*")) if p.is_file()}}
             (tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
@@ -288,7 +290,7 @@ class Trainer:
                 print(f"warning: skipping checkpoint {ckpt.name}: {problem}", file=sys.stderr)
                 continue
             self.engine.load(ckpt)
-            st = torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=False)
+            st = torch.load(ckpt / f"trainer_state_rank{self.dist.rank}.pt", map_location="cpu", weights_only=False)
             self.step, self.bad_steps = st["step"], st["bad_steps"]
             self.data.load_state_dict(st["data"])
             random.setstate(st["python_rng"])
