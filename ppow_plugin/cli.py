@@ -6,6 +6,7 @@
     ppow validate <recipe> [k=v ...]         load + check a recipe, print it resolved
     ppow sft <recipe> [k=v ...]              supervised drafter training (EAGLE-1 objective)
     ppow train <recipe> [k=v ...]            the PPOW stage
+    ppow export SRC OUT --format F           run/checkpoint/drafter dir -> eagle1 | eagle1-compact | eagle3
 
 Bad input raises `UserError`: printed as one `error: ...` line, exit code 2.
 """
@@ -68,6 +69,29 @@ def _cmd_doctor(args) -> int:
     return doctor.run()
 
 
+def _cmd_export(args) -> int:
+    from ppow_plugin import export
+    out, drafter = export.export(args.source, args.out, args.format, target=args.target, force=args.force,
+                                 min_tau=args.min_tau, eval_report=args.eval_report)
+    print(drafter.describe())
+    print(f"exported {args.format} drafter to {out}")
+    return 0
+
+
+def _add_export_command(sub) -> None:
+    """ppow export (issue 6); docs/export.md."""
+    sp = sub.add_parser("export", help="write a drafter in a format EAGLE / vLLM / SGLang load")
+    sp.add_argument("source", help="run dir (newest intact checkpoint), checkpoints/step-N dir, or drafter dir")
+    sp.add_argument("out", help="output dir (written atomically)")
+    sp.add_argument("--format", required=True, choices=["eagle1", "eagle1-compact", "eagle3"])
+    sp.add_argument("--target", default=None,
+                    help="'default' or a target dir (default: the checkpoint's recorded target)")
+    sp.add_argument("--force", action="store_true", help="replace a non-empty out dir; export despite --min-tau")
+    sp.add_argument("--min-tau", type=float, default=None, help="refuse when the eval report's tau is lower")
+    sp.add_argument("--eval-report", default=None, help="`ppow eval` report.json; its tau goes to ppow_meta.json")
+    sp.set_defaults(fn=_cmd_export)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ppow", description="PPOW RL stage for EAGLE drafters")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -88,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("action", choices=["check", "apply", "revert"])
     sp.set_defaults(fn=_cmd_patch)
     sub.add_parser("doctor", help="report environment health").set_defaults(fn=_cmd_doctor)
+    _add_export_command(sub)
     return p
 
 

@@ -248,3 +248,49 @@ def dist_summary(cfg: DistCfg) -> dict[str, str]:
         out["deepspeed"] = version("deepspeed")
         out["deepspeed_accelerator"] = "cpu (gloo)" if not torch.cuda.is_available() else "cuda"
     return out
+
+
+def consolidate_deepspeed_checkpoint(directory: Path, tag: str = "engine") -> dict[str, torch.Tensor]:
+    """One full state dict from a DeepSpeed checkpoint `directory/<tag>/` of any ZeRO stage (0-3), on CPU.
+
+    Stage 0 keeps whole weights in `mp_rank_00_model_states.pt`; stages 1-3 keep the fp32 master weights
+    in the ZeRO optimizer partitions, merged by DeepSpeed's `zero_to_fp32`. Frozen parameters (the EAGLE-1
+    embeddings) are in the partitions only under stages 2/3, so the model-states copy fills them in for
+    stage 1. Floating tensors come back as fp32; integer/bool buffers (`d2t`, `t2d`) keep their dtype.
+    Only load checkpoints you trust: DeepSpeed pickles Python objects into these files.
+
+    Raises:
+        UserError: DeepSpeed missing, no tag dir, unreadable/truncated files, or a weight that could not
+            be reconstructed (e.g. a ZeRO-3 checkpoint with a rank's partition missing).
+    """
+    tag_dir = Path(directory) / tag
+    model_files = sorted(tag_dir.glob("*model_states.pt"))
+    if not model_files:
+        raise UserError(f"{directory} holds no DeepSpeed checkpoint (no {tag}/*model_states.pt); "
+                        "pass a checkpoints/step-NNNNNN directory written by `ppow train`")
+    if importlib.util.find_spec("deepspeed") is None:
+        raise UserError(f"{directory} is a DeepSpeed checkpoint; reading it needs pip install 'ppow-plugin[deepspeed]'")
+    import contextlib
+    import io
+
+    # Imported here, not at module top: every other module must import without DeepSpeed.
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    try:
+        module = torch.load(model_files[0], map_location="cpu", weights_only=False)["module"]
+    except Exception as exc:  # truncated zip/pickle data raises several types
+        raise UserError(f"{model_files[0]} is unreadable or truncated ({type(exc).__name__}); "
+                        "use another checkpoint") from None
+    state = {k: v for k, v in module.items() if v.numel() > 0}  # ZeRO-3 leaves empty placeholders
+    if any(tag_dir.glob("*_optim_states.pt")):  # ZeRO stage >= 1 (or bf16): merge the fp32 partitions
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):  # zero_to_fp32 prints progress
+                state.update(get_fp32_state_dict_from_zero_checkpoint(str(directory), tag=tag))
+        except Exception as exc:
+            raise UserError(f"could not consolidate the ZeRO checkpoint {tag_dir} ({type(exc).__name__}: "
+                            f"{str(exc)[:120]}); are all ranks' files present and intact?") from None
+    lost = sorted(set(module) - set(state))
+    if lost:
+        raise UserError(f"{tag_dir}: weights {lost[:4]} could not be reconstructed; are all ranks' files present?")
+    return {k: (v.detach().to(torch.float32) if v.is_floating_point() else v.detach()).contiguous()
+            for k, v in state.items()}

@@ -1,0 +1,338 @@
+"""Import/export of drafters: ZeRO 0/2/3 and torch checkpoints -> each format -> strict re-import.
+
+Tiny random Llama targets (hidden 64, vocab 256); EAGLE-1 drafters from the host, EAGLE-3 state dicts
+built by hand (the format is the contract, not a module). Negative tests check the one-line error and that
+the output directory was never created.
+"""
+
+import copy
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from ppow_plugin import cli, distributed, eagle_compat, export, patching
+from ppow_plugin.config import config_to_dict, load_config
+from ppow_plugin.errors import UserError
+
+if patching.patch_status().state in ("missing", "wrong-version"):
+    pytest.skip("eagle-llm 1.2.1 is not installed", allow_module_level=True)
+
+VOCAB, HIDDEN, DRAFT_VOCAB = 256, 64, 48
+
+
+def _make_target(out_dir: Path, hidden: int = HIDDEN) -> LlamaForCausalLM:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         rope_theta=1e5, bos_token_id=0, eos_token_id=1, tie_word_embeddings=False)
+    model = LlamaForCausalLM(config).eval()
+    model.save_pretrained(out_dir)
+    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(VOCAB)}, unk_token="t3"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="t0", eos_token="t1", unk_token="t3").save_pretrained(out_dir)
+    return model
+
+
+def _module_from_state(state: dict[str, torch.Tensor]) -> nn.Module:
+    """An nn.Module whose state_dict is exactly `state` (floats trainable, ints/bools buffers)."""
+    root = nn.Module()
+    for key, tensor in state.items():
+        *path, leaf = key.split(".")
+        module = root
+        for part in path:
+            if part not in module._modules:
+                module.add_module(part, nn.Module())
+            module = module._modules[part]
+        if tensor.is_floating_point():
+            module.register_parameter(leaf, nn.Parameter(tensor.clone()))
+        else:
+            module.register_buffer(leaf, tensor.clone())
+    return root
+
+
+def _eagle3_state(draft_vocab: int = DRAFT_VOCAB, seed: int = 0, prefix: str = "midlayer.") -> dict[str, torch.Tensor]:
+    """A tiny EAGLE-3 state dict (H = H_target = 64, 4 heads, 2 KV heads, MLP 128) with a reduced vocab."""
+    g = torch.Generator().manual_seed(seed)
+    H, q, kv, inter = HIDDEN, 64, 32, 128
+    shapes = {"fc.weight": (H, 3 * H), "norm.weight": (H,), "lm_head.weight": (draft_vocab, H),
+              f"{prefix}self_attn.q_proj.weight": (q, 2 * H), f"{prefix}self_attn.k_proj.weight": (kv, 2 * H),
+              f"{prefix}self_attn.v_proj.weight": (kv, 2 * H), f"{prefix}self_attn.o_proj.weight": (H, q),
+              f"{prefix}mlp.gate_proj.weight": (inter, H), f"{prefix}mlp.up_proj.weight": (inter, H),
+              f"{prefix}mlp.down_proj.weight": (H, inter), f"{prefix}hidden_norm.weight": (H,),
+              f"{prefix}input_layernorm.weight": (H,), f"{prefix}post_attention_layernorm.weight": (H,)}
+    state = {k: torch.randn(s, generator=g) for k, s in shapes.items()}
+    used = torch.randperm(VOCAB, generator=g)[:draft_vocab].sort().values  # kept target ids, ascending
+    state["d2t"] = used - torch.arange(draft_vocab)  # target_id = draft_id + d2t[draft_id]
+    t2d = torch.zeros(VOCAB, dtype=torch.bool)
+    t2d[used] = True
+    state["t2d"] = t2d
+    return state
+
+
+def _eagle3_config(draft_vocab: int = DRAFT_VOCAB) -> dict:
+    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": HIDDEN,
+            "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": VOCAB,
+            "num_hidden_layers": 1, "draft_vocab_size": draft_vocab, "rms_norm_eps": 1e-6,
+            "max_position_embeddings": 128, "rope_theta": 1e5, "hidden_act": "silu"}
+
+
+def _write_dir(out: Path, config: dict, state: dict[str, torch.Tensor], name: str = "model.safetensors") -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(config))
+    if name.endswith(".bin"):
+        torch.save(state, out / name)
+    else:
+        save_file({k: v.contiguous() for k, v in state.items()}, str(out / name))
+    return out
+
+
+def _checkpoint(root: Path, module: nn.Module, engine: str, stage: int, target_dir: Path) -> Path:
+    """What Trainer.save_checkpoint writes: engine state + meta.json with every file's sha256."""
+    cfg = load_config(None, [f"dist.engine={engine}", f"dist.zero_stage={stage}", f"model.target={target_dir}"])
+    eng = distributed.Engine(copy.deepcopy(module), cfg, distributed.DistInfo(0, 1, 0))
+    ckpt = root / "checkpoints" / "step-000003"
+    ckpt.mkdir(parents=True)
+    eng.save(ckpt)
+    files = {p.relative_to(ckpt).as_posix(): export.sha256_file(p) for p in sorted(ckpt.rglob("*")) if p.is_file()}
+    meta = {"step": 3, "stage": "ppow", "config": config_to_dict(cfg), "target": str(target_dir), "files": files}
+    (ckpt / "meta.json").write_text(json.dumps(meta))
+    return root
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    base = tmp_path_factory.mktemp("export")
+    target_dir, small_dir = base / "target", base / "target_h32"
+    target = _make_target(target_dir)
+    _make_target(small_dir, hidden=32)
+    torch.manual_seed(1)
+    drafter = eagle_compat.new_eagle1_drafter(target.config, bias=True,
+                                              embed_weight=target.get_input_embeddings().weight).eval()
+    with torch.no_grad():
+        drafter.fc.bias.normal_()  # a non-zero bias, so dropping it would show
+    eagle3 = _module_from_state(_eagle3_state())
+    runs = {}
+    for engine, stage in (("deepspeed", 0), ("deepspeed", 2), ("deepspeed", 3), ("torch", 0)):
+        name = f"{engine}{stage}"
+        runs[("eagle1", name)] = _checkpoint(base / f"run1-{name}", drafter, engine, stage, target_dir)
+        if engine == "deepspeed":
+            runs[("eagle3", name)] = _checkpoint(base / f"run3-{name}", eagle3, engine, stage, target_dir)
+    return {"target_dir": target_dir, "small_dir": small_dir, "target": target, "drafter": drafter,
+            "eagle3": {k: v.clone() for k, v in eagle3.state_dict().items()}, "runs": runs}
+
+
+def _forward(drafter: nn.Module) -> torch.Tensor:
+    g = torch.Generator().manual_seed(5)
+    features = torch.randn(1, 6, HIDDEN, generator=g)   # [B, T, H]
+    ids = torch.randint(2, VOCAB, (1, 6), generator=g)  # [B, T]
+    with torch.no_grad():
+        return drafter(features, input_ids=ids)
+
+
+def _assert_nothing_written(out: Path) -> None:
+    assert not out.exists()
+    assert not list(out.parent.glob(f".{out.name}.tmp-*"))  # no temp dir left behind
+
+
+# ---------------------------------------------------------------------------------------------------
+# round trips
+
+
+@pytest.mark.parametrize("fmt", ["eagle1", "eagle1-compact"])
+@pytest.mark.parametrize("engine", ["deepspeed0", "deepspeed2", "deepspeed3", "torch0"])
+def test_eagle1_round_trip_same_weights_and_outputs(world: dict, tmp_path: Path, engine: str, fmt: str) -> None:
+    ref = world["drafter"]
+    out, _ = export.export(world["runs"][("eagle1", engine)], tmp_path / "out", fmt, target=str(world["target_dir"]))
+    loaded = export.load_drafter(out, target_config=world["target_dir"])
+    assert loaded.format == "eagle1" and loaded.config["bias"] is True
+    expected = {k: v for k, v in ref.state_dict().items() if fmt == "eagle1" or k != export.EMBED_KEY}
+    assert set(loaded.state) == set(expected)
+    for k, v in expected.items():
+        assert torch.equal(loaded.state[k], v), k
+    again = eagle_compat.new_eagle1_drafter(world["target"].config, bias=True,
+                                            embed_weight=world["target"].get_input_embeddings().weight).eval()
+    eagle_compat.load_drafter_weights(again, loaded.state | {export.EMBED_KEY: ref.embed_tokens.weight})
+    assert torch.equal(_forward(again), _forward(ref))
+    meta = json.loads((out / "ppow_meta.json").read_text())
+    assert meta["step"] == 3 and meta["format"] == fmt and meta["config"]["dist"]["engine"] in engine
+    assert all(len(h) == 64 for h in meta["source_files_sha256"].values()) and meta["source_files_sha256"]
+    names = {"eagle1": {"config.json", "pytorch_model.bin"}, "eagle1-compact": {"config.json", "model.safetensors"}}
+    assert {p.name for p in out.iterdir()} == names[fmt] | {"ppow_meta.json"}
+
+
+@pytest.mark.parametrize("engine", ["deepspeed0", "deepspeed2", "deepspeed3"])
+def test_eagle3_round_trip_from_zero_checkpoints(world: dict, tmp_path: Path, engine: str) -> None:
+    """Same tensors (d2t/t2d dtypes included) after ZeRO consolidation; identical weights give identical logits."""
+    out, _ = export.export(world["runs"][("eagle3", engine)], tmp_path / "out", "eagle3")  # recorded target
+    written = load_file(str(out / "model.safetensors"))
+    ref = world["eagle3"]
+    assert set(written) == set(ref)
+    for k, v in ref.items():
+        assert written[k].dtype == v.dtype and torch.equal(written[k], v), k
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLMEagle3"] and config["draft_vocab_size"] == DRAFT_VOCAB
+    assert "target_hidden_size" not in config and config["num_hidden_layers"] == 1
+    assert export.load_drafter(out, world["target_dir"]).format == "eagle3"
+
+
+def test_exported_eagle1_loads_in_host_with_every_key(world: dict, tmp_path: Path) -> None:
+    out, _ = export.export(world["runs"][("eagle1", "deepspeed2")], tmp_path / "host", "eagle1")
+    ea_model = eagle_compat.load_ea_model(world["target_dir"], out)  # the host loads with strict=True
+    host_state = ea_model.ea_layer.state_dict()
+    written = torch.load(out / "pytorch_model.bin", weights_only=True)
+    assert set(host_state) == set(written) == set(world["drafter"].state_dict())
+    for k, v in written.items():
+        assert torch.equal(host_state[k], v) and v.dtype == torch.float32, k
+
+
+def test_compact_to_host_takes_target_embeddings(world: dict, tmp_path: Path) -> None:
+    compact, _ = export.export(world["runs"][("eagle1", "torch0")], tmp_path / "compact", "eagle1-compact")
+    with pytest.raises(UserError, match="pass --target"):
+        export.export(compact, tmp_path / "host", "eagle1")
+    _assert_nothing_written(tmp_path / "host")
+    host, _ = export.export(compact, tmp_path / "host", "eagle1", target=str(world["target_dir"]))
+    written = torch.load(host / "pytorch_model.bin", weights_only=True)
+    assert torch.equal(written[export.EMBED_KEY], world["target"].get_input_embeddings().weight)
+
+
+@pytest.mark.parametrize("prefix", ["midlayer.", "midlayer.0.", "layers.0."])
+def test_eagle3_variants_normalise_and_keep_d2t(tmp_path: Path, prefix: str) -> None:
+    state = _eagle3_state(prefix=prefix)
+    src = _write_dir(tmp_path / "src", _eagle3_config(), state, "pytorch_model.bin")
+    loaded = export.load_drafter(src)
+    assert loaded.format == "eagle3" and all(not k.startswith(("layers.", "midlayer.0.")) for k in loaded.state)
+    assert any("renamed" in n for n in loaded.notes) == (prefix != "midlayer.")
+    assert "reduced to 48" in loaded.describe()
+    out, _ = export.export(src, tmp_path / "out", "eagle3")
+    again = export.load_drafter(out)
+    assert torch.equal(again.state["d2t"], state["d2t"]) and torch.equal(again.state["t2d"], state["t2d"])
+    assert again.state["d2t"].dtype == torch.int64 and again.state["t2d"].dtype == torch.bool
+    assert set(again.state) == set(_eagle3_state())
+
+
+def test_eagle3_full_vocab_without_d2t_gets_identity_map(tmp_path: Path) -> None:
+    state = {k: v for k, v in _eagle3_state(draft_vocab=VOCAB).items() if k not in ("d2t", "t2d")}
+    src = _write_dir(tmp_path / "src", _eagle3_config(VOCAB), state)
+    out, drafter = export.export(src, tmp_path / "out", "eagle3")
+    written = load_file(str(out / "model.safetensors"))
+    assert torch.equal(written["d2t"], torch.zeros(VOCAB, dtype=torch.int64)) and bool(written["t2d"].all())
+    assert any("identity map" in n for n in drafter.notes)
+
+
+def test_sharded_safetensors_and_bias_reconciliation(world: dict, tmp_path: Path) -> None:
+    state = {k: v for k, v in world["drafter"].state_dict().items() if k != "fc.bias"}
+    config = eagle_compat.eagle1_config_dict(world["target"].config, bias=True)  # says bias, weights have none
+    src = tmp_path / "sharded"
+    src.mkdir()
+    keys = sorted(state)
+    shards = {"model-00001-of-00002.safetensors": keys[:5], "model-00002-of-00002.safetensors": keys[5:]}
+    for name, part in shards.items():
+        save_file({k: state[k].contiguous() for k in part}, str(src / name))
+    weight_map = {k: name for name, part in shards.items() for k in part}
+    (src / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    (src / "config.json").write_text(json.dumps(config))
+    loaded = export.load_drafter(src, world["target"].config)
+    assert loaded.config["bias"] is False and any("the weights win" in n for n in loaded.notes)
+    assert all(torch.equal(loaded.state[k], v) for k, v in state.items())
+    out, _ = export.export(src, tmp_path / "host", "eagle1")
+    assert json.loads((out / "config.json").read_text())["bias"] is False
+    eagle_compat.load_ea_model(world["target_dir"], out)  # strict: no fc.bias expected, none written
+
+
+# ---------------------------------------------------------------------------------------------------
+# refusals: one-line error, nothing written
+
+
+def _refuse(match: str, *args, **kwargs) -> None:
+    out = Path(args[1])
+    with pytest.raises(UserError, match=match) as info:
+        export.export(*args, **kwargs)
+    assert "\n" not in str(info.value)
+    _assert_nothing_written(out)
+
+
+def test_refuses_misnamed_key(world: dict, tmp_path: Path) -> None:
+    state = dict(world["drafter"].state_dict())
+    state["layers.0.mlp.upproj.weight"] = state.pop("layers.0.mlp.up_proj.weight")
+    src = _write_dir(tmp_path / "src", eagle_compat.eagle1_config_dict(world["target"].config), state)
+    _refuse(r"missing \['layers.0.mlp.up_proj.weight'\], unexpected \['layers.0.mlp.upproj.weight'\]",
+            src, tmp_path / "out", "eagle1")
+
+
+def test_refuses_reduced_vocab_without_d2t(tmp_path: Path) -> None:
+    state = {k: v for k, v in _eagle3_state().items() if k not in ("d2t", "t2d")}
+    src = _write_dir(tmp_path / "src", _eagle3_config(), state)
+    _refuse(r"reduced draft vocabulary \(48 of 256\) without d2t", src, tmp_path / "out", "eagle3")
+
+
+def test_refuses_hidden_size_mismatch_with_target(world: dict, tmp_path: Path) -> None:
+    _refuse("hidden-size mismatch", world["runs"][("eagle1", "torch0")], tmp_path / "out", "eagle1",
+            target=str(world["small_dir"]))
+
+
+def test_refuses_truncated_weight_file(world: dict, tmp_path: Path) -> None:
+    src, _ = export.export(world["runs"][("eagle1", "torch0")], tmp_path / "src", "eagle1-compact")
+    weights = src / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    _refuse("unreadable or truncated", src, tmp_path / "out", "eagle1", target=str(world["target_dir"]))
+
+
+def test_refuses_existing_out_dir_without_force(world: dict, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(UserError, match="exists and is not empty; pass --force") as info:
+        export.export(world["runs"][("eagle1", "torch0")], out, "eagle1")
+    assert "\n" not in str(info.value) and [p.name for p in out.iterdir()] == ["keep.txt"]
+    export.export(world["runs"][("eagle1", "torch0")], out, "eagle1", force=True)
+    assert not (out / "keep.txt").exists() and (out / "pytorch_model.bin").is_file()
+
+
+def test_tau_gate_and_cli(world: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    report = tmp_path / "report.json"
+    report.write_text(json.dumps({"stats": {"overall": {"tau": 2.5}}}))
+    run, out = world["runs"][("eagle1", "torch0")], tmp_path / "out"
+    argv = ["export", str(run), str(out), "--format", "eagle1", "--min-tau", "3.0", "--eval-report", str(report)]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: measured tau 2.500 is below --min-tau 3.000") and err.count("\n") == 1
+    _assert_nothing_written(out)
+    assert cli.main(argv + ["--force"]) == 0
+    meta = json.loads((out / "ppow_meta.json").read_text())
+    assert meta["tau"] == 2.5 and meta["tau_gate"] == "forced"
+    assert "EAGLE-1/2 drafter, hidden 64" in capsys.readouterr().out
+
+
+def test_refuses_eagle1_as_eagle3(world: dict, tmp_path: Path) -> None:
+    _refuse("can only be exported as eagle1 or eagle1-compact", world["runs"][("eagle1", "torch0")],
+            tmp_path / "out", "eagle3")
+
+
+# ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_smollm2_shaped_drafter_exports_and_loads_in_host(tmp_path: Path) -> None:
+    from transformers import AutoConfig
+
+    from ppow_plugin.assets import default_target_dir
+
+    target_dir = default_target_dir(prepare=True)
+    config = AutoConfig.from_pretrained(target_dir)
+    drafter = eagle_compat.new_eagle1_drafter(config, bias=False)
+    compact = export.save_drafter_dir(tmp_path / "compact", drafter.state_dict(),
+                                      eagle_compat.eagle1_config_dict(config, bias=False), {"step": 0})
+    out, loaded = export.export(compact, tmp_path / "host", "eagle1", target="default")
+    ea_model = eagle_compat.load_ea_model(target_dir, out)
+    for k, v in loaded.state.items():
+        assert torch.equal(ea_model.ea_layer.state_dict()[k], v), k
