@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# The README's main job, end to end on the embedded default (SmolLM2-135M-Instruct on CPU):
+#   committed SFT drafter -> short PPOW run -> before/after evaluation -> export for the EAGLE host.
+# Run via `make demo` (which builds .venv and prepares the target first). ~10-15 min on 2 cores.
+# Knobs: PPOW_DEMO_OUT (default runs/demo), PPOW_DEMO_STEPS (30), PPOW_DEMO_PROMPTS (10 per benchmark).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BIN=.venv/bin
+OUT=${PPOW_DEMO_OUT:-runs/demo}
+STEPS=${PPOW_DEMO_STEPS:-30}
+PROMPTS=${PPOW_DEMO_PROMPTS:-10}
+SFT=assets/drafters/smollm2-135m-eagle1-sft
+
+if [ ! -f "$SFT/model.safetensors" ]; then
+  echo "error: the committed SFT drafter $SFT is missing; train one with: $BIN/ppow sft recipes/smollm2/135M_eagle1_sft.yaml" >&2
+  exit 2
+fi
+if [ -e "$OUT" ]; then
+  echo "error: $OUT exists; remove it or set PPOW_DEMO_OUT to a new directory" >&2
+  exit 2
+fi
+
+echo "== 1/3 PPOW: $STEPS steps from $SFT"
+$BIN/ppow train recipes/smollm2/135M_eagle1_ppow.yaml "model.drafter=$SFT" "run.output_dir=$OUT/ppow" \
+  "run.max_steps=$STEPS" "run.save_every=$STEPS"
+
+echo "== 2/3 evaluation: SFT start vs PPOW, $PROMPTS MT-Bench + $PROMPTS HumanEval prompts, T=0"
+$BIN/ppow compare "$SFT" "$OUT/ppow/drafter" --names sft,ppow --benchmarks mt_bench,humaneval \
+  --num-prompts "$PROMPTS" --max-new-tokens 64 --out "$OUT/compare"
+
+echo "== 3/3 export for the EAGLE-1 host"
+$BIN/ppow export "$OUT/ppow" "$OUT/export-eagle1" --format eagle1
+
+echo
+echo "Before/after (also in $OUT/compare/compare.md):"
+cat "$OUT/compare/compare.md"
+echo
+echo "Exported drafter: $OUT/export-eagle1 (config.json + pytorch_model.bin, loads in eagle's EaModel)"
