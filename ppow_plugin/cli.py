@@ -7,6 +7,7 @@
     ppow sft <recipe> [k=v ...]              supervised drafter training (EAGLE-1 objective)
     ppow train <recipe> [k=v ...]            the PPOW stage
     ppow export SRC OUT --format F           run/checkpoint/drafter dir -> eagle1 | eagle1-compact | eagle3
+    ppow plan <recipe> [--gpus N --nodes M]  per-device memory + DeepSpeed config, no weights loaded
 
 Bad input raises `UserError`: printed as one `error: ...` line, exit code 2.
 """
@@ -92,6 +93,34 @@ def _add_export_command(sub) -> None:
     sp.set_defaults(fn=_cmd_export)
 
 
+def _cmd_plan(args) -> int:
+    from ppow_plugin import plan
+    from ppow_plugin.config import load_config
+    from ppow_plugin.distributed import deepspeed_config
+    cfg = load_config(args.recipe, args.overrides)
+    arch = plan.load_target_arch(cfg, args.target_config, args.target_field)
+    result = plan.plan_memory(cfg, arch, args.gpus, args.nodes)
+    print(plan.format_plan(cfg, arch, result, deepspeed_config(cfg, args.gpus * args.nodes),
+                           args.gpu_memory_gb, args.tflops))
+    return 0
+
+
+def _add_plan_command(sub) -> None:
+    """ppow plan (issue 8); docs/recipes.md."""
+    sp = sub.add_parser("plan", help="per-device memory estimate and DeepSpeed config of a recipe (no weights)")
+    sp.add_argument("recipe", help="recipe YAML (see recipes/)")
+    sp.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.max_len=1024")
+    sp.add_argument("--gpus", type=int, default=1, help="GPUs per node")
+    sp.add_argument("--nodes", type=int, default=1)
+    sp.add_argument("--target-config", default=None,
+                    help="target config.json or its dir (default: model.target's; tests/fixtures/configs/ has stand-ins)")
+    sp.add_argument("--target-field", action="append", default=[], metavar="KEY=VALUE",
+                    help="set/override a config.json size, e.g. num_hidden_layers=80 (repeatable)")
+    sp.add_argument("--gpu-memory-gb", type=float, default=80.0, help="warn above this many GB per device")
+    sp.add_argument("--tflops", type=float, default=200.0, help="achieved TFLOP/s per device for the time bound")
+    sp.set_defaults(fn=_cmd_plan)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ppow", description="PPOW RL stage for EAGLE drafters")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -113,6 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(fn=_cmd_patch)
     sub.add_parser("doctor", help="report environment health").set_defaults(fn=_cmd_doctor)
     _add_export_command(sub)
+    _add_plan_command(sub)
     return p
 
 

@@ -1,0 +1,183 @@
+"""`ppow plan`: memory arithmetic on hand-computed cases, and every recipe plans against its stand-in config."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from ppow_plugin import plan
+from ppow_plugin.cli import main
+from ppow_plugin.config import Config, ModelCfg, load_config
+from ppow_plugin.distributed import deepspeed_config
+
+ROOT = Path(__file__).parents[1]
+RECIPES = sorted((ROOT / "recipes").rglob("*.yaml"))
+FIXTURES = ROOT / "tests" / "fixtures" / "configs"
+# recipe family dir / size prefix -> config-only stand-in (tests/fixtures/configs/README.md)
+STAND_IN = {"llama3/8B": "llama-3.1-8b-instruct", "llama3/70B": "llama-3.3-70b-instruct", "qwen3/8B": "qwen3-8b",
+            "qwen3/32B": "qwen3-32b", "deepseek-r1-distill-llama/8B": "deepseek-r1-distill-llama-8b",
+            "vicuna/13B": "vicuna-13b-v1.3", "qwen2.5-coder/0.5B": "qwen2.5-coder-0.5b-instruct",
+            "smollm2/135M": "smollm2-135m-instruct"}
+
+
+def _stand_in(path: Path) -> Path:
+    key = f"{path.parent.name}/{path.name.split('_')[0]}"
+    assert key in STAND_IN, f"{path}: add a config-only stand-in to tests/fixtures/configs and STAND_IN"
+    return FIXTURES / STAND_IN[key]
+
+
+def _tiny_arch(**kw) -> plan.TargetArch:
+    base = dict(hidden_size=8, num_layers=6, num_heads=2, num_kv_heads=1, head_dim=4, intermediate_size=16,
+                vocab_size=32, max_position_embeddings=64)
+    return plan.TargetArch(**{**base, **kw})
+
+
+# -- parameter counts ----------------------------------------------------------------------------------
+
+
+def test_llama_8b_target_has_8_03b_params():
+    a = plan.TargetArch.from_dict(json.loads((FIXTURES / "llama-3.1-8b-instruct/config.json").read_text()))
+    assert plan.target_params(a) == 8_030_261_248  # the published Llama-3.1-8B count
+
+
+def test_drafter_params_hand_computed():
+    a = _tiny_arch()  # H 8, heads 2 x hd 4 (= 8), kv 1 x 4, I 16, V 32
+    # EAGLE-1: fc 2H·H + H bias (136) + q 64 + k 32 + v 32 + o 64 + mlp 3·8·16 = 384 + post-attn norm 8
+    assert plan.drafter_params(a, "eagle1", bias=True) == (136 + 192 + 384 + 8, 32 * 8)
+    assert plan.drafter_params(a, "eagle1", bias=False)[0] == 128 + 192 + 384 + 8
+    # EAGLE-3: fc 3H·H 192 + q 16·8 128 + k,v 16·4 64 each + o 64 + mlp 384 + 4 norms 32 + lm_head Vd·H
+    assert plan.drafter_params(a, "eagle3", draft_vocab_size=10) == (192 + 320 + 384 + 32 + 80, 256)
+    assert plan.drafter_params(a, "eagle3")[0] == 192 + 320 + 384 + 32 + 256  # full vocabulary head
+
+
+def test_llama_8b_eagle3_drafter_size():
+    a = plan.TargetArch.from_dict(json.loads((FIXTURES / "llama-3.1-8b-instruct/config.json").read_text()))
+    trainable, frozen = plan.drafter_params(a, "eagle3", draft_vocab_size=32000)
+    assert frozen == 128256 * 4096
+    # fc 3·4096² + attn (2·4096 in: q 4096, k/v 1024 wide; o 4096²) + MLP 3·4096·14336 + 4 norms + 32000·4096
+    assert trainable == 3 * 4096**2 + 8192 * 4096 + 2 * 8192 * 1024 + 4096**2 + 3 * 4096 * 14336 + 4 * 4096 + 32000 * 4096
+    assert round(trainable / 1e6, 1) == 424.7
+
+
+# -- ZeRO partitioning -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stage,world,expected", [
+    # 1M params in bf16: params 2 MB, grads 2 MB, AdamW fp32 master + 2 moments 12 MB
+    (0, 1, (2e6, 2e6, 12e6)), (1, 1, (2e6, 2e6, 12e6)), (2, 1, (2e6, 2e6, 12e6)), (3, 1, (2e6, 2e6, 12e6)),
+    (0, 8, (2e6, 2e6, 12e6)),      # stage 0: everything replicated
+    (1, 8, (2e6, 2e6, 1.5e6)),     # stage 1: optimizer states / 8
+    (2, 8, (2e6, 0.25e6, 1.5e6)),  # stage 2: + gradients / 8
+    (3, 8, (0.25e6, 0.25e6, 1.5e6)),  # stage 3: + parameters / 8
+])
+def test_zero_partitioning_bf16(stage, world, expected):
+    z = plan.zero_bytes(1_000_000, "bf16", stage, world)
+    assert (z["params"], z["grads"], z["optimizer"]) == pytest.approx(expected)
+
+
+def test_zero_fp32_has_no_master_copy():
+    z = plan.zero_bytes(1_000_000, "fp32", 2, 4)
+    assert (z["params"], z["grads"], z["optimizer"]) == pytest.approx((4e6, 1e6, 2e6))  # 2 moments, 8 B / 4
+
+
+def test_plan_rows_hand_computed():
+    a = _tiny_arch()
+    cfg = Config(model=ModelCfg(drafter_type="eagle1"))
+    cfg.data.max_len, cfg.dist.dtype, cfg.dist.target_dtype, cfg.dist.zero_stage = 16, "bf16", "bf16", 2
+    cfg.rollout.group_size, cfg.rollout.window, cfg.rollout.prefixes_per_sequence = 2, 3, 1
+    p = plan.plan_memory(cfg, a, gpus=2, nodes=1)
+    rows = {k: v * plan.GB for k, v in p.rows.items()}
+    n = 720  # EAGLE-1 trainable (test above)
+    assert rows["drafter params (trainable)"] == 2 * n
+    assert rows["drafter grads"] == 2 * n / 2
+    assert rows["optimizer states (AdamW)"] == 12 * n / 2
+    assert rows["drafter embeddings (frozen)"] == 32 * 8 * 2
+    assert rows["target weights (frozen)"] == plan.target_params(a) * 2
+    assert rows["target KV cache"] == 2 * 6 * 1 * 4 * (16 + 2 * 3) * 2      # 2·L·kv·hd·(T + G·K)·b
+    assert rows["activations: target hidden states"] == 16 * 8 * 6 * 2      # T·H·L·b
+    assert rows["activations: logits"] == (22 * 32 + 2 * 22 * 32) * 4      # (S_t·V + 2·S_d·V)·4, S = T + n·G·K
+    assert p.total_gb == pytest.approx(sum(p.rows.values()))
+    assert p.host_kv_prealloc_gb * plan.GB == 2 * 6 * 1 * 4 * 64 * 2
+
+
+def test_sft_eagle3_counts_the_ttt_unroll():
+    a = _tiny_arch()
+    cfg = Config(stage="sft", model=ModelCfg(drafter_type="eagle3", draft_vocab_size=10))
+    cfg.data.max_len = 16
+    assert plan.scored_positions(cfg) == (16, 7 * 16)
+    assert plan.activation_bytes(a, cfg)["logits"] == (16 * 32 + 2 * 112 * 10) * 4
+
+
+def test_missing_sizes_are_a_user_error(tmp_path):
+    from ppow_plugin.errors import UserError
+    with pytest.raises(UserError, match="hidden_size"):
+        plan.TargetArch.from_dict({"num_hidden_layers": 2})
+    cfg = load_config(RECIPES[0])
+    with pytest.raises(UserError, match="--target-config"):
+        plan.load_target_arch(cfg, str(tmp_path / "nowhere"))
+    a = plan.load_target_arch(cfg, str(FIXTURES / "llama-3.1-8b-instruct"), ["num_hidden_layers=80"])
+    assert a.num_layers == 80 and a.hidden_size == 4096
+
+
+# -- every recipe ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: str(p.relative_to(p.parents[1])))
+def test_recipe_loads_validates_and_plans(path, capsys):
+    assert main(["validate", str(path)]) == 0
+    cfg = load_config(path)
+    a = plan.load_target_arch(cfg, str(_stand_in(path)))
+    for gpus in (1, 8):
+        p = plan.plan_memory(cfg, a, gpus)
+        assert all(v >= 0 for v in p.rows.values()) and p.total_gb > 0
+        ds = deepspeed_config(cfg, gpus)
+        # The DeepSpeed JSON says what the recipe says.
+        assert ds["zero_optimization"]["stage"] == cfg.dist.zero_stage
+        assert ds["train_micro_batch_size_per_gpu"] == cfg.data.micro_batch
+        assert ds["gradient_accumulation_steps"] == cfg.optim.grad_accum
+        assert ds["train_batch_size"] == cfg.data.micro_batch * cfg.optim.grad_accum * gpus
+        assert ds["gradient_clipping"] == cfg.optim.grad_clip
+        assert ds["bf16"]["enabled"] == (cfg.dist.dtype == "bf16")
+    if cfg.dist.dtype == "bf16":  # GPU recipes: the header states the plan's numbers
+        header = path.read_text().split("\nstage:")[0]
+        assert f"1 GPU {plan.plan_memory(cfg, a, 1).total_gb:.1f}" in header
+        assert f"8 GPUs {plan.plan_memory(cfg, a, 8).total_gb:.1f}" in header
+
+
+def test_gpu_recipes_say_set_this_and_use_bf16():
+    for path in RECIPES:
+        cfg = load_config(path)
+        if cfg.model.target.startswith("/models/"):
+            assert "SET THIS" in path.read_text()
+            assert cfg.dist.dtype == cfg.dist.target_dtype == "bf16"
+        if cfg.model.drafter_type == "eagle3" and "llama" in str(path):
+            assert cfg.model.draft_vocab_size == 32000
+
+
+def test_cli_plan_prints_table_deepspeed_and_warning(capsys):
+    recipe = ROOT / "recipes/llama3/70B_eagle3_ppow.yaml"
+    rc = main(["plan", str(recipe), "--gpus", "8", "--target-config", str(FIXTURES / "llama-3.3-70b-instruct")])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "target weights (frozen)" in out and "total" in out
+    assert '"stage": 3' in out and '"train_batch_size": 16' in out
+    assert "WARNING:" in out and "does not fit in 80 GB" in out
+    main(["plan", str(ROOT / "recipes/llama3/8B_eagle3_ppow.yaml"), "--gpus", "8",
+          "--target-config", str(FIXTURES / "llama-3.1-8b-instruct")])
+    assert "WARNING" not in capsys.readouterr().out
+
+
+# -- docs/recipes.md keeps up with config.py -------------------------------------------------------------
+
+
+def test_every_config_field_is_documented():
+    import dataclasses
+    text = (ROOT / "docs" / "recipes.md").read_text()
+    missing = []
+    for section in dataclasses.fields(Config):
+        if section.name == "stage":
+            continue
+        for f in dataclasses.fields(section.default_factory):
+            if f"`{section.name}.{f.name}`" not in text:
+                missing.append(f"{section.name}.{f.name}")
+    assert not missing, f"docs/recipes.md lacks {missing}"
