@@ -29,7 +29,6 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 import ppow_plugin
 from ppow_plugin import distributed, eagle_compat, export, losses, rewards, rollout, windowing

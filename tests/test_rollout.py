@@ -80,7 +80,7 @@ def test_batched_tree_verification_matches_brute_force(tiny):
     # Make some windows (partly) the target's own greedy continuation so k covers 0..K.
     for i, s in enumerate(starts.tolist()):
         seq = ids[: s + 1]
-        for j in range(K):
+        for _ in range(K):
             with torch.no_grad():
                 nxt = target.lm_head(target.model(input_ids=seq[None])[0])[0, -1].argmax()
             seq = torch.cat([seq, nxt[None]])
