@@ -209,8 +209,14 @@ class Engine:
             import deepspeed  # noqa: F401  (only to reach GatheredParameters; module already imported)
             params = list(self.module.parameters())
             with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-                return {k: v.detach().to("cpu", torch.float32).clone() for k, v in self.module.state_dict().items()}
-        return {k: v.detach().to("cpu", torch.float32).clone() for k, v in self.module.state_dict().items()}
+                return _cpu_fp32(self.module.state_dict())
+        return _cpu_fp32(self.module.state_dict())
+
+
+def _cpu_fp32(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """CPU copies, floating tensors as fp32; integer/bool buffers (EAGLE-3 d2t/t2d) keep their dtype."""
+    return {k: v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype).clone()
+            for k, v in state.items()}
 
 
 def _deepspeed_engine(module, optimizer, cfg: Config, world_size: int):
