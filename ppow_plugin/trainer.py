@@ -306,8 +306,7 @@ class Trainer:
         return out
 
     def cleanup(self) -> None:
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+        distributed.shutdown()
 
 
 def _verify_checkpoint(ckpt: Path) -> str | None:
