@@ -11,6 +11,10 @@ Conventions (docs/glossary.md):
   forward over the host's KV cache of the prefix, with the host's tree-attention mask. The accepted
   length k counts draft tokens (bonus excluded).
 
+EAGLE-3 (`drafters.Eagle3Adapter`) uses the same alignment with fused features and its own head over a
+draft vocabulary: `draft_windows` takes its step function and `d2t`, samples draft ids and feeds the
+drafter their target ids.
+
 Departures / choices (docs/algorithm.md): windows are chains of length K (not trees); the root is the
 data token (teacher forcing), not a target sample; starts of one sequence are verified in descending order
 so each tree overwrites only KV slots that later (shorter) prefixes never read.

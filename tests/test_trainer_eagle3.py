@@ -96,6 +96,10 @@ def test_eagle3_ppow_smoke(tmp_path, sft_drafter, engine):
         assert all(r[key] is not None for r in rows), key
     assert all(0 <= r["accept_len"] <= 4 for r in rows)
     assert export.load_drafter(out).format == "eagle3"
+    # `ppow export` from the engine checkpoint (DeepSpeed ZeRO-2 or engine.pt) keeps the vocabulary map
+    dst, _ = export.export(tmp_path / f"ppow-{engine}", tmp_path / "exported", "eagle3")
+    exported = export.load_drafter(dst).state
+    assert torch.equal(exported["d2t"], t.drafter.d2t) and torch.equal(exported["t2d"], t.drafter.t2d)
 
 
 def test_eagle3_warm_start_refuses_another_vocab_size(tmp_path, sft_drafter):
