@@ -6,6 +6,9 @@
     ppow validate <recipe> [k=v ...]         load + check a recipe, print it resolved
     ppow sft <recipe> [k=v ...]              supervised drafter training (EAGLE-1 objective)
     ppow train <recipe> [k=v ...]            the PPOW stage
+    ppow eval --drafter DIR [--out DIR]      tau, acceptance, speedup vs plain decoding
+    ppow compare DIR1 DIR2 --names a,b       several drafters, one protocol
+    ppow profile [--drafter DIR]             gamma = drafter step / target step, verify cost vs tree size
     ppow export SRC OUT --format F           run/checkpoint/drafter dir -> eagle1 | eagle1-compact | eagle3
     ppow plan <recipe> [--gpus N --nodes M]  per-device memory + DeepSpeed config, no weights loaded
 
@@ -68,6 +71,72 @@ def _cmd_patch(args) -> int:
 def _cmd_doctor(args) -> int:
     from ppow_plugin import doctor
     return doctor.run()
+
+
+def _eval_flags(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("--target", default="default", help="'default' (SmolLM2) or a local HF Llama dir")
+    sp.add_argument("--benchmarks", default="mt_bench,humaneval,sharegpt",
+                    help="comma-separated: mt_bench, humaneval, sharegpt (held-out slice)")
+    sp.add_argument("--num-prompts", type=int, default=80, help="prompts per benchmark (the first N)")
+    sp.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (checked lossless)")
+    sp.add_argument("--max-new-tokens", type=int, default=128)
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--both-turns", action="store_true", help="also MT-Bench second turns")
+
+
+def _cmd_eval(args) -> int:
+    from ppow_plugin import evaluate
+    report = evaluate.evaluate(args.target, args.drafter, args.benchmarks, args.num_prompts, args.temperature,
+                               args.max_new_tokens, args.seed, out_dir=args.out, both_turns=args.both_turns)
+    print(evaluate.summary_markdown(report))
+    print(f"report written to {args.out}")
+    return 0
+
+
+def _cmd_compare(args) -> int:
+    from ppow_plugin import evaluate
+    names = [n.strip() for n in args.names.split(",")] if args.names else None
+    reports = evaluate.compare(args.target, args.drafters, names, args.benchmarks, args.num_prompts,
+                               args.temperature, args.max_new_tokens, args.seed, out_dir=args.out,
+                               both_turns=args.both_turns)
+    print(evaluate.compare_markdown(reports))
+    print(f"comparison written to {args.out}")
+    return 0
+
+
+def _cmd_profile(args) -> int:
+    from ppow_plugin import profile
+    sizes = [int(n) for n in args.tree_sizes.split(",") if n.strip()]
+    result = profile.profile(args.target, args.drafter, args.repeats, sizes, args.prefix_len,
+                             eval_report=args.eval_report, seed=args.seed)
+    print(profile.format_profile(result))
+    print(f"profile written to {profile.write_profile(result, args.out)}")
+    return 0
+
+
+def _add_eval_commands(sub) -> None:
+    """ppow eval | compare | profile (issue 5)."""
+    sp = sub.add_parser("eval", help="tau, acceptance and speedup of a drafter vs plain decoding")
+    sp.add_argument("--drafter", required=True, help="EAGLE-1 drafter dir (compact or host layout)")
+    sp.add_argument("--out", default="eval-report", help="output dir (report.json, summary.md, PNGs)")
+    _eval_flags(sp)
+    sp.set_defaults(fn=_cmd_eval)
+    sp = sub.add_parser("compare", help="evaluate several drafters under one protocol")
+    sp.add_argument("drafters", nargs="+", help="drafter dirs; the first is the reference")
+    sp.add_argument("--names", default=None, help="comma-separated names, one per drafter (default: dir names)")
+    sp.add_argument("--out", default="compare-report", help="output dir (compare.md, compare.png, one dir each)")
+    _eval_flags(sp)
+    sp.set_defaults(fn=_cmd_compare)
+    sp = sub.add_parser("profile", help="measure gamma = drafter step / target step on this machine")
+    sp.add_argument("--drafter", default=None, help="drafter dir (default: random drafter of the right shape)")
+    sp.add_argument("--target", default="default", help="'default' (SmolLM2) or a local HF Llama dir")
+    sp.add_argument("--repeats", type=int, default=5)
+    sp.add_argument("--tree-sizes", default="1,4,8,16,26,32,64", help="verification sizes to time")
+    sp.add_argument("--prefix-len", type=int, default=256, help="KV prefix length the steps run after")
+    sp.add_argument("--eval-report", default=None, help="report.json whose acceptance rates drive the model")
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--out", default="profile.json", help="JSON with top-level gamma (reward.gamma_profile)")
+    sp.set_defaults(fn=_cmd_profile)
 
 
 def _cmd_export(args) -> int:
@@ -141,6 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("action", choices=["check", "apply", "revert"])
     sp.set_defaults(fn=_cmd_patch)
     sub.add_parser("doctor", help="report environment health").set_defaults(fn=_cmd_doctor)
+    _add_eval_commands(sub)
     _add_export_command(sub)
     _add_plan_command(sub)
     return p
