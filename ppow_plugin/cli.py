@@ -82,15 +82,24 @@ def _eval_flags(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--max-new-tokens", type=int, default=128)
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--both-turns", action="store_true", help="also MT-Bench second turns")
+    sp.add_argument("--depth", type=int, default=7, help="EAGLE-3 dynamic tree: expansion levels")
+    sp.add_argument("--top-k", type=int, default=10, help="EAGLE-3 dynamic tree: children per node")
+    sp.add_argument("--total-tokens", type=int, default=60, help="EAGLE-3 dynamic tree: draft nodes kept")
 
 
 def _cmd_eval(args) -> int:
     from ppow_plugin import evaluate
     report = evaluate.evaluate(args.target, args.drafter, args.benchmarks, args.num_prompts, args.temperature,
-                               args.max_new_tokens, args.seed, out_dir=args.out, both_turns=args.both_turns)
+                               args.max_new_tokens, args.seed, out_dir=args.out, both_turns=args.both_turns,
+                               tree=_tree(args))
     print(evaluate.summary_markdown(report))
     print(f"report written to {args.out}")
     return 0
+
+
+def _tree(args):
+    from ppow_plugin import evaluate
+    return evaluate.Eagle3Tree(args.depth, args.top_k, args.total_tokens)
 
 
 def _cmd_compare(args) -> int:
@@ -98,7 +107,7 @@ def _cmd_compare(args) -> int:
     names = [n.strip() for n in args.names.split(",")] if args.names else None
     reports = evaluate.compare(args.target, args.drafters, names, args.benchmarks, args.num_prompts,
                                args.temperature, args.max_new_tokens, args.seed, out_dir=args.out,
-                               both_turns=args.both_turns)
+                               both_turns=args.both_turns, tree=_tree(args))
     print(evaluate.compare_markdown(reports))
     print(f"comparison written to {args.out}")
     return 0
@@ -117,7 +126,7 @@ def _cmd_profile(args) -> int:
 def _add_eval_commands(sub) -> None:
     """ppow eval | compare | profile (issue 5)."""
     sp = sub.add_parser("eval", help="tau, acceptance and speedup of a drafter vs plain decoding")
-    sp.add_argument("--drafter", required=True, help="EAGLE-1 drafter dir (compact or host layout)")
+    sp.add_argument("--drafter", required=True, help="EAGLE-1 (compact or host layout) or EAGLE-3 drafter dir")
     sp.add_argument("--out", default="eval-report", help="output dir (report.json, summary.md, PNGs)")
     _eval_flags(sp)
     sp.set_defaults(fn=_cmd_eval)

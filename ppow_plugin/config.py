@@ -36,6 +36,13 @@ class ModelCfg:
     drafter_type: Literal["eagle1", "eagle3"] = "eagle1"
     drafter_bias: bool = True  # EAGLE-1 `fc.bias`; LLaMA-3 era drafters use false
     draft_vocab_size: int | None = None  # EAGLE-3 reduced vocabulary; None = full target vocabulary
+    draft_vocab_samples: int = 2000  # fresh EAGLE-3: count loss-masked tokens of the first N samples
+
+    def __post_init__(self):
+        if self.draft_vocab_size is not None and self.draft_vocab_size < 1:
+            raise ValueError(f"model.draft_vocab_size ({self.draft_vocab_size}) must be >= 1 (or null = full)")
+        if self.draft_vocab_samples < 1:
+            raise ValueError(f"model.draft_vocab_samples ({self.draft_vocab_samples}) must be >= 1")
 
 
 @dataclass
@@ -60,9 +67,10 @@ class DataCfg:
 class SFTCfg:
     feature_weight: float = 1.0  # EAGLE-1 next-feature SmoothL1 weight
     token_weight: float = 0.1  # EAGLE-1 soft cross-entropy weight
-    feature_noise: float = 0.2  # uniform noise half-width added to input features (EAGLE-1 uses U(-0.1,0.1)*2)
+    feature_noise: float = 0.2  # EAGLE-1 only: uniform noise width added to input features (EAGLE-1 uses U(-0.1,0.1)*2)
     ttt_steps: int = 7  # EAGLE-3 training-time-test unroll length
     ttt_decay: float = 0.8  # EAGLE-3 step weight decay^i
+    # feature_weight/token_weight are the EAGLE-1 objective's; EAGLE-3 trains on the TTT soft CE alone
 
     def __post_init__(self):
         if self.feature_weight < 0 or self.token_weight < 0:
@@ -71,6 +79,8 @@ class SFTCfg:
             raise ValueError("sft.feature_weight and sft.token_weight are both 0: nothing to train")
         if self.ttt_steps < 1:
             raise ValueError(f"sft.ttt_steps ({self.ttt_steps}) must be >= 1")
+        if self.ttt_decay <= 0:
+            raise ValueError(f"sft.ttt_decay ({self.ttt_decay}) must be > 0")
 
 
 @dataclass

@@ -13,6 +13,7 @@ import importlib.util
 import math
 import os
 import random
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -209,8 +210,14 @@ class Engine:
             import deepspeed  # noqa: F401  (only to reach GatheredParameters; module already imported)
             params = list(self.module.parameters())
             with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-                return {k: v.detach().to("cpu", torch.float32).clone() for k, v in self.module.state_dict().items()}
-        return {k: v.detach().to("cpu", torch.float32).clone() for k, v in self.module.state_dict().items()}
+                return _cpu_fp32(self.module.state_dict())
+        return _cpu_fp32(self.module.state_dict())
+
+
+def _cpu_fp32(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """CPU copies, floating tensors as fp32; integer/bool buffers (EAGLE-3 d2t/t2d) keep their dtype."""
+    return {k: v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype).clone()
+            for k, v in state.items()}
 
 
 def _deepspeed_engine(module, optimizer, cfg: Config, world_size: int):
@@ -227,6 +234,19 @@ def _deepspeed_engine(module, optimizer, cfg: Config, world_size: int):
     engine, opt, _, _ = deepspeed.initialize(model=module, optimizer=optimizer,
                                              config=deepspeed_config(cfg, world_size))
     return engine, opt
+
+
+def shutdown() -> None:
+    """Destroy the process group and forget DeepSpeed's cached groups, so a later run in the same
+    process (tests, notebooks) can start a fresh engine: DeepSpeed keeps the destroyed world group in
+    module globals and the next `deepspeed.initialize` fails with "Group ... is not registered"."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    groups = sys.modules.get("deepspeed.utils.groups")  # only if DeepSpeed was ever imported
+    if groups is not None:
+        for name in ("_WORLD_GROUP", "_DATA_PARALLEL_GROUP", "_ZERO_PARAM_INTRA_PARALLEL_GROUP"):
+            if hasattr(groups, name):
+                setattr(groups, name, None)
 
 
 def _single_process_env() -> None:

@@ -1,11 +1,13 @@
-"""`ppow eval` / `ppow compare`: acceptance length τ and wall-clock speedup of an EAGLE-1 drafter.
+"""`ppow eval` / `ppow compare`: acceptance length τ and wall-clock speedup of an EAGLE-1 or EAGLE-3 drafter.
 
     ppow eval --drafter runs/sft/drafter --benchmarks mt_bench --num-prompts 80 --out eval/sft
     ppow compare runs/sft/drafter runs/ppow/drafter --names sft,ppow --num-prompts 80 --out eval/cmp
 
 Per prompt, in one process: the host's `eagenerate` (static tree `mc_sim_7b_63`, via
 `eagle_compat.host_generate`), then plain autoregressive decoding of the same target with HF `generate`
-(KV cache, greedy or sampling) on a separate `AutoModelForCausalLM` copy. Counting rules (docs/evaluation.md):
+(KV cache, greedy or sampling) on a separate `AutoModelForCausalLM` copy. EAGLE-3 drafter dirs (detected by
+`export.load_drafter`) are decoded instead with our dynamic tree (`tree_decode.generate_eagle3`, `--depth`,
+`--top-k`, `--total-tokens`) over the host target, with the same accounting. Counting rules (docs/evaluation.md):
 
 - The host commits whole cycles, so its output can run past the first EOS and past `max_new_tokens`.
   Both outputs are cut at the first EOS (kept) or at `max_new_tokens`, whichever comes first
@@ -41,7 +43,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from ppow_plugin import data, eagle_compat, export
+from ppow_plugin import data, eagle_compat, export, tree_decode
 from ppow_plugin.errors import UserError
 
 MARGIN_TOKENS = 64  # room past prompt + max_new_tokens for the last cycle's tree (26 tokens) and overshoot
@@ -318,12 +320,26 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+class Eagle3Tree(NamedTuple):
+    """Dynamic-tree sizes for EAGLE-3 drafters (`tree_decode.generate_eagle3`; EAGLE's defaults)."""
+    depth: int = 7              # expansion levels after the root's children: up to depth + 1 drafts per cycle
+    top_k: int = 10             # children per expanded node and frontier width
+    total_tokens: int = 60      # draft nodes kept per tree
+
+
 class _Decoders(NamedTuple):
-    ea_model: Any               # host EaModel
+    ea_model: Any               # host EaModel (None for an EAGLE-3 drafter)
     baseline: Any               # HF AutoModelForCausalLM
     tokenizer: Any
     eos_token_id: int | None
     max_positions: int
+    eagle3: Any = None          # (host target, Eagle3Drafter, host KV cache) for an EAGLE-3 drafter
+    tree: Eagle3Tree = Eagle3Tree()
+
+    @property
+    def margin(self) -> int:
+        """Positions past prompt + max_new_tokens that the last cycle's tree and overshoot may use."""
+        return MARGIN_TOKENS if self.eagle3 is None else self.tree.depth + self.tree.total_tokens + 2
 
 
 def _baseline_generate(dec: _Decoders, ids: torch.Tensor, temperature: float, max_new_tokens: int) -> list[int]:
@@ -335,6 +351,10 @@ def _baseline_generate(dec: _Decoders, ids: torch.Tensor, temperature: float, ma
 
 
 def _host_generate(dec: _Decoders, ids: torch.Tensor, temperature: float, max_new_tokens: int):
+    if dec.eagle3 is not None:  # same output fields as HostGenerateResult
+        target, drafter, kv = dec.eagle3
+        return tree_decode.generate_eagle3(target, drafter, ids, max_new_tokens, temperature, *dec.tree,
+                                           eos_token_id=dec.eos_token_id, kv_cache=kv)
     max_length = min(ids.shape[1] + max_new_tokens + MARGIN_TOKENS, dec.max_positions)
     return eagle_compat.host_generate(dec.ea_model, ids, temperature=temperature,
                                       max_new_tokens=max_new_tokens, max_length=max_length)
@@ -381,7 +401,7 @@ def _decode_prompt(dec: _Decoders, prompt: EvalPrompt, temperature: float, max_n
     records, answers = [], []
     for t in range(len(prompt.turns)):
         ids = _format(dec.tokenizer, prompt.turns[: t + 1], answers)
-        if ids.shape[1] + max_new_tokens + MARGIN_TOKENS > dec.max_positions:
+        if ids.shape[1] + max_new_tokens + dec.margin > dec.max_positions:
             break  # does not fit the target's context (and the host's preallocated KV cache): skipped
         turn_id = prompt.prompt_id if len(prompt.turns) == 1 else f"{prompt.prompt_id}/turn{t + 1}"
         record, tokens = _decode_turn(dec, prompt, turn_id, ids, temperature, max_new_tokens, seed * 1000 + t)
@@ -390,25 +410,64 @@ def _decode_prompt(dec: _Decoders, prompt: EvalPrompt, temperature: float, max_n
     return records
 
 
-def _load_decoders(target_dir: Path, drafter_dir: Path, scratch: Path) -> _Decoders:
+def _load_decoders(target_dir: Path, drafter_dir: Path, scratch: Path, fmt: str = "eagle1",
+                   tree: Eagle3Tree = Eagle3Tree()) -> _Decoders:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     baseline = AutoModelForCausalLM.from_pretrained(str(target_dir), dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(target_dir))
+    max_positions = int(baseline.config.max_position_embeddings)
+    if fmt == "eagle3":
+        from ppow_plugin import drafters
+        target = eagle_compat.load_host_target(target_dir)
+        drafter = drafters.load_eagle3_drafter(drafter_dir, target).eval()
+        return _Decoders(None, baseline, tokenizer, tokenizer.eos_token_id, max_positions,
+                         (target, drafter, eagle_compat.new_kv_cache(target)), tree)
     host_dir = host_drafter_dir(drafter_dir, baseline.get_input_embeddings().weight, scratch)
     ea_model = eagle_compat.load_ea_model(target_dir, host_dir)
-    tokenizer = AutoTokenizer.from_pretrained(str(target_dir))
-    return _Decoders(ea_model, baseline, tokenizer, tokenizer.eos_token_id,
-                     int(baseline.config.max_position_embeddings))
+    return _Decoders(ea_model, baseline, tokenizer, tokenizer.eos_token_id, max_positions)
 
 
-def _tree_depth() -> int:
+def drafter_format(target_dir: Path, drafter_dir: Path) -> str:
+    """"eagle1" or "eagle3", read by `export.load_drafter` (which checks an EAGLE-3 dir against the target).
+
+    EAGLE-1 dirs are then checked by `check_fit` and the host loader, with their own messages, as before.
+    Raises:
+        UserError: an EAGLE-3 dir that is unreadable or does not fit the target, or an EAGLE-1 misfit.
+    """
+    target_cfg, drafter_cfg = read_config(target_dir, "--target"), read_config(drafter_dir, "--drafter")
+    looks_eagle3 = ("draft_vocab_size" in drafter_cfg or "target_hidden_size" in drafter_cfg
+                    or "LlamaForCausalLMEagle3" in (drafter_cfg.get("architectures") or []))
+    try:
+        fmt = export.load_drafter(drafter_dir, target_cfg).format
+    except UserError:
+        if looks_eagle3:
+            raise
+        fmt = "eagle1"
+    if fmt == "eagle1":
+        check_fit(target_cfg, drafter_cfg, str(target_dir), str(drafter_dir))
+    return fmt
+
+
+def _tree_depth(dec: _Decoders) -> int:
+    """Most draft tokens one cycle can accept."""
+    if dec.eagle3 is not None:
+        return dec.tree.depth + 1
     return max(len(path) for path in eagle_compat.default_tree_choices())
+
+
+def _tree_text(dec: _Decoders) -> str:
+    if dec.eagle3 is None:
+        return "host default mc_sim_7b_63 (25 draft nodes + root, depth 5)"
+    t = dec.tree
+    return f"EAGLE-3 dynamic tree (depth {t.depth}, top-k {t.top_k}, {t.total_tokens} draft nodes + root)"
 
 
 def evaluate(target_dir: str | Path, drafter_dir: str | Path, benchmarks: str | Sequence[str] = ALL_BENCHMARKS,
              num_prompts: int = 80, temperature: float = 0.0, max_new_tokens: int = 128, seed: int = 0,
              out_dir: str | Path | None = None, both_turns: bool = False,
-             prompts: Sequence[EvalPrompt] | None = None, progress: bool = True) -> EvalReport:
+             prompts: Sequence[EvalPrompt] | None = None, progress: bool = True,
+             tree: Eagle3Tree = Eagle3Tree()) -> EvalReport:
     """Decode every prompt with EAGLE and with the baseline, interleaved; aggregate; optionally write.
 
     Args:
@@ -422,6 +481,7 @@ def evaluate(target_dir: str | Path, drafter_dir: str | Path, benchmarks: str | 
         out_dir: if given, report.json, summary.md and PNG plots are written there (atomically).
         both_turns: MT-Bench second turns too, after the model's own first answer.
         prompts: an explicit prompt list (overrides benchmarks/num_prompts; `compare` shares one).
+        tree: dynamic-tree sizes, used only for EAGLE-3 drafters.
     Returns:
         EvalReport (per-benchmark and "overall" BenchStats, per-prompt records).
     Raises:
@@ -433,19 +493,21 @@ def evaluate(target_dir: str | Path, drafter_dir: str | Path, benchmarks: str | 
         raise UserError(f"--max-new-tokens {max_new_tokens} must be >= 1")
     if temperature < 0 or not math.isfinite(temperature):
         raise UserError(f"--temperature {temperature} must be a finite number >= 0")
+    if tree.depth < 0 or tree.top_k < 1 or tree.total_tokens < 1:
+        raise UserError(f"EAGLE-3 tree sizes --depth {tree.depth} --top-k {tree.top_k} --total-tokens "
+                        f"{tree.total_tokens}: need depth >= 0 and top-k, total-tokens >= 1")
     if prompts is None:  # cheap checks before the target is prepared or any dataset is read
         benchmarks = resolve_benchmarks(benchmarks)
         if num_prompts < 1:
             raise UserError(f"--num-prompts {num_prompts} selects no prompt; pass a positive number")
     target_dir, drafter_dir = resolve_target(target_dir), Path(drafter_dir)
-    check_fit(read_config(target_dir, "--target"), read_config(drafter_dir, "--drafter"),
-              str(target_dir), str(drafter_dir))
+    fmt = drafter_format(target_dir, drafter_dir)
     prompts = list(prompts) if prompts is not None else load_prompts(benchmarks, num_prompts, both_turns)
     if not prompts:
         raise UserError("the prompt set is empty; pass a positive --num-prompts")
     eagle_compat.require_host()
     with tempfile.TemporaryDirectory(prefix="ppow-eval-") as scratch:
-        dec = _load_decoders(target_dir, drafter_dir, Path(scratch))
+        dec = _load_decoders(target_dir, drafter_dir, Path(scratch), fmt, tree)
         _warm_up(dec, prompts[0], temperature, seed)
         records: list[PromptRecord] = []
         bar = tqdm(prompts, desc=f"eval {drafter_dir.name}", unit="prompt", disable=not progress)
@@ -455,8 +517,9 @@ def evaluate(target_dir: str | Path, drafter_dir: str | Path, benchmarks: str | 
     if not records:
         raise UserError(f"every prompt is longer than the target's context minus --max-new-tokens "
                         f"{max_new_tokens}; lower --max-new-tokens")
-    report = build_report(records, _settings(target_dir, drafter_dir, prompts, records, temperature,
-                                             max_new_tokens, seed, both_turns), _tree_depth(), temperature)
+    settings = _settings(target_dir, drafter_dir, prompts, records, temperature, max_new_tokens, seed, both_turns)
+    settings.update(tree=_tree_text(dec), drafter_type=fmt)
+    report = build_report(records, settings, _tree_depth(dec), temperature)
     if out_dir is not None:
         with export.atomic_dir(Path(out_dir)) as tmp:
             write_report(report, tmp)
@@ -466,7 +529,7 @@ def evaluate(target_dir: str | Path, drafter_dir: str | Path, benchmarks: str | 
 def _warm_up(dec: _Decoders, prompt: EvalPrompt, temperature: float, seed: int) -> None:
     """One untimed short decode per path (allocates the host KV cache, warms kernels)."""
     ids = _format(dec.tokenizer, prompt.turns[:1], [])
-    if ids.shape[1] + WARMUP_TOKENS + MARGIN_TOKENS <= dec.max_positions:
+    if ids.shape[1] + WARMUP_TOKENS + dec.margin <= dec.max_positions:
         seed_everything(seed)
         _host_generate(dec, ids, temperature, WARMUP_TOKENS)
         _baseline_generate(dec, ids, temperature, WARMUP_TOKENS)
@@ -509,7 +572,8 @@ def summary_markdown(report: EvalReport) -> str:
     s = report.settings
     depth = len(report.overall.accept_rates)
     acc_cols = " | ".join(f"acc≥{i}" for i in range(1, depth + 1))
-    lines = [f"# EAGLE-1 evaluation: {Path(s['drafter']).name}", "",
+    kind = "EAGLE-3" if s.get("drafter_type") == "eagle3" else "EAGLE-1"
+    lines = [f"# {kind} evaluation: {Path(s['drafter']).name}", "",
              f"- target `{s['target']}`, drafter `{s['drafter']}`",
              f"- temperature {s['temperature']}, max_new_tokens {s['max_new_tokens']}, seed {s['seed']}, "
              f"{s['prompts']} prompts ({s['turns_decoded']} turns decoded, {s['turns_skipped_too_long']} too long)",
@@ -620,7 +684,7 @@ def plot_compare(reports: dict[str, EvalReport], path: Path) -> None:
 def compare(target_dir: str | Path, drafter_dirs: Sequence[str | Path], names: Sequence[str] | None = None,
             benchmarks: str | Sequence[str] = ALL_BENCHMARKS, num_prompts: int = 80, temperature: float = 0.0,
             max_new_tokens: int = 128, seed: int = 0, out_dir: str | Path | None = None,
-            both_turns: bool = False, progress: bool = True) -> dict[str, EvalReport]:
+            both_turns: bool = False, progress: bool = True, tree: Eagle3Tree = Eagle3Tree()) -> dict[str, EvalReport]:
     """Evaluate several drafters on one prompt list with one protocol; write compare.md/.json/.png and
     one report subdirectory per drafter into `out_dir` (atomically).
 
@@ -637,10 +701,10 @@ def compare(target_dir: str | Path, drafter_dirs: Sequence[str | Path], names: S
         raise UserError(f"--num-prompts {num_prompts} selects no prompt; pass a positive number")
     target_dir = resolve_target(target_dir)
     for d in drafter_dirs:  # fail before any decoding
-        check_fit(read_config(target_dir, "--target"), read_config(Path(d), "drafter"), str(target_dir), str(d))
+        drafter_format(target_dir, Path(d))
     prompts = load_prompts(benchmarks, num_prompts, both_turns)
     reports = {name: evaluate(target_dir, d, temperature=temperature, max_new_tokens=max_new_tokens, seed=seed,
-                              both_turns=both_turns, prompts=prompts, progress=progress)
+                              both_turns=both_turns, prompts=prompts, progress=progress, tree=tree)
                for name, d in zip(names, drafter_dirs)}
     if out_dir is not None:
         with export.atomic_dir(Path(out_dir)) as tmp:

@@ -117,6 +117,19 @@ def save_drafter_dir(out_dir: Path, state: dict[str, torch.Tensor], config: dict
     return Path(out_dir)
 
 
+def save_eagle3_dir(out_dir: Path, state: dict[str, torch.Tensor], config: dict[str, Any],
+                    meta: dict[str, Any]) -> Path:
+    """Write a trained EAGLE-3 drafter as an `eagle3` dir (the `ppow export --format eagle3` writer),
+    checked key by key first and re-read before the rename; `d2t`/`t2d` are written as given."""
+    drafter = validate_drafter("eagle3", config, _cpu(state), where="trained EAGLE-3 drafter")
+    with atomic_dir(out_dir) as tmp:
+        _write_eagle3(tmp, drafter, None)
+        load_drafter(tmp)
+        _write_json(tmp / "ppow_meta.json", dict(meta, format="eagle3",
+                                                 weights_sha256=sha256_file(tmp / "model.safetensors")))
+    return Path(out_dir)
+
+
 def load_drafter_dir(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """Read `config.json` and the weights (single or sharded safetensors, or .bin) of a drafter dir."""
     p = Path(path)

@@ -11,6 +11,10 @@ Conventions (docs/glossary.md):
   forward over the host's KV cache of the prefix, with the host's tree-attention mask. The accepted
   length k counts draft tokens (bonus excluded).
 
+EAGLE-3 (`drafters.Eagle3Adapter`) uses the same alignment with fused features and its own head over a
+draft vocabulary: `draft_windows` takes its step function and `d2t`, samples draft ids and feeds the
+drafter their target ids.
+
 Departures / choices (docs/algorithm.md): windows are chains of length K (not trees); the root is the
 data token (teacher forcing), not a target sample; starts of one sequence are verified in descending order
 so each tree overwrites only KV slots that later (shorter) prefixes never read.
@@ -26,18 +30,18 @@ from torch import Tensor
 
 
 class TargetPass(NamedTuple):
-    features: Tensor  # [T, H] target features f_i (final-norm hidden states, EAGLE-1)
+    features: Tensor  # [T, H] target features f_i (EAGLE-1: final-norm hidden states; EAGLE-3: [T, 3H] fused)
     logits: Tensor  # [T, V] target logits, row i predicts x_{i+1}
 
 
 class DraftPass(NamedTuple):
-    out_features: Tensor  # [T-1, H] drafter outputs; row i = predicted f_{i+1}
-    kv: tuple  # host drafter cache: per layer (k, v), each [1, kv_heads, T-1, head_dim]
+    out_features: Tensor  # [T-1, H] drafter outputs; row i = predicted f_{i+1} (EAGLE-3: its own hidden state)
+    kv: tuple  # drafter cache, nested tuples of [1, kv_heads, T-1, head_dim] (EAGLE-1: per layer (k, v))
 
 
 class Rollout(NamedTuple):
     starts: Tensor  # [n] int64 window starts s (root index)
-    draft_tokens: Tensor  # [n, G, K] int64 sampled draft windows
+    draft_tokens: Tensor  # [n, G, K] int64 sampled draft windows (drafter-vocabulary ids; EAGLE-3: map by d2t)
     old_logprobs: Tensor  # [n, G, K] float drafter log-probs at sampling time
     accept_len: Tensor  # [n, G] int64 accepted draft tokens, bonus excluded
     target_logits: Tensor  # [n, G, K, V] target logits at each window position (drafted prefix)
@@ -104,17 +108,23 @@ def tree_layout(group_size: int, window: int) -> tuple[Tensor, Tensor, Tensor]:
 # Model passes (no optimisation state, no device choice: tensors arrive on the right device)
 
 
-def target_forward(target, input_ids: Tensor, kv=None) -> TargetPass:
+def target_forward(target, input_ids: Tensor, kv=None, feature_layers: tuple[int, ...] | None = None) -> TargetPass:
     """Teacher-forced pass of the host target over one sequence; fills `kv` when given.
 
     Args:
         target: host KV Llama (`eagle_compat.load_host_target`).
         input_ids: [1, T] int64.
         kv: host KV cache list (length reset to 0 by the caller) or None.
+        feature_layers: None = EAGLE-1 features (final-norm hidden states); else EAGLE-3 features, the
+            decoder-layer inputs at these `hidden_states` indices concatenated low -> high ([T, 3H]).
     """
     with torch.no_grad():
-        hidden = target.model(input_ids=input_ids, past_key_values=kv)[0]  # [1, T, H]
+        out = target.model(input_ids=input_ids, past_key_values=kv, return_dict=True,
+                           output_hidden_states=feature_layers is not None)
+        hidden = out.last_hidden_state  # [1, T, H]
         logits = target.lm_head(hidden)
+        if feature_layers is not None:
+            hidden = torch.cat([out.hidden_states[i] for i in feature_layers], dim=-1)  # [1, T, 3H]
     return TargetPass(features=hidden[0], logits=logits[0].float())
 
 
@@ -130,9 +140,20 @@ def draft_forward(drafter, features: Tensor, input_ids: Tensor) -> DraftPass:
     return DraftPass(out_features=out[0], kv=kv)
 
 
+def eagle1_step(drafter, feat: Tensor, tok: Tensor, kv: tuple, position_ids: Tensor,
+                attention_mask: Tensor) -> tuple[Tensor, tuple]:
+    """One cached host EAGLE-1 drafter step: pairs (feat [N, 1, H], tok [N]) -> (next feat [N, 1, H], kv).
+
+    `attention_mask` is [N, S+1] bool over the cache plus the new position.
+    """
+    return drafter(feat, input_ids=tok[:, None], past_key_values=kv, position_ids=position_ids,
+                   attention_mask=attention_mask, use_cache=True)
+
+
 def draft_windows(drafter, head, dpass: DraftPass, starts: Tensor, group_size: int, window: int,
                   temperature: float, tokens: Tensor | None = None,
-                  generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor]:
+                  generator: torch.Generator | None = None, step=eagle1_step,
+                  d2t: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Draft (or re-score) G windows of K tokens from each start, feeding the drafter its own features.
 
     With `tokens=None` it samples (call under no_grad); with `tokens` given it re-scores those tokens
@@ -141,19 +162,23 @@ def draft_windows(drafter, head, dpass: DraftPass, starts: Tensor, group_size: i
     Args:
         dpass: teacher-forced drafter pass of the sequence.
         starts: [n] int64 roots s (1 <= s <= T-1).
-        tokens: [n, G, K] int64 windows to score, or None to sample.
+        tokens: [n, G, K] int64 windows to score (drafter-vocabulary ids), or None to sample.
+        step: one cached drafter step with the signature of `eagle1_step` (EAGLE-3: `drafters.eagle3_step`).
+        d2t: EAGLE-3 reduced vocabulary map; sampled draft ids are fed back as target ids
+            draft + d2t[draft] (the drafter's embedding is over the target vocabulary). None = identity.
     Returns:
-        tokens [n, G, K], logprobs [n, G, K] (log q at `temperature`), logits [n, G, K, V] (raw).
+        tokens [n, G, K] (drafter-vocabulary ids), logprobs [n, G, K] (log q at `temperature`),
+        logits [n, G, K, Vd] (raw, over the drafter's vocabulary).
     """
     n = starts.numel()
     rows = n * group_size
-    past = dpass.kv[0][0].shape[2]  # T-1 teacher-forced positions
+    past = dpass.out_features.shape[0]  # T-1 teacher-forced positions
     feat = dpass.out_features[starts - 1]  # [n, H] predicted f_s
     feat = feat.repeat_interleave(group_size, 0)[:, None]  # [N, 1, H]
     # Row r may attend teacher-forced positions < s (its own prefix) plus its own drafted steps.
     pos = torch.arange(past, device=starts.device)
     prefix_ok = (pos[None] < starts[:, None]).repeat_interleave(group_size, 0)  # [N, past]
-    kv = tuple((k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1)) for k, v in dpass.kv)
+    kv = _expand_rows(dpass.kv, rows)
     s_rows = starts.repeat_interleave(group_size)  # [N]
     out_tokens, out_logprobs, out_logits = [], [], []
     for j in range(window):
@@ -170,8 +195,8 @@ def draft_windows(drafter, head, dpass: DraftPass, starts: Tensor, group_size: i
             break
         # Next step: pair (predicted f_{s+j}, d_{j+1}) at position s+j.
         mask = torch.cat([prefix_ok, torch.ones(rows, j + 1, dtype=torch.bool, device=starts.device)], 1)
-        feat, kv = drafter(feat, input_ids=tok[:, None], past_key_values=kv,
-                           position_ids=(s_rows + j)[:, None], attention_mask=mask, use_cache=True)
+        tok_in = tok if d2t is None else tok + d2t[tok]  # the drafter embeds target ids
+        feat, kv = step(drafter, feat, tok_in, kv, (s_rows + j)[:, None], mask)
     shape = (n, group_size, window)
     return (torch.stack(out_tokens, 1).reshape(shape), torch.stack(out_logprobs, 1).reshape(shape),
             torch.stack(out_logits, 1).reshape(*shape, -1))
@@ -222,6 +247,13 @@ def verify_windows(target, kv, input_ids: Tensor, starts: Tensor, draft_tokens: 
     tgt_draft = target_logp.gather(-1, draft_tokens[..., None])[..., 0]
     tgt_greedy = target_logp.max(-1).values
     return accept, target_logits, tgt_draft, tgt_greedy
+
+
+def _expand_rows(kv, rows: int):
+    """Broadcast a batch-1 cache (nested tuples of [1, ...] tensors) to `rows` rows without copying."""
+    if isinstance(kv, Tensor):
+        return kv.expand(rows, *kv.shape[1:])
+    return tuple(_expand_rows(x, rows) for x in kv)
 
 
 def _set_kv_length(kv, length: int) -> None:

@@ -8,8 +8,10 @@ advantages -> PPOW loss) -> backward/step -> log -> checkpoint. Both stages shar
 (DeepSpeed ZeRO or plain torch), checkpointing, resume and export.
 
 Where we depart from the paper (details in docs/algorithm.md):
-1. The paper trains EAGLE-3 drafters; this path trains the host's EAGLE-1 drafter (features = final
-   hidden states, logits through the target's lm_head). EAGLE-3 arrives with issue 7.
+1. Two drafter families behind `drafters.ADAPTERS` (`model.drafter_type`): the host's EAGLE-1 drafter
+   (features = final hidden states, logits through the target's lm_head) and our EAGLE-3 drafter (the
+   paper's; fused layer features, own lm_head over a draft vocabulary, KL/distillation against the
+   target restricted to that vocabulary).
 2. Window roots are data tokens (teacher forcing), and R_dist's Δ is computed along the drafted prefix.
 3. An optional token-level soft-CE to the target on the teacher-forced sequence (loss.distill_weight)
    keeps the drafter anchored on positions no window covers.
@@ -31,7 +33,7 @@ import numpy as np
 import torch
 
 import ppow_plugin
-from ppow_plugin import distributed, eagle_compat, export, losses, rewards, rollout, windowing
+from ppow_plugin import distributed, drafters, eagle_compat, export, losses, rewards, rollout, windowing
 from ppow_plugin.config import Config, config_to_dict
 from ppow_plugin.data import TrainingData, build_training_samples
 from ppow_plugin.errors import UserError
@@ -62,14 +64,14 @@ class Trainer:
         self.target_dir = _resolve_target(cfg.model.target)
         self.target = eagle_compat.load_host_target(self.target_dir, distributed.DTYPES[cfg.dist.target_dtype])
         self.target.to(self.device)
-        self.head = self.target.lm_head  # EAGLE-1: the drafter reuses the target's frozen LM head
         self.kv = eagle_compat.new_kv_cache(self.target)
-        drafter = self._build_drafter()
+        self.adapter = drafters.ADAPTERS[cfg.model.drafter_type]  # EAGLE-1 vs EAGLE-3 differences
+        samples = build_training_samples(cfg.data, self.target_dir)
+        drafter = self._build_drafter(samples)
         self.engine = distributed.Engine(drafter, cfg, self.dist)
         self.drafter = self.engine.module
         self.gamma = _resolve_gamma(cfg)
-        self.data = TrainingData(build_training_samples(cfg.data, self.target_dir), seed=cfg.dist.seed,
-                                 rank=self.dist.rank, world_size=self.dist.world_size)
+        self.data = TrainingData(samples, seed=cfg.dist.seed, rank=self.dist.rank, world_size=self.dist.world_size)
         self.gen = torch.Generator(device="cpu").manual_seed(cfg.dist.seed * 7919 + self.dist.rank)
         if cfg.run.resume:
             self._resume()
@@ -88,21 +90,13 @@ class Trainer:
         except OSError as exc:
             raise UserError(f"run.output_dir {self.out_dir} is not writable ({exc.strerror}); choose another") from None
 
-    def _build_drafter(self) -> torch.nn.Module:
+    def _build_drafter(self, samples) -> torch.nn.Module:
+        """Fresh (SFT) or warm-started drafter; a fresh EAGLE-3 one gets its draft vocabulary from `samples`."""
         cfg = self.cfg
-        if cfg.model.drafter_type != "eagle1":
-            raise UserError("model.drafter_type=eagle3 is not available yet; use eagle1")
-        dtype = distributed.DTYPES[cfg.dist.dtype]
-        drafter = eagle_compat.new_eagle1_drafter(self.target.config, bias=cfg.model.drafter_bias,
-                                                  embed_weight=self.target.model.embed_tokens.weight, dtype=dtype)
-        if cfg.model.drafter is not None:
-            _, state = export.load_drafter_dir(cfg.model.drafter)
-            # Compact dirs leave out the embeddings: they are the target's, frozen.
-            state.setdefault(export.EMBED_KEY, self.target.model.embed_tokens.weight.detach())
-            eagle_compat.load_drafter_weights(drafter, state)
-        elif cfg.stage == "ppow":
+        if cfg.model.drafter is None and cfg.stage == "ppow":
             raise UserError("PPOW needs a supervised drafter to start from: set model.drafter "
                             "(e.g. the committed assets/drafters/smollm2-135m-eagle1-sft)")
+        drafter = self.adapter.build(cfg, self.target, samples, distributed.DTYPES[cfg.dist.dtype])
         return drafter.to(self.device)
 
     # ------------------------------------------------------------------------------------------
@@ -163,14 +157,14 @@ class Trainer:
         valid = torch.zeros_like(mask)
         valid[1:-1] = mask[2:]
         eagle_compat.reset_kv(self.kv)
-        tpass = rollout.target_forward(self.target, ids[None], self.kv)
+        tpass = self.adapter.target_pass(self.drafter, self.target, ids, self.kv)
         item = {"ids": ids, "valid": valid, "tpass": tpass}
         if self.cfg.stage == "sft":
             return item
         with torch.no_grad():
-            dpass = rollout.draft_forward(self.drafter, tpass.features, ids)
-            draft_logits = self.head(dpass.out_features.to(self.head.weight.dtype)).float()  # [T-1, V]
-            pos = windowing.position_scores(tpass.logits[None, 1:], draft_logits[None])[0]  # i = 1..T-1
+            dpass, draft_logits = self.adapter.teacher_forced(self.drafter, self.target, tpass.features, ids)
+            target_logits = self.adapter.restrict(self.drafter, tpass.logits[1:])  # [T-1, Vd] like draft_logits
+            pos = windowing.position_scores(target_logits[None], draft_logits[None])[0]  # i = 1..T-1
             pos_scores = torch.cat([pos.new_zeros(1), pos])  # [T], index = position
             scores = windowing.window_scores(pos_scores[None], valid[None], self.cfg.rollout.window)
             rule = windowing.adaw_rule_for_step(self.step, self.cfg.windowing.warmup_steps, self.cfg.windowing.rule)
@@ -182,41 +176,30 @@ class Trainer:
                 item["rollout"] = None
                 return item
             r = self.cfg.rollout
-            tokens, old_lp, _ = rollout.draft_windows(self.drafter, self._head_fn, dpass, starts, r.group_size,
-                                                      r.window, r.temperature, generator=self.gen)
+            tokens, old_lp, _ = self.adapter.draft_windows(self.drafter, self.target, dpass, starts, r,
+                                                           generator=self.gen)  # drafter-vocabulary ids
             accept, t_logits, t_draft_lp, t_greedy_lp = rollout.verify_windows(
-                self.target, self.kv, ids, starts, tokens, r.verify, r.verify_temperature, old_lp, self.gen)
+                self.target, self.kv, ids, starts, self.adapter.to_target_ids(self.drafter, tokens), r.verify,
+                r.verify_temperature, old_lp, self.gen)
         item["rollout"] = rollout.Rollout(starts, tokens, old_lp, accept, t_logits, t_draft_lp, t_greedy_lp,
                                           torch.ones_like(tokens, dtype=torch.bool))
         return item
 
-    def _head_fn(self, features: torch.Tensor) -> torch.Tensor:
-        return self.head(features.to(self.head.weight.dtype))
-
     def _sft_loss(self, item: dict) -> StepResult:
-        """EAGLE-1 objective: next-feature SmoothL1 + soft CE to the target, on noised input features."""
-        cfg, tpass, ids = self.cfg, item["tpass"], item["ids"]
-        feats = tpass.features.to(distributed.DTYPES[cfg.dist.dtype])
-        noise = (torch.rand(feats.shape, generator=self.gen) - 0.5).to(feats) * cfg.sft.feature_noise
-        dpass = rollout.draft_forward(self.drafter, feats + noise, ids)
-        pred = dpass.out_features  # [T-1, H], row i predicts f_{i+1}
-        draft_logits = self._head_fn(pred).float()
-        loss, st = losses.eagle1_sft_loss(pred[None], feats[None, 1:], draft_logits[None], tpass.logits[None, 1:],
-                                          item["valid"][None, 1:], cfg.sft.feature_weight, cfg.sft.token_weight)
-        return StepResult(loss, {"loss": float(loss.detach()), "feature_loss": float(st.feature_loss),
-                                 "token_loss": float(st.token_loss), "top1_acc": float(st.top1_acc)})
+        """EAGLE-1: next-feature SmoothL1 + soft CE on noised features; EAGLE-3: training-time test."""
+        return StepResult(*self.adapter.sft_loss(self.drafter, self.target, item, self.cfg, self.gen))
 
     def _ppow_loss(self, item: dict) -> StepResult:
         cfg, tpass, ids, ro = self.cfg, item["tpass"], item["ids"], item["rollout"]
         feats = tpass.features.to(distributed.DTYPES[cfg.dist.dtype])
-        dpass = rollout.draft_forward(self.drafter, feats, ids)  # with grad
-        draft_logits = self._head_fn(dpass.out_features).float()  # [T-1, V]
-        distill, _ = losses.distill_loss(tpass.logits[1:], draft_logits, item["valid"][1:])
+        dpass, draft_logits = self.adapter.teacher_forced(self.drafter, self.target, feats, ids)  # with grad
+        target_logits = self.adapter.restrict(self.drafter, tpass.logits[1:])  # EAGLE-3: over the draft vocabulary
+        distill, _ = losses.distill_loss(target_logits, draft_logits, item["valid"][1:])
         if ro is None:  # no assistant position to draft from: distillation only
             return StepResult(cfg.loss.distill_weight * distill, {"distill": float(distill.detach())})
         r = cfg.rollout
-        _, new_lp, new_logits = rollout.draft_windows(self.drafter, self._head_fn, dpass, ro.starts, r.group_size,
-                                                      r.window, r.temperature, tokens=ro.draft_tokens)
+        _, new_lp, new_logits = self.adapter.draft_windows(self.drafter, self.target, dpass, ro.starts, r,
+                                                           tokens=ro.draft_tokens)
         delta = rewards.proximity_delta(ro.target_greedy_logprobs, ro.target_draft_logprobs, ro.valid_mask)
         rw = rewards.joint_reward(ro.accept_len, delta, self.gamma, cfg.reward.eta, cfg.reward.epsilon,
                                   cfg.reward.speedup_weight, cfg.reward.proximity_weight)
@@ -224,7 +207,8 @@ class Trainer:
         pol, pst = losses.policy_loss(new_lp, ro.old_logprobs, adv, ro.valid_mask, cfg.loss.clip_eps,
                                       cfg.loss.ratio_mode)
         V = new_logits.shape[-1]
-        kl, _ = losses.target_kl_loss(ro.target_logits.reshape(-1, V), new_logits.reshape(-1, V),
+        ro_target_logits = self.adapter.restrict(self.drafter, ro.target_logits)  # [n, G, K, Vd]
+        kl, _ = losses.target_kl_loss(ro_target_logits.reshape(-1, V), new_logits.reshape(-1, V),
                                       ro.valid_mask.reshape(-1), cfg.loss.kl_direction)
         loss = pol + cfg.loss.kl_beta * kl + cfg.loss.distill_weight * distill
         k = ro.accept_len.float()
@@ -314,17 +298,15 @@ class Trainer:
         return self.engine.full_state_dict()
 
     def export_drafter(self, out: Path) -> Path:
-        """Compact EAGLE-1 drafter dir (the format it was loaded in), written once by rank 0."""
+        """The drafter in the format it is read back in (EAGLE-1: compact; EAGLE-3: eagle3), by rank 0."""
         state = self.drafter_state()
         if self.dist.is_main:
-            config = eagle_compat.eagle1_config_dict(self.target.config, self.cfg.model.drafter_bias)
-            export.save_drafter_dir(out, state, config, self._meta())
+            self.adapter.export(out, state, self.drafter, self.target, self.cfg, self._meta())
         distributed.barrier()
         return out
 
     def cleanup(self) -> None:
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+        distributed.shutdown()
 
 
 def _verify_checkpoint(ckpt: Path) -> str | None:
