@@ -68,6 +68,9 @@ class _AtomicDir:
         if not os.access(parent, os.W_OK):
             raise UserError(f"output directory {parent} is not writable; choose another")
         self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.tmp-", dir=parent))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(self.tmp, 0o777 & ~umask)  # mkdtemp makes it 0700; the export is for others to read
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb):
