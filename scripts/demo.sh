@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # The README's main job, end to end on the embedded default (SmolLM2-135M-Instruct on CPU):
 #   committed SFT drafter -> short PPOW run -> before/after evaluation -> export for the EAGLE host.
-# Run via `make demo` (which builds .venv and prepares the target first). ~10-15 min on 2 cores.
-# Knobs: PPOW_DEMO_OUT (default runs/demo), PPOW_DEMO_STEPS (30), PPOW_DEMO_PROMPTS (10 per benchmark).
+# Run via `make demo` (which builds .venv and prepares the target first). ~10 min on 2 idle cores.
+# Knobs: PPOW_DEMO_OUT (default runs/demo), PPOW_DEMO_STEPS (20), PPOW_DEMO_PROMPTS (5 per benchmark).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=.venv/bin
 OUT=${PPOW_DEMO_OUT:-runs/demo}
-STEPS=${PPOW_DEMO_STEPS:-30}
-PROMPTS=${PPOW_DEMO_PROMPTS:-10}
+STEPS=${PPOW_DEMO_STEPS:-20}
+PROMPTS=${PPOW_DEMO_PROMPTS:-5}
 SFT=assets/drafters/smollm2-135m-eagle1-sft
 
 if [ ! -f "$SFT/model.safetensors" ]; then

@@ -2,7 +2,9 @@
 # Reproduces the numbers in docs/results.md on the embedded default (SmolLM2-135M-Instruct, CPU).
 # Each step prints its command; outputs go under runs/results/. Total ~1 h on 2 otherwise idle cores.
 # Knobs: PPOW_MINUTES (wall time of the PPOW run and of the continued-SFT control, default 12),
-#        PROMPTS (per benchmark in the comparison, default 10), TOKENS (new tokens per prompt, 64).
+#        PROMPTS (per benchmark in the comparison, default 10), TOKENS (new tokens per prompt, 64),
+#        EVAL80_TOKENS (new tokens per prompt for the 80-prompt SFT measurement, default TOKENS).
+# Run it alone: several torch processes on 2 cores oversubscribe threads and run 10x slower.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=.venv/bin
@@ -11,12 +13,13 @@ SFT=assets/drafters/smollm2-135m-eagle1-sft
 MIN=${PPOW_MINUTES:-12}
 PROMPTS=${PROMPTS:-10}
 TOKENS=${TOKENS:-64}
+EVAL80_TOKENS=${EVAL80_TOKENS:-$TOKENS}
 mkdir -p "$OUT"
 step() { echo "+ $*"; /usr/bin/time -f "  wall %e s, peak RSS %M KB" "$@"; }
 
 # 1. tau of the committed SFT drafter on the 80 MT-Bench first turns (held out from training), T=0.
 [ -d "$OUT/sft-mtbench80" ] || step $BIN/ppow eval --drafter "$SFT" --benchmarks mt_bench --num-prompts 80 \
-  --max-new-tokens "$TOKENS" --temperature 0 --out "$OUT/sft-mtbench80"
+  --max-new-tokens "$EVAL80_TOKENS" --temperature 0 --out "$OUT/sft-mtbench80"
 
 # 2. PPOW step cost vs an SFT step on the same sequences, and peak memory.
 step $BIN/python benchmarks/ppow_step_cost.py --drafter "$SFT" | tee "$OUT/step_cost.txt"
