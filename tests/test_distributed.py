@@ -7,10 +7,9 @@ import subprocess
 import sys
 
 import pytest
-import yaml
 
 from ppow_plugin import patching
-from tiny import overrides
+from tiny import recipe_file
 
 pytestmark = pytest.mark.distributed
 if patching.patch_status().state != "patched":
@@ -24,27 +23,12 @@ def torchrun(tmp_path, args, port):
     return subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
 
 
-def recipe(tmp_path, stage, **extra):
-    """Write the tiny overrides as a YAML recipe (the CLI's path), return its file."""
-    tree: dict = {}
-    for item in overrides(tmp_path, stage, engine="deepspeed", **extra):
-        key, value = item.split("=", 1)
-        node = tree
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = yaml.safe_load(value)
-    path = tmp_path / f"{stage}.yaml"
-    path.write_text(yaml.safe_dump(tree))
-    return path
-
-
 @pytest.mark.parametrize("zero", [2, 3])
 def test_two_process_sft_then_ppow(tmp_path, zero):
-    sft = recipe(tmp_path, "sft", **{"run.max_steps": 2, "dist.zero_stage": zero})
+    sft = recipe_file(tmp_path, "sft", "deepspeed", **{"run.max_steps": 2, "dist.zero_stage": zero})
     res = torchrun(tmp_path, ["sft", str(sft)], 29611 + zero)
     assert res.returncode == 0, res.stderr[-3000:]
-    ppow = recipe(tmp_path, "ppow", **{"run.max_steps": 2, "dist.zero_stage": zero,
+    ppow = recipe_file(tmp_path, "ppow", "deepspeed", **{"run.max_steps": 2, "dist.zero_stage": zero,
                                        "model.drafter": tmp_path / "run-sft" / "drafter"})
     res = torchrun(tmp_path, ["train", str(ppow)], 29621 + zero)
     assert res.returncode == 0, res.stderr[-3000:]

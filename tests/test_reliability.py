@@ -8,29 +8,14 @@ import time
 
 import pytest
 import torch
-import yaml
 
 from ppow_plugin import export, patching, trainer
 from ppow_plugin.config import load_config
 from ppow_plugin.errors import UserError
-from tiny import overrides
+from tiny import overrides, recipe_file
 
 if patching.patch_status().state != "patched":
     pytest.skip("the EAGLE host is not installed and patched (`ppow patch apply`)", allow_module_level=True)
-
-
-def write_recipe(tmp_path, stage, **extra):
-    tree: dict = {}
-    for item in overrides(tmp_path, stage, **extra):
-        key, value = item.split("=", 1)
-        node = tree
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = yaml.safe_load(value)
-    path = tmp_path / f"{stage}-{len(list(tmp_path.glob('*.yaml')))}.yaml"
-    path.write_text(yaml.safe_dump(tree))
-    return path
 
 
 def cli(*args, **kw):
@@ -52,9 +37,9 @@ def kill_after_checkpoint(proc, ckpt_dir, step):
 
 def test_sigkill_twice_then_resume_is_bit_identical(tmp_path):
     common = {"run.max_steps": 7, "run.save_every": 1, "run.keep_last": 3}
-    straight = write_recipe(tmp_path, "sft", **common, **{"run.output_dir": tmp_path / "straight"})
+    straight = recipe_file(tmp_path, "sft", "torch", **common, **{"run.output_dir": tmp_path / "straight"})
     assert cli("sft", str(straight)).wait() == 0
-    killed = write_recipe(tmp_path, "sft", **common, **{"run.output_dir": tmp_path / "killed"})
+    killed = recipe_file(tmp_path, "sft", "torch", **common, **{"run.output_dir": tmp_path / "killed"})
     ckpts = tmp_path / "killed" / "checkpoints"
     kill_after_checkpoint(cli("sft", str(killed)), ckpts, 2)
     kill_after_checkpoint(cli("sft", str(killed), "run.resume=true"), ckpts, 5)

@@ -10,6 +10,7 @@ import random
 from pathlib import Path
 
 import torch
+import yaml
 from tokenizers import Regex, Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -67,3 +68,18 @@ def overrides(tmp: Path, stage: str, engine: str = "torch", **extra) -> list[str
     }
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]
+
+
+def recipe_file(tmp: Path, stage: str, engine: str = "torch", **extra) -> Path:
+    """The same tiny run as `overrides`, written as a YAML recipe (for CLI subprocess tests)."""
+    tree: dict = {}
+    for item in overrides(tmp, stage, engine=engine, **extra):
+        key, value = item.split("=", 1)
+        node = tree
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = yaml.safe_load(value)
+    path = tmp / f"{stage}-{len(list(tmp.glob('*.yaml')))}.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    return path
