@@ -7,20 +7,14 @@ import torch
 
 from ppow_plugin import export, patching, trainer
 from ppow_plugin.config import load_config
-from tiny import overrides
+from tiny import overrides, run_trainer
 
 if patching.patch_status().state != "patched":
     pytest.skip("the EAGLE host is not installed and patched (`ppow patch apply`)", allow_module_level=True)
 
 
 def run(tmp_path, stage, **extra):
-    t = trainer.Trainer(load_config(None, overrides(tmp_path, stage, **extra)))
-    t.setup()
-    before = {k: v.detach().clone() for k, v in t.drafter.state_dict().items()}
-    target_before = {k: v.detach().clone() for k, v in t.target.state_dict().items()}
-    out = t.train()
-    t.cleanup()
-    return t, before, target_before, out
+    return run_trainer(tmp_path, stage, **extra)
 
 
 def assert_trained(t, before, target_before):

@@ -83,3 +83,17 @@ def recipe_file(tmp: Path, stage: str, engine: str = "torch", **extra) -> Path:
     path = tmp / f"{stage}-{len(list(tmp.glob('*.yaml')))}.yaml"
     path.write_text(yaml.safe_dump(tree))
     return path
+
+
+def run_trainer(tmp: Path, stage: str, **extra):
+    """Set up and train a tiny run; returns (trainer, drafter state before, target state before, export dir)."""
+    from ppow_plugin import trainer
+    from ppow_plugin.config import load_config
+
+    t = trainer.Trainer(load_config(None, overrides(tmp, stage, **extra)))
+    t.setup()
+    before = {k: v.detach().clone() for k, v in t.drafter.state_dict().items()}
+    target_before = {k: v.detach().clone() for k, v in t.target.state_dict().items()}
+    out = t.train()
+    t.cleanup()
+    return t, before, target_before, out
