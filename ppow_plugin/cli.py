@@ -18,6 +18,7 @@ Bad input raises `UserError`: printed as one `error: ...` line, exit code 2.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 
@@ -74,40 +75,64 @@ def _cmd_doctor(args) -> int:
 
 
 def _eval_flags(sp: argparse.ArgumentParser) -> None:
-    sp.add_argument("--target", default="default", help="'default' (SmolLM2) or a local HF Llama dir")
-    sp.add_argument("--benchmarks", default="mt_bench,humaneval,sharegpt",
-                    help="comma-separated: mt_bench, humaneval, sharegpt (held-out slice)")
-    sp.add_argument("--num-prompts", type=int, default=80, help="prompts per benchmark (the first N)")
-    sp.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (checked lossless)")
-    sp.add_argument("--max-new-tokens", type=int, default=128)
-    sp.add_argument("--seed", type=int, default=0)
+    # Defaults are None so that "not given" can fall back to --recipe's eval section, then to EvalCfg.
+    sp.add_argument("--recipe", default=None,
+                    help="take target and eval settings (eval.*) from this recipe; flags given here win")
+    sp.add_argument("--target", default=None, help="'default' (SmolLM2) or a local HF Llama dir")
+    sp.add_argument("--benchmarks", default=None,
+                    help="comma-separated: mt_bench, humaneval, sharegpt (held-out slice); default all three")
+    sp.add_argument("--num-prompts", type=int, default=None, help="prompts per benchmark (the first N; default 80)")
+    sp.add_argument("--temperature", type=float, default=None, help="0 = greedy (checked lossless; default)")
+    sp.add_argument("--max-new-tokens", type=int, default=None, help="default 128")
+    sp.add_argument("--seed", type=int, default=None)
     sp.add_argument("--both-turns", action="store_true", help="also MT-Bench second turns")
-    sp.add_argument("--depth", type=int, default=7, help="EAGLE-3 dynamic tree: expansion levels")
-    sp.add_argument("--top-k", type=int, default=10, help="EAGLE-3 dynamic tree: children per node")
-    sp.add_argument("--total-tokens", type=int, default=60, help="EAGLE-3 dynamic tree: draft nodes kept")
+    sp.add_argument("--depth", type=int, default=None, help="EAGLE-3 dynamic tree: expansion levels (default 7)")
+    sp.add_argument("--top-k", type=int, default=None, help="EAGLE-3 dynamic tree: children per node (default 10)")
+    sp.add_argument("--total-tokens", type=int, default=None, help="EAGLE-3 dynamic tree: draft nodes kept (default 60)")
+
+
+def _eval_settings(args):
+    """(target, eval settings): command-line flags over the recipe's `model.target` / `eval.*` over defaults."""
+    from ppow_plugin.config import EvalCfg, load_config
+    cfg = load_config(args.recipe, []) if args.recipe else None
+    base = cfg.eval if cfg else EvalCfg()
+    flags = {  # EvalCfg field: (command-line flag, value or None)
+        "benchmarks": ("--benchmarks", args.benchmarks.split(",") if args.benchmarks else None),
+        "num_prompts": ("--num-prompts", args.num_prompts), "max_new_tokens": ("--max-new-tokens", args.max_new_tokens),
+        "temperature": ("--temperature", args.temperature), "seed": ("--seed", args.seed),
+        "tree_depth": ("--depth", args.depth), "tree_top_k": ("--top-k", args.top_k),
+        "tree_total_tokens": ("--total-tokens", args.total_tokens)}
+    for name, (flag, value) in flags.items():
+        if isinstance(value, int) and name not in ("seed", "temperature") and value < 1:
+            raise UserError(f"{flag} {value} must be >= 1")
+    settings = dataclasses.replace(base, **{k: v for k, (_, v) in flags.items() if v is not None})
+    target = args.target or (cfg.model.target if cfg else "default")
+    return target, settings
 
 
 def _cmd_eval(args) -> int:
     from ppow_plugin import evaluate
-    report = evaluate.evaluate(args.target, args.drafter, args.benchmarks, args.num_prompts, args.temperature,
-                               args.max_new_tokens, args.seed, out_dir=args.out, both_turns=args.both_turns,
-                               tree=_tree(args))
+    target, ev = _eval_settings(args)
+    report = evaluate.evaluate(target, args.drafter, ev.benchmarks, ev.num_prompts, ev.temperature,
+                               ev.max_new_tokens, ev.seed, out_dir=args.out, both_turns=args.both_turns,
+                               tree=_tree(ev))
     print(evaluate.summary_markdown(report))
     print(f"report written to {args.out}")
     return 0
 
 
-def _tree(args):
+def _tree(ev):
     from ppow_plugin import evaluate
-    return evaluate.Eagle3Tree(args.depth, args.top_k, args.total_tokens)
+    return evaluate.Eagle3Tree(ev.tree_depth, ev.tree_top_k, ev.tree_total_tokens)
 
 
 def _cmd_compare(args) -> int:
     from ppow_plugin import evaluate
+    target, ev = _eval_settings(args)
     names = [n.strip() for n in args.names.split(",")] if args.names else None
-    reports = evaluate.compare(args.target, args.drafters, names, args.benchmarks, args.num_prompts,
-                               args.temperature, args.max_new_tokens, args.seed, out_dir=args.out,
-                               both_turns=args.both_turns, tree=_tree(args))
+    reports = evaluate.compare(target, args.drafters, names, ev.benchmarks, ev.num_prompts,
+                               ev.temperature, ev.max_new_tokens, ev.seed, out_dir=args.out,
+                               both_turns=args.both_turns, tree=_tree(ev))
     print(evaluate.compare_markdown(reports))
     print(f"comparison written to {args.out}")
     return 0

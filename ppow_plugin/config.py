@@ -205,11 +205,21 @@ class RunCfg:
 
 @dataclass
 class EvalCfg:
-    benchmarks: list[str] = field(default_factory=lambda: ["mt_bench"])
-    num_prompts: int | None = None  # per benchmark; None = all
+    # Read by `ppow eval|compare --recipe`; command-line flags override each field.
+    benchmarks: list[str] = field(default_factory=lambda: ["mt_bench", "humaneval", "sharegpt"])
+    num_prompts: int = 80           # per benchmark (the first N)
     max_new_tokens: int = 128
     temperature: float = 0.0
     seed: int = 0
+    # EAGLE-3 dynamic draft tree (EAGLE-3 paper: 7 / 10 / 60); EAGLE-1 drafters use the host's static tree.
+    tree_depth: int = 7
+    tree_top_k: int = 10
+    tree_total_tokens: int = 60
+
+    def __post_init__(self):
+        for name in ("num_prompts", "max_new_tokens", "tree_depth", "tree_top_k", "tree_total_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"eval.{name} ({getattr(self, name)}) must be >= 1")
 
 
 @dataclass

@@ -16,8 +16,9 @@ Conventions (same alignment as EAGLE-1, see rollout.py):
 - Draft ids index the reduced draft vocabulary; target id = draft id + d2t[draft id].
 
 Where we depart from / fill gaps in the reference code:
-  1. Rotary embeddings support only the default rope (theta from the target config); llama3/yarn
-     scaling raises (the SmolLM2 recipes need none).
+  1. Rotary embeddings: the default rope and Llama-3.1's `llama3` frequency scaling (both read from the
+     target config, so the drafter rotates exactly as its target); other scalings (yarn, linear, ...)
+     raise rather than silently rotate differently from the target.
   2. `map_target_probs_to_draft` renormalises over the draft vocabulary by default, as EAGLE-3's training
      code does (softmax of the restricted target logits); `renormalize=False` gives the raw mass.
   3. Attention masks are always explicit booleans (True = may attend); there is no implicit causal
@@ -54,6 +55,12 @@ class Eagle3Config:
     feature_layer_ids: tuple[int, int, int]  # HF hidden_states indices (= decoder-layer inputs)
     max_position_embeddings: int = 2048
     hidden_act: str = "silu"
+    # `llama3` rope scaling (Llama-3.1/3.3); "default" ignores the other four fields.
+    rope_type: str = "default"
+    rope_factor: float = 1.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_position: int = 8192
 
     def __post_init__(self):
         if self.draft_vocab_size < 1 or self.draft_vocab_size > self.vocab_size:
@@ -67,20 +74,31 @@ class Eagle3Config:
                              "outputs would have the same width and could not be told apart")
         if self.hidden_act != "silu":
             raise ValueError(f"hidden_act {self.hidden_act!r} unsupported (EAGLE-3 drafters use silu)")
+        if self.rope_type not in ROPE_TYPES:
+            raise ValueError(f"target rope type {self.rope_type!r} is not supported by the EAGLE-3 drafter "
+                             f"(supported: {', '.join(ROPE_TYPES)})")
+        if self.rope_type == "llama3" and not (self.rope_factor >= 1 and
+                                               self.rope_high_freq_factor > self.rope_low_freq_factor > 0):
+            raise ValueError("llama3 rope scaling needs factor >= 1 and high_freq_factor > low_freq_factor > 0, got "
+                             f"{self.rope_factor}, {self.rope_high_freq_factor}, {self.rope_low_freq_factor}")
 
     @classmethod
     def from_target_config(cls, target_config: Any, draft_vocab_size: int | None = None) -> "Eagle3Config":
         """Drafter sizes from a target HF Llama config; `draft_vocab_size=None` keeps the full vocabulary.
 
         Raises:
-            ValueError: the target uses a rope scaling other than the default, or has fewer than 5 layers
+            ValueError: the target uses a rope scaling other than default/llama3, or has fewer than 5 layers
                 (with L < 5 the feature indices 2, L//2, L-3 are out of order).
         """
+        # HF config objects: transformers 5 keeps rope settings in `rope_parameters`, 4.x in `rope_scaling`.
         params = getattr(target_config, "rope_parameters", None) or getattr(target_config, "rope_scaling", None) or {}
         rope_type = params.get("rope_type", params.get("type", "default"))
-        if rope_type != "default":
-            raise ValueError(f"target rope type {rope_type!r} is not supported by the EAGLE-3 drafter yet")
         theta = float(params.get("rope_theta", getattr(target_config, "rope_theta", 10000.0)))
+        scaling = {}
+        if rope_type == "llama3":
+            scaling = dict(rope_factor=float(params["factor"]), rope_low_freq_factor=float(params["low_freq_factor"]),
+                           rope_high_freq_factor=float(params["high_freq_factor"]),
+                           rope_original_max_position=int(params["original_max_position_embeddings"]))
         hidden, heads = target_config.hidden_size, target_config.num_attention_heads
         return cls(
             hidden_size=hidden, num_attention_heads=heads,
@@ -91,16 +109,24 @@ class Eagle3Config:
             draft_vocab_size=draft_vocab_size or target_config.vocab_size,
             feature_layer_ids=feature_layer_ids(target_config.num_hidden_layers),
             max_position_embeddings=target_config.max_position_embeddings,
-            hidden_act=getattr(target_config, "hidden_act", "silu"),
+            hidden_act=getattr(target_config, "hidden_act", "silu"), rope_type=rope_type, **scaling,
         )
 
     def to_hf_dict(self) -> dict[str, Any]:
         """The drafter `config.json` (Llama fields + EAGLE-3 extras) that vLLM/SGLang/EAGLE read."""
-        out = {k: v for k, v in asdict(self).items() if k != "feature_layer_ids"}
+        out = {k: v for k, v in asdict(self).items() if k != "feature_layer_ids" and not k.startswith("rope_")}
+        # 4.x readers take `rope_scaling` (written only when scaled), 5.x `rope_parameters`; both say the same.
+        rope: dict[str, Any] = {"rope_type": self.rope_type, "rope_theta": self.rope_theta}
+        if self.rope_type == "llama3":
+            rope.update(factor=self.rope_factor, low_freq_factor=self.rope_low_freq_factor,
+                        high_freq_factor=self.rope_high_freq_factor,
+                        original_max_position_embeddings=self.rope_original_max_position)
+        if self.rope_type != "default":
+            out["rope_scaling"] = rope
         out.update({
             "architectures": ["LlamaForCausalLMEagle3"], "model_type": "llama", "num_hidden_layers": 1,
-            "tie_word_embeddings": False, "bias": False,
-            "rope_parameters": {"rope_type": "default", "rope_theta": self.rope_theta},
+            "tie_word_embeddings": False, "bias": False, "rope_theta": self.rope_theta,
+            "rope_parameters": rope,
             "eagle_aux_hidden_state_layer_ids": list(self.feature_layer_ids),
         })
         return out
@@ -203,10 +229,28 @@ def _rotate_half(x: Tensor) -> Tensor:
     return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
 
 
-def _rope(q: Tensor, k: Tensor, position_ids: Tensor, theta: float) -> tuple[Tensor, Tensor]:
-    """Default (Llama) rotary embedding, computed in fp32. q/k [B, heads, T, hd], position_ids [B, T]."""
-    hd = q.shape[-1]
-    inv_freq = 1.0 / theta ** (torch.arange(0, hd, 2, device=q.device, dtype=torch.float32) / hd)
+ROPE_TYPES = ("default", "llama3")
+
+
+def rope_inv_freq(cfg: Eagle3Config, device: torch.device | str = "cpu") -> Tensor:
+    """Rotary inverse frequencies [head_dim/2], fp32: theta^(-2i/hd), then `llama3` scaling if set.
+
+    llama3 (Llama-3.1 report): wavelengths shorter than original_max / high_freq_factor keep their
+    frequency, those longer than original_max / low_freq_factor are divided by `factor`, and the band in
+    between interpolates linearly in original_max / wavelength.
+    """
+    hd = cfg.head_dim
+    inv = 1.0 / cfg.rope_theta ** (torch.arange(0, hd, 2, device=device, dtype=torch.float32) / hd)
+    if cfg.rope_type == "default":
+        return inv
+    ctx_over_wavelen = cfg.rope_original_max_position * inv / (2 * torch.pi)
+    smooth = ((ctx_over_wavelen - cfg.rope_low_freq_factor) /
+              (cfg.rope_high_freq_factor - cfg.rope_low_freq_factor)).clamp(0.0, 1.0)
+    return (1 - smooth) * inv / cfg.rope_factor + smooth * inv
+
+
+def _rope(q: Tensor, k: Tensor, position_ids: Tensor, inv_freq: Tensor) -> tuple[Tensor, Tensor]:
+    """Llama rotary embedding, computed in fp32. q/k [B, heads, T, hd], position_ids [B, T], inv_freq [hd/2]."""
     freqs = position_ids.float()[..., None] * inv_freq  # [B, T, hd/2]
     emb = torch.cat([freqs, freqs], dim=-1)[:, None]  # [B, 1, T, hd]
     cos, sin = emb.cos(), emb.sin()
@@ -232,7 +276,7 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(b, t, cfg.num_attention_heads, cfg.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, t, cfg.num_key_value_heads, cfg.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, t, cfg.num_key_value_heads, cfg.head_dim).transpose(1, 2)
-        q, k = _rope(q, k, position_ids, cfg.rope_theta)
+        q, k = _rope(q, k, position_ids, rope_inv_freq(cfg, q.device))
         if past_kv is not None:
             k, v = torch.cat([past_kv[0], k], dim=2), torch.cat([past_kv[1], v], dim=2)
         groups = cfg.num_attention_heads // cfg.num_key_value_heads
@@ -395,7 +439,7 @@ def new_eagle3_drafter(target: nn.Module, draft_vocab_size: int | None = None,
 
 
 __all__ = [
-    "DraftKV", "Eagle3Config", "Eagle3Drafter", "build_vocab_map", "causal_mask", "draft_label_mask",
-    "draft_to_target_ids", "feature_layer_ids", "map_target_probs_to_draft", "new_eagle3_drafter",
+    "DraftKV", "ROPE_TYPES", "Eagle3Config", "Eagle3Drafter", "build_vocab_map", "causal_mask", "draft_label_mask",
+    "draft_to_target_ids", "feature_layer_ids", "map_target_probs_to_draft", "new_eagle3_drafter", "rope_inv_freq",
     "target_features", "ttt_mask", "ttt_unroll",
 ]

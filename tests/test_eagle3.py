@@ -180,3 +180,48 @@ def test_ttt_unroll_matches_inference_chain():
             hidden, logits, kv = drafter(hidden, ids[:, i + k:i + k + 1], past_kv=kv,
                                          position_ids=torch.tensor([[i + k]]))
             torch.testing.assert_close(steps[k][:, i], logits[:, 0], rtol=1e-5, atol=1e-5)
+
+
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 64, "rope_theta": 5e5}
+
+
+def test_llama3_rope_matches_transformers_and_round_trips_in_config_json():
+    """Llama-3.1 targets: the drafter's frequencies are transformers' llama3 ones (the reference here), all three
+    bands are exercised (original context 64 with head_dim 16 puts wavelengths on both sides of 64/4 and 64/1),
+    and config.json carries the scaling for vLLM/SGLang."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from ppow_plugin.eagle3 import rope_inv_freq
+    tc = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=4,
+                     num_key_value_heads=2, max_position_embeddings=256, rope_scaling=dict(LLAMA3_ROPE))
+    cfg = Eagle3Config.from_target_config(tc, 64)
+    ref, _ = ROPE_INIT_FUNCTIONS["llama3"](tc, "cpu")
+    ours = rope_inv_freq(cfg)
+    torch.testing.assert_close(ours, ref.float(), rtol=1e-6, atol=0)
+    plain = rope_inv_freq(Eagle3Config.from_target_config(_target_config(), 64))
+    wavelen = 2 * torch.pi / (1.0 / 5e5 ** (torch.arange(0, 16, 2) / 16))
+    kept, divided = wavelen < 64 / 4, wavelen > 64 / 1
+    assert kept.any() and divided.any() and (~kept & ~divided).any()  # all three bands present
+    assert not torch.allclose(ours, plain)
+    rope = cfg.to_hf_dict()["rope_parameters"]
+    assert rope == LLAMA3_ROPE and cfg.to_hf_dict()["rope_scaling"] == LLAMA3_ROPE
+    assert "rope_scaling" not in Eagle3Config.from_target_config(_target_config(), 64).to_hf_dict()
+
+
+def test_unsupported_rope_scaling_is_refused():
+    tc = _target_config()
+    tc.rope_parameters = {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e5}
+    with pytest.raises(ValueError, match="rope type 'yarn' is not supported.*default, llama3"):
+        Eagle3Config.from_target_config(tc, 64)
+
+
+@pytest.mark.parametrize("name", ["llama-3.1-8b-instruct", "llama-3.3-70b-instruct", "deepseek-r1-distill-llama-8b"])
+def test_llama3_family_configs_give_a_scaled_drafter_config(name):
+    from pathlib import Path
+
+    from transformers import AutoConfig
+    tc = AutoConfig.from_pretrained(Path(__file__).parent / "fixtures" / "configs" / name)
+    cfg = Eagle3Config.from_target_config(tc, 32000)
+    assert (cfg.rope_type, cfg.rope_factor, cfg.rope_original_max_position) == ("llama3", 8.0, 8192)
+    assert cfg.feature_layer_ids == (2, tc.num_hidden_layers // 2, tc.num_hidden_layers - 3)

@@ -73,3 +73,24 @@ def test_eagle3_eval_bad_tree_and_misfit_are_user_errors(dirs, tmp_path, capsys)
     assert cli.main(["eval", "--target", str(other), "--drafter", str(dirs["eagle3"]), "--out", str(tmp_path / "o")]) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
     assert len(errors) == 2 and "--top-k 0" in errors[0] and "vocabulary mismatch" in errors[1]
+
+
+def test_cli_eval_reads_settings_from_the_recipe_and_flags_win(dirs, fake_mt_bench, tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"model:\n  target: {dirs['target']}\neval:\n  benchmarks: [mt_bench]\n  num_prompts: 1\n"
+                      "  max_new_tokens: 6\n  tree_depth: 2\n  tree_top_k: 3\n  tree_total_tokens: 6\n")
+    out = tmp_path / "o"
+    assert cli.main(["eval", "--recipe", str(recipe), "--drafter", str(dirs["eagle3"]), "--top-k", "4",
+                     "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["settings"]["max_new_tokens"] == 6 and report["settings"]["prompts"] == 1
+    assert "depth 2, top-k 4, 6 draft nodes" in report["settings"]["tree"]  # top-k from the flag, rest from recipe
+
+
+def test_cli_eval_recipe_errors_are_one_line(dirs, tmp_path, capsys):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("eval:\n  tree_dept: 2\n")
+    assert cli.main(["eval", "--recipe", str(recipe), "--drafter", str(dirs["eagle3"]), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "tree_dept" in err[0] and "tree_depth" in err[0]
+    assert not (tmp_path / "o").exists()
