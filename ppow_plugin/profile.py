@@ -8,7 +8,8 @@ as many torch threads as `OMP_NUM_THREADS` allows), all after a prefix of `prefi
 - target step: the host target (`eagle_compat.load_host_target`) forwards one token with its preallocated
   KV cache, lm_head included (one step of plain autoregressive decoding);
 - drafter step: the EAGLE-1 drafter forwards one (feature, token) pair with its KV cache, then the
-  target's lm_head on its output (one drafting level for one node);
+  target's lm_head on its output (one drafting level for one node); an EAGLE-3 drafter (detected from its
+  dir) forwards one (fused feature, token) pair with its KV cache through its own draft-vocabulary head;
 - verify(N): the host target forwards N tokens at once with the KV cache (causal mask; the tree mask of
   a static tree costs the same).
 Every call sees the same prefix (the KV length is reset after each). One repeat = the mean over `inner`
@@ -35,7 +36,8 @@ import torch
 
 from ppow_plugin import eagle_compat, export
 from ppow_plugin.errors import UserError
-from ppow_plugin.evaluate import read_config, check_fit, resolve_target
+from ppow_plugin.eagle3 import Eagle3Drafter, target_features
+from ppow_plugin.evaluate import drafter_format, resolve_target
 
 DEFAULT_TREE_SIZES = (1, 4, 8, 16, 26, 32, 64)  # 26 = the host's mc_sim_7b_63 (25 nodes + root)
 ASSUMED_ACCEPT = 0.6  # per-position conditional acceptance when no eval report is given
@@ -93,10 +95,13 @@ def _set_length(kv: list[list[Any]], length: int) -> None:
             cache.current_length.fill_(length)
 
 
-def _build_drafter(target: torch.nn.Module, drafter_dir: Path | None) -> torch.nn.Module:
+def _build_drafter(target: torch.nn.Module, drafter_dir: Path | None, fmt: str) -> torch.nn.Module:
     embed = target.get_input_embeddings().weight
     if drafter_dir is None:
         return eagle_compat.new_eagle1_drafter(target.config, bias=True, embed_weight=embed).eval()
+    if fmt == "eagle3":
+        from ppow_plugin import drafters
+        return drafters.load_eagle3_drafter(drafter_dir, target).eval()
     config, state = export.load_drafter_dir(drafter_dir)
     drafter = eagle_compat.new_eagle1_drafter(target.config, bias=bool(config.get("bias", True)), embed_weight=embed)
     eagle_compat.load_drafter_weights(drafter, {**state, export.EMBED_KEY: embed})
@@ -130,9 +135,8 @@ def profile(target_dir: str | Path = "default", drafter_dir: str | Path | None =
     if repeats < 1 or inner < 1 or prefix_len < 2 or not tree_sizes or min(tree_sizes) < 1:
         raise UserError(f"need --repeats >= 1 (got {repeats}), inner >= 1, prefix_len >= 2 and tree sizes >= 1")
     target_dir = resolve_target(target_dir)
-    if drafter_dir is not None:
-        check_fit(read_config(target_dir, "--target"), read_config(Path(drafter_dir), "--drafter"),
-                  str(target_dir), str(drafter_dir))
+    # drafter_format checks the fit (EAGLE-1: sizes; EAGLE-3: sizes and vocabulary maps) with its own messages.
+    fmt = "eagle1" if drafter_dir is None else drafter_format(target_dir, Path(drafter_dir))
     rates, rates_source = _acceptance(eval_report)
     sizes = sorted(set(int(n) for n in tree_sizes) | {1})
     target = eagle_compat.load_host_target(target_dir)
@@ -140,10 +144,10 @@ def profile(target_dir: str | Path = "default", drafter_dir: str | Path | None =
     if prefix_len + max(sizes) > max_pos:
         raise UserError(f"prefix {prefix_len} + tree {max(sizes)} tokens exceed the target's context {max_pos}; "
                         "lower --prefix-len or the tree sizes")
-    drafter = _build_drafter(target, Path(drafter_dir) if drafter_dir is not None else None)
+    drafter = _build_drafter(target, Path(drafter_dir) if drafter_dir is not None else None, fmt)
     timings = _time_all(target, drafter, repeats, sizes, prefix_len, inner, seed)
     return _assemble(timings, rates, rates_source, sizes, {
-        "target": str(target_dir), "drafter": str(drafter_dir) if drafter_dir else "random EAGLE-1 (shape only)",
+        "target": str(target_dir), "drafter": str(drafter_dir) if drafter_dir else "random EAGLE-1 (shape only)", "drafter_type": fmt,
         "repeats": repeats, "inner_calls": inner, "prefix_len": prefix_len, "seed": seed, "dtype": "float32",
         "device": "cpu", "torch_threads": torch.get_num_threads(), "torch": torch.__version__})
 
@@ -157,17 +161,26 @@ def _time_all(target: torch.nn.Module, drafter: torch.nn.Module, repeats: int, s
     next_token = torch.randint(vocab, (1, 1), generator=gen)                 # [1, 1]
     tree = {n: torch.randint(vocab, (1, n), generator=gen) for n in sizes}   # [1, N] each
     kv = eagle_compat.new_kv_cache(target)
-    features = target.model(input_ids=prefix, past_key_values=kv)[0]        # [1, P, H]
-    # the drafter's cache covers features f_0..f_{P-2} paired with tokens x_1..x_{P-1}
-    _, drafter_kv = drafter(features[:, :-1], input_ids=prefix[:, 1:], use_cache=True)
+    if isinstance(drafter, Eagle3Drafter):
+        out = target.model(input_ids=prefix, past_key_values=kv, output_hidden_states=True, return_dict=True)
+        features = target_features(out.hidden_states, drafter.cfg.feature_layer_ids)  # [1, P, 3H]
+        # the cache covers pairs (f_0, x_1) .. (f_{P-2}, x_{P-1}); a step adds (f_{P-1}, next) on top
+        _, _, drafter_kv = drafter(features[:, :-1], prefix[:, 1:])
+
+        def drafter_step() -> None:
+            drafter(features[:, -1:], next_token, past_kv=drafter_kv)  # logits over the draft vocabulary
+    else:
+        features = target.model(input_ids=prefix, past_key_values=kv)[0]        # [1, P, H]
+        # the drafter's cache covers features f_0..f_{P-2} paired with tokens x_1..x_{P-1}
+        _, drafter_kv = drafter(features[:, :-1], input_ids=prefix[:, 1:], use_cache=True)
+
+        def drafter_step() -> None:
+            out, _ = drafter(features[:, -1:], input_ids=next_token, past_key_values=drafter_kv, use_cache=True)
+            target.lm_head(out)
 
     def target_step() -> None:
         target(input_ids=next_token, past_key_values=kv)
         _set_length(kv, prefix_len)
-
-    def drafter_step() -> None:
-        out, _ = drafter(features[:, -1:], input_ids=next_token, past_key_values=drafter_kv, use_cache=True)
-        target.lm_head(out)
 
     def verify(n: int) -> Callable[[], None]:
         def run() -> None:

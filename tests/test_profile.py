@@ -63,3 +63,22 @@ def test_profile_rejects_bad_counts_before_loading(tmp_path: Path) -> None:
     from ppow_plugin.profile import profile
     with pytest.raises(UserError, match="--repeats"):
         profile(tmp_path, repeats=0)
+
+
+@pytest.mark.skipif(patching.patch_status().state in ("missing", "wrong-version"),
+                    reason="eagle-llm 1.2.1 is not installed")
+def test_profile_times_an_eagle3_drafter(tmp_path: Path) -> None:
+    """An EAGLE-3 dir (reduced vocabulary) is detected and its own step is timed, not a random EAGLE-1 one."""
+    from ppow_plugin.eagle3 import Eagle3Config, Eagle3Drafter
+    from ppow_plugin.export import save_eagle3_dir
+    from ppow_plugin.profile import profile
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=6,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, rope_theta=1e5)
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "target")
+    cfg = Eagle3Config.from_target_config(config, 32)
+    save_eagle3_dir(tmp_path / "e3", Eagle3Drafter(cfg).state_dict(), cfg.to_hf_dict(), {})
+    result = profile(tmp_path / "target", tmp_path / "e3", repeats=1, tree_sizes=(1, 4), prefix_len=8, inner=2)
+    assert result["settings"]["drafter_type"] == "eagle3" and result["gamma"] > 0
+    assert profile(tmp_path / "target", None, repeats=1, tree_sizes=(1,), prefix_len=8,
+                   inner=1)["settings"]["drafter_type"] == "eagle1"
