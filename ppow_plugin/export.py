@@ -82,14 +82,19 @@ class _AtomicDir:
                 raise DiskFull(f"disk full while writing {self.out_dir}; {kept}: free space on that disk "
                                "or choose another output directory") from None
             return False
-        old = None
-        if self.out_dir.exists():
-            old = self.out_dir.with_name(f".{self.out_dir.name}.old-{os.getpid()}")
-            os.replace(self.out_dir, old)
-        os.replace(self.tmp, self.out_dir)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        replace_dir(self.tmp, self.out_dir)
         return False
+
+
+def replace_dir(src: Path, dst: Path) -> None:
+    """Rename the complete dir `src` to `dst`; an existing `dst` is moved aside first and deleted last."""
+    old = None
+    if dst.exists():
+        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+        os.replace(dst, old)
+    os.replace(src, dst)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def sha256_file(path: Path) -> str:

@@ -293,7 +293,7 @@ class Trainer:
                            f"was removed and {kept}: free space on that disk (or move the run to a bigger one "
                            "and point run.output_dir there), then rerun with run.resume=true") from None
         if self.dist.is_main:
-            _replace_dir(tmp, final)
+            export.replace_dir(tmp, final)
             self._rotate_checkpoints()
         distributed.barrier()
         return final
@@ -356,16 +356,6 @@ class Trainer:
 
     def cleanup(self) -> None:
         distributed.shutdown()
-
-
-def _replace_dir(src: Path, dst: Path) -> None:
-    """Rename `src` to `dst`; an existing `dst` is moved aside first and deleted only afterwards."""
-    old = dst.with_name(dst.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if dst.exists():
-        dst.rename(old)
-    src.rename(dst)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _remove_empty_dirs(out_dir: Path, created: Path | None) -> None:
