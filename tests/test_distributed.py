@@ -1,6 +1,6 @@
 """Two processes on gloo under torchrun: the same tiny PPOW run trains, writes one checkpoint and one
-drafter, and ranks stay in sync (ZeRO-2 and ZeRO-3); SIGKILLed twice and resumed, it ends where an
-uninterrupted run ends."""
+drafter, and ranks stay in sync (ZeRO-2 and ZeRO-3); a tiny SFT run SIGKILLed twice and resumed ends
+where an uninterrupted one ends."""
 
 import json
 import os
