@@ -6,7 +6,8 @@ target tokenizer's *own* chat template, and the loss mask is found by rendering 
 prefixes, so no role-header string is hard-coded here.
 
 Usage:
-    data = TrainingData(build_training_samples(cfg.data, target_dir), seed=0, rank=rank, world_size=ws)
+    samples, report = build_training_samples(cfg.data, target_dir)   # report: what was dropped and why
+    data = TrainingData(samples, seed=0, rank=rank, world_size=ws)
     sample = data.next()   # TokenizedSample(conversation_id, input_ids [T], loss_mask [T])
 
 Where we depart from EAGLE's data preparation (`ge_data`):
@@ -16,6 +17,9 @@ Where we depart from EAGLE's data preparation (`ge_data`):
    dropped rather than asserted on; so are ones with an empty or unknown-role turn.
 3. A stable hash holds out a fraction of ShareGPT (`split_of`); MT-Bench and HumanEval are separate
    datasets and are only ever used for evaluation, so they cannot leak into training.
+4. Every training conversation is tokenized once at start (`scan_conversations`): ones whose loss mask
+   is empty within max_len, or on which the chat template fails, are dropped and counted in a
+   `DataReport` instead of failing the run; only when none is left is it an error.
 """
 
 import gzip
@@ -363,6 +367,11 @@ def load_jsonl_conversations(path: str | Path | None) -> list[Conversation]:
     Records that do not form a user-first, alternating conversation are dropped (counted in the error
     when nothing is left).
     """
+    return _parse_jsonl(path)[0]
+
+
+def _parse_jsonl(path: str | Path | None) -> tuple[list[Conversation], Counter]:
+    """`load_jsonl_conversations` plus the Counter of kept/dropped reasons."""
     if path is None:
         raise UserError("data.dataset=jsonl needs data.path=<file.jsonl>")
     p = Path(path)
@@ -385,27 +394,95 @@ def load_jsonl_conversations(path: str | Path | None) -> list[Conversation]:
     if not kept:
         raise UserError(f"{p} holds no usable conversation ({dict(stats)}); each line needs an id and "
                         "user/assistant turns starting with the user")
-    return kept
+    return kept, stats
 
 
-def build_training_samples(data_cfg, target_dir: str | Path) -> TokenizedConversations:
-    """The training set a config asks for, tokenized lazily with the target's chat template.
+class DataReport(NamedTuple):
+    """What became of the training conversations: logged at start, saved as the run's data_report.json
+    and in every checkpoint's and drafter's metadata."""
+
+    conversations: int  # train-split conversations after data.num_conversations
+    used: int  # kept: at least one assistant token within max_len
+    truncated: int  # longer than max_len and cut there (counted in `used` when the mask is non-empty)
+    empty_mask: int  # dropped: no assistant token within max_len (e.g. the prompt alone fills it)
+    template_failed: int  # dropped: the chat template raised or was not prefix-stable on it
+    parse_dropped: dict[str, int]  # records dropped while parsing the file, by reason (jsonl only)
+    max_len: int
+    first_failure: str = ""  # the first template error, verbatim
+
+    def summary(self) -> str:
+        dropped = self.empty_mask + self.template_failed
+        text = (f"{self.conversations} training conversations: {self.used} used, {dropped} dropped "
+                f"(empty loss mask within data.max_len={self.max_len}: {self.empty_mask}, chat template failed: "
+                f"{self.template_failed}), {self.truncated} truncated to {self.max_len} tokens")
+        if self.parse_dropped:
+            text += f"; records dropped while parsing: {self.parse_dropped}"
+        return text
+
+
+def scan_conversations(convs: Sequence[Conversation], tokenizer, max_len: int, progress: bool = False
+                       ) -> tuple[list[Conversation], DataReport]:
+    """Tokenize every conversation once; keep those with assistant tokens within `max_len`.
+
+    Returns:
+        (the usable conversations in order, the report; parse_dropped is left empty).
+    Raises:
+        UserError: none is usable (names the dominant reason and the fix).
+    """
+    from jinja2 import TemplateError
+    from tqdm import tqdm
+
+    used, truncated, empty, failed, first_failure = [], 0, 0, 0, ""
+    for c in tqdm(convs, desc="scan data", disable=not progress, dynamic_ncols=True):
+        try:
+            sample = tokenize_conversation(tokenizer, c, max_len + 1)  # one extra token tells "truncated"
+        except (UserError, TemplateError) as exc:
+            failed += 1
+            first_failure = first_failure or f"{c.id}: {str(exc).splitlines()[0][:160]}"
+            continue
+        truncated += len(sample.input_ids) > max_len
+        if sample.loss_mask[:max_len].any():
+            used.append(c)
+        else:
+            empty += 1
+    report = DataReport(len(convs), len(used), truncated, empty, failed, {}, max_len, first_failure)
+    if not used and failed == len(convs):
+        raise UserError(f"the chat template failed on all {failed} training conversations (first: "
+                        f"{first_failure}); fix the tokenizer's chat template or the data")
+    if not used:
+        raise UserError(f"no training conversation has an assistant token within data.max_len={max_len} "
+                        f"({empty} with an empty loss mask, {failed} where the chat template failed); "
+                        "raise data.max_len or use data with shorter prompts")
+    return used, report
+
+
+def build_training_samples(data_cfg, target_dir: str | Path, progress: bool = False
+                           ) -> tuple[TokenizedConversations, DataReport]:
+    """The training set a config asks for, scanned once, then tokenized lazily with the target's chat template.
 
     Args:
         data_cfg: `config.DataCfg` (dataset, max_len, num_conversations, heldout_fraction).
         target_dir: a converted target directory (its tokenizer and chat template are used).
+        progress: show a progress bar for the scan (~13 ms per ShareGPT conversation on 2 CPU cores).
+    Returns:
+        (samples with a non-empty loss mask, the DataReport of what was dropped).
     """
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(target_dir)
     if not tokenizer.chat_template:
         raise UserError(f"the tokenizer in {target_dir} has no chat template; training needs one")
-    convs = load_sharegpt() if data_cfg.dataset == "sharegpt" else load_jsonl_conversations(data_cfg.path)
+    if data_cfg.dataset == "sharegpt":
+        convs, parse_stats = load_sharegpt(), Counter()
+    else:
+        convs, parse_stats = _parse_jsonl(data_cfg.path)
     train = [c for c in convs if split_of(c.id, data_cfg.heldout_fraction) == "train"]
     if not train:
         raise UserError(f"no training conversations left in data.dataset={data_cfg.dataset} after the "
                         f"held-out split; add data or lower data.heldout_fraction")
-    return TokenizedConversations(train[: data_cfg.num_conversations], tokenizer, data_cfg.max_len)
+    used, report = scan_conversations(train[: data_cfg.num_conversations], tokenizer, data_cfg.max_len, progress)
+    dropped = {k: v for k, v in sorted(parse_stats.items()) if k != "kept"}
+    return TokenizedConversations(used, tokenizer, data_cfg.max_len), report._replace(parse_dropped=dropped)
 
 
 class TrainingData:

@@ -53,7 +53,12 @@ class Eagle1Adapter:
         drafter = eagle_compat.new_eagle1_drafter(target.config, bias=cfg.model.drafter_bias,
                                                   embed_weight=_target_embed(target), dtype=dtype)
         if cfg.model.drafter is not None:
-            _, state = export.load_drafter_dir(cfg.model.drafter)
+            # Strict read: every key and shape, and hidden/vocab sizes against this target.
+            loaded = export.load_drafter(cfg.model.drafter, target.config)
+            if loaded.format != "eagle1":
+                raise UserError(f"{cfg.model.drafter} holds an {loaded.format} drafter; set "
+                                f"model.drafter_type={loaded.format} or pass an EAGLE-1 drafter dir")
+            state = dict(loaded.state)
             # Compact dirs leave out the embeddings: they are the target's, frozen.
             state.setdefault(export.EMBED_KEY, _target_embed(target))
             eagle_compat.load_drafter_weights(drafter, state)

@@ -18,7 +18,7 @@ Rules:
 3. A reduced EAGLE-3 vocabulary without `d2t` is refused: engines would map draft ids to the first N
    target ids and acceptance collapses.
 4. Exports go through `atomic_dir` and are re-read before the rename, so a crash or a bad write never
-   leaves a half-written or unloadable directory.
+   leaves a half-written or unloadable directory; a full disk is reported as `DiskFull` (one line).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from ppow_plugin.errors import UserError
+from ppow_plugin.errors import DiskFull, UserError, is_disk_full
 
 EMBED_KEY = "embed_tokens.weight"
 FORMATS = ("eagle1", "eagle1-compact", "eagle3")
@@ -75,16 +75,26 @@ class _AtomicDir:
 
     def __exit__(self, exc_type, exc, tb):
         if exc_type is not None:
+            full = is_disk_full(exc, self.tmp)  # before the partial files are deleted
             shutil.rmtree(self.tmp, ignore_errors=True)
+            if full:
+                kept = "the existing one is unchanged" if self.out_dir.exists() else "nothing was written"
+                raise DiskFull(f"disk full while writing {self.out_dir}; {kept}: free space on that disk "
+                               "or choose another output directory") from None
             return False
-        old = None
-        if self.out_dir.exists():
-            old = self.out_dir.with_name(f".{self.out_dir.name}.old-{os.getpid()}")
-            os.replace(self.out_dir, old)
-        os.replace(self.tmp, self.out_dir)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        replace_dir(self.tmp, self.out_dir)
         return False
+
+
+def replace_dir(src: Path, dst: Path) -> None:
+    """Rename the complete dir `src` to `dst`; an existing `dst` is moved aside first and deleted last."""
+    old = None
+    if dst.exists():
+        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+        os.replace(dst, old)
+    os.replace(src, dst)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def sha256_file(path: Path) -> str:

@@ -36,7 +36,7 @@ import ppow_plugin
 from ppow_plugin import distributed, drafters, eagle_compat, export, losses, rewards, rollout, windowing
 from ppow_plugin.config import Config, config_to_dict
 from ppow_plugin.data import TrainingData, build_training_samples
-from ppow_plugin.errors import UserError
+from ppow_plugin.errors import DiskFull, UserError, is_disk_full
 
 
 class StepResult(NamedTuple):
@@ -56,17 +56,31 @@ class Trainer:
     # ------------------------------------------------------------------------------------------
     # setup
     def setup(self) -> None:
+        """Load and check everything; on bad input nothing is left in run.output_dir."""
         cfg = self.cfg
         self.device = distributed.get_device(cfg.dist.device)
         self.dist = distributed.init_process_group(self.device)
         distributed.seed_everything(cfg.dist.seed + self.dist.rank)
-        self._check_output_dir()
+        created = self._check_output_dir()
+        try:
+            self._load()
+        except BaseException:
+            _remove_empty_dirs(self.out_dir, created)
+            raise
+        self.metrics_path = self.out_dir / "metrics.jsonl"
+        if self.dist.is_main:
+            self._write_run_file("data_report.json", json.dumps(self.data_report._asdict(), indent=2) + "\n")
+
+    def _load(self) -> None:
+        cfg = self.cfg
         self.target_dir = _resolve_target(cfg.model.target)
         self.target = eagle_compat.load_host_target(self.target_dir, distributed.DTYPES[cfg.dist.target_dtype])
         self.target.to(self.device)
         self.kv = eagle_compat.new_kv_cache(self.target)
         self.adapter = drafters.ADAPTERS[cfg.model.drafter_type]  # EAGLE-1 vs EAGLE-3 differences
-        samples = build_training_samples(cfg.data, self.target_dir)
+        samples, self.data_report = build_training_samples(cfg.data, self.target_dir, progress=self.dist.is_main)
+        if self.dist.is_main:
+            print(f"data: {self.data_report.summary()}", file=sys.stderr)
         drafter = self._build_drafter(samples)
         self.engine = distributed.Engine(drafter, cfg, self.dist)
         self.drafter = self.engine.module
@@ -75,20 +89,23 @@ class Trainer:
         self.gen = torch.Generator(device="cpu").manual_seed(cfg.dist.seed * 7919 + self.dist.rank)
         if cfg.run.resume:
             self._resume()
-        self.metrics_path = self.out_dir / "metrics.jsonl"
 
-    def _check_output_dir(self) -> None:
+    def _check_output_dir(self) -> Path | None:
+        """Refuse to overwrite a run; probe that we can write. Returns the topmost dir it created."""
         ckpts = self.out_dir / "checkpoints"
         if ckpts.exists() and any(ckpts.iterdir()) and not self.cfg.run.resume:
             raise UserError(f"{self.out_dir} already holds checkpoints; pass run.resume=true to continue "
                             "or choose another run.output_dir")
+        created = next((p for p in reversed([self.out_dir, *self.out_dir.parents]) if not p.exists()), None)
         try:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             probe = self.out_dir / f".write-probe-{self.dist.rank}"
             probe.write_text("ok")
             probe.unlink()
         except OSError as exc:
+            _remove_empty_dirs(self.out_dir, created)
             raise UserError(f"run.output_dir {self.out_dir} is not writable ({exc.strerror}); choose another") from None
+        return created
 
     def _build_drafter(self, samples) -> torch.nn.Module:
         """Fresh (SFT) or warm-started drafter; a fresh EAGLE-3 one gets its draft vocabulary from `samples`."""
@@ -104,18 +121,18 @@ class Trainer:
     def train(self) -> Path:
         cfg = self.cfg
         start_time = time.time()
-        pbar = _progress(cfg.run.max_steps, self.step, self.dist.is_main)
-        while self.step < cfg.run.max_steps:
-            samples = [self.data.next() for _ in range(cfg.optim.grad_accum * cfg.data.micro_batch)]
-            stats = self._optimizer_step(samples)
-            self.step += 1
-            stats.update(step=self.step, lr=self.engine.lr, elapsed_s=time.time() - start_time)
-            self._log(stats, pbar)
-            if self.step % cfg.run.save_every == 0:
-                self.save_checkpoint()
-            if cfg.run.max_minutes is not None and time.time() - start_time > 60 * cfg.run.max_minutes:
-                break
-        pbar.close()
+        # closed on errors too, so the CLI's `error:` line starts a line of its own
+        with _progress(cfg.run.max_steps, self.step, self.dist.is_main) as pbar:
+            while self.step < cfg.run.max_steps:
+                samples = [self.data.next() for _ in range(cfg.optim.grad_accum * cfg.data.micro_batch)]
+                stats = self._optimizer_step(samples)
+                self.step += 1
+                stats.update(step=self.step, lr=self.engine.lr, elapsed_s=time.time() - start_time)
+                self._log(stats, pbar)
+                if self.step % cfg.run.save_every == 0:
+                    self.save_checkpoint()
+                if cfg.run.max_minutes is not None and time.time() - start_time > 60 * cfg.run.max_minutes:
+                    break
         if self.step % cfg.run.save_every != 0:
             self.save_checkpoint()
         return self.export_drafter(self.out_dir / "drafter")
@@ -230,27 +247,53 @@ class Trainer:
         pbar.set_postfix({k: f"{stats[k]:.3g}" for k in keys if k in stats}, refresh=False)
         pbar.update(1)
         if self.step % self.cfg.run.log_every == 0:
-            with open(self.metrics_path, "a") as f:
-                f.write(json.dumps({k: _jsonable(v) for k, v in stats.items()}) + "\n")
+            row = json.dumps({k: _jsonable(v) for k, v in stats.items()})
+            self._write_run_file("metrics.jsonl", row + "\n", mode="a")
+
+    def _write_run_file(self, name: str, text: str, mode: str = "w") -> None:
+        path = self.out_dir / name
+        try:
+            with open(path, mode) as f:
+                f.write(text)
+        except OSError as exc:
+            if is_disk_full(exc, path):
+                raise DiskFull(f"disk full while writing {path}: free space on that disk, then rerun with "
+                               "run.resume=true (the checkpoints are intact)") from None
+            raise
 
     def save_checkpoint(self) -> Path:
-        """Atomic checkpoint dir with engine state, trainer state (RNG, data position) and meta.json."""
+        """Atomic checkpoint dir with engine state, trainer state (RNG, data position) and meta.json.
+
+        Written as `step-N.tmp` and renamed when complete; if a write fails (e.g. the disk is full) the
+        `.tmp` dir is removed, older checkpoints are untouched and a full disk is a one-line `DiskFull`.
+        """
         final = self.out_dir / "checkpoints" / f"step-{self.step:06d}"
         tmp = final.with_name(final.name + ".tmp")
-        if self.dist.is_main:
+        try:
+            if self.dist.is_main:
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir(parents=True)
+            distributed.barrier()
+            self.engine.save(tmp)
+            # Per rank: data position and RNG streams differ between ranks.
+            torch.save(self._trainer_state(), tmp / f"trainer_state_rank{self.dist.rank}.pt")
+            distributed.barrier()
+            if self.dist.is_main:
+                meta = self._meta() | {"files": {p.relative_to(tmp).as_posix(): export.sha256_file(p)
+                                                 for p in sorted(tmp.rglob("*")) if p.is_file()}}
+                (tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        except Exception as exc:
+            full = is_disk_full(exc, tmp)  # before the partial files are deleted
             shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        distributed.barrier()
-        self.engine.save(tmp)
-        # Per rank: data position and RNG streams differ between ranks.
-        torch.save(self._trainer_state(), tmp / f"trainer_state_rank{self.dist.rank}.pt")
-        distributed.barrier()
+            if not full:
+                raise
+            older = sorted(p.name for p in final.parent.glob("step-??????") if p != final)
+            kept = f"{older[-1]} is intact" if older else "there is no earlier checkpoint"
+            raise DiskFull(f"disk full while writing checkpoint {final.name} in {final.parent}; the partial copy "
+                           f"was removed and {kept}: free space on that disk (or move the run to a bigger one "
+                           "and point run.output_dir there), then rerun with run.resume=true") from None
         if self.dist.is_main:
-            meta = self._meta() | {"files": {p.relative_to(tmp).as_posix(): export.sha256_file(p)
-                                             for p in sorted(tmp.rglob("*")) if p.is_file()}}
-            (tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-            shutil.rmtree(final, ignore_errors=True)
-            tmp.rename(final)
+            export.replace_dir(tmp, final)
             self._rotate_checkpoints()
         distributed.barrier()
         return final
@@ -292,7 +335,7 @@ class Trainer:
                 "config": config_to_dict(self.cfg), "host": eagle_compat.host_version(),
                 "torch": torch.__version__, "transformers": transformers.__version__,
                 "python": platform.python_version(), "machine": platform.machine(),
-                "target": str(self.target_dir), "gamma": self.gamma}
+                "target": str(self.target_dir), "gamma": self.gamma, "data": self.data_report._asdict()}
 
     def drafter_state(self) -> dict[str, torch.Tensor]:
         return self.engine.full_state_dict()
@@ -301,12 +344,32 @@ class Trainer:
         """The drafter in the format it is read back in (EAGLE-1: compact; EAGLE-3: eagle3), by rank 0."""
         state = self.drafter_state()
         if self.dist.is_main:
-            self.adapter.export(out, state, self.drafter, self.target, self.cfg, self._meta())
+            try:
+                self.adapter.export(out, state, self.drafter, self.target, self.cfg, self._meta())
+            except DiskFull:
+                kept = "the previous drafter there is unchanged" if out.exists() else "no drafter was written"
+                raise DiskFull(f"disk full while writing the drafter to {out}; {kept} and the checkpoints are "
+                               "intact: free space on that disk, then rerun with run.resume=true to export "
+                               "(or `ppow export <run dir> <dir elsewhere>`)") from None
         distributed.barrier()
         return out
 
     def cleanup(self) -> None:
         distributed.shutdown()
+
+
+def _remove_empty_dirs(out_dir: Path, created: Path | None) -> None:
+    """Undo `_check_output_dir`: remove `out_dir` and its parents up to `created`, where empty."""
+    if created is None:
+        return
+    for p in [out_dir, *out_dir.parents]:
+        if p.exists():
+            try:
+                p.rmdir()
+            except OSError:  # not empty: another rank's probe or someone else's file
+                return
+        if p == created:
+            return
 
 
 def _verify_checkpoint(ckpt: Path) -> str | None:

@@ -299,13 +299,45 @@ def test_build_training_samples_uses_train_split(cache, tmp_path):
     fake_wheel(cache, name, version, {member: json.dumps(records).encode()})
     tiny_tokenizer(CHATML).save_pretrained(tmp_path / "target")
     cfg = SimpleNamespace(dataset="sharegpt", max_len=32, num_conversations=None, heldout_fraction=0.25)
-    samples = data.build_training_samples(cfg, tmp_path / "target")
+    samples, report = data.build_training_samples(cfg, tmp_path / "target")
     ids = {samples[i].conversation_id for i in range(len(samples))}
     assert ids == {f"r{i}_0" for i in range(40) if data.split_of(f"r{i}_0", 0.25) == "train"}
-    assert 20 <= len(ids) < 40
+    assert 20 <= len(ids) < 40 and report.conversations == report.used == len(ids)
     cfg.num_conversations = 5
-    assert len(data.build_training_samples(cfg, tmp_path / "target")) == 5
+    assert len(data.build_training_samples(cfg, tmp_path / "target")[0]) == 5
     assert samples[0].loss_mask.sum() == 3  # hello there <|im_end|>
+
+
+# A template that refuses some conversations (like Llama-2's "roles must alternate" raise_exception).
+PICKY = ("{% for m in messages %}{% if 'thanks' in m['content'] %}{{ raise_exception('no thanks') }}{% endif %}"
+         "{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
+         "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+def test_scan_counts_empty_masks_template_failures_and_truncation():
+    long_prompt = conv(("user", " ".join(["hi"] * 30)), ("assistant", "fine"), cid="long_0")
+    long_answer = conv(("user", "hi"), ("assistant", " ".join(["fine"] * 30)), cid="long_1")
+    thanks = conv(("user", "hi"), ("assistant", "fine thanks"), cid="picky_0")
+    convs = [long_prompt, *many_convs(3), long_answer, thanks]
+    used, report = data.scan_conversations(convs, tiny_tokenizer(PICKY), max_len=20)
+    assert [c.id for c in used] == ["x0_0", "x1_0", "x2_0", "long_1"]
+    assert report._replace(first_failure="") == data.DataReport(
+        conversations=6, used=4, truncated=2, empty_mask=1, template_failed=1, parse_dropped={}, max_len=20)
+    assert report.first_failure.startswith("picky_0: no thanks")
+    assert "6 training conversations: 4 used, 2 dropped (empty loss mask within data.max_len=20: 1, " \
+           "chat template failed: 1), 2 truncated to 20 tokens" == report.summary()
+
+
+def test_scan_refuses_when_nothing_is_usable():
+    long_prompt = conv(("user", " ".join(["hi"] * 30)), ("assistant", "fine"), cid="long_0")
+    thanks = conv(("user", "hi"), ("assistant", "fine thanks"), cid="picky_0")
+    with pytest.raises(UserError, match=r"no training conversation has an assistant token within "
+                                        r"data.max_len=20 \(1 with an empty loss mask, 1 where"):
+        data.scan_conversations([long_prompt, thanks], tiny_tokenizer(PICKY), max_len=20)
+    with pytest.raises(UserError, match="chat template failed on all 2 training conversations .first: picky_0"):
+        data.scan_conversations([thanks, thanks], tiny_tokenizer(PICKY), max_len=20)
+    with pytest.raises(UserError, match="prefix-stable"):
+        data.scan_conversations([TWO_ROUNDS], tiny_tokenizer(UNSTABLE), max_len=20)
 
 
 # --- real data (slow) ------------------------------------------------------------------------------

@@ -280,6 +280,14 @@ def test_refuses_hidden_size_mismatch_with_target(world: dict, tmp_path: Path) -
             target=str(world["small_dir"]))
 
 
+def test_refuses_vocab_mismatch_with_target(world: dict, tmp_path: Path) -> None:
+    config = dict(eagle_compat.eagle1_config_dict(world["target"].config), vocab_size=VOCAB + 44)
+    state = {k: v for k, v in world["drafter"].state_dict().items() if k != export.EMBED_KEY}  # compact
+    src = _write_dir(tmp_path / "src", config, state)
+    _refuse(f"vocabulary mismatch: drafter vocab_size {VOCAB + 44}, target {VOCAB}", src, tmp_path / "out",
+            "eagle1", target=str(world["target_dir"]))
+
+
 def test_refuses_truncated_weight_file(world: dict, tmp_path: Path) -> None:
     src, _ = export.export(world["runs"][("eagle1", "torch0")], tmp_path / "src", "eagle1-compact")
     weights = src / "model.safetensors"

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import random
+import time
 from pathlib import Path
 
 import torch
@@ -97,3 +98,15 @@ def run_trainer(tmp: Path, stage: str, **extra):
     out = t.train()
     t.cleanup()
     return t, before, target_before, out
+
+
+def wait_for_checkpoint(proc, ckpt_dir: Path, step: int, log: Path | None = None, timeout: float = 300) -> None:
+    """Block until `ckpt_dir/step-N` exists (renamed from .tmp: complete) while `proc` runs."""
+    target = ckpt_dir / f"step-{step:06d}"
+    deadline = time.time() + timeout
+    while not target.exists():
+        if proc.poll() is not None:
+            detail = log.read_text() if log else proc.stderr.read() if proc.stderr else ""
+            raise AssertionError(f"exited {proc.returncode} before {target.name}: {detail[-3000:]}")
+        assert time.time() < deadline, f"no {target.name} within {timeout} s"
+        time.sleep(0.05)
