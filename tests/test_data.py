@@ -308,6 +308,28 @@ def test_build_training_samples_uses_train_split(cache, tmp_path):
     assert samples[0].loss_mask.sum() == 3  # hello there <|im_end|>
 
 
+def test_data_scan_is_cached_and_keyed_by_content(cache, tmp_path, monkeypatch):
+    tiny_tokenizer(CHATML).save_pretrained(tmp_path / "target")
+    long_prompt = conv(("user", " ".join(["hi"] * 30)), ("assistant", "fine"), cid="long_0")
+    records = [long_prompt, *many_convs(4)]
+    path = tmp_path / "convs.jsonl"
+    path.write_text("".join(json.dumps({"id": c.id, "conversations": [
+        {"from": "human" if m.role == "user" else "gpt", "value": m.content} for m in c.messages]}) + "\n"
+        for c in records))
+    cfg = SimpleNamespace(dataset="jsonl", path=str(path), max_len=20, num_conversations=None, heldout_fraction=0.0)
+    samples, report = data.build_training_samples(cfg, tmp_path / "target")
+    assert (report.used, report.empty_mask) == (4, 1) and len(list((cache / "data").glob("scan-*.json"))) == 1
+    real_scan = data.scan_conversations
+    monkeypatch.setattr(data, "scan_conversations", lambda *a, **k: pytest.fail("cached scan not reused"))
+    again, report2 = data.build_training_samples(cfg, tmp_path / "target")
+    assert report2 == report and [again[i].conversation_id for i in range(4)] == \
+        [samples[i].conversation_id for i in range(4)]
+    monkeypatch.setattr(data, "scan_conversations", real_scan)
+    cfg.max_len = 64  # a different key: scanned afresh, the long prompt now fits
+    assert data.build_training_samples(cfg, tmp_path / "target")[1].used == 5
+    assert len(list((cache / "data").glob("scan-*.json"))) == 2
+
+
 # A template that refuses some conversations (like Llama-2's "roles must alternate" raise_exception).
 PICKY = ("{% for m in messages %}{% if 'thanks' in m['content'] %}{{ raise_exception('no thanks') }}{% endif %}"
          "{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
