@@ -100,6 +100,12 @@ def lr_at(step: int, cfg: OptimCfg, max_steps: int) -> float:
     return cfg.lr * (1.0 - frac)
 
 
+def total_optimizer_steps(cfg: Config) -> int:
+    """Optimizer steps in a full run: PPOW takes `loss.ppo_epochs` of them per trainer step (one per pass over
+    the same rollouts), so the schedule is stretched to match and does not end after 1/ppo_epochs of the run."""
+    return cfg.run.max_steps * (cfg.loss.ppo_epochs if cfg.stage == "ppow" else 1)
+
+
 def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
     """The DeepSpeed JSON, generated from the recipe (also printed by `ppow plan`)."""
     return {
@@ -141,7 +147,7 @@ class Engine:
         self._set_lr()
 
     def _set_lr(self) -> None:
-        lr = lr_at(self.opt_step, self.cfg.optim, self.cfg.run.max_steps)
+        lr = lr_at(self.opt_step, self.cfg.optim, total_optimizer_steps(self.cfg))
         for group in self.optimizer.param_groups:
             group["lr"] = lr
 

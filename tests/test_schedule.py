@@ -1,0 +1,21 @@
+"""The LR schedule (`distributed.lr_at`) by hand: warm-up, decay, and its horizon in optimizer steps."""
+
+import pytest
+
+
+def test_lr_schedule_spans_every_optimizer_step_of_the_run():
+    """cosine over max_steps trainer steps; with ppo_epochs = 2 there are 2 optimizer steps per trainer step,
+    so the last one is still above 0 and the midpoint lands at trainer step max_steps / 2 (lr / 2)."""
+    from ppow_plugin.config import load_config
+    from ppow_plugin.distributed import lr_at, total_optimizer_steps
+    cfg = load_config(None, ["stage=ppow", "run.max_steps=10", "loss.ppo_epochs=2", "optim.lr=1.0",
+                             "optim.warmup_steps=0", "optim.schedule=cosine"])
+    total = total_optimizer_steps(cfg)
+    assert total == 20
+    assert lr_at(10, cfg.optim, total) == pytest.approx(0.5)  # halfway through the run, not its end
+    assert lr_at(19, cfg.optim, total) > 0 and lr_at(20, cfg.optim, total) == pytest.approx(0.0)
+    assert lr_at(0, cfg.optim, total) == 1.0
+    sft = load_config(None, ["stage=sft", "run.max_steps=10", "loss.ppo_epochs=2"])
+    assert total_optimizer_steps(sft) == 10  # SFT makes one pass per step whatever loss.ppo_epochs says
+    warm = load_config(None, ["optim.warmup_steps=4", "optim.lr=1.0", "optim.schedule=linear"]).optim
+    assert [lr_at(s, warm, 8) for s in (0, 3, 4, 6, 8)] == pytest.approx([0.25, 1.0, 1.0, 0.5, 0.0])
