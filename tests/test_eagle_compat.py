@@ -302,6 +302,23 @@ def test_qwen2_target_matches_hf(tie: bool, tmp_path: Path) -> None:
         assert (host_logits - hf_model(ids).logits).abs().max() > 1e-2
 
 
+def test_qwen2_target_loaded_without_biases_is_refused(qwen2_target: tuple[Path, Qwen2ForCausalLM],
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """If transformers stopped keeping `model_type` on the host's config, patch 0004 would build no q/k/v
+    biases and the target would silently decode a different model; the bridge refuses instead."""
+    target_dir, _ = qwen2_target
+    read = eagle_compat._host_config
+
+    def as_llama(path):
+        config = read(path)
+        config.model_type = "llama"
+        return config
+
+    monkeypatch.setattr(eagle_compat, "_host_config", as_llama)
+    with pytest.raises(UserError, match="without its q/k/v biases"):
+        eagle_compat.load_host_target(target_dir)
+
+
 def test_qwen2_drafter_config_is_eagle1_llama(qwen2_target: tuple[Path, Qwen2ForCausalLM]) -> None:
     """The drafter stays an EAGLE-1 Llama layer (no q/k/v bias, as the host's cnets) with Qwen2's rope base."""
     _, target = qwen2_target
