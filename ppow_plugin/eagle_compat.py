@@ -15,6 +15,15 @@ works without the host installed. What the bridge adds on top of the patches:
    and marks the never-saved `rotary_emb.inv_freq` buffers as expected-missing.
 4. `dtype=` instead of the deprecated `torch_dtype=`; the architecture is checked before the host
    silently falls back to its Mixtral path.
+5. Qwen2 targets (e.g. Qwen2.5-Coder) run on the host's KV Llama. Qwen2 is the Llama architecture plus
+   biases on q/k/v (not o); rope_theta, GQA, tied or untied head are config values the Llama code already
+   reads. Patch 0004 makes the host build those biases and route `Qwen2ForCausalLM` to the KV Llama (not
+   its Mixtral fallback): a fix in the host's own model code keeps one implementation of the verified
+   forward pass, and the host stays usable on its own. The bridge refuses Qwen2 sliding-window attention
+   (the KV Llama attends to every position) and checks after loading that the biases exist, because the
+   patch reads the model type that transformers 5 keeps on the loaded config (`LlamaConfig` reading a
+   qwen2 `config.json`). The EAGLE-1 drafter stays a plain Llama layer: the host's drafter (`cnets.py`)
+   has no q/k/v bias, and `"bias"` in its config is about `fc` only.
 
 Host facts the rest of ppow relies on (eagle-llm 1.2.1):
 - Target "features" are the last decoder layer's output *after* the final RMSNorm (what
@@ -23,7 +32,8 @@ Host facts the rest of ppow relies on (eagle-llm 1.2.1):
   previous cycle sampled), so `new_tokens == sum(accept_lengths) + cycles`, and EAGLE's
   tau = new_tokens / cycles. `new_tokens` can overshoot `max_new_tokens` by up to tree depth + 1.
 - The target KV cache is preallocated for `max_position_embeddings` positions (SmolLM2: 8192 x 30 layers,
-  ~380 MB in fp32) on the first `eagenerate` call and reused afterwards.
+  ~380 MB in fp32; Qwen2.5-Coder-0.5B: 32768 x 24 layers x 2 KV heads, ~800 MB) on the first `eagenerate`
+  call and reused afterwards.
 """
 
 from __future__ import annotations
@@ -37,7 +47,7 @@ from torch import Tensor, nn
 from ppow_plugin.errors import UserError
 from ppow_plugin.patching import locate_host, require_patched_host
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM")  # Qwen2 through patch 0004
 
 
 class HostGenerateResult(NamedTuple):
@@ -57,6 +67,9 @@ def _check_architecture(config: Any, where: str | Path) -> None:
     if not archs or archs[0] not in SUPPORTED_ARCHITECTURES:
         raise UserError(f"target at {where} is {archs or 'of unknown architecture'}; the EAGLE-1 host "
                         f"supports only {', '.join(SUPPORTED_ARCHITECTURES)}")
+    if getattr(config, "use_sliding_window", False):
+        raise UserError(f"target at {where} uses sliding-window attention, which the EAGLE-1 host does not "
+                        "implement; use a checkpoint with use_sliding_window false")
 
 
 def _read_target_config(path: str | Path) -> Any:
@@ -65,6 +78,19 @@ def _read_target_config(path: str | Path) -> Any:
     config = AutoConfig.from_pretrained(str(path))
     _check_architecture(config, path)
     return config
+
+
+def _host_config(path: str | Path) -> Any:
+    """The target's `config.json` as the `LlamaConfig` the host's KV Llama is built from.
+
+    `from_dict` keeps the file's `model_type` ("qwen2" for Qwen2, which patch 0004 reads to build the q/k/v
+    biases) without the "model of type qwen2 to instantiate a model of type llama" warning that
+    `from_pretrained` would print on every load, though for Qwen2 this is expected.
+    """
+    from transformers import LlamaConfig
+
+    config_dict, _ = LlamaConfig.get_config_dict(str(path))
+    return LlamaConfig.from_dict(config_dict)
 
 
 def _rope_theta(config: Any) -> float:
@@ -113,7 +139,7 @@ def _freeze_for_inference(model: nn.Module) -> nn.Module:
 
 
 def load_host_target(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """Load a local HF Llama directory as the host's KV-cache Llama (`modeling_llama_kv.LlamaForCausalLM`).
+    """Load a local HF Llama or Qwen2 directory as the host's KV-cache Llama (`modeling_llama_kv.LlamaForCausalLM`).
 
     The returned model is in eval mode, frozen, with rotary caches fixed. Its `model(...)` accepts the
     host's preallocated `past_key_values` (see `initialize_past_key_values`).
@@ -126,9 +152,20 @@ def load_host_target(path: str | Path, dtype: torch.dtype = torch.float32) -> nn
     from eagle.model.modeling_llama_kv import LlamaForCausalLM as HostLlama
 
     _adapt_host_classes()
-    model = HostLlama.from_pretrained(str(path), dtype=dtype)
+    model = HostLlama.from_pretrained(str(path), config=_host_config(path), dtype=dtype)
+    _check_qkv_bias(model, path)
     fix_rotary_caches(model)
     return _freeze_for_inference(model)
+
+
+def _check_qkv_bias(model: nn.Module, where: str | Path) -> None:
+    """A Qwen2 target loaded without its q/k/v biases would run (transformers only logs the unused
+    weights) but decode a different model; fail instead (see module doc, item 5)."""
+    is_qwen2 = "Qwen2ForCausalLM" in (getattr(model.config, "architectures", None) or [])
+    has_bias = model.model.layers[0].self_attn.q_proj.bias is not None
+    if is_qwen2 and not has_bias:
+        raise UserError(f"the EAGLE-1 host loaded the Qwen2 target at {where} without its q/k/v biases; "
+                        "run `ppow patch revert` then `ppow patch apply`")
 
 
 def eagle1_config_dict(target_config: Any, bias: bool = True) -> dict[str, Any]:
@@ -219,8 +256,9 @@ def load_ea_model(target_dir: str | Path, drafter_dir: str | Path, dtype: torch.
 
     _adapt_host_classes()
     ea_model = EaModel.from_pretrained(base_model_path=str(target_dir), ea_model_path=str(drafter_dir),
-                                       dtype=dtype)
+                                       config=_host_config(target_dir), dtype=dtype)
     ea_model.ea_layer.gradient_checkpointing = False
+    _check_qkv_bias(ea_model.base_model, target_dir)
     fix_rotary_caches(ea_model.base_model)
     fix_rotary_caches(ea_model.ea_layer)
     return _freeze_for_inference(ea_model)

@@ -197,3 +197,18 @@ def test_prepare_qwen_coder_loadable():
     out = assets.prepare_qwen_coder()
     assert AutoConfig.from_pretrained(out).architectures == ["Qwen2ForCausalLM"]
     assert AutoTokenizer.from_pretrained(out).chat_template
+
+
+def test_link_target_points_recipes_at_the_cache(tmp_path):
+    first, second = tmp_path / "cache" / "a" / "qwen", tmp_path / "cache" / "b" / "qwen"
+    first.mkdir(parents=True)
+    second.mkdir(parents=True)
+    links = tmp_path / "repo" / ".cache" / "targets"
+    link = assets.link_target(first, links)
+    assert link == links / "qwen" and link.resolve() == first.resolve()
+    assert assets.link_target(second, links).resolve() == second.resolve()  # an older link is replaced
+    assert [p.name for p in links.iterdir()] == ["qwen"]  # no temporary link left behind
+    link.unlink()
+    link.mkdir()  # a real directory is never replaced
+    with pytest.raises(UserError, match="is not a link; move it away, or pass model.target="):
+        assets.link_target(first, links)

@@ -75,6 +75,21 @@ def test_corrupt_gguf(capsys, monkeypatch, tmp_path):
     assert assets.cache_dir() == tmp_path
 
 
+def test_prepare_qwen_links_the_recipe_path(capsys, monkeypatch, tmp_path):
+    from ppow_plugin import assets
+    built = tmp_path / "cache" / "targets" / "qwen2.5-coder-0.5b-instruct"
+    built.mkdir(parents=True)
+    asked = []
+    monkeypatch.setattr(assets, "prepare_target", lambda target, force: asked.append(target.name) or built)
+    monkeypatch.chdir(tmp_path)
+    code, out, _ = run(capsys, "prepare", "--target", "qwen2.5-coder")
+    assert code == 0 and asked == ["qwen2.5-coder-0.5b-instruct"]
+    link = tmp_path / ".cache" / "targets" / "qwen2.5-coder-0.5b-instruct"  # what the Qwen recipes name
+    assert link.is_symlink() and link.resolve() == built.resolve() and f"linked: {link}" in out
+    code, _, _ = run(capsys, "prepare")  # the default target is used as model.target=default: no link
+    assert code == 0 and asked[-1] == "smollm2-135m-instruct" and len(list(link.parent.iterdir())) == 1
+
+
 def test_dataset_unreadable(capsys, tmp_path):
     bad = tmp_path / "data.jsonl"
     bad.write_bytes(b"\xff\xfe not utf8")

@@ -1,7 +1,8 @@
 """The EAGLE-1 host bridge: loading, the drafter contract, and lossless greedy decoding vs HF `generate`.
 
-Tiny random Llama targets (rope_theta 1e5, so the rope-base patch matters) with a word-level tokenizer;
-one slow test on the real SmolLM2-135M-Instruct target with MT-Bench prompts.
+Tiny random Llama targets (rope_theta 1e5, so the rope-base patch matters) and Qwen2 targets (non-zero
+q/k/v biases, rope_theta 1e6, patch 0004) with a word-level tokenizer; one slow test on the real
+SmolLM2-135M-Instruct target with MT-Bench prompts (Qwen2.5-Coder: tests/test_qwen_recipe.py).
 """
 
 import json
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 from ppow_plugin import eagle_compat, patching
 from ppow_plugin.errors import UserError
@@ -149,8 +150,17 @@ def test_load_drafter_weights_is_strict(near_bigram_target: tuple[Path, LlamaFor
 
 
 def test_load_host_target_rejects_other_architectures(tmp_path: Path) -> None:
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"]}))
-    with pytest.raises(UserError, match="supports only LlamaForCausalLM"):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen3", "architectures": ["Qwen3ForCausalLM"]}))
+    with pytest.raises(UserError, match="supports only LlamaForCausalLM, Qwen2ForCausalLM"):
+        eagle_compat.load_host_target(tmp_path)
+
+
+def test_load_host_target_rejects_sliding_window(tmp_path: Path) -> None:
+    config = Qwen2Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, use_sliding_window=True, sliding_window=64)
+    config.architectures = ["Qwen2ForCausalLM"]
+    config.save_pretrained(tmp_path)
+    with pytest.raises(UserError, match="sliding-window attention"):
         eagle_compat.load_host_target(tmp_path)
 
 
@@ -241,6 +251,101 @@ def test_tree_helpers_are_reexported() -> None:
     nodes = len(eagle_compat.default_tree_choices())
     assert buffers["tree_attn_mask"].shape[-1] == nodes + 1  # + the root
     assert buffers["retrieve_indices"].shape[1] == _tree_depth() + 1
+
+
+# --------------------------------------------------------------------------------------------------
+# Qwen2 targets (patch 0004): Llama + q/k/v biases
+
+
+def _make_qwen2_target(out_dir: Path, tie: bool, residual_scale: float = 1.0, seed: int = 5) -> Qwen2ForCausalLM:
+    """A 3-layer random Qwen2 saved to `out_dir`, its q/k/v biases drawn non-zero (HF initialises them to 0,
+    which would hide a host that drops them). `residual_scale` as in `_make_target`."""
+    torch.manual_seed(seed)
+    config = Qwen2Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         rope_theta=1e6, bos_token_id=0, eos_token_id=EOS, tie_word_embeddings=tie)
+    model = Qwen2ForCausalLM(config).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            attn = layer.self_attn
+            for proj in (attn.q_proj, attn.k_proj, attn.v_proj):
+                proj.bias.normal_(0.0, 0.5)
+            attn.o_proj.weight.mul_(residual_scale)
+            layer.mlp.down_proj.weight.mul_(residual_scale)
+    model.save_pretrained(out_dir)
+    _save_tokenizer(out_dir)
+    return model
+
+
+@pytest.fixture(scope="module")
+def qwen2_target(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Qwen2ForCausalLM]:
+    out_dir = tmp_path_factory.mktemp("qwen2_untied")
+    return out_dir, _make_qwen2_target(out_dir, tie=False, residual_scale=0.1)
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_qwen2_target_matches_hf(tie: bool, tmp_path: Path) -> None:
+    hf_model = _make_qwen2_target(tmp_path, tie=tie)
+    host = eagle_compat.load_host_target(tmp_path)
+    attn = host.model.layers[1].self_attn
+    assert attn.o_proj.bias is None
+    torch.testing.assert_close(attn.k_proj.bias, hf_model.model.layers[1].self_attn.k_proj.bias)
+    assert attn.rotary_emb.base == 1e6
+    ids = torch.randint(2, VOCAB, (2, 19))
+    with torch.no_grad():
+        host_logits, hf_logits = host(ids).logits, hf_model(ids).logits
+        torch.testing.assert_close(host_logits, hf_logits, rtol=1e-4, atol=1e-5)
+        # the tolerance tells models apart: HF without the q/k/v biases is far outside it
+        for layer in hf_model.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                proj.bias.zero_()
+        assert (host_logits - hf_model(ids).logits).abs().max() > 1e-2
+
+
+def test_qwen2_target_loaded_without_biases_is_refused(qwen2_target: tuple[Path, Qwen2ForCausalLM],
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """If transformers stopped keeping `model_type` on the host's config, patch 0004 would build no q/k/v
+    biases and the target would silently decode a different model; the bridge refuses instead."""
+    target_dir, _ = qwen2_target
+    read = eagle_compat._host_config
+
+    def as_llama(path):
+        config = read(path)
+        config.model_type = "llama"
+        return config
+
+    monkeypatch.setattr(eagle_compat, "_host_config", as_llama)
+    with pytest.raises(UserError, match="without its q/k/v biases"):
+        eagle_compat.load_host_target(target_dir)
+
+
+def test_qwen2_drafter_config_is_eagle1_llama(qwen2_target: tuple[Path, Qwen2ForCausalLM]) -> None:
+    """The drafter stays an EAGLE-1 Llama layer (no q/k/v bias, as the host's cnets) with Qwen2's rope base."""
+    _, target = qwen2_target
+    config = eagle_compat.eagle1_config_dict(target.config)
+    assert config["architectures"] == ["LlamaForCausalLM"] and config["rope_theta"] == 1e6
+    drafter = eagle_compat.new_eagle1_drafter(target.config, embed_weight=target.get_input_embeddings().weight)
+    assert drafter.layers[0].self_attn.q_proj.bias is None and drafter.fc.bias is not None
+    assert drafter.layers[0].self_attn.rotary_emb.base == 1e6
+
+
+def test_qwen2_greedy_host_generate_is_lossless(qwen2_target: tuple[Path, Qwen2ForCausalLM],
+                                                tmp_path: Path) -> None:
+    """Random drafter (mostly rejected) and bigram drafter (long accepted prefixes): both == HF greedy."""
+    target_dir, target = qwen2_target
+    embed = target.get_input_embeddings().weight
+    torch.manual_seed(6)
+    random_drafter = eagle_compat.new_eagle1_drafter(target.config, embed_weight=embed)
+    accepting = _bigram_drafter(eagle_compat.new_eagle1_drafter(target.config, embed_weight=embed))
+    accepts = []
+    for name, drafter in (("random", random_drafter), ("bigram", accepting)):
+        ea_model = eagle_compat.load_ea_model(target_dir, _save_drafter(drafter, target.config, tmp_path / name, True))
+        for length in (3, 9, 14):
+            prompt = torch.randint(2, VOCAB, (1, length))
+            result = eagle_compat.host_generate(ea_model, prompt, temperature=0.0, max_new_tokens=32)
+            _check_lossless_and_accounting(result, prompt, _hf_greedy(target, prompt, 32), 32, _tree_depth())
+            accepts += result.accept_lengths if name == "bigram" else []
+    assert max(accepts) >= 2  # verification of multi-token drafts ran through the biased attention
 
 
 @pytest.mark.slow

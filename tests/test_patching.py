@@ -115,3 +115,23 @@ def test_reinstall_over_patched_host_leaves_no_stale_state(host_copy: Path, tmp_
         shutil.copyfile(pristine / rel, host_copy / rel)
     assert patching.patch_status(host_copy).state == "clean"
     assert patching.apply_patches(host_copy) == NAMES
+
+
+def test_host_patched_by_an_older_series_takes_the_new_patch_alone(host_copy: Path, tmp_path: Path) -> None:
+    """A host patched before the newest patch existed (e.g. 0001-0003, then 0004 added for Qwen2): `apply`
+    applies only the new one, `revert` still restores the wheel's bytes."""
+    older = tmp_path / "older"
+    older.mkdir()
+    for path in patching.patch_files()[:-1]:
+        shutil.copy(path, older / path.name)
+    clean = _tree_hashes(host_copy)
+    assert patching.apply_patches(host_copy, older) == NAMES[:-1]
+    status = patching.patch_status(host_copy)
+    assert status.state == "partial" and list(status.pending) == NAMES[-1:]
+    with pytest.raises(UserError, match="not patched \\(partial\\); run `ppow patch apply`"):
+        patching.require_patched_host(host_copy)
+
+    assert patching.apply_patches(host_copy) == NAMES[-1:]
+    assert patching.patch_status(host_copy).fully_patched
+    assert patching.revert_patches(host_copy) == NAMES[::-1]
+    assert _tree_hashes(host_copy) == clean
