@@ -142,6 +142,9 @@ class LossCfg:
     kl_direction: Literal["forward", "reverse"] = "forward"  # forward = KL(P_target ‖ Q_draft)
     distill_weight: float = 0.1  # optional token-level soft-CE to the target on the sequence [default]
     ppo_epochs: int = 1  # policy updates per rollout batch
+    # ppo_epochs = 1: keep the graph of the sampling pass and update through it (the policy equals the sampling
+    # policy, so a re-score would recompute the same numbers); False re-scores as ppo_epochs > 1 must.
+    reuse_sampling_pass: bool = True
 
     def __post_init__(self):
         if not 0 < self.clip_eps < 1:

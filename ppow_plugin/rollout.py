@@ -156,8 +156,9 @@ def draft_windows(drafter, head, dpass: DraftPass, starts: Tensor, group_size: i
                   d2t: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Draft (or re-score) G windows of K tokens from each start, feeding the drafter its own features.
 
-    With `tokens=None` it samples (call under no_grad); with `tokens` given it re-scores those tokens
-    with gradients (the policy-update pass). Both run the identical computation.
+    With `tokens=None` it samples; with `tokens` given it re-scores those tokens (the policy-update pass
+    when ppo_epochs > 1). Both run the identical computation, so with ppo_epochs = 1 the trainer samples
+    with gradients enabled and updates through this pass directly (`loss.reuse_sampling_pass`).
 
     Args:
         dpass: teacher-forced drafter pass of the sequence.

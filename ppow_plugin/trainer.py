@@ -39,6 +39,15 @@ from ppow_plugin.data import TrainingData, build_training_samples
 from ppow_plugin.errors import DiskFull, UserError, is_disk_full
 
 
+class PolicyPass(NamedTuple):
+    """The drafter's passes of `_prepare`, with their autograd graphs, reused by the PPOW update."""
+
+    dpass: rollout.DraftPass    # teacher-forced pass of the sequence
+    draft_logits: torch.Tensor  # [T-1, Vd] fp32
+    logprobs: torch.Tensor | None  # [n, G, K] of the sampled windows (None: no window selected)
+    logits: torch.Tensor | None    # [n, G, K, Vd]
+
+
 class StepResult(NamedTuple):
     loss: torch.Tensor  # scalar, with grad
     stats: dict[str, float]  # detached scalars for logging
@@ -140,7 +149,11 @@ class Trainer:
     def _optimizer_step(self, samples: list) -> dict[str, float]:
         """grad_accum micro-steps (PPOW: collect rollouts first, then ppo_epochs updates on them)."""
         epochs = self.cfg.loss.ppo_epochs if self.cfg.stage == "ppow" else 1
-        prepared = [self._prepare(sample) for sample in samples]  # target pass + rollouts (no grad)
+        if self.cfg.stage == "ppow" and epochs == 1 and self.cfg.loss.reuse_sampling_pass:
+            # one sample at a time, its rollout graph kept for the update (memory of one sample, not grad_accum)
+            prepared = (self._prepare(sample, keep_graph=True) for sample in samples)
+        else:
+            prepared = [self._prepare(sample) for sample in samples]  # target pass + rollouts (no grad)
         totals: dict[str, float] = {}
         for _ in range(epochs):
             for item in prepared:
@@ -155,7 +168,7 @@ class Trainer:
                     self.engine.zero_grad()
                 self.engine.step()
                 for k, v in result.stats.items():
-                    totals[k] = totals.get(k, 0.0) + v / (len(prepared) * epochs)
+                    totals[k] = totals.get(k, 0.0) + v / (len(samples) * epochs)
         return distributed.all_reduce_mean(totals)
 
     def _count_bad_step(self, what: str) -> None:
@@ -166,8 +179,12 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------
     # phases
-    def _prepare(self, sample) -> dict:
-        """Target pass (fills the KV cache) and, for PPOW, window selection + rollouts + verification."""
+    def _prepare(self, sample, keep_graph: bool = False) -> dict:
+        """Target pass (fills the KV cache) and, for PPOW, window selection + rollouts + verification.
+
+        keep_graph: run the drafter's teacher-forced and sampling passes with gradients and keep them as
+        `item["policy"]` for `_ppow_loss` (valid while the policy is unchanged, i.e. ppo_epochs = 1).
+        """
         ids = torch.as_tensor(sample.input_ids, dtype=torch.long, device=self.device)
         mask = torch.as_tensor(sample.loss_mask, dtype=torch.bool, device=self.device)
         # aligned[i] for i in 1..T-1: position i predicts x_{i+1}; train where x_{i+1} is assistant text.
@@ -175,13 +192,16 @@ class Trainer:
         valid[1:-1] = mask[2:]
         eagle_compat.reset_kv(self.kv)
         tpass = self.adapter.target_pass(self.drafter, self.target, ids, self.kv)
-        item = {"ids": ids, "valid": valid, "tpass": tpass}
+        item = {"ids": ids, "valid": valid, "tpass": tpass, "policy": None}
         if self.cfg.stage == "sft":
             return item
+        drafter_pass = torch.enable_grad if keep_graph else torch.no_grad
+        with drafter_pass():
+            feats = tpass.features.to(distributed.DTYPES[self.cfg.dist.dtype])
+            dpass, draft_logits = self.adapter.teacher_forced(self.drafter, self.target, feats, ids)
         with torch.no_grad():
-            dpass, draft_logits = self.adapter.teacher_forced(self.drafter, self.target, tpass.features, ids)
             target_logits = self.adapter.restrict(self.drafter, tpass.logits[1:])  # [T-1, Vd] like draft_logits
-            pos = windowing.position_scores(target_logits[None], draft_logits[None])[0]  # i = 1..T-1
+            pos = windowing.position_scores(target_logits[None], draft_logits.detach()[None])[0]  # i = 1..T-1
             pos_scores = torch.cat([pos.new_zeros(1), pos])  # [T], index = position
             scores = windowing.window_scores(pos_scores[None], valid[None], self.cfg.rollout.window)
             rule = windowing.adaw_rule_for_step(self.step, self.cfg.windowing.warmup_steps, self.cfg.windowing.rule)
@@ -189,17 +209,23 @@ class Trainer:
                                            self.cfg.windowing.temperature)
             starts = sel.starts[0][sel.valid_mask[0]]
             item["window_score"] = windowing.score_summary(scores, torch.isfinite(scores))
-            if starts.numel() == 0:
-                item["rollout"] = None
-                return item
-            r = self.cfg.rollout
-            tokens, old_lp, _ = self.adapter.draft_windows(self.drafter, self.target, dpass, starts, r,
-                                                           generator=self.gen)  # drafter-vocabulary ids
+        if starts.numel() == 0:
+            item["rollout"] = None
+            item["policy"] = PolicyPass(dpass, draft_logits, None, None) if keep_graph else None
+            return item
+        r = self.cfg.rollout
+        with drafter_pass():
+            tokens, logprobs, logits = self.adapter.draft_windows(self.drafter, self.target, dpass, starts, r,
+                                                                  generator=self.gen)  # drafter-vocabulary ids
+        old_lp = logprobs.detach()
+        with torch.no_grad():
             accept, t_logits, t_draft_lp, t_greedy_lp = rollout.verify_windows(
                 self.target, self.kv, ids, starts, self.adapter.to_target_ids(self.drafter, tokens), r.verify,
                 r.verify_temperature, old_lp, self.gen)
         item["rollout"] = rollout.Rollout(starts, tokens, old_lp, accept, t_logits, t_draft_lp, t_greedy_lp,
                                           torch.ones_like(tokens, dtype=torch.bool))
+        if keep_graph:
+            item["policy"] = PolicyPass(dpass, draft_logits, logprobs, logits)
         return item
 
     def _sft_loss(self, item: dict) -> StepResult:
@@ -207,16 +233,22 @@ class Trainer:
         return StepResult(*self.adapter.sft_loss(self.drafter, self.target, item, self.cfg, self.gen))
 
     def _ppow_loss(self, item: dict) -> StepResult:
-        cfg, tpass, ids, ro = self.cfg, item["tpass"], item["ids"], item["rollout"]
-        feats = tpass.features.to(distributed.DTYPES[cfg.dist.dtype])
-        dpass, draft_logits = self.adapter.teacher_forced(self.drafter, self.target, feats, ids)  # with grad
+        cfg, tpass, ids, ro, kept = self.cfg, item["tpass"], item["ids"], item["rollout"], item["policy"]
+        if kept is not None:  # the graphs of _prepare's passes (keep_graph)
+            dpass, draft_logits = kept.dpass, kept.draft_logits
+        else:
+            feats = tpass.features.to(distributed.DTYPES[cfg.dist.dtype])
+            dpass, draft_logits = self.adapter.teacher_forced(self.drafter, self.target, feats, ids)  # with grad
         target_logits = self.adapter.restrict(self.drafter, tpass.logits[1:])  # EAGLE-3: over the draft vocabulary
         distill, _ = losses.distill_loss(target_logits, draft_logits, item["valid"][1:])
         if ro is None:  # no assistant position to draft from: distillation only
             return StepResult(cfg.loss.distill_weight * distill, {"distill": float(distill.detach())})
         r = cfg.rollout
-        _, new_lp, new_logits = self.adapter.draft_windows(self.drafter, self.target, dpass, ro.starts, r,
-                                                           tokens=ro.draft_tokens)
+        if kept is not None:
+            new_lp, new_logits = kept.logprobs, kept.logits
+        else:  # re-score the sampled windows under the current policy
+            _, new_lp, new_logits = self.adapter.draft_windows(self.drafter, self.target, dpass, ro.starts, r,
+                                                               tokens=ro.draft_tokens)
         delta = rewards.proximity_delta(ro.target_greedy_logprobs, ro.target_draft_logprobs, ro.valid_mask)
         rw = rewards.joint_reward(ro.accept_len, delta, self.gamma, cfg.reward.eta, cfg.reward.epsilon,
                                   cfg.reward.speedup_weight, cfg.reward.proximity_weight)

@@ -85,3 +85,22 @@ def test_resume_equals_uninterrupted(tmp_path, sft_drafter, stage):
     a, b = straight.drafter.state_dict(), resumed.drafter.state_dict()
     for k in a:
         assert torch.equal(a[k], b[k]), f"{k} differs after resume"
+
+
+def test_reusing_the_sampling_pass_equals_re_scoring(tmp_path, sft_drafter):
+    """ppo_epochs = 1: updating through the sampling pass's graph gives the update of the re-score path
+    (same rollouts, same losses, same weights), with grad_accum = 2 so samples are prepared one at a time."""
+    runs = {}
+    for reuse in (True, False):
+        t, before, *_ = run(tmp_path, "ppow", **{"model.drafter": sft_drafter, "optim.grad_accum": 2,
+                                                 "loss.reuse_sampling_pass": reuse,
+                                                 "run.output_dir": tmp_path / f"reuse-{reuse}"})
+        rows = [json.loads(x) for x in (tmp_path / f"reuse-{reuse}" / "metrics.jsonl").read_text().splitlines()]
+        runs[reuse] = (t.drafter.state_dict(), rows, before)
+    (fused, fused_rows, before), (rescored, rescored_rows, _) = runs[True], runs[False]
+    for a, b in zip(fused_rows, rescored_rows):
+        for key in ("loss", "reward", "accept_len", "kl", "policy_loss", "distill"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), key
+    for k in fused:
+        torch.testing.assert_close(fused[k], rescored[k], rtol=1e-5, atol=1e-7)
+    assert any(not torch.equal(fused[k], before[k]) for k in fused)  # it did train
