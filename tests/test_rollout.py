@@ -132,3 +132,15 @@ def test_batched_drafting_matches_sequential_brute_force(tiny):
                 torch.testing.assert_close(logits[i, gi, j], step_logits, atol=1e-4, rtol=1e-4)
                 hidden = torch.cat([hidden, out[0, -1:]])
                 tokens = torch.cat([tokens, toks[i, gi, j: j + 1]])
+
+
+def test_sample_categorical_matches_the_distribution_and_skips_zero_mass():
+    from ppow_plugin.rollout import sample_categorical
+    probs = torch.tensor([[0.0, 0.5, 0.0, 0.5], [0.7, 0.0, 0.3, 0.0], [0.0, 0.0, 0.0, 1.0]])
+    logp = probs.log().repeat(4000, 1)  # [12000, 4], -inf where p = 0
+    draws = sample_categorical(logp, torch.Generator().manual_seed(0)).view(4000, 3)
+    freq = torch.stack([torch.bincount(draws[:, r], minlength=4).float() / 4000 for r in range(3)])
+    assert (freq[probs == 0] == 0).all()  # never an impossible id, also at the last row's edge
+    torch.testing.assert_close(freq, probs, atol=0.03, rtol=0)  # 4000 draws: std <= 0.008
+    again = sample_categorical(logp, torch.Generator().manual_seed(0)).view(4000, 3)
+    assert torch.equal(draws, again)  # the generator alone decides
