@@ -123,6 +123,7 @@ class RewardCfg:
     gamma_profile: str | None = None  # JSON written by `ppow profile`; its measured gamma wins
     eta: float = 0.5  # proximity bonus size; < R_speedup(1) so "close" never beats "1 accepted" [default]
     epsilon: float = 2.0  # proximity threshold on Δ, nats [default]
+    delta_positions: int | None = None  # Δ summed over the first N window positions; None = all K [default]
     speedup_weight: float = 1.0
     proximity_weight: float = 1.0  # 0 disables R_dist (ablation)
 
@@ -131,6 +132,8 @@ class RewardCfg:
             raise ValueError(f"reward.gamma ({self.gamma}) must be >= 0")
         if self.eta < 0 or self.epsilon <= 0:
             raise ValueError("reward.eta must be >= 0 and reward.epsilon > 0")
+        if self.delta_positions is not None and self.delta_positions < 1:
+            raise ValueError(f"reward.delta_positions ({self.delta_positions}) must be >= 1 (or null = the window)")
 
 
 @dataclass

@@ -58,7 +58,8 @@ def speedup_reward(accept_len: Tensor, gamma: float) -> Tensor:
     return k / (k * gamma + 1.0)
 
 
-def proximity_delta(greedy_logprobs: Tensor, draft_logprobs: Tensor, valid_mask: Tensor) -> Tensor:
+def proximity_delta(greedy_logprobs: Tensor, draft_logprobs: Tensor, valid_mask: Tensor,
+                    positions: int | None = None) -> Tensor:
     """Δ: how much target log-probability the drafted window gives up against the target's choice.
 
     Δ = Σ_{valid t} [log p_T(y_t | x, ŷ_<t) − log p_T(ŷ_t | x, ŷ_<t)], with y_t the target-preferred
@@ -69,9 +70,18 @@ def proximity_delta(greedy_logprobs: Tensor, draft_logprobs: Tensor, valid_mask:
         greedy_logprobs: target log-prob of its preferred token per window position. Shape (B, G, K).
         draft_logprobs: target log-prob of the drafted token per window position. Shape (B, G, K).
         valid_mask: True where the window position exists (not padding). Shape (B, G, K), bool.
+        positions: sum over the first `positions` window positions only (None = all K). For k = 0 the
+            drafted prefix has already left the target's path after position 1, so later terms mostly
+            measure that divergence (docs/algorithm.md, "R_dist").
     Returns:
         Δ per window, shape (B, G), float32; 0 for a fully padded window.
+    Raises:
+        ValueError: positions < 1.
     """
+    if positions is not None:
+        if positions < 1:
+            raise ValueError(f"positions ({positions}) must be >= 1 (or None = the whole window)")
+        valid_mask = valid_mask & (torch.arange(valid_mask.shape[-1], device=valid_mask.device) < positions)
     diff = greedy_logprobs.float() - draft_logprobs.float()
     diff = torch.where(valid_mask, diff, torch.zeros_like(diff))  # padding may hold garbage / -inf
     return diff.sum(dim=-1).clamp_min(0.0)

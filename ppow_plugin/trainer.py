@@ -249,7 +249,8 @@ class Trainer:
         else:  # re-score the sampled windows under the current policy
             _, new_lp, new_logits = self.adapter.draft_windows(self.drafter, self.target, dpass, ro.starts, r,
                                                                tokens=ro.draft_tokens)
-        delta = rewards.proximity_delta(ro.target_greedy_logprobs, ro.target_draft_logprobs, ro.valid_mask)
+        delta = rewards.proximity_delta(ro.target_greedy_logprobs, ro.target_draft_logprobs, ro.valid_mask,
+                                        cfg.reward.delta_positions)
         rw = rewards.joint_reward(ro.accept_len, delta, self.gamma, cfg.reward.eta, cfg.reward.epsilon,
                                   cfg.reward.speedup_weight, cfg.reward.proximity_weight)
         adv = losses.group_advantages(rw.total, scale=cfg.loss.advantage_scale)

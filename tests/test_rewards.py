@@ -50,6 +50,18 @@ def test_proximity_delta_hand_computed_with_padding():
     assert_close(proximity_delta(greedy, drafted, valid), torch.tensor([[1.0 + 0.0 + 2.0, 0.0 + 0.5]]))
 
 
+def test_proximity_delta_over_the_leading_positions_only():
+    greedy = torch.tensor([[[-0.1, -0.2, -0.3], [-0.5, -0.5, float("-inf")]]])
+    drafted = torch.tensor([[[-1.1, -0.2, -2.3], [-0.5, -1.0, float("-inf")]]])
+    valid = torch.tensor([[[True, True, True], [True, True, False]]])
+    assert_close(proximity_delta(greedy, drafted, valid, positions=1), torch.tensor([[1.0, 0.0]]))
+    assert_close(proximity_delta(greedy, drafted, valid, positions=2), torch.tensor([[1.0, 0.5]]))
+    # more positions than the window (or padding past them) change nothing
+    assert_close(proximity_delta(greedy, drafted, valid, positions=5), proximity_delta(greedy, drafted, valid))
+    with pytest.raises(ValueError, match="positions"):
+        proximity_delta(greedy, drafted, valid, positions=0)
+
+
 def test_proximity_delta_fully_padded_window_and_noise_clamp():
     greedy = torch.tensor([[[-0.5, -0.5], [float("nan"), 0.0]]])
     drafted = torch.tensor([[[-0.5 + 1e-7, -0.5], [1.0, 0.0]]])  # drafted == greedy up to float noise
