@@ -113,12 +113,12 @@ def _eval_settings(args):
 
 
 def _cmd_eval(args) -> int:
-    from ppow_plugin import evaluate
+    from ppow_plugin import eval_report, evaluate
     target, ev = _eval_settings(args)
     report = evaluate.evaluate(target, args.drafter, ev.benchmarks, ev.num_prompts, ev.temperature,
                                ev.max_new_tokens, ev.seed, out_dir=args.out, both_turns=args.both_turns,
                                tree=_tree(ev))
-    print(evaluate.summary_markdown(report))
+    print(eval_report.summary_markdown(report))
     print(f"report written to {args.out}")
     return 0
 
@@ -129,13 +129,13 @@ def _tree(ev):
 
 
 def _cmd_compare(args) -> int:
-    from ppow_plugin import evaluate
+    from ppow_plugin import eval_report, evaluate
     target, ev = _eval_settings(args)
     names = [n.strip() for n in args.names.split(",")] if args.names else None
     reports = evaluate.compare(target, args.drafters, names, ev.benchmarks, ev.num_prompts,
                                ev.temperature, ev.max_new_tokens, ev.seed, out_dir=args.out,
                                both_turns=args.both_turns, tree=_tree(ev))
-    print(evaluate.compare_markdown(reports))
+    print(eval_report.compare_markdown(reports))
     print(f"comparison written to {args.out}")
     return 0
 

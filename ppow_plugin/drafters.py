@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ppow_plugin import eagle3, eagle_compat, export, losses, rollout
+from ppow_plugin import eagle3, eagle_compat, export, formats, losses, rollout
 from ppow_plugin.errors import UserError
 
 StepStats = dict[str, float]
@@ -54,13 +54,13 @@ class Eagle1Adapter:
                                                   embed_weight=_target_embed(target), dtype=dtype)
         if cfg.model.drafter is not None:
             # Strict read: every key and shape, and hidden/vocab sizes against this target.
-            loaded = export.load_drafter(cfg.model.drafter, target.config)
+            loaded = formats.load_drafter(cfg.model.drafter, target.config)
             if loaded.format != "eagle1":
                 raise UserError(f"{cfg.model.drafter} holds an {loaded.format} drafter; set "
                                 f"model.drafter_type={loaded.format} or pass an EAGLE-1 drafter dir")
             state = dict(loaded.state)
             # Compact dirs leave out the embeddings: they are the target's, frozen.
-            state.setdefault(export.EMBED_KEY, _target_embed(target))
+            state.setdefault(formats.EMBED_KEY, _target_embed(target))
             eagle_compat.load_drafter_weights(drafter, state)
         return drafter
 
@@ -215,17 +215,17 @@ def new_eagle3(target: nn.Module, draft_vocab_size: int | None, dtype: torch.dty
 
 def load_eagle3_drafter(path: str | Path, target: nn.Module, dtype: torch.dtype = torch.float32
                         ) -> eagle3.Eagle3Drafter:
-    """An EAGLE-3 drafter dir (ours or a published one) read through `export.load_drafter`, d2t/t2d exact.
+    """An EAGLE-3 drafter dir (ours or a published one) read through `formats.load_drafter`, d2t/t2d exact.
 
     Raises:
         UserError: not an EAGLE-3 drafter, or sizes that do not fit `target`.
     """
-    loaded = export.load_drafter(path, target.config)
+    loaded = formats.load_drafter(path, target.config)
     if loaded.format != "eagle3":
         raise UserError(f"{path} holds an {loaded.format} drafter; model.drafter_type=eagle3 needs an EAGLE-3 dir")
     drafter = new_eagle3(target, loaded.dims.draft_vocab, dtype)
     state = dict(loaded.state)
-    state.setdefault(export.EMBED_KEY, _target_embed(target))  # optional in the format: the target's
+    state.setdefault(formats.EMBED_KEY, _target_embed(target))  # optional in the format: the target's
     try:
         drafter.load_state_dict({k: v.to(drafter.state_dict()[k].dtype) for k, v in state.items()}, strict=True)
     except (RuntimeError, KeyError) as exc:

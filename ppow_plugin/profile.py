@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ppow_plugin import eagle_compat, export
+from ppow_plugin import eagle_compat, formats
 from ppow_plugin.errors import UserError
 from ppow_plugin.eagle3 import Eagle3Drafter, target_features
 from ppow_plugin.evaluate import drafter_format, resolve_target
@@ -102,9 +102,9 @@ def _build_drafter(target: torch.nn.Module, drafter_dir: Path | None, fmt: str) 
     if fmt == "eagle3":
         from ppow_plugin import drafters
         return drafters.load_eagle3_drafter(drafter_dir, target).eval()
-    config, state = export.load_drafter_dir(drafter_dir)
+    config, state = formats.load_drafter_dir(drafter_dir)
     drafter = eagle_compat.new_eagle1_drafter(target.config, bias=bool(config.get("bias", True)), embed_weight=embed)
-    eagle_compat.load_drafter_weights(drafter, {**state, export.EMBED_KEY: embed})
+    eagle_compat.load_drafter_weights(drafter, {**state, formats.EMBED_KEY: embed})
     return drafter.eval()
 
 

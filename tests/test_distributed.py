@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from ppow_plugin import distributed, export, patching
+from ppow_plugin import distributed, formats, patching
 from tiny import recipe_file, wait_for_checkpoint
 
 pytestmark = pytest.mark.distributed
@@ -104,8 +104,8 @@ def test_two_process_sigkill_twice_then_resume_matches_uninterrupted(tmp_path):
     # each kill landed mid-run: the resumes started before the last step
     assert 2 <= resumed_step(tmp_path / "run2.log") < 6 <= resumed_step(tmp_path / "run3.log") < 12
     assert not list(ckpts.glob("*.tmp")), "a partial checkpoint was left behind"
-    _, a = export.load_drafter_dir(tmp_path / "straight" / "drafter")
-    _, b = export.load_drafter_dir(tmp_path / "killed" / "drafter")
+    _, a = formats.load_drafter_dir(tmp_path / "straight" / "drafter")
+    _, b = formats.load_drafter_dir(tmp_path / "killed" / "drafter")
     assert a.keys() == b.keys()
     diff = max((a[k] - b[k]).abs().max().item() for k in a)
     print(f"max |delta| killed vs uninterrupted: {diff:.3g}")

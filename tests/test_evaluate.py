@@ -8,9 +8,10 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from ppow_plugin import cli, data, eagle_compat, evaluate, export, patching
+from ppow_plugin import cli, data, eagle_compat, evaluate, export, formats, patching
 from ppow_plugin.errors import UserError
-from ppow_plugin.evaluate import PromptRecord, acceptance_rates, accept_histogram, truncate_generation
+from ppow_plugin.eval_report import (PromptRecord, accept_histogram, acceptance_rates, first_mismatch, summarize,
+                                     truncate_generation)
 
 EOS = 1
 VOCAB = 64
@@ -56,17 +57,17 @@ def test_acceptance_rates_and_histogram_hand_computed() -> None:
 def test_summarize_ratios_of_sums() -> None:
     records = [PromptRecord("mt_bench", "1", 9, 6, 3, [1, 0, 2], 8, 3, 1.0, 6, 2.0, None),
                PromptRecord("mt_bench", "2", 9, 4, 1, [3], 4, 1, 1.0, 4, 3.0, 2)]
-    stats = evaluate.summarize(records, depth=3, greedy=True)
+    stats = summarize(records, depth=3, greedy=True)
     assert stats.tau == 10 / 4 and stats.tau_host == 12 / 4
     assert stats.eagle_tokens_per_s == 5.0 and stats.baseline_tokens_per_s == 2.0 and stats.speedup == 2.5
     assert stats.accept_rates == [3 / 4, 2 / 4, 1 / 4] and stats.mismatches == 1
-    assert evaluate.summarize(records, depth=3, greedy=False).mismatches is None
+    assert summarize(records, depth=3, greedy=False).mismatches is None
 
 
 def test_first_mismatch() -> None:
-    assert evaluate.first_mismatch([1, 2, 3], [1, 2, 3]) is None
-    assert evaluate.first_mismatch([1, 2, 3], [1, 5, 3]) == 1
-    assert evaluate.first_mismatch([1, 2], [1, 2, 3]) == 2
+    assert first_mismatch([1, 2, 3], [1, 2, 3]) is None
+    assert first_mismatch([1, 2, 3], [1, 5, 3]) == 1
+    assert first_mismatch([1, 2], [1, 2, 3]) == 2
 
 
 # --- input errors ----------------------------------------------------------------------------------
@@ -140,7 +141,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     drafter_cfg = eagle_compat.eagle1_config_dict(config, bias=True)
     export.save_drafter_dir(root / "compact", drafter.state_dict(), drafter_cfg, {"stage": "test"})
     export.write_host_eagle1(root / "host", {k: v for k, v in drafter.state_dict().items()
-                                             if k != export.EMBED_KEY}, drafter_cfg, embed)
+                                             if k != formats.EMBED_KEY}, drafter_cfg, embed)
     return {"target": root / "target", "compact": root / "compact", "host": root / "host"}
 
 

@@ -1,4 +1,4 @@
-"""`ppow eval` / `ppow compare` on EAGLE-3 drafter dirs: detected through `export.load_drafter`, decoded with
+"""`ppow eval` / `ppow compare` on EAGLE-3 drafter dirs: detected through `formats.load_drafter`, decoded with
 the dynamic tree (`tree_decode.generate_eagle3`), lossless at T = 0 against HF greedy. Tiny 6-layer target."""
 
 import json
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from ppow_plugin import cli, data, evaluate, patching, trainer
+from ppow_plugin import cli, data, eval_report, evaluate, patching, trainer
 from ppow_plugin.config import load_config
 from tiny import make_target, overrides
 
@@ -47,7 +47,7 @@ def test_eagle3_eval_is_lossless_at_t0(dirs):
     assert len(overall.accept_rates) == 5  # depth + 1 drafts can be accepted per cycle
     assert report.settings["drafter_type"] == "eagle3" and "depth 4" in report.settings["tree"]
     assert all(r.new_tokens <= 24 for r in report.records)
-    assert "# EAGLE-3 evaluation" in evaluate.summary_markdown(report)
+    assert "# EAGLE-3 evaluation" in eval_report.summary_markdown(report)
 
 
 def test_cli_compare_eagle1_vs_eagle3(dirs, fake_mt_bench, tmp_path):

@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from ppow_plugin import cli, distributed, eagle_compat, export, patching
+from ppow_plugin import cli, distributed, eagle_compat, export, formats, patching
 from ppow_plugin.config import config_to_dict, load_config
 from ppow_plugin.errors import UserError
 
@@ -153,15 +153,15 @@ def _assert_nothing_written(out: Path) -> None:
 def test_eagle1_round_trip_same_weights_and_outputs(world: dict, tmp_path: Path, engine: str, fmt: str) -> None:
     ref = world["drafter"]
     out, _ = export.export(world["runs"][("eagle1", engine)], tmp_path / "out", fmt, target=str(world["target_dir"]))
-    loaded = export.load_drafter(out, target_config=world["target_dir"])
+    loaded = formats.load_drafter(out, target_config=world["target_dir"])
     assert loaded.format == "eagle1" and loaded.config["bias"] is True
-    expected = {k: v for k, v in ref.state_dict().items() if fmt == "eagle1" or k != export.EMBED_KEY}
+    expected = {k: v for k, v in ref.state_dict().items() if fmt == "eagle1" or k != formats.EMBED_KEY}
     assert set(loaded.state) == set(expected)
     for k, v in expected.items():
         assert torch.equal(loaded.state[k], v), k
     again = eagle_compat.new_eagle1_drafter(world["target"].config, bias=True,
                                             embed_weight=world["target"].get_input_embeddings().weight).eval()
-    eagle_compat.load_drafter_weights(again, loaded.state | {export.EMBED_KEY: ref.embed_tokens.weight})
+    eagle_compat.load_drafter_weights(again, loaded.state | {formats.EMBED_KEY: ref.embed_tokens.weight})
     assert torch.equal(_forward(again), _forward(ref))
     meta = json.loads((out / "ppow_meta.json").read_text())
     assert meta["step"] == 3 and meta["format"] == fmt and meta["config"]["dist"]["engine"] in engine
@@ -182,7 +182,7 @@ def test_eagle3_round_trip_from_zero_checkpoints(world: dict, tmp_path: Path, en
     config = json.loads((out / "config.json").read_text())
     assert config["architectures"] == ["LlamaForCausalLMEagle3"] and config["draft_vocab_size"] == DRAFT_VOCAB
     assert "target_hidden_size" not in config and config["num_hidden_layers"] == 1
-    assert export.load_drafter(out, world["target_dir"]).format == "eagle3"
+    assert formats.load_drafter(out, world["target_dir"]).format == "eagle3"
 
 
 def test_exported_eagle1_loads_in_host_with_every_key(world: dict, tmp_path: Path) -> None:
@@ -202,19 +202,19 @@ def test_compact_to_host_takes_target_embeddings(world: dict, tmp_path: Path) ->
     _assert_nothing_written(tmp_path / "host")
     host, _ = export.export(compact, tmp_path / "host", "eagle1", target=str(world["target_dir"]))
     written = torch.load(host / "pytorch_model.bin", weights_only=True)
-    assert torch.equal(written[export.EMBED_KEY], world["target"].get_input_embeddings().weight)
+    assert torch.equal(written[formats.EMBED_KEY], world["target"].get_input_embeddings().weight)
 
 
 @pytest.mark.parametrize("prefix", ["midlayer.", "midlayer.0.", "layers.0."])
 def test_eagle3_variants_normalise_and_keep_d2t(tmp_path: Path, prefix: str) -> None:
     state = _eagle3_state(prefix=prefix)
     src = _write_dir(tmp_path / "src", _eagle3_config(), state, "pytorch_model.bin")
-    loaded = export.load_drafter(src)
+    loaded = formats.load_drafter(src)
     assert loaded.format == "eagle3" and all(not k.startswith(("layers.", "midlayer.0.")) for k in loaded.state)
     assert any("renamed" in n for n in loaded.notes) == (prefix != "midlayer.")
     assert "reduced to 48" in loaded.describe()
     out, _ = export.export(src, tmp_path / "out", "eagle3")
-    again = export.load_drafter(out)
+    again = formats.load_drafter(out)
     assert torch.equal(again.state["d2t"], state["d2t"]) and torch.equal(again.state["t2d"], state["t2d"])
     assert again.state["d2t"].dtype == torch.int64 and again.state["t2d"].dtype == torch.bool
     assert set(again.state) == set(_eagle3_state())
@@ -241,7 +241,7 @@ def test_sharded_safetensors_and_bias_reconciliation(world: dict, tmp_path: Path
     weight_map = {k: name for name, part in shards.items() for k in part}
     (src / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
     (src / "config.json").write_text(json.dumps(config))
-    loaded = export.load_drafter(src, world["target"].config)
+    loaded = formats.load_drafter(src, world["target"].config)
     assert loaded.config["bias"] is False and any("the weights win" in n for n in loaded.notes)
     assert all(torch.equal(loaded.state[k], v) for k, v in state.items())
     out, _ = export.export(src, tmp_path / "host", "eagle1")
@@ -282,7 +282,7 @@ def test_refuses_hidden_size_mismatch_with_target(world: dict, tmp_path: Path) -
 
 def test_refuses_vocab_mismatch_with_target(world: dict, tmp_path: Path) -> None:
     config = dict(eagle_compat.eagle1_config_dict(world["target"].config), vocab_size=VOCAB + 44)
-    state = {k: v for k, v in world["drafter"].state_dict().items() if k != export.EMBED_KEY}  # compact
+    state = {k: v for k, v in world["drafter"].state_dict().items() if k != formats.EMBED_KEY}  # compact
     src = _write_dir(tmp_path / "src", config, state)
     _refuse(f"vocabulary mismatch: drafter vocab_size {VOCAB + 44}, target {VOCAB}", src, tmp_path / "out",
             "eagle1", target=str(world["target_dir"]))

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ppow_plugin import drafters, eagle_compat, export, patching, trainer
+from ppow_plugin import drafters, eagle_compat, export, formats, patching, trainer
 from ppow_plugin.cli import main as cli_main
 from ppow_plugin.config import load_config
 from ppow_plugin.errors import UserError, is_disk_full
@@ -54,8 +54,8 @@ def test_sigkill_twice_then_resume_is_bit_identical(tmp_path):
     assert proc.wait() == 0, proc.stderr.read()[-2000:]
     # each kill landed mid-run (steps take milliseconds here, so this is checked, not assumed)
     assert 2 <= resumed_step(err) < 6 <= resumed_step(proc.stderr.read()) < 12
-    _, a = export.load_drafter_dir(tmp_path / "straight" / "drafter")
-    _, b = export.load_drafter_dir(tmp_path / "killed" / "drafter")
+    _, a = formats.load_drafter_dir(tmp_path / "straight" / "drafter")
+    _, b = formats.load_drafter_dir(tmp_path / "killed" / "drafter")
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k

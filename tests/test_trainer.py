@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from ppow_plugin import export, patching, trainer
+from ppow_plugin import formats, patching, trainer
 from ppow_plugin.config import load_config
 from tiny import overrides, run_trainer
 
@@ -33,7 +33,7 @@ def test_sft_smoke(tmp_path):
     assert_trained(t, before, target_before)
     lines = [json.loads(x) for x in (tmp_path / "run-sft" / "metrics.jsonl").read_text().splitlines()]
     assert len(lines) == 3 and all(map(lambda r: r["loss"] is not None and r["loss"] > 0, lines))
-    config, state = export.load_drafter_dir(out)
+    config, state = formats.load_drafter_dir(out)
     assert "embed_tokens.weight" not in state and "fc.weight" in state
 
 

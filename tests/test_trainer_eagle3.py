@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from ppow_plugin import drafters, eagle3, export, patching, rollout, trainer
+from ppow_plugin import drafters, eagle3, export, formats, patching, rollout, trainer
 from ppow_plugin.config import RolloutCfg, load_config
 from tiny import overrides, run_trainer
 
@@ -62,7 +62,7 @@ def test_eagle3_export_roundtrip_gives_identical_outputs(tmp_path):
     out = tmp_path / "run-sft" / "drafter"
     config = json.loads((out / "config.json").read_text())
     assert config["architectures"] == ["LlamaForCausalLMEagle3"] and config["draft_vocab_size"] == 64
-    loaded = export.load_drafter(out, t.target.config)
+    loaded = formats.load_drafter(out, t.target.config)
     assert loaded.format == "eagle3" and not loaded.notes
     assert set(loaded.state) == set(t.drafter.state_dict())  # exactly the EAGLE-3 keys (+ embeddings)
     assert loaded.state["d2t"].dtype == torch.int64 and loaded.state["t2d"].dtype == torch.bool
@@ -76,7 +76,7 @@ def test_eagle3_export_roundtrip_gives_identical_outputs(tmp_path):
             assert torch.equal(a, b)
     # ppow export from the run's checkpoint writes the same eagle3 layout
     dst, _ = export.export(tmp_path / "run-sft", tmp_path / "exported", "eagle3")
-    assert torch.equal(export.load_drafter(dst).state["d2t"], loaded.state["d2t"])
+    assert torch.equal(formats.load_drafter(dst).state["d2t"], loaded.state["d2t"])
 
 
 @pytest.mark.parametrize("engine", ["torch", "deepspeed"])
@@ -84,15 +84,15 @@ def test_eagle3_ppow_smoke(tmp_path, sft_drafter, engine):
     t, before, target_before, out = run(tmp_path, "ppow", engine=engine, **{
         "model.drafter": sft_drafter, "model.draft_vocab_size": "null", "run.output_dir": tmp_path / f"ppow-{engine}"})
     assert_trained(t, before, target_before)
-    assert torch.equal(t.drafter.d2t, export.load_drafter(sft_drafter).state["d2t"])  # kept from the warm start
+    assert torch.equal(t.drafter.d2t, formats.load_drafter(sft_drafter).state["d2t"])  # kept from the warm start
     rows = metrics(tmp_path / f"ppow-{engine}")
     for key in ("reward", "accept_len", "kl", "policy_loss", "distill"):
         assert all(r[key] is not None for r in rows), key
     assert all(0 <= r["accept_len"] <= 4 for r in rows)
-    assert export.load_drafter(out).format == "eagle3"
+    assert formats.load_drafter(out).format == "eagle3"
     # `ppow export` from the engine checkpoint (DeepSpeed ZeRO-2 or engine.pt) keeps the vocabulary map
     dst, _ = export.export(tmp_path / f"ppow-{engine}", tmp_path / "exported", "eagle3")
-    exported = export.load_drafter(dst).state
+    exported = formats.load_drafter(dst).state
     assert torch.equal(exported["d2t"], t.drafter.d2t) and torch.equal(exported["t2d"], t.drafter.t2d)
 
 
