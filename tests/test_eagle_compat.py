@@ -39,7 +39,11 @@ def _make_target(out_dir: Path, tie: bool, residual_scale: float, seed: int = 0)
     config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                          rope_theta=1e5, bos_token_id=0, eos_token_id=EOS, tie_word_embeddings=tie)
-    model = LlamaForCausalLM(config).eval()
+    return _shrink_residuals_and_save(LlamaForCausalLM(config).eval(), out_dir, residual_scale)
+
+
+def _shrink_residuals_and_save(model, out_dir: Path, residual_scale: float):
+    """Scale what attention and MLP add to the residual stream, save model and tokenizer; returns the model."""
     with torch.no_grad():
         for layer in model.model.layers:
             layer.self_attn.o_proj.weight.mul_(residual_scale)
@@ -267,14 +271,9 @@ def _make_qwen2_target(out_dir: Path, tie: bool, residual_scale: float = 1.0, se
     model = Qwen2ForCausalLM(config).eval()
     with torch.no_grad():
         for layer in model.model.layers:
-            attn = layer.self_attn
-            for proj in (attn.q_proj, attn.k_proj, attn.v_proj):
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
                 proj.bias.normal_(0.0, 0.5)
-            attn.o_proj.weight.mul_(residual_scale)
-            layer.mlp.down_proj.weight.mul_(residual_scale)
-    model.save_pretrained(out_dir)
-    _save_tokenizer(out_dir)
-    return model
+    return _shrink_residuals_and_save(model, out_dir, residual_scale)
 
 
 @pytest.fixture(scope="module")
