@@ -104,10 +104,12 @@ def _eval_settings(args):
         "temperature": ("--temperature", args.temperature), "seed": ("--seed", args.seed),
         "tree_depth": ("--depth", args.depth), "tree_top_k": ("--top-k", args.top_k),
         "tree_total_tokens": ("--total-tokens", args.total_tokens)}
-    for name, (flag, value) in flags.items():
-        if isinstance(value, int) and name not in ("seed", "temperature") and value < 1:
-            raise UserError(f"{flag} {value} must be >= 1")
-    settings = dataclasses.replace(base, **{k: v for k, (_, v) in flags.items() if v is not None})
+    given = {k: v for k, (_, v) in flags.items() if v is not None}
+    try:
+        settings = dataclasses.replace(base, **given)
+    except ValueError as exc:  # EvalCfg's own bounds; name the flag that set the field
+        name = next((k for k in given if str(exc).startswith(f"eval.{k} ")), None)
+        raise UserError((f"{flags[name][0]} {flags[name][1]}: " if name else "") + str(exc)) from None
     target = args.target or (cfg.model.target if cfg else "default")
     return target, settings
 
