@@ -76,7 +76,6 @@ class Trainer:
         except BaseException:
             _remove_empty_dirs(self.out_dir, created)
             raise
-        self.metrics_path = self.out_dir / "metrics.jsonl"
         if self.dist.is_main:
             self._write_run_file("data_report.json", json.dumps(self.data_report._asdict(), indent=2) + "\n")
 
