@@ -147,7 +147,8 @@ def profile(target_dir: str | Path = "default", drafter_dir: str | Path | None =
     drafter = _build_drafter(target, Path(drafter_dir) if drafter_dir is not None else None, fmt)
     timings = _time_all(target, drafter, repeats, sizes, prefix_len, inner, seed)
     return _assemble(timings, rates, rates_source, sizes, {
-        "target": str(target_dir), "drafter": str(drafter_dir) if drafter_dir else "random EAGLE-1 (shape only)", "drafter_type": fmt,
+        "target": str(target_dir), "drafter": str(drafter_dir) if drafter_dir else "random EAGLE-1 (shape only)",
+        "drafter_type": fmt,
         "repeats": repeats, "inner_calls": inner, "prefix_len": prefix_len, "seed": seed, "dtype": "float32",
         "device": "cpu", "torch_threads": torch.get_num_threads(), "torch": torch.__version__})
 
