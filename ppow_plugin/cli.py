@@ -9,7 +9,7 @@
     ppow eval --drafter DIR [--out DIR]      tau, acceptance, speedup vs plain decoding
     ppow compare DIR1 DIR2 --names a,b       several drafters, one protocol
     ppow profile [--drafter DIR]             gamma = drafter step / target step, verify cost vs tree size
-    ppow export SRC OUT --format F           run/checkpoint/drafter dir -> eagle1 | eagle1-compact | eagle3
+    ppow export SRC OUT --format F           run/checkpoint/drafter dir -> eagle1[-compact] | eagle3 | speculators
     ppow plan <recipe> [--gpus N --nodes M]  per-device memory + DeepSpeed config, no weights loaded
 
 Bad input raises `UserError`: printed as one `error: ...` line, exit code 2.
@@ -191,12 +191,13 @@ def _add_export_command(sub) -> None:
     sp = sub.add_parser("export", help="write a drafter in a format EAGLE / vLLM / SGLang load")
     sp.add_argument("source", help="run dir (newest intact checkpoint), checkpoints/step-N dir, or drafter dir")
     sp.add_argument("out", help="output dir (written atomically)")
-    sp.add_argument("--format", required=True, choices=["eagle1", "eagle1-compact", "eagle3"])
+    sp.add_argument("--format", required=True, choices=["eagle1", "eagle1-compact", "eagle3", "speculators"])
     sp.add_argument("--target", default=None,
                     help="'default' or a target dir (default: the checkpoint's recorded target)")
     sp.add_argument("--force", action="store_true", help="replace a non-empty out dir; export despite --min-tau")
     sp.add_argument("--min-tau", type=float, default=None, help="refuse when the eval report's tau is lower")
-    sp.add_argument("--eval-report", default=None, help="`ppow eval` report.json; its tau goes to ppow_meta.json")
+    sp.add_argument("--eval-report", default=None,
+                    help="`ppow eval` report.json of these same weights; its tau goes to ppow_meta.json")
     sp.set_defaults(fn=_cmd_export)
 
 

@@ -16,9 +16,11 @@ Conventions (same alignment as EAGLE-1, see rollout.py):
 - Draft ids index the reduced draft vocabulary; target id = draft id + d2t[draft id].
 
 Where we depart from / fill gaps in the reference code:
-  1. Rotary embeddings: the default rope and Llama-3.1's `llama3` frequency scaling (both read from the
-     target config, so the drafter rotates exactly as its target); other scalings (yarn, linear, ...)
-     raise rather than silently rotate differently from the target.
+  1. Rotary embeddings: plain RoPE with the target's `rope_theta`, also for Llama-3.1/3.3 targets whose
+     `llama3` frequency scaling is dropped: EAGLE `main` can only build plain (or linear/dynamic) RoPE
+     and refuses a `llama3` `rope_scaling`, SGLang and vLLM build whatever config.json says, so plain RoPE
+     is the one rotation every host computes the same (EAGLE's released Llama-3.1 EAGLE-3 drafters do the
+     same; docs/export.md, "Host config rules"). Other target scalings (yarn, linear, ...) raise.
   2. `map_target_probs_to_draft` renormalises over the draft vocabulary by default, as EAGLE-3's training
      code does (softmax of the restricted target logits); `renormalize=False` gives the raw mass.
   3. Attention masks are always explicit booleans (True = may attend); there is no implicit causal
@@ -30,6 +32,7 @@ Where we depart from / fill gaps in the reference code:
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Any, Sequence
 
@@ -55,12 +58,6 @@ class Eagle3Config:
     feature_layer_ids: tuple[int, int, int]  # HF hidden_states indices (= decoder-layer inputs)
     max_position_embeddings: int = 2048
     hidden_act: str = "silu"
-    # `llama3` rope scaling (Llama-3.1/3.3); "default" ignores the other four fields.
-    rope_type: str = "default"
-    rope_factor: float = 1.0
-    rope_low_freq_factor: float = 1.0
-    rope_high_freq_factor: float = 4.0
-    rope_original_max_position: int = 8192
 
     def __post_init__(self):
         if self.draft_vocab_size < 1 or self.draft_vocab_size > self.vocab_size:
@@ -74,31 +71,25 @@ class Eagle3Config:
                              "outputs would have the same width and could not be told apart")
         if self.hidden_act != "silu":
             raise ValueError(f"hidden_act {self.hidden_act!r} unsupported (EAGLE-3 drafters use silu)")
-        if self.rope_type not in ROPE_TYPES:
-            raise ValueError(f"target rope type {self.rope_type!r} is not supported by the EAGLE-3 drafter "
-                             f"(supported: {', '.join(ROPE_TYPES)})")
-        if self.rope_type == "llama3" and not (self.rope_factor >= 1 and
-                                               self.rope_high_freq_factor > self.rope_low_freq_factor > 0):
-            raise ValueError("llama3 rope scaling needs factor >= 1 and high_freq_factor > low_freq_factor > 0, got "
-                             f"{self.rope_factor}, {self.rope_high_freq_factor}, {self.rope_low_freq_factor}")
+        if not (self.rope_theta > 0 and math.isfinite(self.rope_theta)):
+            raise ValueError(f"rope_theta ({self.rope_theta}) must be a finite number > 0")
 
     @classmethod
     def from_target_config(cls, target_config: Any, draft_vocab_size: int | None = None) -> "Eagle3Config":
         """Drafter sizes from a target HF Llama config; `draft_vocab_size=None` keeps the full vocabulary.
 
         Raises:
-            ValueError: the target uses a rope scaling other than default/llama3, or has fewer than 5 layers
-                (with L < 5 the feature indices 2, L//2, L-3 are out of order).
+            ValueError: the target uses a rope scaling other than default/llama3 (llama3 targets get a plain-RoPE
+                drafter, module doc item 1), or has fewer than 5 layers (the feature indices 2, L//2, L-3 would
+                be out of order).
         """
         # HF config objects: transformers 5 keeps rope settings in `rope_parameters`, 4.x in `rope_scaling`.
         params = getattr(target_config, "rope_parameters", None) or getattr(target_config, "rope_scaling", None) or {}
         rope_type = params.get("rope_type", params.get("type", "default"))
+        if rope_type not in TARGET_ROPE_TYPES:
+            raise ValueError(f"target rope type {rope_type!r} is not supported by the EAGLE-3 drafter "
+                             f"(supported: {', '.join(TARGET_ROPE_TYPES)})")
         theta = float(params.get("rope_theta", getattr(target_config, "rope_theta", 10000.0)))
-        scaling = {}
-        if rope_type == "llama3":
-            scaling = dict(rope_factor=float(params["factor"]), rope_low_freq_factor=float(params["low_freq_factor"]),
-                           rope_high_freq_factor=float(params["high_freq_factor"]),
-                           rope_original_max_position=int(params["original_max_position_embeddings"]))
         hidden, heads = target_config.hidden_size, target_config.num_attention_heads
         return cls(
             hidden_size=hidden, num_attention_heads=heads,
@@ -109,25 +100,25 @@ class Eagle3Config:
             draft_vocab_size=draft_vocab_size or target_config.vocab_size,
             feature_layer_ids=feature_layer_ids(target_config.num_hidden_layers),
             max_position_embeddings=target_config.max_position_embeddings,
-            hidden_act=getattr(target_config, "hidden_act", "silu"), rope_type=rope_type, **scaling,
+            hidden_act=getattr(target_config, "hidden_act", "silu"),
         )
 
     def to_hf_dict(self) -> dict[str, Any]:
-        """The drafter `config.json` (Llama fields + EAGLE-3 extras) that vLLM/SGLang/EAGLE read."""
-        out = {k: v for k, v in asdict(self).items() if k != "feature_layer_ids" and not k.startswith("rope_")}
-        # 4.x readers take `rope_scaling` (written only when scaled), 5.x `rope_parameters`; both say the same.
-        rope: dict[str, Any] = {"rope_type": self.rope_type, "rope_theta": self.rope_theta}
-        if self.rope_type == "llama3":
-            rope.update(factor=self.rope_factor, low_freq_factor=self.rope_low_freq_factor,
-                        high_freq_factor=self.rope_high_freq_factor,
-                        original_max_position_embeddings=self.rope_original_max_position)
-        if self.rope_type != "default":
-            out["rope_scaling"] = rope
+        """The drafter `config.json` that vLLM, SGLang and EAGLE `main` read (docs/export.md, "Host config rules").
+
+        Plain RoPE: `rope_theta` (4.x readers, EAGLE) and `rope_parameters` (5.x) say the same, `rope_scaling`
+        is null. Aux layers: `eagle_aux_hidden_state_layer_ids` are HF `hidden_states` indices (= vLLM's
+        "input of layer i"); SGLang reads `eagle_config.eagle_aux_hidden_state_layer_ids` as "output of layer
+        i" and adds 1, so it gets the same layers minus one.
+        """
+        out = {k: v for k, v in asdict(self).items() if k != "feature_layer_ids"}
         out.update({
             "architectures": ["LlamaForCausalLMEagle3"], "model_type": "llama", "num_hidden_layers": 1,
-            "tie_word_embeddings": False, "bias": False, "rope_theta": self.rope_theta,
-            "rope_parameters": rope,
+            "tie_word_embeddings": False, "bias": False, "rope_scaling": None,
+            "rope_parameters": {"rope_type": "default", "rope_theta": self.rope_theta},
             "eagle_aux_hidden_state_layer_ids": list(self.feature_layer_ids),
+            "eagle_config": {"use_aux_hidden_state": True,
+                             "eagle_aux_hidden_state_layer_ids": [i - 1 for i in self.feature_layer_ids]},
         })
         return out
 
@@ -229,24 +220,13 @@ def _rotate_half(x: Tensor) -> Tensor:
     return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
 
 
-ROPE_TYPES = ("default", "llama3")
+TARGET_ROPE_TYPES = ("default", "llama3")  # target rope types a drafter is built for (always plain RoPE)
 
 
 def rope_inv_freq(cfg: Eagle3Config, device: torch.device | str = "cpu") -> Tensor:
-    """Rotary inverse frequencies [head_dim/2], fp32: theta^(-2i/hd), then `llama3` scaling if set.
-
-    llama3 (Llama-3.1 report): wavelengths shorter than original_max / high_freq_factor keep their
-    frequency, those longer than original_max / low_freq_factor are divided by `factor`, and the band in
-    between interpolates linearly in original_max / wavelength.
-    """
+    """Rotary inverse frequencies theta^(-2i/hd), i < hd/2: [head_dim/2] fp32 (plain RoPE, module doc item 1)."""
     hd = cfg.head_dim
-    inv = 1.0 / cfg.rope_theta ** (torch.arange(0, hd, 2, device=device, dtype=torch.float32) / hd)
-    if cfg.rope_type == "default":
-        return inv
-    ctx_over_wavelen = cfg.rope_original_max_position * inv / (2 * torch.pi)
-    smooth = ((ctx_over_wavelen - cfg.rope_low_freq_factor) /
-              (cfg.rope_high_freq_factor - cfg.rope_low_freq_factor)).clamp(0.0, 1.0)
-    return (1 - smooth) * inv / cfg.rope_factor + smooth * inv
+    return 1.0 / cfg.rope_theta ** (torch.arange(0, hd, 2, device=device, dtype=torch.float32) / hd)
 
 
 def _rope(q: Tensor, k: Tensor, position_ids: Tensor, inv_freq: Tensor) -> tuple[Tensor, Tensor]:
@@ -439,7 +419,7 @@ def new_eagle3_drafter(target: nn.Module, draft_vocab_size: int | None = None,
 
 
 __all__ = [
-    "DraftKV", "ROPE_TYPES", "Eagle3Config", "Eagle3Drafter", "build_vocab_map", "causal_mask", "draft_label_mask",
+    "DraftKV", "TARGET_ROPE_TYPES", "Eagle3Config", "Eagle3Drafter", "build_vocab_map", "causal_mask", "draft_label_mask",
     "draft_to_target_ids", "feature_layer_ids", "map_target_probs_to_draft", "new_eagle3_drafter", "rope_inv_freq",
     "target_features", "ttt_mask", "ttt_unroll",
 ]

@@ -376,7 +376,8 @@ def evaluate(target_dir: str | Path, drafter_dir: str | Path, benchmarks: str | 
         raise UserError(f"every prompt is longer than the target's context minus --max-new-tokens "
                         f"{max_new_tokens}; lower --max-new-tokens")
     settings = _settings(target_dir, drafter_dir, prompts, records, temperature, max_new_tokens, seed, both_turns)
-    settings.update(tree=_tree_text(dec), drafter_type=fmt)
+    settings.update(tree=_tree_text(dec), drafter_type=fmt,  # the weight hash ties the report to the drafter
+                    drafter_weights_sha256=_weights_sha256(drafter_dir))
     report = eval_report.build_report(records, settings, _tree_depth(dec), temperature)
     if out_dir is not None:
         with export.atomic_dir(Path(out_dir)) as tmp:
@@ -391,6 +392,15 @@ def _warm_up(dec: _Decoders, prompt: EvalPrompt, temperature: float, seed: int) 
         seed_everything(seed)
         _host_generate(dec, ids, temperature, WARMUP_TOKENS)
         _baseline_generate(dec, ids, temperature, WARMUP_TOKENS)
+
+
+def _weights_sha256(drafter_dir: Path) -> str | None:
+    """`formats.weights_digest` of the evaluated drafter (what `ppow export --eval-report` checks); None when
+    the strict reader refuses a dir the host loaded anyway."""
+    try:
+        return formats.weights_digest(formats.load_drafter(drafter_dir).state)
+    except UserError:
+        return None
 
 
 def _settings(target_dir: Path, drafter_dir: Path, prompts: Sequence[EvalPrompt],

@@ -2,19 +2,18 @@
 
     ppow export runs/ppow <out> --format eagle1          # host layout (EaModel, strict load)
 
-The formats (`eagle1`, `eagle1-compact`, `eagle3`) and the strict reader every export is re-read with are
-`formats.py`'s (docs/export.md has the key tables and which engine reads which). Here: the writers
-(`save_drafter_dir` for the trainer's compact dir, `save_eagle3_dir`, `write_host_eagle1`), `atomic_dir` /
-`replace_dir`, and `ppow export` (`export`): a run's newest intact checkpoint (DeepSpeed ZeRO 0-3 or
-engine.pt, consolidated), one checkpoint, or a drafter dir -> one format, with an optional τ gate.
+The formats (`eagle1`, `eagle1-compact`, `eagle3`, `speculators`) and the strict reader every export is re-read
+with are `formats.py`'s (docs/export.md has the key tables and which engine reads which); where the drafter
+comes from (run, checkpoint, drafter dir; the checkpoint's rebuilt config) is `drafter_source.py`'s; what each
+host makes of an EAGLE-3 config is `host_configs.py`'s. Here: the writers (`save_drafter_dir` for the
+trainer's compact dir, `save_eagle3_dir`, `write_host_eagle1`), `atomic_dir` / `replace_dir`, and
+`ppow export` (`export`) with its optional τ gate on an eval report of the same weights.
 
 Rule: exports go through `atomic_dir` and are re-read before the rename, so a crash or a bad write never
 leaves a half-written or unloadable directory; a full disk is reported as `DiskFull` (one line).
 """
-
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -27,17 +26,35 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 
-from ppow_plugin import formats
+from ppow_plugin import drafter_source, formats, host_configs
+from ppow_plugin.drafter_source import checkpoint_problem, sha256_file  # noqa: F401  (re-exported)
 from ppow_plugin.errors import DiskFull, UserError, is_disk_full
 
 
 # --------------------------------------------------------------------------------------------------
-# Atomic directories and hashing
+# Atomic directories
 
 
 def atomic_dir(out_dir: Path):
-    """Context manager: yields a temp dir beside `out_dir`; renamed over it only on success."""
-    return _AtomicDir(Path(out_dir))
+    """Context manager: yields a temp dir beside `out_dir`; renamed over it only on success.
+
+    `out_dir` is resolved first ('.', 'a/..', symlinks); the current directory and its parents are refused
+    (`resolve_out_dir`). Files left in the temp dir get normal read permissions (0666 & ~umask; safetensors
+    writes 0600) before the rename.
+    """
+    return _AtomicDir(resolve_out_dir(out_dir))
+
+
+def resolve_out_dir(out_dir: str | Path) -> Path:
+    """The absolute, resolved output dir. Raises UserError for the current dir or one of its parents (replacing
+    it would delete the directory the command runs in), and for an existing non-directory."""
+    out = Path(out_dir).resolve()
+    if out == Path.cwd().resolve() or out in Path.cwd().resolve().parents:
+        raise UserError(f"output {out_dir} is the current directory or one of its parents ({out}); "
+                        "name a new directory, e.g. ./export")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"output {out_dir} exists and is not a directory; choose another path")
+    return out
 
 
 class _AtomicDir:
@@ -53,9 +70,7 @@ class _AtomicDir:
         if not os.access(parent, os.W_OK):
             raise UserError(f"output directory {parent} is not writable; choose another")
         self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.tmp-", dir=parent))
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(self.tmp, 0o777 & ~umask)  # mkdtemp makes it 0700; the export is for others to read
+        os.chmod(self.tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700; the export is for others to read
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb):
@@ -67,12 +82,22 @@ class _AtomicDir:
                 raise DiskFull(f"disk full while writing {self.out_dir}; {kept}: free space on that disk "
                                "or choose another output directory") from None
             return False
+        for f in self.tmp.rglob("*"):
+            if f.is_file() and not f.is_symlink():
+                os.chmod(f, 0o666 & ~_umask())
         replace_dir(self.tmp, self.out_dir)
         return False
 
 
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
 def replace_dir(src: Path, dst: Path) -> None:
-    """Rename the complete dir `src` to `dst`; an existing `dst` is moved aside first and deleted last."""
+    """Rename the complete dir `src` to `dst` (both resolved, see `resolve_out_dir`); an existing `dst` is moved
+    aside first and deleted last."""
     old = None
     if dst.exists():
         old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
@@ -80,14 +105,6 @@ def replace_dir(src: Path, dst: Path) -> None:
     os.replace(src, dst)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -162,174 +179,80 @@ def export(source: str | Path, out_dir: str | Path, fmt: str, target: str | None
     """
     if fmt not in formats.FORMATS:
         raise UserError(f"--format must be one of {', '.join(formats.FORMATS)}, got {fmt!r}")
-    src, out = Path(source), Path(out_dir)
+    src, out = Path(source), resolve_out_dir(out_dir)
     _check_out_dir(src, out, force)
-    tau = _tau_gate(min_tau, eval_report, force)
-    drafter, meta_src = _read_source(src, target)
-    want = "eagle3" if fmt == "eagle3" else "eagle1"
+    report = _read_report(eval_report, min_tau)
+    drafter, meta_src = drafter_source.read_source(src, target)
+    want = "eagle1" if fmt.startswith("eagle1") else "eagle3"
     if drafter.format != want:
         raise UserError(f"{src} holds an {drafter.format} drafter; it can only be exported as "
-                        f"{'eagle3' if drafter.format == 'eagle3' else 'eagle1 or eagle1-compact'}")
+                        f"{'eagle3 or speculators' if drafter.format == 'eagle3' else 'eagle1 or eagle1-compact'}")
+    tau = _tau_gate(report, eval_report, drafter, src, min_tau, force)
     meta = _export_meta(drafter, meta_src, fmt, tau, min_tau, force)
     with atomic_dir(out) as tmp:
         _WRITERS[fmt](tmp, drafter, meta_src.get("target_dir"))
         check = formats.load_drafter(tmp)  # re-read before the rename: never leave an unloadable export
         if fmt == "eagle1" and formats.EMBED_KEY not in check.state:
             raise AssertionError("eagle1 export lacks embed_tokens.weight")
+        if want == "eagle3":
+            refused = {h: p for h, p in host_configs.host_problems(check.config).items() if p}
+            meta["host_problems"] = refused
+            drafter.notes.extend(f"{h} would refuse or misread this config: {'; '.join(p)}" for h, p in refused.items())
         meta["files"] = {f.name: sha256_file(f) for f in sorted(tmp.iterdir()) if f.is_file()}
         _write_json(tmp / "ppow_meta.json", meta)
     return out, drafter
 
 
 def _check_out_dir(src: Path, out: Path, force: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise UserError(f"output {out} exists and is not a directory; choose another path")
+    """`out` is resolved (`resolve_out_dir`). Refuses a non-empty dir without `force`, and the source or a
+    directory holding it."""
+    if src.exists() and (out == src.resolve() or out in src.resolve().parents):
+        raise UserError(f"output dir {out} would replace the source {src}; choose another output dir")
     if out.exists() and any(out.iterdir()) and not force:
         raise UserError(f"output dir {out} exists and is not empty; pass --force to replace it")
-    if src.exists() and (out.resolve() == src.resolve() or out.resolve() in src.resolve().parents):
-        raise UserError(f"output dir {out} would replace the source {src}; choose another output dir")
 
 
-def _tau_gate(min_tau: float | None, eval_report: str | Path | None, force: bool) -> float | None:
-    """tau from an eval report (`ppow eval`'s stats.overall.tau, or a top-level "tau"); refuse below min_tau."""
+def _read_report(eval_report: str | Path | None, min_tau: float | None) -> dict[str, Any] | None:
+    """The `ppow eval` report.json, read before any work."""
     if eval_report is None:
         if min_tau is not None:
             raise UserError("--min-tau needs --eval-report <report.json> with the measured tau")
         return None
     try:
         report = json.loads(Path(eval_report).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise UserError(f"eval report {eval_report} is unreadable ({type(exc).__name__}); pass a `ppow eval` JSON") from None
-    stats = report.get("stats") if isinstance(report, dict) else None
-    nodes = (report, stats.get("overall") if isinstance(stats, dict) else None) if isinstance(report, dict) else ()
-    tau = next((node["tau"] for node in nodes
-                if isinstance(node, dict) and isinstance(node.get("tau"), (int, float))), None)
-    if tau is None:
-        raise UserError(f"eval report {eval_report} has no numeric tau (stats.overall.tau of `ppow eval`, "
-                        "or a top-level \"tau\")")
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"eval report {eval_report} is unreadable ({type(exc).__name__}); "
+                        "pass a `ppow eval` report.json") from None
+    if not isinstance(report, dict):
+        raise UserError(f"eval report {eval_report} is not a `ppow eval` report.json (a JSON object)")
+    return report
+
+
+def _tau_gate(report: dict[str, Any] | None, path: str | Path | None, drafter: formats.LoadedDrafter, src: Path,
+              min_tau: float | None, force: bool) -> float | None:
+    """tau (`stats.overall.tau`) of a report made for exactly these weights; refuse below min_tau (unless force).
+
+    The report must record `settings.drafter_weights_sha256` (`formats.weights_digest` of the drafter it
+    evaluated, written by `ppow eval`) equal to the source's: a report for another drafter, or one too old to
+    say, is refused even with --force (its tau says nothing about this drafter).
+    """
+    if report is None:
+        return None
+    settings = report.get("settings") if isinstance(report.get("settings"), dict) else {}
+    recorded, ours = settings.get("drafter_weights_sha256"), formats.weights_digest(drafter.state)
+    if recorded != ours:
+        why = ("records no drafter weight hash (made by an older ppow eval)" if recorded is None else
+               f"was made for other weights ({settings.get('drafter', 'unknown drafter')}, weights "
+               f"{str(recorded)[:12]}, this source {ours[:12]})")
+        raise UserError(f"eval report {path} {why}; run `ppow eval --drafter {src}` and pass its report.json")
+    overall = (report.get("stats") or {}).get("overall") if isinstance(report.get("stats"), dict) else None
+    tau = overall.get("tau") if isinstance(overall, dict) else None
+    if not isinstance(tau, (int, float)) or isinstance(tau, bool):
+        raise UserError(f"eval report {path} has no numeric stats.overall.tau; pass a `ppow eval` report.json")
     if min_tau is not None and tau < min_tau and not force:
         raise UserError(f"measured tau {tau:.3f} is below --min-tau {min_tau:.3f}: not exporting a regressed "
                         "drafter (pass --force to export anyway)")
     return float(tau)
-
-
-def _read_source(src: Path, target: str | None) -> tuple[formats.LoadedDrafter, dict[str, Any]]:
-    """The drafter plus what ppow_meta.json records about its origin."""
-    if not src.is_dir():
-        raise UserError(f"{src} is not a directory; pass a run dir, a checkpoints/step-N dir or a drafter dir")
-    if (src / "checkpoints").is_dir():
-        src = _newest_checkpoint(src)
-    if (src / "engine").is_dir() or (src / "engine.pt").is_file():
-        return _read_checkpoint(src, target)
-    target_dir = _resolve_target(target) if target is not None else None
-    drafter = formats.load_drafter(src, _target_config(target_dir) if target_dir else None)
-    try:
-        prior = json.loads((src / "ppow_meta.json").read_text()) if (src / "ppow_meta.json").is_file() else {}
-    except json.JSONDecodeError:
-        prior = {}
-    return drafter, {"source": str(src.resolve()), "source_files": {f.name: sha256_file(f) for f in drafter.files},
-                     "step": prior.get("step"), "stage": prior.get("stage"), "config": prior.get("config"),
-                     "target_dir": str(target_dir) if target_dir else None}
-
-
-def _newest_checkpoint(run: Path) -> Path:
-    for ckpt in sorted((run / "checkpoints").glob("step-??????"), reverse=True):
-        if _checkpoint_problem(ckpt) is None:
-            return ckpt
-    raise UserError(f"{run}/checkpoints holds no intact checkpoint; pass {run}/drafter or a checkpoint dir")
-
-
-def _checkpoint_problem(ckpt: Path) -> str | None:
-    try:
-        files = json.loads((ckpt / "meta.json").read_text())["files"]
-    except (OSError, json.JSONDecodeError, KeyError):
-        return "meta.json missing or unreadable"
-    for rel, digest in files.items():
-        if not (ckpt / rel).is_file() or sha256_file(ckpt / rel) != digest:
-            return f"{rel} missing or corrupt (hash mismatch)"
-    return None
-
-
-def _read_checkpoint(ckpt: Path, target: str | None) -> tuple[formats.LoadedDrafter, dict[str, Any]]:
-    """Consolidate engine state (DeepSpeed ZeRO 0-3 or engine.pt) and rebuild the drafter config."""
-    problem = _checkpoint_problem(ckpt)
-    if problem:
-        raise UserError(f"checkpoint {ckpt} is not intact ({problem}); use another step")
-    meta = json.loads((ckpt / "meta.json").read_text())
-    if (ckpt / "engine").is_dir():
-        from ppow_plugin import distributed  # the DeepSpeed seam
-        state = distributed.consolidate_deepspeed_checkpoint(ckpt, tag="engine")
-        weight_files = sorted((ckpt / "engine").iterdir())
-    else:
-        try:
-            state = torch.load(ckpt / "engine.pt", map_location="cpu", weights_only=True)["module"]
-        except Exception as exc:
-            raise UserError(f"{ckpt / 'engine.pt'} is unreadable or truncated ({type(exc).__name__})") from None
-        weight_files = [ckpt / "engine.pt"]
-    recorded = meta.get("target") or (meta.get("config") or {}).get("model", {}).get("target")
-    target_dir = _resolve_target(target if target is not None else recorded)
-    target_cfg = _target_config(target_dir)
-    fmt = formats.detect_format(state)
-    _precheck_target(fmt, state, target_cfg, str(ckpt))
-    config = _config_from_checkpoint(fmt, state, target_cfg)
-    drafter = formats.validate_drafter(fmt, config, state, target_cfg, where=str(ckpt))
-    rel = {f.relative_to(ckpt).as_posix(): meta["files"].get(f.relative_to(ckpt).as_posix()) for f in weight_files}
-    return drafter._replace(files=tuple(weight_files)), {
-        "source": str(ckpt.resolve()), "source_files": rel, "step": meta.get("step"), "stage": meta.get("stage"),
-        "config": meta.get("config"), "target_dir": str(target_dir)}
-
-
-def _resolve_target(target: str | None) -> Path:
-    if target is None:
-        raise UserError("cannot tell which target this drafter belongs to; pass --target default|DIR")
-    if target == "default":
-        from ppow_plugin import assets
-        return assets.default_target_dir(prepare=False)
-    p = Path(target)
-    if not (p / "config.json").is_file():
-        raise UserError(f"target {target} is not a model directory with config.json; pass --target default|DIR")
-    return p
-
-
-def _target_config(target_dir: Path) -> Any:
-    from transformers import AutoConfig
-    return AutoConfig.from_pretrained(str(target_dir))
-
-
-def _precheck_target(fmt: str, state: dict[str, torch.Tensor], target_cfg: Any, where: str) -> None:
-    """Engine state has no config.json: its sizes come from the target, so compare widths first."""
-    fc = state.get("fc.weight")
-    if fc is None or fc.dim() != 2:
-        return  # the key check reports it
-    width = fc.shape[0] if fmt == "eagle1" else fc.shape[1] // 3
-    if width != target_cfg.hidden_size:
-        raise UserError(f"{where}: hidden-size mismatch: the drafter expects target features of width {width}, "
-                        f"the target has hidden_size {target_cfg.hidden_size}; pass the target it was trained for")
-
-
-def _config_from_checkpoint(fmt: str, state: dict[str, torch.Tensor], target_cfg: Any) -> dict[str, Any]:
-    """Drafter config.json for engine state: the target's Llama fields, sizes read off the weights."""
-    from ppow_plugin import eagle_compat  # no host import: eagle1_config_dict only reads the config
-    config = eagle_compat.eagle1_config_dict(target_cfg, bias="fc.bias" in state)
-    if fmt == "eagle1":
-        config["num_hidden_layers"] = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("layers."))
-        return config
-    layer = {k.split(".", 2)[-1]: v for k, v in formats.normalise_eagle3(dict(state), []).items()
-             if k.startswith("midlayer.")}
-    head_dim = getattr(target_cfg, "head_dim", None) or target_cfg.hidden_size // target_cfg.num_attention_heads
-    hidden = state["norm.weight"].shape[0] if "norm.weight" in state else target_cfg.hidden_size
-    config.update(architectures=["LlamaForCausalLMEagle3"], hidden_size=hidden, head_dim=head_dim,
-                  intermediate_size=layer["gate_proj.weight"].shape[0] if "gate_proj.weight" in layer
-                  else target_cfg.intermediate_size,
-                  num_attention_heads=layer["q_proj.weight"].shape[0] // head_dim if "q_proj.weight" in layer
-                  else target_cfg.num_attention_heads,
-                  num_key_value_heads=layer["k_proj.weight"].shape[0] // head_dim if "k_proj.weight" in layer
-                  else target_cfg.num_key_value_heads)
-    if "lm_head.weight" in state:
-        config["draft_vocab_size"] = state["lm_head.weight"].shape[0]
-    if hidden != target_cfg.hidden_size:
-        config["target_hidden_size"] = target_cfg.hidden_size
-    return config
 
 
 def _target_embeddings(target_dir: str | None, d: formats.Dims) -> torch.Tensor:
@@ -376,19 +299,41 @@ def _write_eagle1_compact(tmp: Path, drafter: formats.LoadedDrafter, target_dir:
     save_file(weights, str(tmp / "model.safetensors"))
 
 
-def _write_eagle3(tmp: Path, drafter: formats.LoadedDrafter, target_dir: str | None) -> None:
-    """config.json (Llama + draft_vocab_size [+ target_hidden_size], LlamaForCausalLMEagle3) + safetensors."""
+def _eagle3_config(drafter: formats.LoadedDrafter) -> dict[str, Any]:
+    """The drafter's config with the fields every host needs (docs/export.md, "Host config rules")."""
     d = drafter.dims
     config = dict(drafter.config, architectures=["LlamaForCausalLMEagle3"], model_type="llama",
                   num_hidden_layers=1, draft_vocab_size=d.draft_vocab)
     config.pop("target_hidden_size", None)
     if d.target_hidden != d.hidden:
         config["target_hidden_size"] = d.target_hidden
-    _write_json(tmp / "config.json", config)
+    ids = config.get("eagle_aux_hidden_state_layer_ids")
+    if ids and "eagle_config" not in config:  # SGLang reads only this one, as layer outputs (host_configs)
+        config["eagle_config"] = {"use_aux_hidden_state": True,
+                                  "eagle_aux_hidden_state_layer_ids": [i - 1 for i in ids]}
+    return config
+
+
+def _write_eagle3(tmp: Path, drafter: formats.LoadedDrafter, target_dir: str | None) -> None:
+    """config.json (Llama + draft_vocab_size [+ target_hidden_size], LlamaForCausalLMEagle3) + safetensors."""
+    _write_json(tmp / "config.json", _eagle3_config(drafter))
     save_file(_cpu(drafter.state), str(tmp / "model.safetensors"))
 
 
-_WRITERS = {"eagle1": _write_eagle1, "eagle1-compact": _write_eagle1_compact, "eagle3": _write_eagle3}
+def _write_speculators(tmp: Path, drafter: formats.LoadedDrafter, target_dir: str | None) -> None:
+    """vLLM speculators layout: nested config.json (host_configs.to_speculators) + `layers.0.*` safetensors."""
+    architectures = []
+    if target_dir is not None and (Path(target_dir) / "config.json").is_file():
+        architectures = json.loads((Path(target_dir) / "config.json").read_text()).get("architectures") or []
+    verifier = {"name_or_path": target_dir, "architectures": architectures}
+    _write_json(tmp / "config.json", host_configs.to_speculators(_eagle3_config(drafter), verifier))
+    state = {("layers.0." + k[len("midlayer."):] if k.startswith("midlayer.") else k): v
+             for k, v in _cpu(drafter.state).items()}
+    save_file(state, str(tmp / "model.safetensors"))
+
+
+_WRITERS = {"eagle1": _write_eagle1, "eagle1-compact": _write_eagle1_compact, "eagle3": _write_eagle3,
+            "speculators": _write_speculators}
 
 
 def _export_meta(drafter: formats.LoadedDrafter, src: dict[str, Any], fmt: str, tau: float | None,

@@ -8,6 +8,9 @@ Formats (docs/export.md has the key tables and which engine reads which):
 - `eagle1-compact`: what training writes, `config.json` + `model.safetensors` without the embeddings
   (they are the target's, frozen) + `ppow_meta.json`.
 - `eagle3`: `config.json` (`LlamaForCausalLMEagle3`) + `model.safetensors` with exactly the EAGLE-3 keys.
+- `speculators`: vLLM's speculators layout of the same drafter: nested `config.json`
+  (`speculators_model_type: eagle3`, sizes under `transformer_layer_config`) + `layers.0.*` safetensors;
+  read by flattening the config (`host_configs.from_speculators`).
 
 Rules:
 1. The format is detected from the weights' keys, never from file names. Variant EAGLE-3 layer names
@@ -31,10 +34,11 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from ppow_plugin import host_configs
 from ppow_plugin.errors import UserError
 
 EMBED_KEY = "embed_tokens.weight"
-FORMATS = ("eagle1", "eagle1-compact", "eagle3")
+FORMATS = ("eagle1", "eagle1-compact", "eagle3", "speculators")
 _EAGLE3_LAYER_PREFIXES = ("midlayer.0.", "midlayers.0.", "layers.0.", "midlayer.")  # -> "midlayer."
 _DROPPABLE_SUFFIX = "rotary_emb.inv_freq"  # recomputed by every loader; EAGLE's trainer saves it anyway
 
@@ -51,7 +55,17 @@ def load_drafter_dir(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.
     return config, state
 
 
-def _read_config(p: Path) -> dict[str, Any]:
+def _read_config(p: Path, notes: list[str] | None = None) -> dict[str, Any]:
+    """config.json as a flat Llama drafter config (a speculators config is flattened and said so in `notes`)."""
+    config = _read_json_config(p)
+    if host_configs.is_speculators(config):
+        config = host_configs.from_speculators(config, where=str(p / "config.json"))
+        if notes is not None:
+            notes.append("read a vLLM speculators config (transformer_layer_config flattened)")
+    return config
+
+
+def _read_json_config(p: Path) -> dict[str, Any]:
     if not (p / "config.json").is_file():
         raise UserError(f"drafter dir {p} has no config.json; pass an EAGLE drafter directory")
     try:
@@ -331,6 +345,20 @@ class LoadedDrafter(NamedTuple):
         return text + (" " + " ".join(f"Note: {m}." for m in self.notes) if self.notes else "")
 
 
+def weights_digest(state: dict[str, torch.Tensor]) -> str:
+    """sha256 of a checked drafter's weights: sorted keys, shapes and values (floats as fp32), without
+    `embed_tokens.weight` (the target's, optional in every format). Equal for the same weights in any format,
+    so an eval report can name the drafter it measured (`ppow export --eval-report`)."""
+    import hashlib
+    h = hashlib.sha256()
+    for key in sorted(k for k in state if k != EMBED_KEY):
+        t = state[key].detach().cpu()
+        t = t.float() if t.is_floating_point() else t
+        h.update(f"{key}:{t.dtype}:{list(t.shape)};".encode())
+        h.update(t.contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
 def validate_drafter(fmt: str, config: dict[str, Any], state: dict[str, torch.Tensor], target_config: Any = None,
                      notes: list[str] | None = None, where: str = "drafter") -> LoadedDrafter:
     """Normalise names, reconcile `bias`, check every key and shape; returns the checked drafter."""
@@ -347,6 +375,10 @@ def validate_drafter(fmt: str, config: dict[str, Any], state: dict[str, torch.Te
                             f"draft_vocab_size is {d.draft_vocab}")
         if "lm_head.weight" in state:
             _fix_vocab_map(state, d, notes, where)
+        if config.get("rope_scaling"):
+            notes.append(f"config.json declares rope_scaling {config['rope_scaling']}: ppow's EAGLE-3 drafter "
+                         "trains with plain RoPE (rope_theta), as EAGLE main computes; SGLang/vLLM would apply "
+                         "the scaling")
         if config.get("num_hidden_layers", 1) != 1:
             notes.append(f"config.json says num_hidden_layers {config['num_hidden_layers']}; EAGLE-3 has one "
                          "layer and exports write 1 (engines would build that many)")
@@ -370,7 +402,7 @@ def load_drafter(path: str | Path, target_config: Any = None) -> LoadedDrafter:
     """
     p = Path(path)
     notes: list[str] = []
-    config = _read_config(p)
+    config = _read_config(p, notes)
     state, files = read_weights(p, notes)
     fmt = detect_format(state)
     loaded = validate_drafter(fmt, config, state, target_config, notes, where=str(p))

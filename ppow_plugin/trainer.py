@@ -343,7 +343,7 @@ class Trainer:
 
     def _resume(self) -> None:
         for ckpt in sorted((self.out_dir / "checkpoints").glob("step-??????"), reverse=True):
-            problem = _verify_checkpoint(ckpt)
+            problem = export.checkpoint_problem(ckpt)
             if problem:
                 print(f"warning: skipping checkpoint {ckpt.name}: {problem}", file=sys.stderr)
                 continue
@@ -402,21 +402,6 @@ def _remove_empty_dirs(out_dir: Path, created: Path | None) -> None:
                 return
         if p == created:
             return
-
-
-def _verify_checkpoint(ckpt: Path) -> str | None:
-    meta_path = ckpt / "meta.json"
-    if not meta_path.is_file():
-        return "meta.json missing"
-    try:
-        files = json.loads(meta_path.read_text())["files"]
-    except (json.JSONDecodeError, KeyError):
-        return "meta.json unreadable"
-    for rel, digest in files.items():
-        p = ckpt / rel
-        if not p.is_file() or export.sha256_file(p) != digest:
-            return f"{rel} missing or corrupt (hash mismatch)"
-    return None
 
 
 def _resolve_target(target: str) -> Path:

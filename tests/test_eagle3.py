@@ -186,27 +186,26 @@ LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "hi
                "original_max_position_embeddings": 64, "rope_theta": 5e5}
 
 
-def test_llama3_rope_matches_transformers_and_round_trips_in_config_json():
-    """Llama-3.1 targets: the drafter's frequencies are transformers' llama3 ones (the reference here), all three
-    bands are exercised (original context 64 with head_dim 16 puts wavelengths on both sides of 64/4 and 64/1),
-    and config.json carries the scaling for vLLM/SGLang."""
-    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+def test_llama3_target_gets_a_plain_rope_drafter_that_every_host_rotates_alike():
+    """Llama-3.1 targets: the drafter rotates with plain RoPE at the target's theta (transformers' plain
+    LlamaRotaryEmbedding is the reference), and each host, reading the written config, builds that same rotation
+    (host_configs: rules from EAGLE cnets.py, SGLang llama.py, vLLM llama.py). Can fail: had the drafter kept
+    the llama3 bands (transformers' llama3 LlamaRotaryEmbedding), its frequencies would differ from every host's."""
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
+    from ppow_plugin import host_configs
     from ppow_plugin.eagle3 import rope_inv_freq
     tc = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=4,
                      num_key_value_heads=2, max_position_embeddings=256, rope_scaling=dict(LLAMA3_ROPE))
     cfg = Eagle3Config.from_target_config(tc, 64)
-    ref, _ = ROPE_INIT_FUNCTIONS["llama3"](tc, "cpu")
-    ours = rope_inv_freq(cfg)
-    torch.testing.assert_close(ours, ref.float(), rtol=1e-6, atol=0)
-    plain = rope_inv_freq(Eagle3Config.from_target_config(_target_config(), 64))
-    wavelen = 2 * torch.pi / (1.0 / 5e5 ** (torch.arange(0, 16, 2) / 16))
-    kept, divided = wavelen < 64 / 4, wavelen > 64 / 1
-    assert kept.any() and divided.any() and (~kept & ~divided).any()  # all three bands present
-    assert not torch.allclose(ours, plain)
-    rope = cfg.to_hf_dict()["rope_parameters"]
-    assert rope == LLAMA3_ROPE and cfg.to_hf_dict()["rope_scaling"] == LLAMA3_ROPE
-    assert "rope_scaling" not in Eagle3Config.from_target_config(_target_config(), 64).to_hf_dict()
+    plain_tc = LlamaConfig(**{**tc.to_dict(), "rope_scaling": None, "rope_parameters": None, "rope_theta": 5e5})
+    torch.testing.assert_close(rope_inv_freq(cfg), LlamaRotaryEmbedding(plain_tc).inv_freq.float(), rtol=1e-6, atol=0)
+    assert not torch.allclose(rope_inv_freq(cfg), LlamaRotaryEmbedding(tc).inv_freq.float())
+    hf = cfg.to_hf_dict()
+    assert hf["rope_scaling"] is None and hf["rope_theta"] == 5e5
+    assert {host_configs.host_rotation(h, hf) for h in host_configs.HOSTS} == {("default", 5e5)}
+    old = dict(hf, rope_scaling=dict(LLAMA3_ROPE))  # what the trainer wrote before: SGLang/vLLM would scale
+    assert host_configs.host_rotation("sglang", old) == ("llama3", 5e5) and host_configs.host_problems(old)["eagle"]
 
 
 def test_unsupported_rope_scaling_is_refused():
@@ -217,11 +216,11 @@ def test_unsupported_rope_scaling_is_refused():
 
 
 @pytest.mark.parametrize("name", ["llama-3.1-8b-instruct", "llama-3.3-70b-instruct", "deepseek-r1-distill-llama-8b"])
-def test_llama3_family_configs_give_a_scaled_drafter_config(name):
+def test_llama3_family_configs_give_a_plain_rope_drafter_config(name):
     from pathlib import Path
 
     from transformers import AutoConfig
     tc = AutoConfig.from_pretrained(Path(__file__).parent / "fixtures" / "configs" / name)
     cfg = Eagle3Config.from_target_config(tc, 32000)
-    assert (cfg.rope_type, cfg.rope_factor, cfg.rope_original_max_position) == ("llama3", 8.0, 8192)
+    assert cfg.rope_theta == 500000.0 and cfg.to_hf_dict()["rope_scaling"] is None
     assert cfg.feature_layer_ids == (2, tc.num_hidden_layers // 2, tc.num_hidden_layers - 3)

@@ -176,6 +176,10 @@ def test_eval_end_to_end_deterministic_and_lossless(tiny: dict[str, Path], fake_
     saved = json.loads((tmp_path / "out" / "report.json").read_text())
     assert saved["stats"]["overall"]["tau"] == pytest.approx(overall.tau)
     assert "| overall |" in (tmp_path / "out" / "summary.md").read_text()
+    # the report names the weights it measured, so `ppow export --eval-report` accepts it for this drafter
+    host_weights = formats.load_drafter(tiny["host"]).state  # the same weights in another format
+    assert saved["settings"]["drafter_weights_sha256"] == formats.weights_digest(host_weights)
+    export.export(tiny["compact"], tmp_path / "exp", "eagle1-compact", eval_report=tmp_path / "out" / "report.json")
 
 
 @needs_host

@@ -8,6 +8,7 @@ the output directory was never created.
 import copy
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -31,7 +32,7 @@ def _make_target(out_dir: Path, hidden: int = HIDDEN) -> LlamaForCausalLM:
     from transformers import PreTrainedTokenizerFast
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=6,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
                          rope_theta=1e5, bos_token_id=0, eos_token_id=1, tie_word_embeddings=False)
     model = LlamaForCausalLM(config).eval()
@@ -196,13 +197,18 @@ def test_exported_eagle1_loads_in_host_with_every_key(world: dict, tmp_path: Pat
 
 
 def test_compact_to_host_takes_target_embeddings(world: dict, tmp_path: Path) -> None:
+    """From --target, else from the target the dir's ppow_meta.json records; with neither, refused."""
     compact, _ = export.export(world["runs"][("eagle1", "torch0")], tmp_path / "compact", "eagle1-compact")
+    recorded, _ = export.export(compact, tmp_path / "recorded", "eagle1")
+    meta = json.loads((compact / "ppow_meta.json").read_text())
+    (compact / "ppow_meta.json").write_text(json.dumps(dict(meta, target=None)))
     with pytest.raises(UserError, match="pass --target"):
         export.export(compact, tmp_path / "host", "eagle1")
     _assert_nothing_written(tmp_path / "host")
     host, _ = export.export(compact, tmp_path / "host", "eagle1", target=str(world["target_dir"]))
-    written = torch.load(host / "pytorch_model.bin", weights_only=True)
-    assert torch.equal(written[formats.EMBED_KEY], world["target"].get_input_embeddings().weight)
+    for out in (host, recorded):
+        written = torch.load(out / "pytorch_model.bin", weights_only=True)
+        assert torch.equal(written[formats.EMBED_KEY], world["target"].get_input_embeddings().weight)
 
 
 @pytest.mark.parametrize("prefix", ["midlayer.", "midlayer.0.", "layers.0."])
@@ -306,9 +312,17 @@ def test_refuses_existing_out_dir_without_force(world: dict, tmp_path: Path) -> 
     assert not (out / "keep.txt").exists() and (out / "pytorch_model.bin").is_file()
 
 
+def _report(path: Path, tau: float, weights: dict[str, torch.Tensor] | None, drafter: str = "d") -> Path:
+    """A `ppow eval` report.json; `weights` given: it records their weight hash, as `ppow eval` does."""
+    settings = {"drafter": drafter}
+    if weights is not None:
+        settings["drafter_weights_sha256"] = formats.weights_digest(weights)
+    path.write_text(json.dumps({"settings": settings, "stats": {"overall": {"tau": tau}}}))
+    return path
+
+
 def test_tau_gate_and_cli(world: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    report = tmp_path / "report.json"
-    report.write_text(json.dumps({"stats": {"overall": {"tau": 2.5}}}))
+    report = _report(tmp_path / "report.json", 2.5, world["drafter"].state_dict())
     run, out = world["runs"][("eagle1", "torch0")], tmp_path / "out"
     argv = ["export", str(run), str(out), "--format", "eagle1", "--min-tau", "3.0", "--eval-report", str(report)]
     assert cli.main(argv) == 2
@@ -321,9 +335,229 @@ def test_tau_gate_and_cli(world: dict, tmp_path: Path, capsys: pytest.CaptureFix
     assert "EAGLE-1/2 drafter, hidden 64" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("case", ["other drafter", "no hash", "same drafter"])
+def test_eval_report_must_be_for_the_exported_weights(world: dict, tmp_path: Path, case: str) -> None:
+    """Issue 16: a report made for another drafter passed the gate. Now its weight hash must match the source's,
+    even with --force; the same weights pass (the can-fail side: the check is not a blanket refusal)."""
+    weights = dict(world["drafter"].state_dict())
+    if case == "other drafter":
+        weights["fc.bias"] = weights["fc.bias"] + 1e-3
+    report = _report(tmp_path / "r.json", 4.0, None if case == "no hash" else weights, drafter="runs/other/drafter")
+    args = (world["runs"][("eagle1", "torch0")], tmp_path / "out", "eagle1")
+    if case == "same drafter":
+        export.export(*args, min_tau=3.0, eval_report=report)
+        assert json.loads((tmp_path / "out" / "ppow_meta.json").read_text())["tau_gate"] == "passed"
+        return
+    match = "was made for other weights" if case == "other drafter" else "records no drafter weight hash"
+    _refuse(match + r".*run `ppow eval --drafter", *args, min_tau=3.0, eval_report=report, force=True)
+
+
 def test_refuses_eagle1_as_eagle3(world: dict, tmp_path: Path) -> None:
     _refuse("can only be exported as eagle1 or eagle1-compact", world["runs"][("eagle1", "torch0")],
             tmp_path / "out", "eagle3")
+
+
+# ---------------------------------------------------------------------------------------------------
+# one drafter, one config: a Llama-3.1-shaped EAGLE-3 run (llama3 rope scaling, 6 layers) as the trainer writes it
+
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 64, "rope_theta": 5e5}
+
+
+@pytest.fixture(scope="module")
+def llama3_run(tmp_path_factory: pytest.TempPathFactory, world: dict) -> dict:
+    """`<run>/drafter` written by the trainer's writer (save_eagle3_dir + Eagle3Config.to_hf_dict, drafters.py)
+    and `<run>/checkpoints/step-000003` (engine.pt) holding the same weights."""
+    from ppow_plugin.eagle3 import Eagle3Config, Eagle3Drafter, build_vocab_map
+    base = tmp_path_factory.mktemp("llama3")
+    target_dir = base / "target"
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=128, num_hidden_layers=6,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         rope_scaling=dict(LLAMA3_ROPE), bos_token_id=0, eos_token_id=1, tie_word_embeddings=False)
+    LlamaForCausalLM(config).save_pretrained(target_dir)
+    cfg = Eagle3Config.from_target_config(config, DRAFT_VOCAB)
+    drafter = Eagle3Drafter(cfg).eval()
+    drafter.set_vocab_map(*build_vocab_map(torch.arange(VOCAB).float() % 7, DRAFT_VOCAB))
+    run = _checkpoint(base / "run", drafter, "torch", 0, target_dir)
+    export.save_eagle3_dir(run / "drafter", drafter.state_dict(), cfg.to_hf_dict(),
+                           {"step": 3, "target": str(target_dir)})
+    return {"run": run, "target_dir": target_dir, "drafter": drafter, "cfg": cfg}
+
+
+def _exports(src_dirs: dict[str, Path], out: Path, fmt: str, **kwargs) -> dict[str, tuple[bytes, dict]]:
+    result = {}
+    for name, src in src_dirs.items():
+        done, _ = export.export(src, out / name, fmt, **kwargs)
+        weights = next(p for p in done.iterdir() if p.name in ("model.safetensors", "pytorch_model.bin"))
+        state = load_file(str(weights)) if weights.suffix == ".safetensors" else torch.load(weights, weights_only=True)
+        result[name] = ((done / "config.json").read_bytes(), state)
+    return result
+
+
+def _assert_identical(exports: dict[str, tuple[bytes, dict]]) -> None:
+    (config, state), *others = exports.values()
+    for other_config, other_state in others:
+        assert other_config == config
+        assert set(other_state) == set(state) and all(torch.equal(other_state[k], v) for k, v in state.items())
+
+
+@pytest.mark.parametrize("fmt", ["eagle3", "speculators"])
+def test_eagle3_run_checkpoint_and_drafter_dir_export_identically(llama3_run: dict, world: dict, tmp_path: Path,
+                                                                  fmt: str) -> None:
+    run = llama3_run["run"]
+    sources = {"run": run, "checkpoint": run / "checkpoints" / "step-000003", "drafter": run / "drafter"}
+    exports = _exports(sources, tmp_path, fmt)
+    _assert_identical(exports)
+    config = json.loads(exports["run"][0])
+    flat = config if fmt == "eagle3" else dict(config["transformer_layer_config"], **config)
+    assert flat["eagle_aux_hidden_state_layer_ids"] == [2, 3, 3] and flat["tie_word_embeddings"] is False
+    assert flat["rope_theta"] == 5e5 and flat.get("rope_scaling") is None
+    if fmt == "eagle3":
+        assert config["eagle_config"]["eagle_aux_hidden_state_layer_ids"] == [1, 2, 2]
+    # can fail: the same weights rebuilt against another target (rope_theta 1e5) give another config
+    other = _exports({"checkpoint": sources["checkpoint"]}, tmp_path / "other", fmt, target=str(world["target_dir"]))
+    with pytest.raises(AssertionError):
+        _assert_identical({"run": exports["run"], **other})
+
+
+@pytest.mark.parametrize("fmt", ["eagle1", "eagle1-compact"])
+def test_eagle1_run_checkpoint_and_drafter_dir_export_identically(world: dict, tmp_path: Path, fmt: str) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(world["runs"][("eagle1", "torch0")], run)
+    export.save_drafter_dir(run / "drafter", world["drafter"].state_dict(),
+                            eagle_compat.eagle1_config_dict(world["target"].config, bias=True),
+                            {"step": 3, "target": str(world["target_dir"])})
+    sources = {"run": run, "checkpoint": run / "checkpoints" / "step-000003", "drafter": run / "drafter"}
+    _assert_identical(_exports(sources, tmp_path / "out", fmt))
+
+
+# Host rules (ppow_plugin/host_configs.py), re-written from: SafeAILab/EAGLE eagle/model/configs.py and
+# eagle/model/cnets.py; sgl-project/sglang python/sglang/srt/models/llama_eagle3.py, models/llama.py and the
+# model runner's eagle_config read; vllm-project/vllm vllm/model_executor/models/llama_eagle3.py, registry.py,
+# v1/worker/gpu_model_runner.py (_get_eagle3_aux_layers_from_config), transformers_utils/configs/speculators/.
+BROKEN = {
+    "llama3 rope_scaling (what the trainer wrote before)": ("eagle", {"rope_scaling": dict(LLAMA3_ROPE)}),
+    "head_dim EAGLE cannot build (Qwen3-32B-like)": ("eagle", {"head_dim": 96}),  # 4096 // 32 = 128
+    "no rope_theta": ("eagle", {"rope_theta": None}),
+    "EAGLE-1 architecture": ("sglang", {"architectures": ["LlamaForCausalLM"]}),
+    "tied head": ("sglang", {"tie_word_embeddings": True}),
+    "no draft_vocab_size": ("sglang", {"draft_vocab_size": None}),
+    "bias": ("vllm", {"bias": True}),
+    "norm_before_residual": ("vllm", {"norm_before_residual": True}),
+}
+
+
+def _llama31_config() -> tuple[dict, int]:
+    from transformers import AutoConfig
+
+    from ppow_plugin.eagle3 import Eagle3Config
+    tc = AutoConfig.from_pretrained(Path(__file__).parent / "fixtures" / "configs" / "llama-3.1-8b-instruct")
+    return Eagle3Config.from_target_config(tc, 32000).to_hf_dict(), tc.num_hidden_layers
+
+
+def test_llama31_eagle3_config_is_read_as_trained_by_every_host() -> None:
+    """Accepted by EAGLE, SGLang and vLLM; each rotates with the drafter's plain RoPE at theta 500000 and feeds
+    the drafter's aux layers (2, 16, 29) (SGLang through eagle_config's output-indexed ids)."""
+    from eagle.model.configs import EConfig  # eagle-llm's EConfig: the same rope_scaling check as EAGLE main
+
+    from ppow_plugin import host_configs
+    config, layers = _llama31_config()
+    assert host_configs.host_problems(config) == {"eagle": [], "sglang": [], "vllm": []}
+    for host in host_configs.HOSTS:
+        assert host_configs.host_rotation(host, config) == ("default", 500000.0)
+        assert host_configs.host_aux_layers(host, config, layers) == (2, 16, 29)
+    EConfig(**{k: v for k, v in config.items() if k != "rope_parameters"})  # the real validator accepts it
+
+
+@pytest.mark.parametrize("case", list(BROKEN))
+def test_host_rules_catch_what_each_host_refuses_or_misreads(case: str) -> None:
+    from ppow_plugin import host_configs
+    host, change = BROKEN[case]
+    config = {k: v for k, v in {**_llama31_config()[0], **change}.items() if v is not None}
+    assert host_configs.host_problems(config)[host], case
+    if case.startswith("llama3"):
+        from eagle.model.configs import EConfig
+        with pytest.raises(ValueError, match="rope_scaling"):  # the real validator agrees with the rule
+            EConfig(**{k: v for k, v in config.items() if k != "rope_parameters"})
+
+
+def test_sglang_reads_eagle_config_ids_as_layer_outputs() -> None:
+    from ppow_plugin import host_configs
+    config, layers = _llama31_config()
+    unshifted = dict(config, eagle_config={"eagle_aux_hidden_state_layer_ids": [2, 16, 29]})
+    assert host_configs.host_aux_layers("sglang", unshifted, layers) == (3, 17, 30)  # one layer late
+    assert host_configs.host_aux_layers("vllm", unshifted, layers) == (2, 16, 29)  # top-level key wins
+
+
+def test_speculators_round_trip_gives_equal_logits(llama3_run: dict, tmp_path: Path) -> None:
+    from ppow_plugin.eagle3 import Eagle3Drafter
+    spec, _ = export.export(llama3_run["run"] / "drafter", tmp_path / "spec", "speculators")
+    config = json.loads((spec / "config.json").read_text())
+    # the fields vLLM's speculators reader requires (validate_speculators_config / update_eagle3)
+    assert config["speculators_model_type"] == "eagle3" and config["norm_before_residual"] is False
+    assert config["speculators_config"]["proposal_methods"][0]["speculative_tokens"] >= 1
+    assert config["speculators_config"]["verifier"]["name_or_path"] == str(llama3_run["target_dir"])
+    assert any(k.startswith("layers.0.") for k in load_file(str(spec / "model.safetensors")))
+    loaded = formats.load_drafter(spec, llama3_run["target_dir"])
+    back = Eagle3Drafter(llama3_run["cfg"]).eval()
+    back.load_state_dict(loaded.state, strict=True)
+    g = torch.Generator().manual_seed(3)
+    hidden, ids = torch.randn(1, 5, 3 * HIDDEN, generator=g), torch.randint(0, VOCAB, (1, 5), generator=g)
+    with torch.no_grad():
+        assert torch.equal(back(hidden, ids)[1], llama3_run["drafter"](hidden, ids)[1])
+    again, _ = export.export(spec, tmp_path / "eagle3", "eagle3")  # speculators in -> the same eagle3 config
+    direct, _ = export.export(llama3_run["run"] / "drafter", tmp_path / "direct", "eagle3")
+    assert (again / "config.json").read_bytes() == (direct / "config.json").read_bytes()
+
+
+@pytest.mark.parametrize("change, match", [({"norm_before_residual": True}, "sets norm_before_residual"),
+                                           ({"transformer_layer_config": None}, "without a transformer_layer_config")])
+def test_speculators_configs_ppow_cannot_compute_are_refused(llama3_run: dict, tmp_path: Path, change: dict,
+                                                             match: str) -> None:
+    spec, _ = export.export(llama3_run["run"] / "drafter", tmp_path / "spec", "speculators")
+    config = json.loads((spec / "config.json").read_text())
+    (spec / "config.json").write_text(json.dumps(dict(config, **change)))
+    with pytest.raises(UserError, match=match + ".*"):
+        formats.load_drafter(spec)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_exported_files_are_readable_as_umask_allows(world: dict, tmp_path: Path, umask: int) -> None:
+    old = os.umask(umask)
+    try:
+        out, _ = export.export(world["runs"][("eagle1", "torch0")], tmp_path / "out", "eagle1-compact")
+    finally:
+        os.umask(old)
+    assert {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()} == dict.fromkeys(
+        ("config.json", "model.safetensors", "ppow_meta.json"), 0o666 & ~umask)  # safetensors alone writes 0600
+
+
+@pytest.mark.parametrize("out", [".", "a/..", "..", "/"])
+def test_output_that_is_the_cwd_or_a_parent_is_refused_before_any_work(world: dict, tmp_path: Path, out: str,
+                                                                       monkeypatch: pytest.MonkeyPatch,
+                                                                       capsys: pytest.CaptureFixture) -> None:
+    """Issue 16: `ppow export SRC . --force` did the work, then raised ValueError and left a `..tmp-*` dir."""
+    work = tmp_path / "work"
+    (work / "a").mkdir(parents=True)
+    (work / "notes.txt").write_text("mine")
+    monkeypatch.chdir(work)
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    argv = ["export", str(world["runs"][("eagle1", "torch0")]), out, "--format", "eagle1", "--force"]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: output") and "current directory or one of its parents" in err and err.count("\n") == 1
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+
+
+def test_output_path_with_dot_dot_components_is_resolved(world: dict, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Can-fail side of the test above: 'a/../out' is a fine new directory once resolved."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a").mkdir()
+    assert cli.main(["export", str(world["runs"][("eagle1", "torch0")]), "a/../out", "--format", "eagle1"]) == 0
+    assert (tmp_path / "out" / "pytorch_model.bin").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "out"]
 
 
 # ---------------------------------------------------------------------------------------------------
