@@ -145,11 +145,12 @@ class Dims(NamedTuple):
     target_hidden: int  # EAGLE-3 width of each of the 3 target features
 
 
-def config_dims(config: dict[str, Any], fmt: str) -> Dims:
-    """Sizes from a drafter `config.json`. Raises UserError naming a missing field."""
+def config_dims(config: dict[str, Any], fmt: str, where: str = "drafter") -> Dims:
+    """Sizes from a drafter `config.json`. Raises UserError naming the dir and a missing field."""
     def need(key: str) -> int:
         if not isinstance(config.get(key), int):
-            raise UserError(f"drafter config.json lacks an integer \"{key}\"; it must list the Llama sizes")
+            raise UserError(f"{where}: {fmt} config.json lacks an integer \"{key}\"; it must list the Llama sizes "
+                            "(flat, or a speculators config with transformer_layer_config)")
         return config[key]
 
     hidden, heads = need("hidden_size"), need("num_attention_heads")
@@ -368,7 +369,7 @@ def validate_drafter(fmt: str, config: dict[str, Any], state: dict[str, torch.Te
         state = normalise_eagle3(state, notes)
     bias = _reconcile_bias(config, state, fmt, notes)
     config = dict(config, bias=bias)
-    d = config_dims(config, fmt)
+    d = config_dims(config, fmt, where)
     if fmt == "eagle3":
         if "lm_head.weight" in state and state["lm_head.weight"].shape[0] != d.draft_vocab:
             raise UserError(f"{where}: lm_head has {state['lm_head.weight'].shape[0]} rows but config.json "
