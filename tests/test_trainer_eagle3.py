@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from ppow_plugin import drafters, eagle3, export, formats, patching, rollout, trainer
 from ppow_plugin.config import RolloutCfg, load_config
@@ -77,6 +78,14 @@ def test_eagle3_export_roundtrip_gives_identical_outputs(tmp_path):
     # ppow export from the run's checkpoint writes the same eagle3 layout
     dst, _ = export.export(tmp_path / "run-sft", tmp_path / "exported", "eagle3")
     assert torch.equal(formats.load_drafter(dst).state["d2t"], loaded.state["d2t"])
+    # one drafter, one config: its newest checkpoint and the trainer's drafter dir export byte-identical configs
+    ckpt = sorted((tmp_path / "run-sft" / "checkpoints").glob("step-*"))[-1]
+    written = load_file(str(dst / "model.safetensors"))
+    for i, src in enumerate((ckpt, out)):
+        other, _ = export.export(src, tmp_path / f"exported-{i}", "eagle3")
+        assert (other / "config.json").read_bytes() == (dst / "config.json").read_bytes()
+        again = load_file(str(other / "model.safetensors"))
+        assert set(again) == set(written) and all(torch.equal(v, written[k]) for k, v in again.items())
 
 
 @pytest.mark.parametrize("engine", ["torch", "deepspeed"])
