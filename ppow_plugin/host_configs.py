@@ -172,6 +172,18 @@ def from_speculators(config: dict[str, Any], where: str) -> dict[str, Any]:
     return flat
 
 
+def vllm_speculators_view(config: dict[str, Any]) -> dict[str, Any]:
+    """The flat config vLLM builds from a speculators `eagle3` config.json (vllm/transformers_utils/configs/
+    speculators/base.py + algos.py `update_eagle3`): `transformer_layer_config`, plus `draft_vocab_size`,
+    `target_hidden_size` and `eagle_aux_hidden_state_layer_ids` when set, `norm_before_residual` defaulting
+    to **true**, `norm_before_fc` to false, and `architectures: ["Eagle3LlamaForCausalLM"]`."""
+    view = dict(config.get("transformer_layer_config") or {})
+    view.update({k: config[k] for k in _SPECULATOR_TOP if config.get(k) is not None})
+    view.update(norm_before_residual=config.get("norm_before_residual", True),
+                norm_before_fc=config.get("norm_before_fc", False), architectures=["Eagle3LlamaForCausalLM"])
+    return view
+
+
 def to_speculators(config: dict[str, Any], verifier: dict[str, Any]) -> dict[str, Any]:
     """The flat EAGLE-3 config -> speculators `eagle3` layout (what its `Eagle3SpeculatorConfig` writes).
 

@@ -491,6 +491,7 @@ def test_sglang_reads_eagle_config_ids_as_layer_outputs() -> None:
 
 
 def test_speculators_round_trip_gives_equal_logits(llama3_run: dict, tmp_path: Path) -> None:
+    from ppow_plugin import host_configs
     from ppow_plugin.eagle3 import Eagle3Drafter
     spec, _ = export.export(llama3_run["run"] / "drafter", tmp_path / "spec", "speculators")
     config = json.loads((spec / "config.json").read_text())
@@ -499,6 +500,10 @@ def test_speculators_round_trip_gives_equal_logits(llama3_run: dict, tmp_path: P
     assert config["speculators_config"]["proposal_methods"][0]["speculative_tokens"] >= 1
     assert config["speculators_config"]["verifier"]["name_or_path"] == str(llama3_run["target_dir"])
     assert any(k.startswith("layers.0.") for k in load_file(str(spec / "model.safetensors")))
+    view = host_configs.vllm_speculators_view(config)  # what vLLM makes of it: accepted, same aux layers
+    assert host_configs.host_problems(view)["vllm"] == [] and host_configs.host_aux_layers("vllm", view, 6) == (2, 3, 3)
+    silent = {k: v for k, v in config.items() if k != "norm_before_residual"}  # can fail: vLLM's default is true
+    assert host_configs.host_problems(host_configs.vllm_speculators_view(silent))["vllm"]
     loaded = formats.load_drafter(spec, llama3_run["target_dir"])
     back = Eagle3Drafter(llama3_run["cfg"]).eval()
     back.load_state_dict(loaded.state, strict=True)
