@@ -27,7 +27,7 @@ from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from ppow_plugin import drafter_source, formats, host_configs
-from ppow_plugin.drafter_source import checkpoint_problem, sha256_file  # noqa: F401  (re-exported)
+from ppow_plugin.drafter_source import sha256_file
 from ppow_plugin.errors import DiskFull, UserError, is_disk_full
 
 

@@ -33,7 +33,8 @@ import numpy as np
 import torch
 
 import ppow_plugin
-from ppow_plugin import distributed, drafters, eagle_compat, export, losses, rewards, rollout, windowing
+from ppow_plugin import (distributed, drafter_source, drafters, eagle_compat, export, losses, rewards, rollout,
+                         windowing)
 from ppow_plugin.config import Config, config_to_dict
 from ppow_plugin.data import TrainingData, build_training_samples
 from ppow_plugin.errors import DiskFull, UserError, is_disk_full
@@ -343,7 +344,7 @@ class Trainer:
 
     def _resume(self) -> None:
         for ckpt in sorted((self.out_dir / "checkpoints").glob("step-??????"), reverse=True):
-            problem = export.checkpoint_problem(ckpt)
+            problem = drafter_source.checkpoint_problem(ckpt)
             if problem:
                 print(f"warning: skipping checkpoint {ckpt.name}: {problem}", file=sys.stderr)
                 continue

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ppow_plugin import drafters, eagle_compat, export, formats, patching, trainer
+from ppow_plugin import drafter_source, drafters, eagle_compat, export, formats, patching, trainer
 from ppow_plugin.cli import main as cli_main
 from ppow_plugin.config import load_config
 from ppow_plugin.errors import UserError, is_disk_full
@@ -129,7 +129,7 @@ def test_disk_full_while_saving_a_checkpoint(tmp_path, monkeypatch, capsys):
                         r"removed and step-000002 is intact: free space .* run.output_dir .* run.resume=true", err)
     ckpts = run / "checkpoints"
     assert sorted(p.name for p in ckpts.iterdir()) == ["step-000001", "step-000002"]  # no step-000003.tmp
-    assert export.checkpoint_problem(ckpts / "step-000002") is None
+    assert drafter_source.checkpoint_problem(ckpts / "step-000002") is None
     assert not (run / "drafter").exists()
     monkeypatch.undo()  # space freed: resume continues from the intact checkpoint
     code, _ = ppow(capsys, "sft", str(recipe), "run.resume=true")
@@ -152,7 +152,7 @@ def test_disk_full_while_exporting_the_drafter(tmp_path, monkeypatch, capsys):
                           "drafter there is unchanged and the checkpoints are intact: free space")
     assert {p.name: p.read_bytes() for p in (run / "drafter").iterdir()} == before
     assert not list(run.glob(".drafter.tmp-*"))
-    assert export.checkpoint_problem(run / "checkpoints" / "step-000003") is None
+    assert drafter_source.checkpoint_problem(run / "checkpoints" / "step-000003") is None
     # `ppow export` to a new dir: nothing written
     code, err = ppow(capsys, "export", str(run), str(tmp_path / "out"), "--format", "eagle1-compact")
     assert code == 2 and err.startswith(f"error: disk full while writing {tmp_path / 'out'}; nothing was written")
