@@ -20,15 +20,34 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import sys
 
 from ppow_plugin.errors import UserError
 
 
 def _cmd_validate(args) -> int:
-    from ppow_plugin.config import config_to_dict, load_config
+    from ppow_plugin import plan
+    from ppow_plugin.config import config_to_dict, input_paths, load_config
     cfg = load_config(args.recipe, args.overrides)
+    if cfg.stage == "ppow" and cfg.model.drafter is None:
+        raise UserError("stage=ppow starts from a drafter: set model.drafter=<drafter dir> "
+                        "(e.g. assets/drafters/smollm2-135m-eagle1-sft), or use stage=sft to train one")
+    paths = input_paths(cfg)
+    bad = [(key, p) for key, p in paths.items() if p.problem]
+    if bad and not args.no_path_check:
+        key, p = bad[0]
+        raise UserError(f"{key}={p.value}: {p.path} {p.problem} (relative paths resolve against the current "
+                        "directory); fix the path, or pass --no-path-check to check keys and values only")
+    note = None
+    if "model.target" not in dict(bad) or plan.known_config(cfg.model.target):
+        arch, note = plan.load_target_arch(cfg)
+        plan.check_against_target(cfg, arch)
     print(json.dumps(config_to_dict(cfg), indent=2))
+    for key, p in paths.items():
+        print(f"{key}: {p.path}" + (f" ({p.problem}; not checked)" if p.problem else ""), file=sys.stderr)
+    if note:
+        print(note, file=sys.stderr)
     print(f"ok: {args.recipe} is a valid {cfg.stage} recipe", file=sys.stderr)
     return 0
 
@@ -205,11 +224,14 @@ def _cmd_plan(args) -> int:
     from ppow_plugin import plan
     from ppow_plugin.config import load_config
     from ppow_plugin.distributed import deepspeed_config
+    hw = plan.Hardware(args.gpus, args.nodes, args.gpu_memory_gb, args.tflops)
     cfg = load_config(args.recipe, args.overrides)
-    arch = plan.load_target_arch(cfg, args.target_config, args.target_field)
-    result = plan.plan_memory(cfg, arch, args.gpus, args.nodes)
-    print(plan.format_plan(cfg, arch, result, deepspeed_config(cfg, args.gpus * args.nodes),
-                           args.gpu_memory_gb, args.tflops))
+    arch, note = plan.load_target_arch(cfg, args.target_config, args.target_field)
+    plan.check_against_target(cfg, arch)
+    result = plan.plan_memory(cfg, arch, hw.gpus, hw.nodes)
+    if note:
+        print(note)
+    print(plan.format_plan(cfg, arch, result, deepspeed_config(cfg, hw.gpus * hw.nodes), hw.gpu_memory_gb, hw.tflops))
     return 0
 
 
@@ -221,11 +243,12 @@ def _add_plan_command(sub) -> None:
     sp.add_argument("--gpus", type=int, default=1, help="GPUs per node")
     sp.add_argument("--nodes", type=int, default=1)
     sp.add_argument("--target-config", default=None,
-                    help="target config.json or its dir (default: model.target's; tests/fixtures/configs/ has stand-ins)")
+                    help="target config.json or its dir (default: model.target's, else the packaged known config "
+                         "of the same name, ppow_plugin/known_configs/)")
     sp.add_argument("--target-field", action="append", default=[], metavar="KEY=VALUE",
                     help="set/override a config.json size, e.g. num_hidden_layers=80 (repeatable)")
-    sp.add_argument("--gpu-memory-gb", type=float, default=80.0, help="warn above this many GB per device")
-    sp.add_argument("--tflops", type=float, default=200.0, help="achieved TFLOP/s per device for the time bound")
+    sp.add_argument("--gpu-memory-gb", type=float, default=80.0, help="warn above this many GB per device (> 0)")
+    sp.add_argument("--tflops", type=float, default=200.0, help="achieved TFLOP/s per device for the time bound (> 0)")
     sp.set_defaults(fn=_cmd_plan)
 
 
@@ -241,7 +264,11 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-5")
         return sp
 
-    recipe_cmd("validate", "check a recipe without loading models").set_defaults(fn=_cmd_validate)
+    sp = recipe_cmd("validate", "check a recipe without loading models (also that its paths exist)")
+    sp.add_argument("--no-path-check", action="store_true",
+                    help="check keys and values only (a recipe for another machine; relative paths resolve "
+                         "against the current directory)")
+    sp.set_defaults(fn=_cmd_validate)
     recipe_cmd("sft", "supervised drafter training").set_defaults(fn=lambda a: _cmd_train(a, "sft"))
     recipe_cmd("train", "PPOW training").set_defaults(fn=lambda a: _cmd_train(a, "ppow"))
     sp = sub.add_parser("prepare", help="convert an embedded target (default SmolLM2) into the cache")
@@ -264,6 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        _refuse_non_finite(args)
         return args.fn(args)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -271,6 +299,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def _refuse_non_finite(args) -> None:
+    """No float flag takes nan or inf (argparse's `type=float` accepts both)."""
+    for dest, value in vars(args).items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"--{dest.replace('_', '-')} {value}: must be a finite number")
 
 
 if __name__ == "__main__":

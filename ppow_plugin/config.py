@@ -4,10 +4,15 @@
 
 Rules:
 1. Every knob is a typed dataclass field with a default and a comment; there is no `cfg.get`.
-2. Unknown keys are rejected with the nearest valid name (`difflib`), values are type-checked, and
-   `__post_init__` checks invariants. All of these surface as one-line `UserError`s.
+2. Unknown keys are rejected with the nearest valid name (`difflib`), values are type-checked (a float
+   must be finite: nan/inf are refused here, once, for every field), and each dataclass's
+   `__post_init__` checks the range of every one of its fields. All surface as one-line `UserError`s.
 3. Dotted `section.field=value` overrides go through the same path as the YAML (values parsed as YAML
    scalars, so `run.max_steps=20` is an int and `model.drafter=null` is None).
+4. A recipe file must be UTF-8 YAML without duplicate keys and not empty (`recipe_file.read_recipe`).
+5. Relative paths in a recipe (model.target, model.drafter, data.path, reward.gamma_profile,
+   run.output_dir) resolve against the current working directory; `input_paths` lists the absolute
+   paths that `ppow validate` checks.
 Defaults marked [paper] come from PPOW (arXiv 2605.14978) as far as it is known; [default] marks our
 own choice where the paper is silent (docs/algorithm.md says why).
 """
@@ -16,17 +21,39 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import yaml
 
 from ppow_plugin.errors import UserError
+from ppow_plugin.recipe_file import DuplicateKey, parse_yaml, read_recipe
 
 Dtype = Literal["fp32", "bf16"]
+SEED_MAX = 2**32 - 1  # NumPy's seed range, the narrowest of the three RNGs we seed
+MAX_LEN_MAX = 1 << 20  # tokens; beyond any target's context
+
+
+def _require(ok: bool, name: str, value: Any, rule: str) -> None:
+    """The one-line ValueError of a broken invariant: `name (value) must be rule`.
+
+    Written as "ok" (not "bad") so that nan, for which every comparison is False, always fails.
+    """
+    if not ok:
+        raise ValueError(f"{name} ({value!r}) must be {rule}")
+
+
+def _require_text(value: str | None, name: str, what: str, optional: bool = True) -> None:
+    """Strings that name something (paths, devices) are not empty; None is allowed when optional."""
+    if value is None and optional:
+        return
+    _require(bool(value and value.strip()), name, value, what)
 
 
 @dataclass
@@ -39,10 +66,14 @@ class ModelCfg:
     draft_vocab_samples: int = 2000  # fresh EAGLE-3: count loss-masked tokens of the first N samples
 
     def __post_init__(self):
-        if self.draft_vocab_size is not None and self.draft_vocab_size < 1:
-            raise ValueError(f"model.draft_vocab_size ({self.draft_vocab_size}) must be >= 1 (or null = full)")
-        if self.draft_vocab_samples < 1:
-            raise ValueError(f"model.draft_vocab_samples ({self.draft_vocab_samples}) must be >= 1")
+        _require_text(self.target, "model.target", "'default' or a model directory", optional=False)
+        _require_text(self.drafter, "model.drafter", "a drafter directory, or null for a fresh drafter")
+        if self.draft_vocab_size is not None:
+            _require(self.draft_vocab_size >= 1, "model.draft_vocab_size", self.draft_vocab_size,
+                     ">= 1 (or null = full)")
+            _require(self.drafter_type == "eagle3", "model.draft_vocab_size", self.draft_vocab_size,
+                     "null for drafter_type=eagle1 (a reduced vocabulary is EAGLE-3 only)")
+        _require(self.draft_vocab_samples >= 1, "model.draft_vocab_samples", self.draft_vocab_samples, ">= 1")
 
 
 @dataclass
@@ -55,12 +86,18 @@ class DataCfg:
     micro_batch: int = 1  # sequences per micro-step
 
     def __post_init__(self):
-        if self.max_len < 16:
-            raise ValueError(f"data.max_len ({self.max_len}) must be >= 16")
-        if not 0.0 <= self.heldout_fraction < 1.0:
-            raise ValueError(f"data.heldout_fraction ({self.heldout_fraction}) must be in [0, 1)")
-        if self.micro_batch < 1:
-            raise ValueError(f"data.micro_batch ({self.micro_batch}) must be >= 1")
+        _require_text(self.path, "data.path", "a .jsonl file, or null")
+        if self.dataset == "jsonl":
+            _require(self.path is not None, "data.path", self.path, "set for data.dataset=jsonl (data.path=<file.jsonl>)")
+        else:
+            _require(self.path is None, "data.path", self.path,
+                     "null for data.dataset=sharegpt (the bundled set); use data.dataset=jsonl to train on the file")
+        _require(16 <= self.max_len <= MAX_LEN_MAX, "data.max_len", self.max_len, f"in [16, {MAX_LEN_MAX}]")
+        if self.num_conversations is not None:
+            _require(self.num_conversations >= 1, "data.num_conversations", self.num_conversations,
+                     ">= 1 (or null = all)")
+        _require(0.0 <= self.heldout_fraction < 1.0, "data.heldout_fraction", self.heldout_fraction, "in [0, 1)")
+        _require(self.micro_batch >= 1, "data.micro_batch", self.micro_batch, ">= 1")
 
 
 @dataclass
@@ -73,14 +110,13 @@ class SFTCfg:
     # feature_weight/token_weight are the EAGLE-1 objective's; EAGLE-3 trains on the TTT soft CE alone
 
     def __post_init__(self):
-        if self.feature_weight < 0 or self.token_weight < 0:
-            raise ValueError("sft.feature_weight and sft.token_weight must be >= 0")
+        _require(self.feature_weight >= 0, "sft.feature_weight", self.feature_weight, ">= 0")
+        _require(self.token_weight >= 0, "sft.token_weight", self.token_weight, ">= 0")
         if self.feature_weight == 0 and self.token_weight == 0:
             raise ValueError("sft.feature_weight and sft.token_weight are both 0: nothing to train")
-        if self.ttt_steps < 1:
-            raise ValueError(f"sft.ttt_steps ({self.ttt_steps}) must be >= 1")
-        if self.ttt_decay <= 0:
-            raise ValueError(f"sft.ttt_decay ({self.ttt_decay}) must be > 0")
+        _require(self.feature_noise >= 0, "sft.feature_noise", self.feature_noise, ">= 0")
+        _require(self.ttt_steps >= 1, "sft.ttt_steps", self.ttt_steps, ">= 1")
+        _require(0 < self.ttt_decay <= 1, "sft.ttt_decay", self.ttt_decay, "in (0, 1]")
 
 
 @dataclass
@@ -93,15 +129,12 @@ class RolloutCfg:
     verify_temperature: float = 1.0  # target temperature when verify=sampling
 
     def __post_init__(self):
-        if self.group_size < 2:
-            raise ValueError(f"rollout.group_size ({self.group_size}) must be >= 2 "
-                             "to compute group-relative advantages")
-        if self.window < 1:
-            raise ValueError(f"rollout.window ({self.window}) must be >= 1")
-        if self.prefixes_per_sequence < 1:
-            raise ValueError(f"rollout.prefixes_per_sequence ({self.prefixes_per_sequence}) must be >= 1")
-        if self.temperature <= 0 or self.verify_temperature <= 0:
-            raise ValueError("rollout.temperature and rollout.verify_temperature must be > 0")
+        _require(self.group_size >= 2, "rollout.group_size", self.group_size,
+                 ">= 2 to compute group-relative advantages")
+        _require(self.window >= 1, "rollout.window", self.window, ">= 1")
+        _require(self.prefixes_per_sequence >= 1, "rollout.prefixes_per_sequence", self.prefixes_per_sequence, ">= 1")
+        _require(self.temperature > 0, "rollout.temperature", self.temperature, "> 0")
+        _require(self.verify_temperature > 0, "rollout.verify_temperature", self.verify_temperature, "> 0")
 
 
 @dataclass
@@ -111,10 +144,8 @@ class WindowingCfg:
     temperature: float = 1.0  # for rule=sample: p ∝ score^(1/temperature)
 
     def __post_init__(self):
-        if self.warmup_steps < 0:
-            raise ValueError(f"windowing.warmup_steps ({self.warmup_steps}) must be >= 0")
-        if self.temperature <= 0:
-            raise ValueError(f"windowing.temperature ({self.temperature}) must be > 0")
+        _require(self.warmup_steps >= 0, "windowing.warmup_steps", self.warmup_steps, ">= 0")
+        _require(self.temperature > 0, "windowing.temperature", self.temperature, "> 0")
 
 
 @dataclass
@@ -128,12 +159,17 @@ class RewardCfg:
     proximity_weight: float = 1.0  # 0 disables R_dist (ablation)
 
     def __post_init__(self):
-        if self.gamma < 0:
-            raise ValueError(f"reward.gamma ({self.gamma}) must be >= 0")
-        if self.eta < 0 or self.epsilon <= 0:
-            raise ValueError("reward.eta must be >= 0 and reward.epsilon > 0")
-        if self.delta_positions is not None and self.delta_positions < 1:
-            raise ValueError(f"reward.delta_positions ({self.delta_positions}) must be >= 1 (or null = the window)")
+        _require(self.gamma >= 0, "reward.gamma", self.gamma, ">= 0 (drafter step / target step)")
+        _require_text(self.gamma_profile, "reward.gamma_profile", "a `ppow profile` JSON, or null")
+        _require(self.eta >= 0, "reward.eta", self.eta, ">= 0")
+        _require(self.epsilon > 0, "reward.epsilon", self.epsilon, "> 0")
+        if self.delta_positions is not None:
+            _require(self.delta_positions >= 1, "reward.delta_positions", self.delta_positions,
+                     ">= 1 (or null = the window)")
+        _require(self.speedup_weight >= 0, "reward.speedup_weight", self.speedup_weight, ">= 0")
+        _require(self.proximity_weight >= 0, "reward.proximity_weight", self.proximity_weight, ">= 0")
+        if self.speedup_weight == 0 and self.proximity_weight == 0:
+            raise ValueError("reward.speedup_weight and reward.proximity_weight are both 0: every reward is 0")
 
 
 @dataclass
@@ -150,12 +186,10 @@ class LossCfg:
     reuse_sampling_pass: bool = True
 
     def __post_init__(self):
-        if not 0 < self.clip_eps < 1:
-            raise ValueError(f"loss.clip_eps ({self.clip_eps}) must be in (0, 1)")
-        if self.kl_beta < 0 or self.distill_weight < 0:
-            raise ValueError("loss.kl_beta and loss.distill_weight must be >= 0")
-        if self.ppo_epochs < 1:
-            raise ValueError(f"loss.ppo_epochs ({self.ppo_epochs}) must be >= 1")
+        _require(0 < self.clip_eps < 1, "loss.clip_eps", self.clip_eps, "in (0, 1)")
+        _require(self.kl_beta >= 0, "loss.kl_beta", self.kl_beta, ">= 0")
+        _require(self.distill_weight >= 0, "loss.distill_weight", self.distill_weight, ">= 0")
+        _require(self.ppo_epochs >= 1, "loss.ppo_epochs", self.ppo_epochs, ">= 1")
 
 
 @dataclass
@@ -169,12 +203,13 @@ class OptimCfg:
     grad_accum: int = 1  # micro-steps per optimizer step
 
     def __post_init__(self):
-        if self.lr <= 0:
-            raise ValueError(f"optim.lr ({self.lr}) must be > 0")
-        if self.grad_accum < 1:
-            raise ValueError(f"optim.grad_accum ({self.grad_accum}) must be >= 1")
-        if self.warmup_steps < 0:
-            raise ValueError(f"optim.warmup_steps ({self.warmup_steps}) must be >= 0")
+        _require(0 < self.lr <= 1, "optim.lr", self.lr, "in (0, 1]")
+        _require(self.weight_decay >= 0, "optim.weight_decay", self.weight_decay, ">= 0")
+        _require(all(0 <= b < 1 for b in self.betas), "optim.betas", list(self.betas),
+                 "two numbers in [0, 1), e.g. [0.9, 0.95]")
+        _require(self.warmup_steps >= 0, "optim.warmup_steps", self.warmup_steps, ">= 0")
+        _require(self.grad_clip > 0, "optim.grad_clip", self.grad_clip, "> 0 (max gradient norm)")
+        _require(self.grad_accum >= 1, "optim.grad_accum", self.grad_accum, ">= 1")
 
 
 @dataclass
@@ -187,8 +222,13 @@ class DistCfg:
     seed: int = 0
 
     def __post_init__(self):
-        if self.zero_stage not in (0, 1, 2, 3):
-            raise ValueError(f"dist.zero_stage ({self.zero_stage}) must be 0, 1, 2 or 3")
+        _require(_DEVICE.fullmatch(self.device) is not None, "dist.device", self.device,
+                 "auto, cpu, cuda, cuda:N or mps")
+        _require(self.zero_stage in (0, 1, 2, 3), "dist.zero_stage", self.zero_stage, "0, 1, 2 or 3")
+        _require(0 <= self.seed <= SEED_MAX, "dist.seed", self.seed, f"in [0, {SEED_MAX}]")
+
+
+_DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
 
 @dataclass
@@ -203,10 +243,13 @@ class RunCfg:
     max_bad_steps: int = 10  # non-finite loss/grad steps skipped before aborting
 
     def __post_init__(self):
-        if self.max_steps < 1:
-            raise ValueError(f"run.max_steps ({self.max_steps}) must be >= 1")
-        if self.save_every < 1 or self.log_every < 1 or self.keep_last < 1:
-            raise ValueError("run.save_every, run.log_every and run.keep_last must be >= 1")
+        _require_text(self.output_dir, "run.output_dir", "a directory for the run (e.g. runs/my-run)", optional=False)
+        _require(self.max_steps >= 1, "run.max_steps", self.max_steps, ">= 1")
+        if self.max_minutes is not None:
+            _require(self.max_minutes > 0, "run.max_minutes", self.max_minutes, "> 0 (or null = no time limit)")
+        for name in ("log_every", "save_every", "keep_last"):
+            _require(getattr(self, name) >= 1, f"run.{name}", getattr(self, name), ">= 1")
+        _require(self.max_bad_steps >= 0, "run.max_bad_steps", self.max_bad_steps, ">= 0")
 
 
 @dataclass
@@ -223,9 +266,12 @@ class EvalCfg:
     tree_total_tokens: int = 60
 
     def __post_init__(self):
+        _require(len(self.benchmarks) > 0 and all(b.strip() for b in self.benchmarks), "eval.benchmarks",
+                 self.benchmarks, "a non-empty list, e.g. [mt_bench, humaneval, sharegpt]")
         for name in ("num_prompts", "max_new_tokens", "tree_depth", "tree_top_k", "tree_total_tokens"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"eval.{name} ({getattr(self, name)}) must be >= 1")
+            _require(getattr(self, name) >= 1, f"eval.{name}", getattr(self, name), ">= 1")
+        _require(self.temperature >= 0, "eval.temperature", self.temperature, ">= 0 (0 = greedy)")
+        _require(0 <= self.seed <= SEED_MAX, "eval.seed", self.seed, f"in [0, {SEED_MAX}]")
 
 
 @dataclass
@@ -243,6 +289,11 @@ class Config:
     run: RunCfg = field(default_factory=RunCfg)
     eval: EvalCfg = field(default_factory=EvalCfg)
 
+    def __post_init__(self):  # invariants across sections
+        if self.reward.delta_positions is not None:
+            _require(self.reward.delta_positions <= self.rollout.window, "reward.delta_positions",
+                     self.reward.delta_positions, f"<= rollout.window ({self.rollout.window})")
+
 
 # ----------------------------------------------------------------------------------------------
 # Loading
@@ -252,22 +303,42 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     """Read a recipe YAML (or start from defaults when `path` is None) and apply dotted overrides.
 
     Raises:
-        UserError: missing/unparsable file, unknown key (with suggestion), wrong type, bad value.
+        UserError: missing/unreadable/unparsable/empty file, duplicate or unknown key (with suggestion),
+            wrong type, non-finite number, value out of range.
     """
-    raw: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise UserError(f"recipe {p} does not exist; pass a YAML file (see recipes/)")
-        try:
-            raw = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise UserError(f"recipe {p} is not valid YAML: {str(exc).splitlines()[0]}") from None
-        if not isinstance(raw, dict):
-            raise UserError(f"recipe {p} must be a mapping of sections, got {type(raw).__name__}")
+    raw = read_recipe(Path(path)) if path is not None else {}
     for item in overrides or []:
         _apply_override(raw, item)
     return build(Config, raw, prefix="")
+
+
+class InputPath(NamedTuple):
+    value: str            # as the recipe says
+    path: Path            # absolute: relative values resolve against the current working directory
+    problem: str | None   # None = there and of the right kind
+
+
+def input_paths(cfg: Config) -> dict[str, InputPath]:
+    """What a run reads, by recipe key, resolved the way `ppow train` opens them.
+
+    `model.target=default` (the embedded target, prepared on first use) is not a path.
+    """
+    named = {"model.target": (None if cfg.model.target == "default" else cfg.model.target, "model"),
+             "model.drafter": (cfg.model.drafter, "model"), "data.path": (cfg.data.path, "file"),
+             "reward.gamma_profile": (cfg.reward.gamma_profile, "file")}
+    out = {}
+    for key, (value, kind) in named.items():
+        if value is None:
+            continue
+        p = Path(os.path.abspath(value))
+        if not p.exists():
+            problem = "does not exist"
+        elif kind == "file":
+            problem = None if p.is_file() else "is not a file"
+        else:
+            problem = None if (p / "config.json").is_file() else "is not a model directory with config.json"
+        out[key] = InputPath(value, p, problem)
+    return out
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:
@@ -289,12 +360,14 @@ def _apply_override(raw: dict, item: str) -> None:
     key, _, text = item.partition("=")
     parts = key.strip().split(".")
     try:
-        value = yaml.safe_load(text) if text.strip() else ""
-    except yaml.YAMLError:
+        value = parse_yaml(text) if text.strip() else ""
+    except (yaml.YAMLError, DuplicateKey):
         value = text
     node = raw
     for part in parts[:-1]:
-        node = node.setdefault(part, {})
+        if node.get(part) is None:  # absent, or an empty `section:` in the YAML
+            node[part] = {}
+        node = node[part]
         if not isinstance(node, dict):
             raise UserError(f"override {item!r}: {part} is not a section")
     node[parts[-1]] = value
@@ -362,13 +435,18 @@ def _coerce(tp: Any, value: Any, name: str) -> Any:
             raise UserError(f"{name} must be an integer, got {value!r}")
         return value
     if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            # YAML reads "1e-5" (no dot) as a string; accept numeric strings.
-            try:
-                return float(value)
-            except (TypeError, ValueError):
-                raise UserError(f"{name} must be a number, got {value!r}") from None
-        return float(value)
+        # YAML reads "1e-5" (no dot) as a string; accept numeric strings.
+        try:
+            number = float(value) if not isinstance(value, bool) else None
+        except (TypeError, ValueError):
+            number = None
+        except OverflowError:  # an int beyond float range
+            number = math.inf
+        if number is None:
+            raise UserError(f"{name} must be a number, got {value!r}")
+        if not math.isfinite(number):  # the one check of nan/inf for every float field
+            raise UserError(f"{name} must be a finite number, got {value!r}")
+        return number
     if tp is str:
         if not isinstance(value, str):
             raise UserError(f"{name} must be a string, got {value!r}")

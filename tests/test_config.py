@@ -1,5 +1,7 @@
 """Config loading: strict keys with suggestions, types, invariants, dotted overrides."""
 
+import re
+
 import pytest
 
 from ppow_plugin.config import Config, config_to_dict, load_config
@@ -73,3 +75,198 @@ def test_roundtrip_dict():
     d = config_to_dict(Config())
     assert d["optim"]["betas"] == [0.9, 0.95]
     assert d["rollout"]["group_size"] == 8
+
+
+# -- every field has a range (issue 16) -------------------------------------------------------------------
+
+import dataclasses  # noqa: E402
+import types  # noqa: E402
+import typing  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from ppow_plugin import cli  # noqa: E402
+
+ROOT = Path(__file__).parents[1]
+PPOW = str(ROOT / "recipes/smollm2/135M_eagle1_ppow.yaml")
+
+
+def config_fields():
+    """(dotted name, type) of every recipe field, from the dataclasses themselves."""
+    out = [("stage", typing.get_type_hints(Config)["stage"])]
+    for section in dataclasses.fields(Config):
+        if dataclasses.is_dataclass(section.default_factory):
+            hints = typing.get_type_hints(section.default_factory)
+            out += [(f"{section.name}.{f.name}", hints[f.name]) for f in dataclasses.fields(section.default_factory)]
+    return out
+
+
+def _kinds(tp) -> set:
+    """{int} for `int | None`, {tuple[float, float]} for a tuple: the non-None members of a union."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return {a for a in typing.get_args(tp) if a is not type(None)}
+    return {tp}
+
+
+NUMERIC = [n for n, tp in config_fields() if _kinds(tp) & {int, float}]
+FLOATS = [n for n, tp in config_fields() if float in _kinds(tp)]
+TEXT = [n for n, tp in config_fields() if str in _kinds(tp)]
+
+
+def test_field_enumeration_sees_every_kind():
+    assert len(NUMERIC) >= 40 and len(FLOATS) >= 20 and len(TEXT) == 6
+    assert "optim.lr" in FLOATS and "dist.seed" in NUMERIC and "run.output_dir" in TEXT
+
+
+@pytest.mark.parametrize("name", NUMERIC)
+def test_every_numeric_field_has_a_lower_bound(name):
+    # No field of ours means anything at -1: a field that accepts it has no range check.
+    with pytest.raises(UserError, match=rf"^{re.escape(name)} \(-1(\.0)?\) must be"):
+        load_config(None, [f"{name}=-1", "stage=ppow"] if name != "stage" else [f"{name}=-1"])
+
+
+@pytest.mark.parametrize("name", FLOATS)
+@pytest.mark.parametrize("text", ["nan", ".nan", "inf", "-.inf", "1e400", str(10**400)])
+def test_every_float_field_refuses_non_finite(name, text):
+    with pytest.raises(UserError, match=rf"^{re.escape(name)} must be a finite number"):
+        load_config(None, [f"{name}={text}"])
+
+
+@pytest.mark.parametrize("name", TEXT)
+def test_every_text_field_refuses_empty(name):
+    with pytest.raises(UserError, match=rf"^{re.escape(name)} \('( )?'\) must be"):
+        load_config(None, [f"{name}= "] if name != "data.path" else ["data.dataset=jsonl", f"{name}= "])
+
+
+# -- the values issue 16 found accepted, through the CLI ------------------------------------------------
+
+
+def one_error(capsys, argv) -> str:
+    """Run the CLI: exit 2, nothing on stdout, exactly one stderr line, `error: ...`."""
+    code = cli.main(argv)
+    out, err = capsys.readouterr()
+    assert code == 2 and out == "", (code, out, err)
+    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
+    return err.strip()
+
+
+def tree(path: Path) -> set:
+    return {str(p.relative_to(path)) for p in path.rglob("*")}
+
+
+@pytest.mark.parametrize("cmd", ["validate", "train"])
+@pytest.mark.parametrize("override,message", [
+    ("optim.lr=nan", "optim.lr must be a finite number, got 'nan'"),
+    ("optim.betas=[2,3]", "optim.betas ([2.0, 3.0]) must be two numbers in [0, 1), e.g. [0.9, 0.95]"),
+    ("dist.seed=-1", "dist.seed (-1) must be in [0, 4294967295]"),
+    ("dist.device=tpu", "dist.device ('tpu') must be auto, cpu, cuda, cuda:N or mps"),
+    ("reward.gamma=inf", "reward.gamma must be a finite number, got 'inf'"),
+    ("run.max_minutes=-1", "run.max_minutes (-1.0) must be > 0 (or null = no time limit)"),
+    ("data.num_conversations=0", "data.num_conversations (0) must be >= 1 (or null = all)"),
+    ("data.path=convs.jsonl", "data.path ('convs.jsonl') must be null for data.dataset=sharegpt (the bundled set); "
+                              "use data.dataset=jsonl to train on the file"),
+    ("run.output_dir=", "run.output_dir ('') must be a directory for the run (e.g. runs/my-run)"),
+])
+def test_values_that_training_crashed_on_are_refused_up_front(cmd, override, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # run.output_dir= would have written here
+    (tmp_path / "convs.jsonl").write_text("")
+    assert one_error(capsys, [cmd, PPOW, override]) == f"error: {message}"
+    assert tree(tmp_path) == {"convs.jsonl"}
+
+
+def test_cross_section_invariants():
+    with pytest.raises(UserError, match=r"reward.delta_positions \(11\) must be <= rollout.window \(10\)"):
+        load_config(None, ["reward.delta_positions=11"])
+    with pytest.raises(UserError, match="null for drafter_type=eagle1"):
+        load_config(None, ["model.draft_vocab_size=100"])
+    assert load_config(None, ["model.drafter_type=eagle3", "model.draft_vocab_size=100"]).model.draft_vocab_size == 100
+    with pytest.raises(UserError, match="both 0: every reward is 0"):
+        load_config(None, ["reward.speedup_weight=0", "reward.proximity_weight=0"])
+    with pytest.raises(UserError, match=r"data.path \(None\) must be set for data.dataset=jsonl"):
+        load_config(None, ["data.dataset=jsonl"])
+
+
+def test_empty_section_still_takes_overrides(tmp_path):
+    cfg = load_config(write(tmp_path, "stage: sft\noptim:\n"), ["optim.lr=1e-4"])
+    assert cfg.optim.lr == 1e-4
+
+
+# -- reading the recipe file -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name,content,message", [
+    ("latin1.yaml", "stage: ppow\n# caf\xe9\n".encode("latin-1"),
+     r"recipe \S+ is not UTF-8 text \(byte 0xe9 on line 2\); save it as UTF-8"),
+    ("syntax.yaml", b"stage: ppow\nmodel:\n  target: [default\n",
+     r"recipe \S+, line 4, column 1 is not valid YAML \(.*\); fix it there"),
+    ("empty.yaml", b"# nothing but a comment\n",
+     r"recipe \S+ is empty; a recipe sets at least stage \(sft or ppow\), model.target and, for ppow, "
+     r"model.drafter: start from a file under recipes/"),
+    ("dup.yaml", b"stage: ppow\noptim:\n  lr: 1.0e-5\n  grad_clip: 0.5\n  lr: 3.0e-4\n",
+     r"recipe \S+, line 5: key 'lr' is already set on line 3; keep one of them"),
+    ("dup_top.yaml", b"stage: ppow\nrun:\n  max_steps: 3\nstage: sft\n",
+     r"recipe \S+, line 4: key 'stage' is already set on line 1; keep one of them"),
+])
+def test_recipe_file_errors_name_the_file_and_line(name, content, message, capsys, tmp_path, monkeypatch):
+    (tmp_path / name).write_bytes(content)
+    monkeypatch.chdir(tmp_path)
+    before = tree(tmp_path)
+    assert re.fullmatch(f"error: {message}", one_error(capsys, ["validate", name]))
+    assert tree(tmp_path) == before
+
+
+def test_recipe_path_that_is_a_directory(capsys, tmp_path):
+    (tmp_path / "a.yaml").write_text("stage: sft\n")
+    line = one_error(capsys, ["validate", str(tmp_path)])
+    assert line == f"error: recipe {tmp_path} is a directory; pass one YAML file, e.g. {tmp_path / 'a.yaml'}"
+    line = one_error(capsys, ["validate", str(tmp_path / "nope.yaml")])
+    assert line.startswith(f"error: recipe {tmp_path / 'nope.yaml'} does not exist (tried ")
+
+
+def test_duplicate_key_check_is_what_refuses(tmp_path):
+    # Without the strict loader PyYAML keeps the last value: the recipe would load with lr 3e-4.
+    p = write(tmp_path, "optim:\n  lr: 1.0e-5\n  lr: 3.0e-4\n")
+    import yaml
+    assert yaml.safe_load(p.read_text())["optim"]["lr"] == 3.0e-4
+    with pytest.raises(UserError, match="key 'lr' is already set on line 2"):
+        load_config(p)
+
+
+# -- validate checks the paths a run reads (relative ones against the current directory) ------------------
+
+
+def test_validate_prints_absolute_paths_and_refuses_missing_ones(capsys, tmp_path, monkeypatch):
+    (tmp_path / "drafter").mkdir()
+    (tmp_path / "drafter" / "config.json").write_text("{}")
+    (tmp_path / "r.yaml").write_text("stage: ppow\nmodel:\n  drafter: drafter\n")
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["validate", "r.yaml"]) == 0
+    assert f"model.drafter: {tmp_path / 'drafter'}\n" in capsys.readouterr().err
+    sub = tmp_path / "sub"
+    sub.mkdir()
+    monkeypatch.chdir(sub)  # the same recipe from another directory: `drafter` is now sub/drafter
+    before = tree(tmp_path)
+    line = one_error(capsys, ["validate", "../r.yaml"])
+    assert line == (f"error: model.drafter=drafter: {sub / 'drafter'} does not exist (relative paths resolve "
+                    "against the current directory); fix the path, or pass --no-path-check to check keys and "
+                    "values only")
+    assert cli.main(["validate", "../r.yaml", "--no-path-check"]) == 0
+    assert f"model.drafter: {sub / 'drafter'} (does not exist; not checked)" in capsys.readouterr().err
+    assert tree(tmp_path) == before
+
+
+@pytest.mark.parametrize("override,message", [
+    ("model.drafter=.", "model.drafter=.: {cwd} is not a model directory with config.json"),
+    ("model.target=nowhere", "model.target=nowhere: {cwd}/nowhere does not exist"),
+    ("reward.gamma_profile=.", "reward.gamma_profile=.: {cwd} is not a file"),
+])
+def test_validate_checks_each_input_path(override, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    drafter = ROOT / "assets/drafters/smollm2-135m-eagle1-sft"
+    line = one_error(capsys, ["validate", PPOW, f"model.drafter={drafter}", override])
+    assert line.startswith("error: " + message.format(cwd=tmp_path))
+    assert tree(tmp_path) == set()
+
+
+def test_validate_refuses_ppow_without_a_drafter(capsys, tmp_path):
+    line = one_error(capsys, ["validate", str(write(tmp_path, "stage: ppow\nrun:\n  max_steps: 3\n"))])
+    assert line.startswith("error: stage=ppow starts from a drafter: set model.drafter=<drafter dir>")

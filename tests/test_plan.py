@@ -1,4 +1,5 @@
-"""`ppow plan`: memory arithmetic on hand-computed cases, and every recipe plans against its stand-in config."""
+"""`ppow plan`: memory arithmetic on hand-computed cases, every recipe plans against its packaged known config,
+and bad flags end in one `error:` line, exit 2."""
 
 import json
 from pathlib import Path
@@ -12,18 +13,14 @@ from ppow_plugin.distributed import deepspeed_config
 
 ROOT = Path(__file__).parents[1]
 RECIPES = sorted((ROOT / "recipes").rglob("*.yaml"))
-FIXTURES = ROOT / "tests" / "fixtures" / "configs"
-# recipe family dir / size prefix -> config-only stand-in (tests/fixtures/configs/README.md)
-STAND_IN = {"llama3/8B": "llama-3.1-8b-instruct", "llama3/70B": "llama-3.3-70b-instruct", "qwen3/8B": "qwen3-8b",
-            "qwen3/32B": "qwen3-32b", "deepseek-r1-distill-llama/8B": "deepseek-r1-distill-llama-8b",
-            "vicuna/13B": "vicuna-13b-v1.3", "qwen2.5-coder/0.5B": "qwen2.5-coder-0.5b-instruct",
-            "smollm2/135M": "smollm2-135m-instruct"}
+KNOWN = plan.KNOWN_CONFIGS  # packaged config-only copies (ppow_plugin/known_configs/README.md)
 
 
-def _stand_in(path: Path) -> Path:
-    key = f"{path.parent.name}/{path.name.split('_')[0]}"
-    assert key in STAND_IN, f"{path}: add a config-only stand-in to tests/fixtures/configs and STAND_IN"
-    return FIXTURES / STAND_IN[key]
+def _known(path: Path) -> Path:
+    cfg = load_config(path)
+    known = plan.known_config(cfg.model.target)
+    assert known is not None, f"{path}: add ppow_plugin/known_configs/<last part of model.target, lower-cased>"
+    return known
 
 
 def _tiny_arch(**kw) -> plan.TargetArch:
@@ -36,7 +33,7 @@ def _tiny_arch(**kw) -> plan.TargetArch:
 
 
 def test_llama_8b_target_has_8_03b_params():
-    a = plan.TargetArch.from_dict(json.loads((FIXTURES / "llama-3.1-8b-instruct/config.json").read_text()))
+    a = plan.TargetArch.from_dict(json.loads((KNOWN / "llama-3.1-8b-instruct/config.json").read_text()))
     assert plan.target_params(a) == 8_030_261_248  # the published Llama-3.1-8B count
 
 
@@ -51,7 +48,7 @@ def test_drafter_params_hand_computed():
 
 
 def test_llama_8b_eagle3_drafter_size():
-    a = plan.TargetArch.from_dict(json.loads((FIXTURES / "llama-3.1-8b-instruct/config.json").read_text()))
+    a = plan.TargetArch.from_dict(json.loads((KNOWN / "llama-3.1-8b-instruct/config.json").read_text()))
     trainable, frozen = plan.drafter_params(a, "eagle3", draft_vocab_size=32000)
     assert frozen == 128256 * 4096
     # fc 3·4096² + attn (2·4096 in: q 4096, k/v 1024 wide; o 4096²) + MLP 3·4096·14336 + 4 norms + 32000·4096
@@ -115,8 +112,8 @@ def test_missing_sizes_are_a_user_error(tmp_path):
     cfg = load_config(RECIPES[0])
     with pytest.raises(UserError, match="--target-config"):
         plan.load_target_arch(cfg, str(tmp_path / "nowhere"))
-    a = plan.load_target_arch(cfg, str(FIXTURES / "llama-3.1-8b-instruct"), ["num_hidden_layers=80"])
-    assert a.num_layers == 80 and a.hidden_size == 4096
+    a, note = plan.load_target_arch(cfg, str(KNOWN / "llama-3.1-8b-instruct"), ["num_hidden_layers=80"])
+    assert a.num_layers == 80 and a.hidden_size == 4096 and note is None
 
 
 # -- every recipe ----------------------------------------------------------------------------------------
@@ -124,9 +121,9 @@ def test_missing_sizes_are_a_user_error(tmp_path):
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: str(p.relative_to(p.parents[1])))
 def test_recipe_loads_validates_and_plans(path, capsys):
-    assert main(["validate", str(path)]) == 0
+    assert main(["validate", "--no-path-check", str(path)]) == 0
     cfg = load_config(path)
-    a = plan.load_target_arch(cfg, str(_stand_in(path)))
+    a, _ = plan.load_target_arch(cfg, str(_known(path)))
     for gpus in (1, 8):
         p = plan.plan_memory(cfg, a, gpus)
         assert all(v >= 0 for v in p.rows.values()) and p.total_gb > 0
@@ -156,14 +153,14 @@ def test_gpu_recipes_say_set_this_and_use_bf16():
 
 def test_cli_plan_prints_table_deepspeed_and_warning(capsys):
     recipe = ROOT / "recipes/llama3/70B_eagle3_ppow.yaml"
-    rc = main(["plan", str(recipe), "--gpus", "8", "--target-config", str(FIXTURES / "llama-3.3-70b-instruct")])
+    rc = main(["plan", str(recipe), "--gpus", "8", "--target-config", str(KNOWN / "llama-3.3-70b-instruct")])
     out = capsys.readouterr().out
     assert rc == 0
     assert "target weights (frozen)" in out and "total" in out
     assert '"stage": 3' in out and '"train_batch_size": 16' in out
     assert "WARNING:" in out and "does not fit in 80 GB" in out
     main(["plan", str(ROOT / "recipes/llama3/8B_eagle3_ppow.yaml"), "--gpus", "8",
-          "--target-config", str(FIXTURES / "llama-3.1-8b-instruct")])
+          "--target-config", str(KNOWN / "llama-3.1-8b-instruct")])
     assert "WARNING" not in capsys.readouterr().out
 
 

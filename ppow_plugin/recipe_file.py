@@ -1,0 +1,87 @@
+"""Reading a recipe file: UTF-8 YAML, no key given twice, not empty. `config.load_config` builds on this.
+
+    raw = read_recipe(Path("recipes/smollm2/135M_eagle1_ppow.yaml"))   # {"stage": "ppow", "model": {...}, ...}
+
+PyYAML's own loader keeps the last of two equal keys without a word; `_StrictLoader` (a SafeLoader)
+refuses them, naming the key and both lines. Every failure is one `UserError` line naming the file.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ppow_plugin.errors import UserError
+
+
+class DuplicateKey(Exception):
+    """A mapping gave `key` twice: on line `first` and again on line `line` (1-based)."""
+
+    def __init__(self, key: Any, line: int, first: int):
+        super().__init__(f"duplicate key {key!r} on line {line} (first on line {first})")
+        self.key, self.line, self.first = key, line, first
+
+
+class _StrictLoader(yaml.SafeLoader):
+    def construct_mapping(self, node, deep=False):
+        first: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            try:
+                if key in first:
+                    raise DuplicateKey(key, line, first[key])
+                first[key] = line
+            except TypeError:  # an unhashable key: SafeLoader's own error names it
+                continue
+        return super().construct_mapping(node, deep)
+
+
+def parse_yaml(text: str) -> Any:
+    """`yaml.safe_load` that raises `DuplicateKey` for a key given twice in one mapping."""
+    return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 (a SafeLoader subclass)
+
+
+def read_recipe(p: Path) -> dict[str, Any]:
+    """The raw mapping of recipe file `p`.
+
+    Raises:
+        UserError: `p` is a directory, missing, unreadable, not UTF-8, not YAML (with line and column),
+            has a duplicate key (with both lines), is empty, or is not a mapping.
+    """
+    if p.is_dir():
+        inside = sorted(p.glob("*.yaml"))
+        hint = f", e.g. {inside[0]}" if inside else ""
+        raise UserError(f"recipe {p} is a directory; pass one YAML file{hint}")
+    if not p.is_file():
+        raise UserError(f"recipe {p} does not exist (tried {os.path.abspath(p)}); pass a YAML file (see recipes/)")
+    try:
+        data = p.read_bytes()
+    except OSError as exc:
+        raise UserError(f"recipe {p} cannot be read ({exc.strerror}); check its permissions") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[:exc.start].count(b"\n") + 1
+        raise UserError(f"recipe {p} is not UTF-8 text (byte 0x{data[exc.start]:02x} on line {line}); "
+                        "save it as UTF-8") from None
+    try:
+        raw = parse_yaml(text)
+    except DuplicateKey as exc:
+        raise UserError(f"recipe {p}, line {exc.line}: key '{exc.key}' is already set on line {exc.first}; "
+                        "keep one of them") from None
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f", line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise UserError(f"recipe {p}{where} is not valid YAML ({exc.problem or exc.context}); fix it there") from None
+    except yaml.YAMLError as exc:
+        raise UserError(f"recipe {p} is not valid YAML ({str(exc).splitlines()[0]})") from None
+    if raw is None or raw == {}:
+        raise UserError(f"recipe {p} is empty; a recipe sets at least stage (sft or ppow), model.target and, "
+                        "for ppow, model.drafter: start from a file under recipes/")
+    if not isinstance(raw, dict):
+        raise UserError(f"recipe {p} must be a mapping of sections, got {type(raw).__name__}")
+    return raw
