@@ -27,8 +27,9 @@ from ppow_plugin.errors import UserError
 
 
 def _cmd_validate(args) -> int:
-    from ppow_plugin import plan
-    from ppow_plugin.config import config_to_dict, input_paths, load_config
+    from ppow_plugin import target_arch
+    from ppow_plugin.config import config_to_dict, load_config
+    from ppow_plugin.recipe_file import input_paths
     cfg = load_config(args.recipe, args.overrides)
     if cfg.stage == "ppow" and cfg.model.drafter is None:
         raise UserError("stage=ppow starts from a drafter: set model.drafter=<drafter dir> "
@@ -39,10 +40,10 @@ def _cmd_validate(args) -> int:
         key, p = bad[0]
         raise UserError(f"{key}={p.value}: {p.path} {p.problem} (relative paths resolve against the current "
                         "directory); fix the path, or pass --no-path-check to check keys and values only")
-    note = None
-    if "model.target" not in dict(bad) or plan.known_config(cfg.model.target):
-        arch, note = plan.load_target_arch(cfg)
-        plan.check_against_target(cfg, arch)
+    note, target = None, paths.get("model.target")
+    if target is None or target.problem is None or target_arch.known_config(cfg.model.target):
+        arch, note = target_arch.load_target_arch(cfg)
+        target_arch.check_against_target(cfg, arch)
     print(json.dumps(config_to_dict(cfg), indent=2))
     for key, p in paths.items():
         print(f"{key}: {p.path}" + (f" ({p.problem}; not checked)" if p.problem else ""), file=sys.stderr)
@@ -163,7 +164,10 @@ def _cmd_compare(args) -> int:
 
 def _cmd_profile(args) -> int:
     from ppow_plugin import profile
-    sizes = [int(n) for n in args.tree_sizes.split(",") if n.strip()]
+    try:
+        sizes = [int(n) for n in args.tree_sizes.split(",") if n.strip()]
+    except ValueError:
+        raise UserError(f"--tree-sizes {args.tree_sizes!r}: must be comma-separated integers, e.g. 1,4,8") from None
     result = profile.profile(args.target, args.drafter, args.repeats, sizes, args.prefix_len,
                              eval_report=args.eval_report, seed=args.seed)
     print(profile.format_profile(result))
@@ -221,13 +225,13 @@ def _add_export_command(sub) -> None:
 
 
 def _cmd_plan(args) -> int:
-    from ppow_plugin import plan
+    from ppow_plugin import plan, target_arch
     from ppow_plugin.config import load_config
     from ppow_plugin.distributed import deepspeed_config
     hw = plan.Hardware(args.gpus, args.nodes, args.gpu_memory_gb, args.tflops)
     cfg = load_config(args.recipe, args.overrides)
-    arch, note = plan.load_target_arch(cfg, args.target_config, args.target_field)
-    plan.check_against_target(cfg, arch)
+    arch, note = target_arch.load_target_arch(cfg, args.target_config, args.target_field)
+    target_arch.check_against_target(cfg, arch)
     result = plan.plan_memory(cfg, arch, hw.gpus, hw.nodes)
     if note:
         print(note)

@@ -11,8 +11,8 @@ Rules:
    scalars, so `run.max_steps=20` is an int and `model.drafter=null` is None).
 4. A recipe file must be UTF-8 YAML without duplicate keys and not empty (`recipe_file.read_recipe`).
 5. Relative paths in a recipe (model.target, model.drafter, data.path, reward.gamma_profile,
-   run.output_dir) resolve against the current working directory; `input_paths` lists the absolute
-   paths that `ppow validate` checks.
+   run.output_dir) resolve against the current working directory; `recipe_file.input_paths` lists the
+   absolute paths that `ppow validate` checks.
 Defaults marked [paper] come from PPOW (arXiv 2605.14978) as far as it is known; [default] marks our
 own choice where the paper is silent (docs/algorithm.md says why).
 """
@@ -22,13 +22,12 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
-import os
 import re
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal
 
 import yaml
 
@@ -36,6 +35,10 @@ from ppow_plugin.errors import UserError
 from ppow_plugin.recipe_file import DuplicateKey, parse_yaml, read_recipe
 
 Dtype = Literal["fp32", "bf16"]
+INT_LIMIT = 2**63  # |int| for every int field (int64)
+FLOAT_LIMIT = 3.4028234663852886e38  # |float| for every float field: float32's largest (our tensors' dtype)
+T_MIN, T_MAX = 0.01, 100.0  # sampling temperatures: logits / T must stay finite in float32
+T_RULE = f"in [{T_MIN}, {T_MAX:g}]"
 SEED_MAX = 2**32 - 1  # NumPy's seed range, the narrowest of the three RNGs we seed
 MAX_LEN_MAX = 1 << 20  # tokens; beyond any target's context
 
@@ -88,7 +91,8 @@ class DataCfg:
     def __post_init__(self):
         _require_text(self.path, "data.path", "a .jsonl file, or null")
         if self.dataset == "jsonl":
-            _require(self.path is not None, "data.path", self.path, "set for data.dataset=jsonl (data.path=<file.jsonl>)")
+            _require(self.path is not None, "data.path", self.path,
+                     "set for data.dataset=jsonl (data.path=<file.jsonl>)")
         else:
             _require(self.path is None, "data.path", self.path,
                      "null for data.dataset=sharegpt (the bundled set); use data.dataset=jsonl to train on the file")
@@ -133,8 +137,9 @@ class RolloutCfg:
                  ">= 2 to compute group-relative advantages")
         _require(self.window >= 1, "rollout.window", self.window, ">= 1")
         _require(self.prefixes_per_sequence >= 1, "rollout.prefixes_per_sequence", self.prefixes_per_sequence, ">= 1")
-        _require(self.temperature > 0, "rollout.temperature", self.temperature, "> 0")
-        _require(self.verify_temperature > 0, "rollout.verify_temperature", self.verify_temperature, "> 0")
+        _require(T_MIN <= self.temperature <= T_MAX, "rollout.temperature", self.temperature, T_RULE)
+        _require(T_MIN <= self.verify_temperature <= T_MAX, "rollout.verify_temperature", self.verify_temperature,
+                 T_RULE)
 
 
 @dataclass
@@ -145,7 +150,7 @@ class WindowingCfg:
 
     def __post_init__(self):
         _require(self.warmup_steps >= 0, "windowing.warmup_steps", self.warmup_steps, ">= 0")
-        _require(self.temperature > 0, "windowing.temperature", self.temperature, "> 0")
+        _require(T_MIN <= self.temperature <= T_MAX, "windowing.temperature", self.temperature, T_RULE)
 
 
 @dataclass
@@ -159,7 +164,7 @@ class RewardCfg:
     proximity_weight: float = 1.0  # 0 disables R_dist (ablation)
 
     def __post_init__(self):
-        _require(self.gamma >= 0, "reward.gamma", self.gamma, ">= 0 (drafter step / target step)")
+        _require(0 <= self.gamma <= 10, "reward.gamma", self.gamma, "in [0, 10] (drafter step / target step)")
         _require_text(self.gamma_profile, "reward.gamma_profile", "a `ppow profile` JSON, or null")
         _require(self.eta >= 0, "reward.eta", self.eta, ">= 0")
         _require(self.epsilon > 0, "reward.epsilon", self.epsilon, "> 0")
@@ -204,7 +209,7 @@ class OptimCfg:
 
     def __post_init__(self):
         _require(0 < self.lr <= 1, "optim.lr", self.lr, "in (0, 1]")
-        _require(self.weight_decay >= 0, "optim.weight_decay", self.weight_decay, ">= 0")
+        _require(0 <= self.weight_decay <= 1, "optim.weight_decay", self.weight_decay, "in [0, 1]")
         _require(all(0 <= b < 1 for b in self.betas), "optim.betas", list(self.betas),
                  "two numbers in [0, 1), e.g. [0.9, 0.95]")
         _require(self.warmup_steps >= 0, "optim.warmup_steps", self.warmup_steps, ">= 0")
@@ -270,7 +275,8 @@ class EvalCfg:
                  self.benchmarks, "a non-empty list, e.g. [mt_bench, humaneval, sharegpt]")
         for name in ("num_prompts", "max_new_tokens", "tree_depth", "tree_top_k", "tree_total_tokens"):
             _require(getattr(self, name) >= 1, f"eval.{name}", getattr(self, name), ">= 1")
-        _require(self.temperature >= 0, "eval.temperature", self.temperature, ">= 0 (0 = greedy)")
+        _require(self.temperature == 0 or T_MIN <= self.temperature <= T_MAX, "eval.temperature", self.temperature,
+                 f"0 (greedy) or {T_RULE}")
         _require(0 <= self.seed <= SEED_MAX, "eval.seed", self.seed, f"in [0, {SEED_MAX}]")
 
 
@@ -310,35 +316,6 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     for item in overrides or []:
         _apply_override(raw, item)
     return build(Config, raw, prefix="")
-
-
-class InputPath(NamedTuple):
-    value: str            # as the recipe says
-    path: Path            # absolute: relative values resolve against the current working directory
-    problem: str | None   # None = there and of the right kind
-
-
-def input_paths(cfg: Config) -> dict[str, InputPath]:
-    """What a run reads, by recipe key, resolved the way `ppow train` opens them.
-
-    `model.target=default` (the embedded target, prepared on first use) is not a path.
-    """
-    named = {"model.target": (None if cfg.model.target == "default" else cfg.model.target, "model"),
-             "model.drafter": (cfg.model.drafter, "model"), "data.path": (cfg.data.path, "file"),
-             "reward.gamma_profile": (cfg.reward.gamma_profile, "file")}
-    out = {}
-    for key, (value, kind) in named.items():
-        if value is None:
-            continue
-        p = Path(os.path.abspath(value))
-        if not p.exists():
-            problem = "does not exist"
-        elif kind == "file":
-            problem = None if p.is_file() else "is not a file"
-        else:
-            problem = None if (p / "config.json").is_file() else "is not a model directory with config.json"
-        out[key] = InputPath(value, p, problem)
-    return out
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:
@@ -433,6 +410,8 @@ def _coerce(tp: Any, value: Any, name: str) -> Any:
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise UserError(f"{name} must be an integer, got {value!r}")
+        if not -INT_LIMIT <= value < INT_LIMIT:  # the one bound every int field shares: what torch/NumPy hold
+            raise UserError(f"{name} must be an integer below 2**63 in size, got {str(value)[:24]}...")
         return value
     if tp is float:
         # YAML reads "1e-5" (no dot) as a string; accept numeric strings.
@@ -444,8 +423,8 @@ def _coerce(tp: Any, value: Any, name: str) -> Any:
             number = math.inf
         if number is None:
             raise UserError(f"{name} must be a number, got {value!r}")
-        if not math.isfinite(number):  # the one check of nan/inf for every float field
-            raise UserError(f"{name} must be a finite number, got {value!r}")
+        if not abs(number) <= FLOAT_LIMIT:  # the one check of nan/inf (and float32 overflow) for every float field
+            raise UserError(f"{name} must be a finite number (|x| <= 3.4e38, float32), got {repr(value)[:24]}")
         return number
     if tp is str:
         if not isinstance(value, str):

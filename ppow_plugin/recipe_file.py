@@ -1,6 +1,9 @@
-"""Reading a recipe file: UTF-8 YAML, no key given twice, not empty. `config.load_config` builds on this.
+"""Reading a recipe file (UTF-8 YAML, no key given twice, not empty) and resolving the paths it names.
 
     raw = read_recipe(Path("recipes/smollm2/135M_eagle1_ppow.yaml"))   # {"stage": "ppow", "model": {...}, ...}
+    input_paths(load_config(...))   # {"model.drafter": InputPath(value, absolute path, problem or None)}
+
+Relative paths resolve against the current working directory (README, "Paths in a recipe").
 
 PyYAML's own loader keeps the last of two equal keys without a word; `_StrictLoader` (a SafeLoader)
 refuses them, naming the key and both lines. Every failure is one `UserError` line naming the file.
@@ -10,7 +13,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import yaml
 
@@ -85,3 +88,32 @@ def read_recipe(p: Path) -> dict[str, Any]:
     if not isinstance(raw, dict):
         raise UserError(f"recipe {p} must be a mapping of sections, got {type(raw).__name__}")
     return raw
+
+
+class InputPath(NamedTuple):
+    value: str            # as the recipe says
+    path: Path            # absolute: relative values resolve against the current working directory
+    problem: str | None   # None = there and of the right kind
+
+
+def input_paths(cfg: Any) -> dict[str, InputPath]:
+    """What a run with `config.Config` `cfg` reads, by recipe key, resolved the way `ppow train` opens them.
+
+    `model.target=default` (the embedded target, prepared on first use) is not a path.
+    """
+    named = {"model.target": (None if cfg.model.target == "default" else cfg.model.target, "model"),
+             "model.drafter": (cfg.model.drafter, "model"), "data.path": (cfg.data.path, "file"),
+             "reward.gamma_profile": (cfg.reward.gamma_profile, "file")}
+    out = {}
+    for key, (value, kind) in named.items():
+        if value is None:
+            continue
+        p = Path(os.path.abspath(value))
+        if not p.exists():
+            problem = "does not exist"
+        elif kind == "file":
+            problem = None if p.is_file() else "is not a file"
+        else:
+            problem = None if (p / "config.json").is_file() else "is not a model directory with config.json"
+        out[key] = InputPath(value, p, problem)
+    return out

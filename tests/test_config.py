@@ -125,10 +125,20 @@ def test_every_numeric_field_has_a_lower_bound(name):
 
 
 @pytest.mark.parametrize("name", FLOATS)
-@pytest.mark.parametrize("text", ["nan", ".nan", "inf", "-.inf", "1e400", str(10**400)])
+@pytest.mark.parametrize("text", ["nan", ".nan", "inf", "-.inf", "1e400", str(10**400), "3.5e38"])
 def test_every_float_field_refuses_non_finite(name, text):
     with pytest.raises(UserError, match=rf"^{re.escape(name)} must be a finite number"):
         load_config(None, [f"{name}={text}"])
+
+
+INTS = [n for n, tp in config_fields() if int in _kinds(tp)]
+
+
+@pytest.mark.parametrize("name", INTS)
+def test_every_int_field_refuses_more_than_int64(name):
+    # 10**400 fed to the plan arithmetic was an OverflowError; torch and NumPy hold int64 at most.
+    with pytest.raises(UserError, match=rf"^{re.escape(name)} must be an integer below 2\*\*63 in size"):
+        load_config(None, [f"{name}={2**63}"])
 
 
 @pytest.mark.parametrize("name", TEXT)
@@ -155,11 +165,11 @@ def tree(path: Path) -> set:
 
 @pytest.mark.parametrize("cmd", ["validate", "train"])
 @pytest.mark.parametrize("override,message", [
-    ("optim.lr=nan", "optim.lr must be a finite number, got 'nan'"),
+    ("optim.lr=nan", "optim.lr must be a finite number (|x| <= 3.4e38, float32), got 'nan'"),
     ("optim.betas=[2,3]", "optim.betas ([2.0, 3.0]) must be two numbers in [0, 1), e.g. [0.9, 0.95]"),
     ("dist.seed=-1", "dist.seed (-1) must be in [0, 4294967295]"),
     ("dist.device=tpu", "dist.device ('tpu') must be auto, cpu, cuda, cuda:N or mps"),
-    ("reward.gamma=inf", "reward.gamma must be a finite number, got 'inf'"),
+    ("reward.gamma=inf", "reward.gamma must be a finite number (|x| <= 3.4e38, float32), got 'inf'"),
     ("run.max_minutes=-1", "run.max_minutes (-1.0) must be > 0 (or null = no time limit)"),
     ("data.num_conversations=0", "data.num_conversations (0) must be >= 1 (or null = all)"),
     ("data.path=convs.jsonl", "data.path ('convs.jsonl') must be null for data.dataset=sharegpt (the bundled set); "

@@ -6,19 +6,19 @@ from pathlib import Path
 
 import pytest
 
-from ppow_plugin import plan
+from ppow_plugin import plan, target_arch
 from ppow_plugin.cli import main
 from ppow_plugin.config import Config, ModelCfg, load_config
 from ppow_plugin.distributed import deepspeed_config
 
 ROOT = Path(__file__).parents[1]
 RECIPES = sorted((ROOT / "recipes").rglob("*.yaml"))
-KNOWN = plan.KNOWN_CONFIGS  # packaged config-only copies (ppow_plugin/known_configs/README.md)
+KNOWN = target_arch.KNOWN_CONFIGS  # packaged config-only copies (ppow_plugin/known_configs/README.md)
 
 
 def _known(path: Path) -> Path:
     cfg = load_config(path)
-    known = plan.known_config(cfg.model.target)
+    known = target_arch.known_config(cfg.model.target)
     assert known is not None, f"{path}: add ppow_plugin/known_configs/<last part of model.target, lower-cased>"
     return known
 
@@ -111,8 +111,8 @@ def test_missing_sizes_are_a_user_error(tmp_path):
         plan.TargetArch.from_dict({"num_hidden_layers": 2})
     cfg = load_config(RECIPES[0])
     with pytest.raises(UserError, match="--target-config"):
-        plan.load_target_arch(cfg, str(tmp_path / "nowhere"))
-    a, note = plan.load_target_arch(cfg, str(KNOWN / "llama-3.1-8b-instruct"), ["num_hidden_layers=80"])
+        target_arch.load_target_arch(cfg, str(tmp_path / "nowhere"))
+    a, note = target_arch.load_target_arch(cfg, str(KNOWN / "llama-3.1-8b-instruct"), ["num_hidden_layers=80"])
     assert a.num_layers == 80 and a.hidden_size == 4096 and note is None
 
 
@@ -123,7 +123,7 @@ def test_missing_sizes_are_a_user_error(tmp_path):
 def test_recipe_loads_validates_and_plans(path, capsys):
     assert main(["validate", "--no-path-check", str(path)]) == 0
     cfg = load_config(path)
-    a, _ = plan.load_target_arch(cfg, str(_known(path)))
+    a, _ = target_arch.load_target_arch(cfg, str(_known(path)))
     for gpus in (1, 8):
         p = plan.plan_memory(cfg, a, gpus)
         assert all(v >= 0 for v in p.rows.values()) and p.total_gb > 0
@@ -178,3 +178,92 @@ def test_every_config_field_is_documented():
             if f"`{section.name}.{f.name}`" not in text:
                 missing.append(f"{section.name}.{f.name}")
     assert not missing, f"docs/recipes.md lacks {missing}"
+
+
+# -- a fresh clone: the packaged known configs; bad flags (issue 16) ------------------------------------
+
+
+def test_readme_plan_command_works_without_the_target(capsys, tmp_path, monkeypatch):
+    command = "ppow plan recipes/llama3/8B_eagle3_ppow.yaml --gpus 8"
+    assert command in (ROOT / "README.md").read_text()
+    monkeypatch.chdir(tmp_path)
+    assert main(["plan", str(ROOT / "recipes/llama3/8B_eagle3_ppow.yaml"), "--gpus", "8"]) == 0
+    out = capsys.readouterr().out
+    known = KNOWN / "llama-3.1-8b-instruct"
+    assert out.splitlines()[0] == (f"note: model.target=/models/Llama-3.1-8B-Instruct has no config.json here; sizes "
+                                   f"from the packaged known config llama-3.1-8b-instruct ({known / 'config.json'})")
+    assert out.count("note:") == 1
+    main(["plan", str(ROOT / "recipes/llama3/8B_eagle3_ppow.yaml"), "--gpus", "8", "--target-config", str(known)])
+    assert capsys.readouterr().out == out.split("\n", 1)[1]  # the same plan, minus the note
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_known_configs_are_package_data():
+    import fnmatch
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    patterns = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["ppow_plugin"]
+    files = [str(p.relative_to(KNOWN.parent)) for p in KNOWN.glob("*/config.json")]
+    assert len(files) == 8 and KNOWN.parent == Path(target_arch.__file__).parent
+    assert all(any(fnmatch.fnmatch(f, pat) for pat in patterns) for f in files), (files, patterns)
+    assert not (ROOT / "tests" / "fixtures" / "configs").exists()  # one copy
+
+
+def test_known_config_is_named_like_the_target():
+    assert target_arch.known_config("/models/Llama-3.1-8B-Instruct") == KNOWN / "llama-3.1-8b-instruct/config.json"
+    assert target_arch.known_config("default") == KNOWN / "smollm2-135m-instruct/config.json"
+    coder = target_arch.known_config(".cache/targets/qwen2.5-coder-0.5b-instruct/")
+    assert coder.parent.name == "qwen2.5-coder-0.5b-instruct"
+    assert target_arch.known_config("/models/my-own-model") is None
+
+
+def one_error(capsys, argv) -> str:
+    code = main(argv)
+    out, err = capsys.readouterr()
+    assert code == 2 and out == "", (code, out, err)
+    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
+    return err.strip()
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--tflops", "0"], "--tflops 0.0: must be in (0, 100000] achieved TFLOP/s per device"),
+    (["--tflops", "nan"], "--tflops nan: must be a finite number"),
+    (["data.max_len=1e3"], "data.max_len must be an integer, got '1e3'"),
+    (["--gpu-memory-gb", "-1"], "--gpu-memory-gb -1.0: must be in (0, 100000] GB per device"),
+    (["--gpu-memory-gb", "inf"], "--gpu-memory-gb inf: must be a finite number"),
+    (["--gpus", "0"], "--gpus 0: must be in [1, 4096] per node"),
+    (["--gpus", str(10**400)], f"--gpus {10**400}: must be in [1, 4096] per node"),  # was an OverflowError
+    (["--nodes", "-2"], "--nodes -2: must be in [1, 1048576]"),
+    (["--target-field", "num_hidden_layers=-5"],
+     "target config num_hidden_layers (-5) must be an integer in [1, 16777216]; fix the config.json or --target-field"),
+    (["--target-field", "hidden_size=abc"],
+     "target config hidden_size ('abc') must be an integer in [1, 16777216]; fix the config.json or --target-field"),
+    (["--target-field", "num_hiden_layers=80"],
+     "--target-field 'num_hiden_layers=80': unknown key 'num_hiden_layers'; did you mean num_hidden_layers?"),
+    (["--target-field", "80"], "--target-field '80' must look like hidden_size=4096"),
+    (["--target-field", "num_key_value_heads=5"],
+     "target config num_attention_heads (32) must be a multiple of num_key_value_heads (5)"),
+    (["--target-field", "tie_word_embeddings=2"], "target config tie_word_embeddings (2) must be true or false"),
+    (["model.draft_vocab_size=200000"],
+     "model.draft_vocab_size (200000) exceeds the target's vocabulary (128256); lower it, or null for the full "
+     "vocabulary"),
+    (["--target-field", "max_position_embeddings=1024"],
+     "data.max_len (2048) + the 81-position rollout tree exceeds the target's max_position_embeddings (1024); "
+     "lower data.max_len to 943 or less"),
+])
+def test_bad_plan_flags_are_one_line_errors(flags, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert one_error(capsys, ["plan", str(ROOT / "recipes/llama3/8B_eagle3_ppow.yaml"), *flags]) == f"error: {message}"
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("content,message", [
+    (b"[1, 2]", "holds a JSON list, not a config object"),
+    (b"{not json", "is not a readable JSON file (JSONDecodeError); point to a config.json"),
+    (b"\xff\xfe{}", "is not a readable JSON file (UnicodeDecodeError)"),
+    (b'{"hidden_size": 8}', "target config lacks num_hidden_layers, num_attention_heads, intermediate_size"),
+])
+def test_bad_target_config_files(content, message, capsys, tmp_path):
+    (tmp_path / "config.json").write_bytes(content)
+    recipe = str(ROOT / "recipes/llama3/8B_eagle3_ppow.yaml")
+    assert message in one_error(capsys, ["plan", recipe, "--target-config", str(tmp_path)])
+    assert message in one_error(capsys, ["plan", recipe, f"model.target={tmp_path}"])  # the recipe's own target
