@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import math
 import re
 import types
@@ -355,7 +356,7 @@ def build(cls: type, raw: Any, prefix: str) -> Any:
     where = prefix.rstrip(".") or "recipe"
     if not isinstance(raw, dict):
         raise UserError(f"{where} must be a mapping, got {type(raw).__name__}")
-    hints = typing.get_type_hints(cls)
+    hints = _type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
     for key, value in raw.items():
@@ -368,6 +369,11 @@ def build(cls: type, raw: Any, prefix: str) -> Any:
         return cls(**kwargs)
     except ValueError as exc:
         raise UserError(str(exc)) from None
+
+
+@functools.cache
+def _type_hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)  # resolving the annotations is most of a load's time
 
 
 def _coerce(tp: Any, value: Any, name: str) -> Any:

@@ -129,6 +129,7 @@ from hypothesis import HealthCheck  # noqa: E402
 
 from ppow_plugin import cli, distributed, plan  # noqa: E402
 from ppow_plugin.config import Config, load_config  # noqa: E402
+from ppow_plugin.errors import UserError  # noqa: E402
 
 ROOT = Path(__file__).parents[1]
 RECIPE = str(ROOT / "recipes/smollm2/135M_eagle1_ppow.yaml")
@@ -222,6 +223,21 @@ def test_config_fields_junk_and_out_of_range_values(items, tmp_path, monkeypatch
     if code == 0:
         consume(load_config(RECIPE, items))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_every_field_with_every_edge_value():
+    # The deterministic sweep under the random one: each field x each edge value, refused or usable.
+    usable = 0
+    for name, _ in FIELDS:
+        for text in EDGES:
+            try:
+                cfg = load_config(None, [f"{name}={text}"])
+            except UserError as exc:
+                assert "\n" not in str(exc)
+                continue
+            consume(cfg)
+            usable += 1
+    assert 0 < usable < len(FIELDS) * len(EDGES) / 2
 
 
 # CLI flags. Commands that load models or change files get their work function replaced by `Reached`
