@@ -1,9 +1,15 @@
-"""Config loading: strict keys with suggestions, types, invariants, dotted overrides."""
+"""Config loading: strict keys with suggestions, types, invariants (every field's range), dotted overrides,
+recipe files, and `ppow validate`'s path check."""
 
 import re
+import types
+import typing
+from pathlib import Path
 
 import pytest
+from test_properties import config_fields  # the fields, enumerated from the dataclasses
 
+from ppow_plugin import cli
 from ppow_plugin.config import Config, config_to_dict, load_config
 from ppow_plugin.errors import UserError
 
@@ -79,25 +85,9 @@ def test_roundtrip_dict():
 
 # -- every field has a range (issue 16) -------------------------------------------------------------------
 
-import dataclasses  # noqa: E402
-import types  # noqa: E402
-import typing  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-from ppow_plugin import cli  # noqa: E402
 
 ROOT = Path(__file__).parents[1]
 PPOW = str(ROOT / "recipes/smollm2/135M_eagle1_ppow.yaml")
-
-
-def config_fields():
-    """(dotted name, type) of every recipe field, from the dataclasses themselves."""
-    out = [("stage", typing.get_type_hints(Config)["stage"])]
-    for section in dataclasses.fields(Config):
-        if dataclasses.is_dataclass(section.default_factory):
-            hints = typing.get_type_hints(section.default_factory)
-            out += [(f"{section.name}.{f.name}", hints[f.name]) for f in dataclasses.fields(section.default_factory)]
-    return out
 
 
 def _kinds(tp) -> set:

@@ -1,11 +1,26 @@
-"""Hypothesis properties of the PPOW math (small examples, no deadline: keep the suite fast on CPU)."""
+"""Hypothesis properties: the PPOW math (small examples, no deadline: keep the suite fast on CPU), and bad input
+to every config field and every CLI flag (issue 16)."""
 
+import argparse
+import contextlib
+import dataclasses
+import importlib
+import io
+import json
 import math
+import os
+import types
+import typing
+from pathlib import Path
 
+import numpy as np
 import torch
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from ppow_plugin import cli, distributed, plan
+from ppow_plugin.config import Config, load_config
+from ppow_plugin.errors import UserError
 from ppow_plugin.losses import group_advantages, policy_loss
 from ppow_plugin.rewards import proximity_reward, speedup_reward
 from ppow_plugin.windowing import select_windows, window_scores
@@ -113,23 +128,6 @@ def test_policy_loss_is_finite(seed, shape, clip_eps, mode, pad_prob):
 # Each example runs `ppow` in-process. Allowed outcomes: exit 0, or exit 2 with exactly one `error:` line;
 # a traceback (any other exception) fails. Fields and flags are enumerated from the dataclasses and from the
 # argparse parser, so fields and flags added later are fuzzed too.
-
-import contextlib  # noqa: E402
-import dataclasses  # noqa: E402
-import io  # noqa: E402
-import os  # noqa: E402
-import json  # noqa: E402
-import types  # noqa: E402
-import typing  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import argparse  # noqa: E402
-import numpy as np  # noqa: E402
-from hypothesis import HealthCheck  # noqa: E402
-
-from ppow_plugin import cli, distributed, plan  # noqa: E402
-from ppow_plugin.config import Config, load_config  # noqa: E402
-from ppow_plugin.errors import UserError  # noqa: E402
 
 ROOT = Path(__file__).parents[1]
 RECIPE = str(ROOT / "recipes/smollm2/135M_eagle1_ppow.yaml")
@@ -277,9 +275,11 @@ def command_lines(draw, tmp: Path):
     name, sub = draw(st.sampled_from(sorted(subcommands().items())))
     argv = [name]
     for a in sub._actions:
-        if not a.option_strings and a.nargs not in ("*", "?"):
-            argv += _placeholder(a, tmp)
-        elif a.option_strings and a.required:
+        if not a.option_strings and a.nargs not in ("*", "?"):  # a required positional: junk one time in 5
+            argv += [draw(junk)] if draw(st.integers(0, 4)) == 0 else _placeholder(a, tmp)
+        elif not a.option_strings:  # optional positionals (recipe overrides): sometimes junk
+            argv += draw(st.lists(junk, max_size=1))
+        elif a.required:
             argv += [a.option_strings[0], *_placeholder(a, tmp)]
     flags = [a for a in sub._actions if a.option_strings and not isinstance(a, argparse._HelpAction)]
     for a in draw(st.lists(st.sampled_from(flags), min_size=1, max_size=3)) if flags else []:
@@ -298,11 +298,9 @@ def test_every_subcommand_has_its_work_stubbed():
 @FUZZ
 @given(data=st.data())
 def test_cli_flags_junk_and_out_of_range_values(data, tmp_path, monkeypatch):
-    import importlib
-
     def reached(*args, **kwargs):
         raise Reached
-    for cmd, calls in WORK.items():
+    for calls in WORK.values():
         for module, fn in calls:
             monkeypatch.setattr(importlib.import_module(f"ppow_plugin.{module}"), fn, reached)
     monkeypatch.chdir(tmp_path)
