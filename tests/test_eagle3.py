@@ -217,10 +217,10 @@ def test_unsupported_rope_scaling_is_refused():
 
 @pytest.mark.parametrize("name", ["llama-3.1-8b-instruct", "llama-3.3-70b-instruct", "deepseek-r1-distill-llama-8b"])
 def test_llama3_family_configs_give_a_plain_rope_drafter_config(name):
-    from pathlib import Path
-
     from transformers import AutoConfig
-    tc = AutoConfig.from_pretrained(Path(__file__).parents[1] / "ppow_plugin" / "known_configs" / name)
+
+    from ppow_plugin.target_arch import KNOWN_CONFIGS
+    tc = AutoConfig.from_pretrained(KNOWN_CONFIGS / name)
     cfg = Eagle3Config.from_target_config(tc, 32000)
     assert cfg.rope_theta == 500000.0 and cfg.to_hf_dict()["rope_scaling"] is None
     assert cfg.feature_layer_ids == (2, tc.num_hidden_layers // 2, tc.num_hidden_layers - 3)

@@ -452,7 +452,8 @@ def _llama31_config() -> tuple[dict, int]:
     from transformers import AutoConfig
 
     from ppow_plugin.eagle3 import Eagle3Config
-    tc = AutoConfig.from_pretrained(Path(__file__).parent / "fixtures" / "configs" / "llama-3.1-8b-instruct")
+    from ppow_plugin.target_arch import KNOWN_CONFIGS
+    tc = AutoConfig.from_pretrained(KNOWN_CONFIGS / "llama-3.1-8b-instruct")
     return Eagle3Config.from_target_config(tc, 32000).to_hf_dict(), tc.num_hidden_layers
 
 
