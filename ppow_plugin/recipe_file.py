@@ -55,16 +55,17 @@ def read_recipe(p: Path) -> dict[str, Any]:
         UserError: `p` is a directory, missing, unreadable, not UTF-8, not YAML (with line and column),
             has a duplicate key (with both lines), is empty, or is not a mapping.
     """
-    if p.is_dir():
-        inside = sorted(p.glob("*.yaml"))
-        hint = f", e.g. {inside[0]}" if inside else ""
-        raise UserError(f"recipe {p} is a directory; pass one YAML file{hint}")
-    if not p.is_file():
-        raise UserError(f"recipe {p} does not exist (tried {os.path.abspath(p)}); pass a YAML file (see recipes/)")
     try:
+        if p.is_dir():
+            inside = sorted(p.glob("*.yaml"))
+            hint = f", e.g. {inside[0]}" if inside else ""
+            raise UserError(f"recipe {p} is a directory; pass one YAML file{hint}")
+        if not p.is_file():
+            raise UserError(f"recipe {p} does not exist (tried {os.path.abspath(p)}); pass a YAML file (see recipes/)")
         data = p.read_bytes()
-    except OSError as exc:
-        raise UserError(f"recipe {p} cannot be read ({exc.strerror}); check its permissions") from None
+    except OSError as exc:  # permissions, a name too long, ...
+        raise UserError(f"recipe {str(p)[:80]} cannot be read ({exc.strerror}); check the path and its "
+                        "permissions") from None
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -109,11 +110,14 @@ def input_paths(cfg: Any) -> dict[str, InputPath]:
         if value is None:
             continue
         p = Path(os.path.abspath(value))
-        if not p.exists():
-            problem = "does not exist"
-        elif kind == "file":
-            problem = None if p.is_file() else "is not a file"
-        else:
-            problem = None if (p / "config.json").is_file() else "is not a model directory with config.json"
+        try:
+            if not p.exists():
+                problem = "does not exist"
+            elif kind == "file":
+                problem = None if p.is_file() else "is not a file"
+            else:
+                problem = None if (p / "config.json").is_file() else "is not a model directory with config.json"
+        except OSError as exc:  # e.g. a name too long
+            problem = f"cannot be checked ({exc.strerror})"
         out[key] = InputPath(value, p, problem)
     return out

@@ -120,7 +120,7 @@ def load_target_arch(cfg: Config, target_config: str | None = None,
     else:
         source = _recipe_config_json(cfg)
         known = known_config(cfg.model.target)
-        if source.is_file():
+        if _is_file(source):
             raw = _read_config_json(source, "model.target")
         elif known is not None:
             raw = _read_config_json(known, "known config")
@@ -159,7 +159,15 @@ def known_config(target: str) -> Path | None:
     """
     name = "smollm2-135m-instruct" if target == "default" else Path(target.rstrip("/\\")).name.lower()
     p = KNOWN_CONFIGS / name / "config.json"
-    return p if name and p.is_file() else None
+    return p if name and _is_file(p) else None
+
+
+def _is_file(p: Path) -> bool:
+    """`p.is_file()`, False also where the OS refuses to look (a name too long, no permission)."""
+    try:
+        return p.is_file()
+    except OSError:
+        return False
 
 
 def _apply_fields(raw: dict[str, Any], fields: list[str]) -> None:
@@ -181,10 +189,10 @@ def _apply_fields(raw: dict[str, Any], fields: list[str]) -> None:
 
 
 def _read_config_json(p: Path, what: str) -> dict[str, Any]:
-    p = p / "config.json" if p.is_dir() else p
-    if not p.is_file():
-        raise UserError(f"{what}: no config.json at {p}; pass --target-config PATH (a config.json or its dir) "
-                        "or the sizes with --target-field key=value")
+    p = p / "config.json" if not _is_file(p) else p
+    if not _is_file(p):
+        raise UserError(f"{what}: no config.json at {str(p)[:200]}; pass --target-config PATH (a config.json or its "
+                        "dir) or the sizes with --target-field key=value")
     try:
         raw = json.loads(p.read_bytes().decode("utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as exc:

@@ -220,6 +220,8 @@ def test_recipe_path_that_is_a_directory(capsys, tmp_path):
     assert line == f"error: recipe {tmp_path} is a directory; pass one YAML file, e.g. {tmp_path / 'a.yaml'}"
     line = one_error(capsys, ["validate", str(tmp_path / "nope.yaml")])
     assert line.startswith(f"error: recipe {tmp_path / 'nope.yaml'} does not exist (tried ")
+    line = one_error(capsys, ["validate", "x" * 300])  # is_dir() raised OSError(ENAMETOOLONG): a traceback
+    assert line == f"error: recipe {'x' * 80} cannot be read (File name too long); check the path and its permissions"
 
 
 def test_duplicate_key_check_is_what_refuses(tmp_path):
@@ -258,11 +260,13 @@ def test_validate_prints_absolute_paths_and_refuses_missing_ones(capsys, tmp_pat
     ("model.drafter=.", "model.drafter=.: {cwd} is not a model directory with config.json"),
     ("model.target=nowhere", "model.target=nowhere: {cwd}/nowhere does not exist"),
     ("reward.gamma_profile=.", "reward.gamma_profile=.: {cwd} is not a file"),
+    (f"data.dataset=jsonl data.path={'x' * 300}",  # exists() raised OSError(ENAMETOOLONG): a traceback
+     f"data.path={'x' * 300}: {{cwd}}/{'x' * 300} cannot be checked (File name too long)"),
 ])
 def test_validate_checks_each_input_path(override, message, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     drafter = ROOT / "assets/drafters/smollm2-135m-eagle1-sft"
-    line = one_error(capsys, ["validate", PPOW, f"model.drafter={drafter}", override])
+    line = one_error(capsys, ["validate", PPOW, f"model.drafter={drafter}", *override.split()])
     assert line.startswith("error: " + message.format(cwd=tmp_path))
     assert tree(tmp_path) == set()
 

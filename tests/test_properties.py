@@ -158,7 +158,7 @@ EDGES = ["nan", ".nan", "inf", "-.inf", "1e400", "-1", "0", "-0.0", "1", "0.5", 
          "4294967295", "4294967296", str(10**400), "true", "null", "~", "", " ", "[]", "[2, 3]", "[0.9, 0.95]",
          "[0.9, nan]", "[1, 2, 3]", "{}", "{a: 1}", "tpu", "cuda", "cuda:1", "cuda:x", "default", "x", "'1e-5'",
          "[mt_bench]", "[]", "['']", "{", "]", ": x", "a: b: c", "- 1", "!!python/object/apply:os.getcwd []",
-         "&a [*a]", "{a: 1, a: 2}", "\x00", "é"]
+         "&a [*a]", "{a: 1, a: 2}", "\x00", "é", "x" * 300]  # 300: a file name too long for the OS
 junk = st.one_of(st.sampled_from(EDGES), st.integers(-2**70, 2**70).map(str),
                  st.floats(allow_nan=True, allow_infinity=True).map(repr), st.text(max_size=12))
 FIELDS = config_fields()
