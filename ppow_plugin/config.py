@@ -5,8 +5,10 @@
 Rules:
 1. Every knob is a typed dataclass field with a default and a comment; there is no `cfg.get`.
 2. Unknown keys are rejected with the nearest valid name (`difflib`), values are type-checked (a float
-   must be finite: nan/inf are refused here, once, for every field), and each dataclass's
-   `__post_init__` checks the range of every one of its fields. All surface as one-line `UserError`s.
+   must be finite within float32, an int within int64: checked once, for every field, in
+   `recipe_file.build`), and each
+   dataclass's `__post_init__` checks the range of every one of its fields. All surface as one-line
+   `UserError`s.
 3. Dotted `section.field=value` overrides go through the same path as the YAML (values parsed as YAML
    scalars, so `run.max_steps=20` is an int and `model.drafter=null` is None).
 4. A recipe file must be UTF-8 YAML without duplicate keys and not empty (`recipe_file.read_recipe`).
@@ -20,12 +22,7 @@ own choice where the paper is silent (docs/algorithm.md says why).
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import functools
-import math
 import re
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -33,11 +30,9 @@ from typing import Any, Literal
 import yaml
 
 from ppow_plugin.errors import UserError
-from ppow_plugin.recipe_file import DuplicateKey, parse_yaml, read_recipe
+from ppow_plugin.recipe_file import DuplicateKey, build, parse_yaml, read_recipe
 
 Dtype = Literal["fp32", "bf16"]
-INT_LIMIT = 2**63  # |int| for every int field (int64)
-FLOAT_LIMIT = 3.4028234663852886e38  # |float| for every float field: float32's largest (our tensors' dtype)
 T_MIN, T_MAX = 0.01, 100.0  # sampling temperatures: logits / T must stay finite in float32
 T_RULE = f"in [{T_MIN}, {T_MAX:g}]"
 SEED_MAX = 2**32 - 1  # NumPy's seed range, the narrowest of the three RNGs we seed
@@ -349,91 +344,3 @@ def _apply_override(raw: dict, item: str) -> None:
         if not isinstance(node, dict):
             raise UserError(f"override {item!r}: {part} is not a section")
     node[parts[-1]] = value
-
-
-def build(cls: type, raw: Any, prefix: str) -> Any:
-    """Build dataclass `cls` from a raw mapping, strictly."""
-    where = prefix.rstrip(".") or "recipe"
-    if not isinstance(raw, dict):
-        raise UserError(f"{where} must be a mapping, got {type(raw).__name__}")
-    hints = _type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
-    for key, value in raw.items():
-        if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1)
-            hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; valid keys: {', '.join(names)}"
-            raise UserError(f"unknown config key '{prefix}{key}'{hint}")
-        kwargs[key] = _coerce(hints[key], value, f"{prefix}{key}")
-    try:
-        return cls(**kwargs)
-    except ValueError as exc:
-        raise UserError(str(exc)) from None
-
-
-@functools.cache
-def _type_hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)  # resolving the annotations is most of a load's time
-
-
-def _coerce(tp: Any, value: Any, name: str) -> Any:
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if dataclasses.is_dataclass(tp):
-        return build(tp, value if value is not None else {}, prefix=f"{name}.")
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in (a for a in args if a is not type(None)):
-            try:
-                return _coerce(arg, value, name)
-            except UserError as exc:
-                errors.append(str(exc))
-        raise UserError(errors[0])
-    if origin is Literal:
-        if value not in args:
-            close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
-            hint = f"; did you mean '{close[0]}'?" if close else ""
-            raise UserError(f"{name} must be one of {', '.join(map(str, args))}, got {value!r}{hint}")
-        return value
-    if origin in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            raise UserError(f"{name} must be a list, got {value!r}")
-        if origin is tuple and args and args[-1] is not Ellipsis:
-            if len(value) != len(args):
-                raise UserError(f"{name} must have {len(args)} items, got {len(value)}")
-            return tuple(_coerce(a, v, f"{name}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
-        inner = args[0] if args else Any
-        items = [_coerce(inner, v, f"{name}[{i}]") for i, v in enumerate(value)]
-        return tuple(items) if origin is tuple else items
-    if tp is Any:
-        return value
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise UserError(f"{name} must be true or false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise UserError(f"{name} must be an integer, got {value!r}")
-        if not -INT_LIMIT <= value < INT_LIMIT:  # the one bound every int field shares: what torch/NumPy hold
-            raise UserError(f"{name} must be an integer below 2**63 in size, got {str(value)[:24]}...")
-        return value
-    if tp is float:
-        # YAML reads "1e-5" (no dot) as a string; accept numeric strings.
-        try:
-            number = float(value) if not isinstance(value, bool) else None
-        except (TypeError, ValueError):
-            number = None
-        except OverflowError:  # an int beyond float range
-            number = math.inf
-        if number is None:
-            raise UserError(f"{name} must be a number, got {value!r}")
-        if not abs(number) <= FLOAT_LIMIT:  # the one check of nan/inf (and float32 overflow) for every float field
-            raise UserError(f"{name} must be a finite number (|x| <= 3.4e38, float32), got {repr(value)[:24]}")
-        return number
-    if tp is str:
-        if not isinstance(value, str):
-            raise UserError(f"{name} must be a string, got {value!r}")
-        return value
-    raise TypeError(f"config field {name} has unsupported type {tp}")

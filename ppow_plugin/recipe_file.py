@@ -1,7 +1,8 @@
-"""Reading a recipe file (UTF-8 YAML, no key given twice, not empty) and resolving the paths it names.
+"""A recipe file -> a raw mapping -> typed dataclasses, strictly; and the paths a config names.
 
     raw = read_recipe(Path("recipes/smollm2/135M_eagle1_ppow.yaml"))   # {"stage": "ppow", "model": {...}, ...}
-    input_paths(load_config(...))   # {"model.drafter": InputPath(value, absolute path, problem or None)}
+    cfg = build(Config, raw, prefix="")      # what `config.load_config` does after the overrides
+    input_paths(cfg)   # {"model.drafter": InputPath(value, absolute path, problem or None)}
 
 Relative paths resolve against the current working directory (README, "Paths in a recipe").
 
@@ -11,13 +12,22 @@ refuses them, naming the key and both lines. Every failure is one `UserError` li
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
+import functools
+import math
 import os
+import types
+import typing
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import yaml
 
 from ppow_plugin.errors import UserError
+
+INT_LIMIT = 2**63  # |int| for every int field (int64: what torch and NumPy hold)
+FLOAT_LIMIT = 3.4028234663852886e38  # |float| for every float field: float32's largest (our tensors' dtype)
 
 
 class DuplicateKey(Exception):
@@ -121,3 +131,96 @@ def input_paths(cfg: Any) -> dict[str, InputPath]:
             problem = f"cannot be checked ({exc.strerror})"
         out[key] = InputPath(value, p, problem)
     return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Raw mapping -> typed dataclasses
+
+
+def build(cls: type, raw: Any, prefix: str) -> Any:
+    """Build dataclass `cls` from a raw mapping, strictly: unknown keys (with the nearest name), types,
+    int64 / finite-float32 bounds, then the dataclasses' own `__post_init__` invariants (ValueError)."""
+    where = prefix.rstrip(".") or "recipe"
+    if not isinstance(raw, dict):
+        raise UserError(f"{where} must be a mapping, got {type(raw).__name__}")
+    hints = _type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in raw.items():
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; valid keys: {', '.join(names)}"
+            raise UserError(f"unknown config key '{prefix}{key}'{hint}")
+        kwargs[key] = _coerce(hints[key], value, f"{prefix}{key}")
+    try:
+        return cls(**kwargs)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+
+
+@functools.cache
+def _type_hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)  # resolving the annotations is most of a load's time
+
+
+def _coerce(tp: Any, value: Any, name: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return build(tp, value if value is not None else {}, prefix=f"{name}.")
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(arg, value, name)
+            except UserError as exc:
+                errors.append(str(exc))
+        raise UserError(errors[0])
+    if origin is Literal:
+        if value not in args:
+            close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise UserError(f"{name} must be one of {', '.join(map(str, args))}, got {value!r}{hint}")
+        return value
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise UserError(f"{name} must be a list, got {value!r}")
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise UserError(f"{name} must have {len(args)} items, got {len(value)}")
+            return tuple(_coerce(a, v, f"{name}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+        inner = args[0] if args else Any
+        items = [_coerce(inner, v, f"{name}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if tp is Any:
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise UserError(f"{name} must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise UserError(f"{name} must be an integer, got {value!r}")
+        if not -INT_LIMIT <= value < INT_LIMIT:  # the one bound every int field shares: what torch/NumPy hold
+            raise UserError(f"{name} must be an integer below 2**63 in size, got {str(value)[:24]}...")
+        return value
+    if tp is float:
+        # YAML reads "1e-5" (no dot) as a string; accept numeric strings.
+        try:
+            number = float(value) if not isinstance(value, bool) else None
+        except (TypeError, ValueError):
+            number = None
+        except OverflowError:  # an int beyond float range
+            number = math.inf
+        if number is None:
+            raise UserError(f"{name} must be a number, got {value!r}")
+        if not abs(number) <= FLOAT_LIMIT:  # the one check of nan/inf (and float32 overflow) for every float field
+            raise UserError(f"{name} must be a finite number (|x| <= 3.4e38, float32), got {repr(value)[:24]}")
+        return number
+    if tp is str:
+        if not isinstance(value, str):
+            raise UserError(f"{name} must be a string, got {value!r}")
+        return value
+    raise TypeError(f"config field {name} has unsupported type {tp}")
