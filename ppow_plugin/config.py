@@ -127,6 +127,12 @@ class RolloutCfg:
     temperature: float = 1.0  # drafter sampling temperature for rollouts [default]
     verify: Literal["greedy", "sampling"] = "greedy"  # target acceptance rule: T=0 match or rejection sampling
     verify_temperature: float = 1.0  # target temperature when verify=sampling
+    # 1: each group's first window is the drafter's greedy (argmax) window, a member the sampled ones are compared
+    # against; off: it did not reduce zero-variance groups in a measurement (docs/algorithm.md) [default]
+    greedy_members: int = 0
+    # dynamic sampling: redraw (up to this many times) the windows of a prefix whose group rewards are all equal;
+    # each redraw costs a drafting pass and a tree verification of those prefixes; 0 = off [default]
+    resample_tries: int = 0
 
     def __post_init__(self):
         _require(self.group_size >= 2, "rollout.group_size", self.group_size,
@@ -136,6 +142,9 @@ class RolloutCfg:
         _require(T_MIN <= self.temperature <= T_MAX, "rollout.temperature", self.temperature, T_RULE)
         _require(T_MIN <= self.verify_temperature <= T_MAX, "rollout.verify_temperature", self.verify_temperature,
                  T_RULE)
+        _require(self.greedy_members in (0, 1), "rollout.greedy_members", self.greedy_members,
+                 "0 or 1: a second greedy window would repeat the first")
+        _require(self.resample_tries >= 0, "rollout.resample_tries", self.resample_tries, ">= 0 (0 = no redraws)")
 
 
 @dataclass
@@ -154,8 +163,11 @@ class RewardCfg:
     gamma: float = 0.12  # drafter/target cost ratio [paper]; overridden by gamma_profile when set
     gamma_profile: str | None = None  # JSON written by `ppow profile`; its measured gamma wins
     eta: float = 0.5  # proximity bonus size; < R_speedup(1) so "close" never beats "1 accepted" [default]
-    epsilon: float = 2.0  # proximity threshold on Δ, nats [default]
-    delta_positions: int | None = None  # Δ summed over the first N window positions; None = all K [default]
+    epsilon: float = 4.0  # proximity threshold on Δ, nats; calibrated on measured first-position Δ [default]
+    delta_positions: int | None = 1  # Δ summed over the first N window positions; None = all K [default]
+    # most draft tokens k counts; set it to the evaluation tree's depth (EAGLE-1 mc_sim_7b_63: 5, EAGLE-3:
+    # eval.tree_depth + 1) so the reward counts what decoding counts; None = rollout.window [default]
+    accept_cap: int | None = None
     speedup_weight: float = 1.0
     proximity_weight: float = 1.0  # 0 disables R_dist (ablation)
 
@@ -167,6 +179,8 @@ class RewardCfg:
         if self.delta_positions is not None:
             _require(self.delta_positions >= 1, "reward.delta_positions", self.delta_positions,
                      ">= 1 (or null = the window)")
+        if self.accept_cap is not None:
+            _require(self.accept_cap >= 1, "reward.accept_cap", self.accept_cap, ">= 1 (or null = rollout.window)")
         _require(self.speedup_weight >= 0, "reward.speedup_weight", self.speedup_weight, ">= 0")
         _require(self.proximity_weight >= 0, "reward.proximity_weight", self.proximity_weight, ">= 0")
         if self.speedup_weight == 0 and self.proximity_weight == 0:
@@ -177,6 +191,9 @@ class RewardCfg:
 class LossCfg:
     clip_eps: float = 0.2  # PPO clip range [default]
     ratio_mode: Literal["token", "window"] = "window"  # window = geometric mean over the window [default]
+    # tokens that carry the advantage: accepted_prefix = 1..min(k+1, K), the ones that decided k; window = all K
+    credit: Literal["window", "accepted_prefix"] = "accepted_prefix"  # [default]
+    kl_positions: Literal["window", "accepted_prefix"] = "accepted_prefix"  # window positions the KL term sees [default]
     advantage_scale: Literal["std", "none"] = "std"  # divide by group std (GRPO) or only centre
     kl_beta: float = 0.05  # β: KL to the *target* on window positions [default]
     kl_direction: Literal["forward", "reverse"] = "forward"  # forward = KL(P_target ‖ Q_draft)

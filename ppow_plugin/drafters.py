@@ -74,7 +74,8 @@ class Eagle1Adapter:
 
     def draft_windows(self, drafter, target, dpass, starts, r, tokens=None, generator=None):
         return rollout.draft_windows(drafter, lambda h: _head(target, h), dpass, starts, r.group_size, r.window,
-                                     r.temperature, tokens=tokens, generator=generator)
+                                     r.temperature, tokens=tokens, generator=generator,
+                                     greedy_members=r.greedy_members)
 
     def to_target_ids(self, drafter, draft_ids: Tensor) -> Tensor:
         return draft_ids
@@ -141,7 +142,8 @@ class Eagle3Adapter:
             return drafter.lm_head(drafter.norm(hidden))
 
         return rollout.draft_windows(drafter, head, dpass, starts, r.group_size, r.window, r.temperature,
-                                     tokens=tokens, generator=generator, step=eagle3_step, d2t=drafter.d2t)
+                                     tokens=tokens, generator=generator, step=eagle3_step, d2t=drafter.d2t,
+                                     greedy_members=r.greedy_members)
 
     def to_target_ids(self, drafter, draft_ids: Tensor) -> Tensor:
         return eagle3.draft_to_target_ids(draft_ids, drafter.d2t)

@@ -17,6 +17,8 @@ Where we depart from (or fill gaps in) the paper:
   4. `distill_loss` is the optional token-level soft cross-entropy term GTO keeps; the paper does not
      say whether PPOW keeps one.
   5. `approx_kl` in PolicyStats is the k3 estimator (r − 1 − log r) per valid token, old → new.
+  6. Credit assignment (`credit_mask`) is ours: the paper multiplies the window's log-probability by
+     its advantage; "accepted_prefix" keeps only the tokens that decided the reward (docs/algorithm.md).
 """
 
 from typing import Literal, NamedTuple
@@ -28,6 +30,8 @@ from torch import Tensor
 from ppow_plugin.windowing import kl_divergence
 
 RatioMode = Literal["token", "window"]
+Credit = Literal["window", "accepted_prefix"]
+CREDITS: tuple[str, ...] = ("window", "accepted_prefix")
 
 
 class PolicyStats(NamedTuple):
@@ -115,6 +119,40 @@ def group_advantages(
     keep = valid_mask & (r_max > r_min)
     out_dtype = rewards.dtype if rewards.is_floating_point() else torch.float32
     return torch.where(keep, centred, 0.0).to(out_dtype)
+
+
+def credit_mask(accept_len: Tensor, valid_mask: Tensor, credit: Credit, proximity_positions: int = 1,
+                accept_cap: int | None = None) -> Tensor:
+    """Which drafted tokens carry a window's advantage (and, as a config choice, its KL term).
+
+    "window": every valid token. "accepted_prefix": tokens 1..min(k + 1, K), the accepted ones and the
+    first rejected one, which decided k; the later tokens cannot have changed the reward. A window with
+    k = 0 also earns (or not) R_dist from Δ over its first `proximity_positions` tokens, so those stay
+    credited there.
+
+    Args:
+        accept_len: k per window, capped as the reward counts it. Shape (B, G), integer.
+        valid_mask: True for real window positions. Shape (B, G, K), bool.
+        credit: "window" or "accepted_prefix".
+        proximity_positions: tokens R_dist's Δ reads for a k = 0 window, >= 1 (K for Δ over the window).
+        accept_cap: the most tokens k counts (`rewards.counted_accept_len`); a window accepted to the cap
+            was decided by its first `accept_cap` tokens. None = no cap.
+    Returns:
+        valid_mask & credited, shape (B, G, K), bool.
+    Raises:
+        ValueError: unknown credit or proximity_positions < 1.
+    """
+    if credit not in CREDITS:
+        raise ValueError(f"credit {credit!r} must be one of {', '.join(CREDITS)}")
+    if proximity_positions < 1:
+        raise ValueError(f"proximity_positions ({proximity_positions}) must be >= 1")
+    if credit == "window":
+        return valid_mask
+    decided = torch.where(accept_len == 0, proximity_positions, accept_len + 1)  # [B, G]
+    if accept_cap is not None:
+        decided = decided.clamp(max=accept_cap)
+    position = torch.arange(valid_mask.shape[-1], device=valid_mask.device)
+    return valid_mask & (position < decided[..., None])
 
 
 def policy_loss(

@@ -37,6 +37,28 @@ def _check_accept_len(accept_len: Tensor) -> None:
         raise ValueError("accept_len must be >= 0 (accepted draft tokens, bonus excluded)")
 
 
+def counted_accept_len(accept_len: Tensor, cap: int | None) -> Tensor:
+    """k as decoding can use it: at most `cap` draft tokens (the evaluation tree's depth), None = uncapped.
+
+    A tree of depth D accepts at most D draft tokens per cycle, so a window accepted beyond D earns,
+    in decoding, what one accepted to D earns (docs/algorithm.md, "Match training to decoding").
+
+    Args:
+        accept_len: accepted draft tokens per window. Shape (B, G), integer.
+        cap: most draft tokens one decoding cycle accepts, >= 1, or None.
+    Returns:
+        min(k, cap), same shape and dtype.
+    Raises:
+        ValueError: cap < 1, or a bad accept_len.
+    """
+    _check_accept_len(accept_len)
+    if cap is None:
+        return accept_len
+    if cap < 1:
+        raise ValueError(f"cap ({cap}) must be >= 1 (or None = uncapped)")
+    return accept_len.clamp(max=cap)
+
+
 def speedup_reward(accept_len: Tensor, gamma: float) -> Tensor:
     """Cost-aware speedup reward k / (k * gamma + 1) (PPOW §4.3).
 

@@ -50,6 +50,44 @@ class Rollout(NamedTuple):
     valid_mask: Tensor  # [n, G, K] bool True = real window position
 
 
+class Drawn(NamedTuple):
+    """Drafted and verified windows of n prefixes; logprobs/logits keep the drafter's graph when drawn with it."""
+
+    tokens: Tensor  # [n, G, K] int64 drafter-vocabulary ids
+    logprobs: Tensor  # [n, G, K] drafter log-probs at the rollout temperature
+    logits: Tensor  # [n, G, K, Vd] drafter logits
+    accept_len: Tensor  # [n, G] int64
+    target_logits: Tensor  # [n, G, K, V]
+    target_draft_lp: Tensor  # [n, G, K] log p_T(d_j | prefix, d_<j)
+    target_greedy_lp: Tensor  # [n, G, K] max_v log p_T(v | prefix, d_<j)
+
+
+def redraw_flat_groups(drawn: Drawn, starts: Tensor, draw, flat_groups, tries: int) -> tuple[Drawn, int]:
+    """Dynamic sampling: redraw the groups whose windows all earn the same reward, up to `tries` times.
+
+    Such a group has zero advantages and gives no policy gradient. Each round redraws every group that is
+    still flat and takes the redraw whatever it earns; a group still flat after `tries` rounds stays so.
+
+    Args:
+        drawn: the first draw of every prefix.
+        starts: [n] int64 window starts, aligned with drawn's first dimension.
+        draw: starts [m] -> Drawn for those prefixes (a fresh draw).
+        flat_groups: Drawn -> [n] bool, True where the group's rewards are all equal.
+        tries: rounds, >= 0 (0 returns `drawn` unchanged).
+    Returns:
+        (drawn with redrawn groups in place, number of group redraws made).
+    """
+    redrawn = 0
+    for _ in range(tries):
+        flat = flat_groups(drawn).nonzero()[:, 0]
+        if flat.numel() == 0:
+            break
+        again = draw(starts[flat])
+        drawn = Drawn(*(t.index_copy(0, flat, a) for t, a in zip(drawn, again)))
+        redrawn += flat.numel()
+    return drawn, redrawn
+
+
 # ----------------------------------------------------------------------------------------------
 # Pure acceptance rules
 
@@ -165,7 +203,7 @@ def sample_categorical(logp: Tensor, generator: torch.Generator | None = None) -
 def draft_windows(drafter, head, dpass: DraftPass, starts: Tensor, group_size: int, window: int,
                   temperature: float, tokens: Tensor | None = None,
                   generator: torch.Generator | None = None, step=eagle1_step,
-                  d2t: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+                  d2t: Tensor | None = None, greedy_members: int = 0) -> tuple[Tensor, Tensor, Tensor]:
     """Draft (or re-score) G windows of K tokens from each start, feeding the drafter its own features.
 
     With `tokens=None` it samples; with `tokens` given it re-scores those tokens (the policy-update pass
@@ -179,6 +217,9 @@ def draft_windows(drafter, head, dpass: DraftPass, starts: Tensor, group_size: i
         step: one cached drafter step with the signature of `eagle1_step` (EAGLE-3: `drafters.eagle3_step`).
         d2t: EAGLE-3 reduced vocabulary map; sampled draft ids are fed back as target ids
             draft + d2t[draft] (the drafter's embedding is over the target vocabulary). None = identity.
+        greedy_members: when sampling, the first this-many members of each group take the drafter's
+            argmax at every step instead of a sample (a window the group is measured against; see
+            `proposal_logprobs` for verifying it). Ignored when re-scoring `tokens`.
     Returns:
         tokens [n, G, K] (drafter-vocabulary ids), logprobs [n, G, K] (log q at `temperature`),
         logits [n, G, K, Vd] (raw, over the drafter's vocabulary).
@@ -193,12 +234,15 @@ def draft_windows(drafter, head, dpass: DraftPass, starts: Tensor, group_size: i
     prefix_ok = (pos[None] < starts[:, None]).repeat_interleave(group_size, 0)  # [N, past]
     kv = _expand_rows(dpass.kv, rows)
     s_rows = starts.repeat_interleave(group_size)  # [N]
+    greedy_row = (torch.arange(rows, device=starts.device) % group_size) < greedy_members  # [N]
     out_tokens, out_logprobs, out_logits = [], [], []
     for j in range(window):
         logits = head(feat[:, 0]).float()  # [N, V]
         logp = F.log_softmax(logits / temperature, dim=-1)
         if tokens is None:
             tok = sample_categorical(logp, generator)
+            if greedy_members:
+                tok = torch.where(greedy_row, logp.argmax(-1), tok)
         else:
             tok = tokens.reshape(rows, window)[:, j]
         out_tokens.append(tok)
@@ -215,13 +259,33 @@ def draft_windows(drafter, head, dpass: DraftPass, starts: Tensor, group_size: i
             torch.stack(out_logits, 1).reshape(*shape, -1))
 
 
+def proposal_logprobs(sampling_logprobs: Tensor, greedy_members: int) -> Tensor:
+    """log q of each drafted token under the rule that proposed it, for `verify=sampling`.
+
+    Sampled members were drawn from q; the first `greedy_members` members of each group were chosen
+    deterministically (argmax), so their proposal has q(d) = 1 and speculative sampling accepts them
+    with probability p(d) (log q = 0).
+
+    Args:
+        sampling_logprobs: drafter log-probs of the drafted tokens at the rollout temperature. [n, G, K].
+        greedy_members: leading greedy members per group, 0 <= greedy_members <= G.
+    Returns:
+        [n, G, K] log-probs, detached.
+    """
+    member = torch.arange(sampling_logprobs.shape[1], device=sampling_logprobs.device)
+    greedy = (member < greedy_members)[None, :, None]
+    return torch.where(greedy, torch.zeros_like(sampling_logprobs), sampling_logprobs).detach()
+
+
 def verify_windows(target, kv, input_ids: Tensor, starts: Tensor, draft_tokens: Tensor,
                    verify: str, verify_temperature: float, draft_logprobs: Tensor,
                    generator: torch.Generator | None = None):
     """Verify every window with one target tree forward per start, over the prefix's cached KV.
 
     `kv` must hold the teacher-forced KV of `input_ids` (from `target_forward`); trees are run for
-    starts in descending order, so each overwrites only cache slots >= its own start.
+    starts in descending order, so each overwrites only cache slots >= its own start. The slots the trees
+    overwrote are restored afterwards, so the cache again holds the sequence and windows can be verified
+    again (a redraw, `rollout.resample_tries`).
 
     Args:
         input_ids: [T] int64 sequence (roots are input_ids[s]).
@@ -236,6 +300,8 @@ def verify_windows(target, kv, input_ids: Tensor, starts: Tensor, draft_tokens: 
     depth, parent = depth.to(input_ids.device), parent.to(input_ids.device)
     logits_out = [None] * n
     order = torch.argsort(starts, descending=True).tolist()
+    first = int(starts.min())
+    saved = [[cache.data.narrow(2, first, input_ids.numel() - first).clone() for cache in layer] for layer in kv]
     with torch.no_grad():
         for i in order:
             s = int(starts[i])
@@ -248,6 +314,10 @@ def verify_windows(target, kv, input_ids: Tensor, starts: Tensor, draft_tokens: 
                 target.model.tree_mask = None
             logits = target.lm_head(hidden[0]).float()  # [L, V]
             logits_out[i] = logits[parent]  # [G, K, V]
+        for layer, layer_saved in zip(kv, saved):
+            for cache, part in zip(layer, layer_saved):
+                cache.data.narrow(2, first, part.shape[2]).copy_(part)
+        _set_kv_length(kv, input_ids.numel())
     target_logits = torch.stack(logits_out)  # [n, G, K, V]
     if verify == "greedy":
         target_logp = F.log_softmax(target_logits, -1)

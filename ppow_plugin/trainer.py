@@ -213,20 +213,42 @@ class Trainer:
             item["rollout"] = None
             item["policy"] = PolicyPass(dpass, draft_logits, None, None) if keep_graph else None
             return item
+        drawn = self._draw(ids, dpass, starts, drafter_pass)
+        valid_windows = torch.ones_like(drawn.tokens, dtype=torch.bool)
+
+        def flat_groups(d: rollout.Drawn) -> torch.Tensor:  # [n] True: every window of the group earns the same
+            rw = self._window_rewards(d.accept_len, d.target_greedy_lp, d.target_draft_lp, valid_windows)[2]
+            return (losses.group_advantages(rw.total) == 0).all(dim=1)
+
+        drawn, item["redrawn"] = rollout.redraw_flat_groups(  # dynamic sampling (rollout.resample_tries)
+            drawn, starts, lambda s: self._draw(ids, dpass, s, drafter_pass), flat_groups,
+            self.cfg.rollout.resample_tries)
+        item["rollout"] = rollout.Rollout(starts, drawn.tokens, drawn.logprobs.detach(), drawn.accept_len,
+                                          drawn.target_logits, drawn.target_draft_lp, drawn.target_greedy_lp,
+                                          valid_windows)
+        if keep_graph:
+            item["policy"] = PolicyPass(dpass, draft_logits, drawn.logprobs, drawn.logits)
+        return item
+
+    def _draw(self, ids, dpass, starts, drafter_pass) -> rollout.Drawn:
+        """G windows from each start, drafted (under `drafter_pass`: enable_grad keeps the graph) and verified."""
         r = self.cfg.rollout
         with drafter_pass():
             tokens, logprobs, logits = self.adapter.draft_windows(self.drafter, self.target, dpass, starts, r,
                                                                   generator=self.gen)  # drafter-vocabulary ids
-        old_lp = logprobs.detach()
         with torch.no_grad():
-            accept, t_logits, t_draft_lp, t_greedy_lp = rollout.verify_windows(
+            verified = rollout.verify_windows(
                 self.target, self.kv, ids, starts, self.adapter.to_target_ids(self.drafter, tokens), r.verify,
-                r.verify_temperature, old_lp, self.gen)
-        item["rollout"] = rollout.Rollout(starts, tokens, old_lp, accept, t_logits, t_draft_lp, t_greedy_lp,
-                                          torch.ones_like(tokens, dtype=torch.bool))
-        if keep_graph:
-            item["policy"] = PolicyPass(dpass, draft_logits, logprobs, logits)
-        return item
+                r.verify_temperature, rollout.proposal_logprobs(logprobs, r.greedy_members), self.gen)
+        return rollout.Drawn(tokens, logprobs, logits, *verified)
+
+    def _window_rewards(self, accept_len, greedy_lp, draft_lp, valid) -> tuple:
+        """-> (k as decoding counts it [n, G], Δ [n, G], RewardBreakdown) under the recipe's reward."""
+        rc = self.cfg.reward
+        accept = rewards.counted_accept_len(accept_len, rc.accept_cap)
+        delta = rewards.proximity_delta(greedy_lp, draft_lp, valid, rc.delta_positions)
+        return accept, delta, rewards.joint_reward(accept, delta, self.gamma, rc.eta, rc.epsilon, rc.speedup_weight,
+                                                   rc.proximity_weight)
 
     def _sft_loss(self, item: dict) -> StepResult:
         """EAGLE-1: next-feature SmoothL1 + soft CE on noised features; EAGLE-3: training-time test."""
@@ -249,34 +271,31 @@ class Trainer:
         else:  # re-score the sampled windows under the current policy
             _, new_lp, new_logits = self.adapter.draft_windows(self.drafter, self.target, dpass, ro.starts, r,
                                                                tokens=ro.draft_tokens)
-        delta = rewards.proximity_delta(ro.target_greedy_logprobs, ro.target_draft_logprobs, ro.valid_mask,
-                                        cfg.reward.delta_positions)
-        rw = rewards.joint_reward(ro.accept_len, delta, self.gamma, cfg.reward.eta, cfg.reward.epsilon,
-                                  cfg.reward.speedup_weight, cfg.reward.proximity_weight)
+        rc = cfg.reward
+        accept, delta, rw = self._window_rewards(ro.accept_len, ro.target_greedy_logprobs, ro.target_draft_logprobs,
+                                                 ro.valid_mask)  # accept: what decoding can accept
         adv = losses.group_advantages(rw.total, scale=cfg.loss.advantage_scale)
-        pol, pst = losses.policy_loss(new_lp, ro.old_logprobs, adv, ro.valid_mask, cfg.loss.clip_eps,
-                                      cfg.loss.ratio_mode)
+        delta_len = rc.delta_positions or r.window
+        credited = losses.credit_mask(accept, ro.valid_mask, cfg.loss.credit, delta_len, rc.accept_cap)
+        pol, pst = losses.policy_loss(new_lp, ro.old_logprobs, adv, credited, cfg.loss.clip_eps, cfg.loss.ratio_mode)
         V = new_logits.shape[-1]
         ro_target_logits = self.adapter.restrict(self.drafter, ro.target_logits)  # [n, G, K, Vd]
+        kl_mask = losses.credit_mask(accept, ro.valid_mask, cfg.loss.kl_positions, delta_len, rc.accept_cap)
         kl, _ = losses.target_kl_loss(ro_target_logits.reshape(-1, V), new_logits.reshape(-1, V),
-                                      ro.valid_mask.reshape(-1), cfg.loss.kl_direction)
+                                      kl_mask.reshape(-1), cfg.loss.kl_direction)
         loss = pol + cfg.loss.kl_beta * kl + cfg.loss.distill_weight * distill
-        k = ro.accept_len.float()
         stats = {"loss": float(loss.detach()), "policy_loss": float(pol.detach()), "kl": float(kl.detach()),
-                 "distill": float(distill.detach()),
-                 "reward": float(rw.total.mean()), "r_speedup": float(rw.speedup.mean()),
-                 "r_proximity": float(rw.proximity.mean()), "accept_len": float(k.mean()),
-                 "tau_est": float(k.mean() + 1.0), "zero_accept_frac": float((k == 0).float().mean()),
-                 "clip_frac": float(pst.clip_fraction), "ratio": float(pst.ratio_mean),
-                 "window_score_mean": item["window_score"].get("mean", float("nan"))}
-        return StepResult(loss, stats)
+                 "distill": float(distill.detach()), "clip_frac": float(pst.clip_fraction),
+                 "ratio": float(pst.ratio_mean), "window_score_mean": item["window_score"].get("mean", float("nan")),
+                 "redrawn_per_prefix": item["redrawn"] / ro.starts.numel()}
+        return StepResult(loss, stats | _window_stats(ro.accept_len, accept, delta, rw, adv, credited, rc.epsilon))
 
     # ------------------------------------------------------------------------------------------
     # logging, checkpoints, export
     def _log(self, stats: dict[str, float], pbar) -> None:
         if not self.dist.is_main:
             return
-        keys = ("loss", "reward", "accept_len", "kl", "clip_frac", "top1_acc")
+        keys = ("loss", "reward", "accept_len", "zero_adv_frac", "r_dist_rate", "kl", "top1_acc")
         pbar.set_postfix({k: f"{stats[k]:.3g}" for k in keys if k in stats}, refresh=False)
         pbar.update(1)
         if self.step % self.cfg.run.log_every == 0:
@@ -389,6 +408,25 @@ class Trainer:
 
     def cleanup(self) -> None:
         distributed.shutdown()
+
+
+def _window_stats(raw_accept, accept, delta, rw, adv, credited, epsilon: float) -> dict[str, float]:
+    """Per-step window metrics (metrics.jsonl): reward parts, k, and how much signal the groups carry.
+
+    zero_adv_frac: share of groups whose advantages are all 0 (no policy gradient from them);
+    r_dist_rate: share of k = 0 windows with Δ < ε (where R_dist fires, whatever its weight);
+    credit_frac: share of window tokens that carry the advantage (loss.credit).
+    """
+    k = accept.float()
+    rejected = accept == 0
+    fires = rewards.proximity_reward(accept, delta, 1.0, epsilon) > 0
+    return {"reward": float(rw.total.mean()), "r_speedup": float(rw.speedup.mean()),
+            "r_proximity": float(rw.proximity.mean()), "accept_len": float(k.mean()),
+            "accept_len_raw": float(raw_accept.float().mean()), "tau_est": float(k.mean() + 1.0),
+            "zero_accept_frac": float(rejected.float().mean()),
+            "zero_adv_frac": float((adv == 0).all(dim=1).float().mean()),
+            "r_dist_rate": float(fires.sum() / rejected.sum().clamp_min(1)),
+            "credit_frac": float(credited.float().mean())}
 
 
 def _remove_empty_dirs(out_dir: Path, created: Path | None) -> None:

@@ -4,9 +4,12 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import Tensor
 from torch.testing import assert_close
 
 from ppow_plugin.losses import (
+    credit_mask,
     distill_loss,
     eagle1_sft_loss,
     group_advantages,
@@ -235,3 +238,142 @@ def test_ttt_sft_loss_validation():
         ttt_sft_loss([x], [x, x], [m], decay=0.8)
     with pytest.raises(ValueError, match="decay"):
         ttt_sft_loss([x], [x], [m], decay=0.0)
+
+
+# --- credit assignment ----------------------------------------------------------------------------
+# One prefix, four windows of K = 3 with k = 0, 1, 2, 3 (the last fully accepted); window 2's last
+# position is padding.
+
+def _credit_case():
+    accept = torch.tensor([[0, 1, 2, 3]])
+    valid = torch.ones(1, 4, 3, dtype=torch.bool)
+    valid[0, 2, 2] = False
+    return accept, valid
+
+
+def test_credit_mask_hand_computed():
+    accept, valid = _credit_case()
+    expected = torch.tensor([[[1, 0, 0], [1, 1, 0], [1, 1, 0], [1, 1, 1]]], dtype=torch.bool)
+    assert torch.equal(credit_mask(accept, valid, "accepted_prefix"), expected)
+    # "window" is every valid token, as before the credit choice existed.
+    assert torch.equal(credit_mask(accept, valid, "window"), valid)
+    # Δ over two positions decides R_dist for the k = 0 window: both stay credited there only.
+    expected[0, 0, 1] = True
+    assert torch.equal(credit_mask(accept, valid, "accepted_prefix", proximity_positions=2), expected)
+    # k capped at 2 (a depth-2 tree): the window accepted to the cap was decided by its first 2 tokens.
+    capped = torch.tensor([[[1, 0, 0], [1, 1, 0], [1, 1, 0], [1, 1, 0]]], dtype=torch.bool)
+    assert torch.equal(credit_mask(accept.clamp(max=2), valid, "accepted_prefix", accept_cap=2), capped)
+
+
+def test_credit_mask_validation():
+    accept, valid = _credit_case()
+    with pytest.raises(ValueError, match="credit"):
+        credit_mask(accept, valid, "prefix")
+    with pytest.raises(ValueError, match="proximity_positions"):
+        credit_mask(accept, valid, "window", proximity_positions=0)
+
+
+def test_accepted_prefix_credit_leaves_later_tokens_without_gradient():
+    # Window 0 (k = 0, A = +1) and window 1 (k = 2, A = -1) of K = 3, token mode, ratios 1: the loss is
+    # -(A_0 * 1 + A_1 * 3) / 4 credited tokens, and the gradient of each credited token is -A / 4.
+    accept = torch.tensor([[0, 2]])
+    valid = torch.ones(1, 2, 3, dtype=torch.bool)
+    adv = torch.tensor([[1.0, -1.0]])
+    new = torch.zeros(1, 2, 3, requires_grad=True)
+    loss, _ = policy_loss(new, torch.zeros(1, 2, 3), adv, credit_mask(accept, valid, "accepted_prefix"),
+                          clip_eps=0.2, ratio_mode="token")
+    loss.backward()
+    assert_close(loss, torch.tensor(-(1.0 - 3.0) / 4))
+    assert_close(new.grad, torch.tensor([[[-0.25, 0.0, 0.0], [0.25, 0.25, 0.25]]]))
+    # Can fail: with "window" credit the rejected window's later tokens get gradient too.
+    new.grad = None
+    loss, _ = policy_loss(new, torch.zeros(1, 2, 3), adv, credit_mask(accept, valid, "window"),
+                          clip_eps=0.2, ratio_mode="token")
+    loss.backward()
+    assert_close(new.grad, torch.full((1, 2, 3), 1 / 6) * torch.tensor([-1.0, 1.0])[None, :, None])
+
+
+def test_accepted_prefix_credit_in_window_mode_averages_the_credited_tokens():
+    # Window ratio = geometric mean over the credited tokens only: log-ratios [ln 1.1, ln 5, ln 5] with
+    # k = 0 give r = 1.1 (unclipped at ε = 0.2); with "window" credit r = (1.1·25)^(1/3) ≈ 3.02 is clipped.
+    accept = torch.tensor([[0, 0]])
+    valid = torch.ones(1, 2, 3, dtype=torch.bool)
+    new = torch.log(torch.tensor([[[1.1, 5.0, 5.0], [1.0, 1.0, 1.0]]]))
+    adv = torch.tensor([[1.0, -1.0]])
+    loss, stats = policy_loss(new, torch.zeros(1, 2, 3), adv, credit_mask(accept, valid, "accepted_prefix"),
+                              clip_eps=0.2, ratio_mode="window")
+    assert_close(loss, torch.tensor(-(1.1 - 1.0) / 2))
+    assert_close(stats.clip_fraction, torch.tensor(0.0))
+    loss, stats = policy_loss(new, torch.zeros(1, 2, 3), adv, credit_mask(accept, valid, "window"),
+                              clip_eps=0.2, ratio_mode="window")
+    assert_close(loss, torch.tensor(-(1.2 - 1.0) / 2))
+    assert_close(stats.clip_fraction, torch.tensor(0.5))
+
+
+def test_kl_on_the_accepted_prefix_skips_positions_after_the_rejection():
+    # Two windows of K = 2; window 0 k = 0, window 1 k = 2. The target is one-hot-ish on token 0; the
+    # drafter is uniform at the credited positions and far off at window 0's second (uncredited) one.
+    target = torch.tensor([[[[5.0, 0.0], [5.0, 0.0]], [[5.0, 0.0], [5.0, 0.0]]]])  # [1, 2, 2, V=2]
+    draft = torch.zeros(1, 2, 2, 2)
+    draft[0, 0, 1] = torch.tensor([0.0, 9.0])
+    valid = torch.ones(1, 2, 2, dtype=torch.bool)
+    mask = credit_mask(torch.tensor([[0, 2]]), valid, "accepted_prefix")
+    kl, _ = target_kl_loss(target.reshape(-1, 2), draft.reshape(-1, 2), mask.reshape(-1))
+    p = torch.softmax(torch.tensor([5.0, 0.0]), -1)
+    kl_uniform = (p * (p.log() - math.log(0.5))).sum()
+    assert_close(kl, kl_uniform)  # three credited positions, all uniform drafts
+    full, _ = target_kl_loss(target.reshape(-1, 2), draft.reshape(-1, 2), valid.reshape(-1))
+    assert full > kl + 1.0  # can fail: the window-wide KL also sees the far-off position
+
+
+# --- the policy term is alive (KL and distillation weights 0) -------------------------------------
+# A softmax policy over V = 4 tokens per position, K = 2, G = 4 windows of one prefix. One SGD step on
+# the policy loss alone (as the trainer with loss.kl_beta = loss.distill_weight = 0).
+
+_WINDOWS = torch.tensor([[[0, 1], [2, 3], [1, 1], [3, 0]]])  # [1, G, K]
+
+
+def _window_logprobs(logits: Tensor) -> Tensor:
+    """logits [K, V] (one shared policy for the prefix) -> log π of each window's tokens, [1, G, K]."""
+    logp = torch.log_softmax(logits, -1)
+    return logp[torch.arange(2), _WINDOWS[0]][None]
+
+
+def _one_step(rewards: Tensor, credit: str = "accepted_prefix", lr: float = 0.5):
+    torch.manual_seed(0)
+    logits = torch.randn(2, 4).requires_grad_()
+    before = _window_logprobs(logits).detach()
+    accept = torch.tensor([[1, 0, 0, 0]])
+    valid = torch.ones(1, 4, 2, dtype=torch.bool)
+    adv = group_advantages(rewards)
+    loss, _ = policy_loss(_window_logprobs(logits), before, adv, credit_mask(accept, valid, credit),
+                          clip_eps=0.2, ratio_mode="window")
+    loss.backward()
+    grad = logits.grad.clone()
+    with torch.no_grad():
+        logits -= lr * logits.grad
+    return before, _window_logprobs(logits).detach(), grad
+
+
+def test_one_rewarded_window_gains_log_probability_after_a_step():
+    before, after, _ = _one_step(torch.tensor([[0.893, 0.0, 0.0, 0.0]]))  # R_speedup(1) for window 0 only
+    gain = (after - before).sum(-1)[0]  # change of each window's log-probability
+    assert gain[0] > 0.05
+    assert (gain[1:] < gain[0]).all()
+
+
+def test_equal_rewards_give_exactly_zero_policy_gradient():
+    _, _, grad = _one_step(torch.full((1, 4), 0.5))
+    assert torch.equal(grad, torch.zeros_like(grad))
+    # Can fail: one different reward makes the gradient non-zero.
+    _, _, grad = _one_step(torch.tensor([[0.5, 0.5, 0.5, 0.6]]))
+    assert grad.abs().max() > 1e-3
+
+
+def test_the_update_direction_flips_with_the_advantage():
+    before, up, grad_up = _one_step(torch.tensor([[1.0, 0.0, 0.0, 0.0]]))
+    _, down, grad_down = _one_step(torch.tensor([[-1.0, 0.0, 0.0, 0.0]]))
+    assert (up - before).sum(-1)[0, 0] > 0 > (down - before).sum(-1)[0, 0]
+    # Rewards [1, 0, 0, 0] and [-1, 0, 0, 0] give exactly negated advantages, so exactly opposite gradients.
+    cos = F.cosine_similarity(grad_up.flatten(), grad_down.flatten(), dim=0)
+    assert cos < -0.99

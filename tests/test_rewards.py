@@ -8,6 +8,7 @@ from torch.testing import assert_close
 
 from ppow_plugin.rewards import (
     RewardBreakdown,
+    counted_accept_len,
     joint_reward,
     proximity_delta,
     proximity_reward,
@@ -105,3 +106,17 @@ def test_joint_reward_weights_scale_each_term():
     out = joint_reward(k, delta, gamma=0.12, eta=1.0, epsilon=1.0, speedup_weight=0.5, proximity_weight=0.25)
     assert_close(out.total, torch.tensor([[0.5 * 2 / 1.24, 0.25]]))
     assert math.isclose(out.proximity[0, 1].item(), 0.25)
+
+
+def test_counted_accept_len_caps_at_the_tree_depth():
+    k = torch.tensor([[0, 3, 5, 7, 10]])
+    assert counted_accept_len(k, 5).tolist() == [[0, 3, 5, 5, 5]]
+    assert counted_accept_len(k, None) is k
+    # Capped, a window accepted to 10 earns what one accepted to 5 earns; uncapped it earns more.
+    capped = speedup_reward(counted_accept_len(k, 5), 0.12)
+    assert capped[0, 4] == capped[0, 2]
+    assert speedup_reward(k, 0.12)[0, 4] > capped[0, 4]
+    with pytest.raises(ValueError, match="cap"):
+        counted_accept_len(k, 0)
+    with pytest.raises(ValueError, match="integer"):
+        counted_accept_len(k.float(), 5)

@@ -144,3 +144,187 @@ def test_sample_categorical_matches_the_distribution_and_skips_zero_mass():
     torch.testing.assert_close(freq, probs, atol=0.03, rtol=0)  # 4000 draws: std <= 0.008
     again = sample_categorical(logp, torch.Generator().manual_seed(0)).view(4000, 3)
     assert torch.equal(draws, again)  # the generator alone decides
+
+
+def test_greedy_member_takes_the_argmax_and_the_others_sample(tiny):
+    target, drafter = tiny
+    head = target.lm_head
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(4, 120, (20,), generator=g)
+    with torch.no_grad():
+        feats = target.model(input_ids=ids[None])[0][0]
+        dpass = rollout.draft_forward(drafter, feats, ids)
+        starts = torch.tensor([4, 12])
+        draft = [rollout.draft_windows(drafter, head, dpass, starts, 3, 4, 1.0, generator=g, greedy_members=m)
+                 for m in (1, 0)]
+    for (toks, _, logits), m in zip(draft, (1, 0)):
+        is_argmax = (toks == logits.argmax(-1)).all(-1)  # [n, G]: the window is greedy at every step
+        assert bool(is_argmax[:, 0].all()) == (m == 1)  # can fail: without the member it samples too
+        assert not is_argmax[:, 1:].all()  # the other members still sample
+    lp = draft[0][1]
+    proposal = rollout.proposal_logprobs(lp, 1)
+    assert torch.equal(proposal[:, 0], torch.zeros_like(lp[:, 0]))
+    assert torch.equal(proposal[:, 1:], lp[:, 1:])
+
+
+# --- verify=sampling accepts like sequential speculative sampling (Monte Carlo) -------------------
+# A Markov toy: V = 4, K = 3, target p(.|prev) a random table and the draft q(.|prev) a noisy copy of
+# it (so every k from 0 to K is common), root token 0.
+# The rollout drafts whole windows, then verifies them at once (`sampling_accept_len`). The reference
+# drafts and verifies one token at a time and stops at the first rejection. Both give N = 20000 draws
+# of k; two-sample chi-square over the K + 1 bins (3 degrees of freedom) must stay below 16.27, the
+# 0.999 quantile: a correct rule fails by chance once in 1000 seeds (the seeds are fixed, so the test
+# is deterministic). A wrong rule lands far above it (the can-fail variants).
+
+_V, _K, _N = 4, 3, 20000
+_CHI2_3_999 = 16.27
+
+
+def _tables(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    p_logits = 1.5 * torch.randn(_V, _V, generator=g, dtype=torch.float64)
+    q_logits = p_logits + torch.randn(_V, _V, generator=g, dtype=torch.float64)
+    return torch.softmax(p_logits, -1), torch.softmax(q_logits, -1)
+
+
+def _batched_k(p, q, proposal: str, rule: str) -> torch.Tensor:
+    """The rollout's way: whole windows drafted, then `sampling_accept_len` over them."""
+    g = torch.Generator().manual_seed(1)
+    prev = torch.zeros(_N, dtype=torch.long)
+    tokens = []
+    for _ in range(_K):
+        logq = q[prev].log()
+        tok = rollout.sample_categorical(logq, g) if proposal == "sample" else logq.argmax(-1)
+        tokens.append(tok)
+        prev = tok
+    tokens = torch.stack(tokens, 1)                      # [N, K]
+    prevs = torch.cat([torch.zeros(_N, 1, dtype=torch.long), tokens[:, :-1]], 1)
+    draft_lp = q[prevs, tokens].log()[:, None]           # [N, 1, K] (one member per group)
+    if proposal == "greedy":
+        draft_lp = draft_lp if rule == "temperature_q" else rollout.proposal_logprobs(draft_lp, 1)
+    target_lp = p[prevs, tokens].log()[:, None]
+    u = torch.rand(_N, 1, _K, generator=g, dtype=torch.float64)
+    if rule == "swapped":
+        return rollout.sampling_accept_len(draft_lp, target_lp, u)[:, 0]
+    return rollout.sampling_accept_len(target_lp, draft_lp, u)[:, 0]
+
+
+def _sequential_k(p, q, proposal: str) -> torch.Tensor:
+    """Reference: speculative sampling one token at a time (draft, accept with min(1, p/q), stop)."""
+    import random
+    rng = random.Random(2)
+    p_rows, q_rows = p.tolist(), q.tolist()
+    out = []
+    for _ in range(_N):
+        prev, k = 0, 0
+        while k < _K:
+            qs = q_rows[prev]
+            if proposal == "sample":
+                d = rng.choices(range(_V), weights=qs)[0]
+                q_d = qs[d]
+            else:
+                d, q_d = max(range(_V), key=qs.__getitem__), 1.0  # deterministic proposal
+            if rng.random() >= min(1.0, p_rows[prev][d] / q_d):
+                break
+            k, prev = k + 1, d
+        out.append(k)
+    return torch.tensor(out)
+
+
+def _chi2(a: torch.Tensor, b: torch.Tensor) -> float:
+    ca = torch.bincount(a, minlength=_K + 1).double()
+    cb = torch.bincount(b, minlength=_K + 1).double()
+    keep = (ca + cb) > 0
+    return float(((ca - cb)[keep] ** 2 / (ca + cb)[keep]).sum())
+
+
+@pytest.mark.parametrize("proposal", ["sample", "greedy"])
+def test_sampling_verification_matches_sequential_speculative_sampling(proposal):
+    p, q = _tables()
+    reference = _sequential_k(p, q, proposal)
+    assert (torch.bincount(reference, minlength=_K + 1) > 0.01 * _N).all()  # every k is exercised
+    assert _chi2(_batched_k(p, q, proposal, "correct"), reference) < _CHI2_3_999
+    # Can fail: a wrong acceptance rule (q/p instead of p/q; or a greedy window verified as if sampled
+    # from q, which over-accepts it) is detected.
+    wrong = "swapped" if proposal == "sample" else "temperature_q"
+    assert _chi2(_batched_k(p, q, proposal, wrong), reference) > 10 * _CHI2_3_999
+
+
+def _accept_limit(cfg) -> int:
+    """Most draft tokens a PPOW recipe's reward can count: min(K, reward.accept_cap)."""
+    cap = cfg.reward.accept_cap
+    return cfg.rollout.window if cap is None else min(cfg.rollout.window, cap)
+
+
+def test_every_ppow_recipe_rewards_only_what_its_eval_tree_accepts():
+    # docs/algorithm.md, "Match training to decoding": k is capped at what one decoding cycle can accept,
+    # EAGLE-1 the host's static tree (mc_sim_7b_63, depth 5), EAGLE-3 eval.tree_depth + 1.
+    from pathlib import Path
+
+    from ppow_plugin.config import load_config
+    recipes = sorted(Path(__file__).parents[1].glob("recipes/**/*_ppow.yaml"))
+    assert recipes
+    host_depth = max(len(path) for path in eagle_compat.default_tree_choices())
+    for path in recipes:
+        cfg = load_config(path)
+        decodable = host_depth if cfg.model.drafter_type == "eagle1" else cfg.eval.tree_depth + 1
+        assert _accept_limit(cfg) == decodable, path
+    # Can fail: the paper's K = 10 without a cap counts tokens no tree cycle accepts.
+    paper = load_config(recipes[0], ["rollout.window=10"])
+    assert _accept_limit(paper) == 10 != (host_depth if paper.model.drafter_type == "eagle1"
+                                          else paper.eval.tree_depth + 1)
+    assert _accept_limit(load_config(recipes[0], ["rollout.window=10", "reward.accept_cap=5"])) == 5
+
+
+def test_verification_leaves_the_cache_as_the_sequence_so_windows_can_be_verified_again(tiny):
+    target, drafter = tiny
+    g = torch.Generator().manual_seed(4)
+    ids = torch.randint(4, 120, (24,), generator=g)
+    kv = eagle_compat.new_kv_cache(target)
+    eagle_compat.reset_kv(kv)
+    rollout.target_forward(target, ids[None], kv)
+    starts = torch.tensor([5, 14])
+    drafts = torch.randint(4, 120, (2, 3, 4), generator=g)
+    args = ("greedy", 1.0, torch.zeros(drafts.shape))
+    first = rollout.verify_windows(target, kv, ids, starts, drafts, *args)
+    # A redraw verifies only the later start: its prefix covers slots the earlier start's tree wrote.
+    again = rollout.verify_windows(target, kv, ids, starts[1:], drafts[1:], *args)
+    torch.testing.assert_close(again[1], first[1][1:], rtol=0, atol=0)
+    # Can fail: a tree forward at the earlier start without the restore corrupts the later prefix.
+    rollout._set_kv_length(kv, 5)
+    with torch.no_grad():
+        target.model(input_ids=torch.randint(4, 120, (1, 13), generator=g), past_key_values=kv)
+    rollout._set_kv_length(kv, ids.numel())
+    corrupted = rollout.verify_windows(target, kv, ids, starts[1:], drafts[1:], *args)
+    assert not torch.allclose(corrupted[1], first[1][1:])
+
+
+def _toy_drawn(rewards: torch.Tensor) -> rollout.Drawn:
+    """A Drawn whose accept_len holds the group's rewards; the other fields tag the prefix and draw."""
+    n, G = rewards.shape
+    tag = rewards[..., None].float().expand(n, G, 2)
+    return rollout.Drawn(tag.long(), tag, tag[..., None], rewards, tag[..., None], tag, tag)
+
+
+def test_redraw_flat_groups_redraws_only_flat_groups_within_the_tries():
+    first = _toy_drawn(torch.tensor([[0, 0, 0], [0, 2, 0], [1, 1, 1]]))  # prefixes 0 and 2 are flat
+    seen = []
+
+    def draw(starts):  # prefix 10 varies on its second redraw, prefix 12 never does
+        seen.append(starts.tolist())
+        rows = {10: [[0, 0, 0], [3, 0, 0]][min(len(seen) - 1, 1)], 12: [5, 5, 5]}
+        return _toy_drawn(torch.tensor([rows[s] for s in starts.tolist()]))
+
+    def flat(d):
+        return (d.accept_len == d.accept_len[:, :1]).all(dim=1)
+
+    starts = torch.tensor([10, 11, 12])
+    out, redrawn = rollout.redraw_flat_groups(first, starts, draw, flat, tries=3)
+    assert seen == [[10, 12], [10, 12], [12]]  # only the still-flat prefixes, at most 3 rounds
+    assert redrawn == 5
+    assert out.accept_len.tolist() == [[3, 0, 0], [0, 2, 0], [5, 5, 5]]
+    assert torch.equal(out.logprobs[1], first.logprobs[1])  # a prefix with variance keeps its windows
+    # Can fail: without tries the flat groups stay flat (no redraw, nothing called).
+    seen.clear()
+    out, redrawn = rollout.redraw_flat_groups(first, starts, draw, flat, tries=0)
+    assert (seen, redrawn) == ([], 0) and out is first

@@ -57,6 +57,8 @@ def test_ppow_smoke(tmp_path, sft_drafter, engine):
     rows = [json.loads(x) for x in (tmp_path / f"ppow-{engine}" / "metrics.jsonl").read_text().splitlines()]
     for key in ("reward", "accept_len", "kl", "policy_loss", "clip_frac"):
         assert all(r[key] is not None for r in rows), key
+    for key in ("zero_adv_frac", "r_dist_rate", "credit_frac"):  # shares of groups / windows / tokens
+        assert all(0 <= r[key] <= 1 for r in rows), key
     assert all(0 <= r["accept_len"] <= 4 for r in rows)
 
 
@@ -87,16 +89,21 @@ def test_resume_equals_uninterrupted(tmp_path, sft_drafter, stage):
         assert torch.equal(a[k], b[k]), f"{k} differs after resume"
 
 
-def test_reusing_the_sampling_pass_equals_re_scoring(tmp_path, sft_drafter):
+@pytest.mark.parametrize("resample_tries", [0, 2])
+def test_reusing_the_sampling_pass_equals_re_scoring(tmp_path, sft_drafter, resample_tries):
     """ppo_epochs = 1: updating through the sampling pass's graph gives the update of the re-score path
-    (same rollouts, same losses, same weights), with grad_accum = 2 so samples are prepared one at a time."""
+    (same rollouts, same losses, same weights), with grad_accum = 2 so samples are prepared one at a time;
+    also when flat groups are redrawn (their graphs are spliced into the first draw's)."""
     runs = {}
     for reuse in (True, False):
         t, before, *_ = run(tmp_path, "ppow", **{"model.drafter": sft_drafter, "optim.grad_accum": 2,
                                                  "loss.reuse_sampling_pass": reuse,
+                                                 "rollout.resample_tries": resample_tries,
                                                  "run.output_dir": tmp_path / f"reuse-{reuse}"})
         rows = [json.loads(x) for x in (tmp_path / f"reuse-{reuse}" / "metrics.jsonl").read_text().splitlines()]
         runs[reuse] = (t.drafter.state_dict(), rows, before)
+        # the tiny drafter's groups are nearly all flat: each round redraws most prefixes (can fail: 0 = none)
+        assert (max(r["redrawn_per_prefix"] for r in rows) > 0.5) == (resample_tries > 0)
     (fused, fused_rows, before), (rescored, rescored_rows, _) = runs[True], runs[False]
     for a, b in zip(fused_rows, rescored_rows):
         for key in ("loss", "reward", "accept_len", "kl", "policy_loss", "distill"):
