@@ -247,8 +247,8 @@ def one_error(capsys, argv) -> str:
      "model.draft_vocab_size (200000) exceeds the target's vocabulary (128256); lower it, or null for the full "
      "vocabulary"),
     (["--target-field", "max_position_embeddings=1024"],
-     "data.max_len (2048) + the 81-position rollout tree exceeds the target's max_position_embeddings (1024); "
-     "lower data.max_len to 943 or less"),
+     "data.max_len (2048) + the 65-position rollout tree exceeds the target's max_position_embeddings (1024); "
+     "lower data.max_len to 959 or less"),  # K = 8: 1 + G·K = 65
 ])
 def test_bad_plan_flags_are_one_line_errors(flags, message, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
