@@ -4,6 +4,7 @@
     ppow prepare [--target T] [--force]      embedded target (SmolLM2; or qwen2.5-coder) -> HF dir in the cache
     ppow patch {check,apply,revert}          pinned fixes/hooks for the EAGLE host
     ppow validate <recipe> [k=v ...]         load + check a recipe, print it resolved
+    ppow validate --print-defaults           every recipe key with its default
     ppow sft <recipe> [k=v ...]              supervised drafter training (EAGLE-1 objective)
     ppow train <recipe> [k=v ...]            the PPOW stage
     ppow eval --drafter DIR [--out DIR]      tau, acceptance, speedup vs plain decoding
@@ -12,7 +13,10 @@
     ppow export SRC OUT --format F           run/checkpoint/drafter dir -> eagle1[-compact] | eagle3 | speculators
     ppow plan <recipe> [--gpus N --nodes M]  per-device memory + DeepSpeed config, no weights loaded
 
-Bad input raises `UserError`: printed as one `error: ...` line, exit code 2.
+Bad input raises `UserError`: printed as one `error: ...` line, exit code 2. Every output path goes through
+`outputs.py` first (a non-empty `--out` needs `--force`; never an input's folder), `sft`/`train` hold the
+run-dir lock (`rundir.py`), and known-harmless third-party warnings are hidden (`quiet.py`) unless
+`--verbose`. `ppow --version`; bare `ppow` lists the commands.
 """
 
 from __future__ import annotations
@@ -173,9 +177,8 @@ def _check_out(args, inputs: dict, kind: str = "dir", flag: str = "--out") -> No
 
 def _cmd_eval(args) -> int:
     from ppow_plugin import eval_report, evaluate, outputs
-    _check_out(args, {"--drafter": args.drafter, "--target": outputs.target_input(args.target),
-                      "--recipe": args.recipe})
     target, ev = _eval_settings(args)
+    _check_out(args, {"--drafter": args.drafter, "--target": outputs.target_input(target), "--recipe": args.recipe})
     report = evaluate.evaluate(target, args.drafter, ev.benchmarks, ev.num_prompts, ev.temperature,
                                ev.max_new_tokens, ev.seed, out_dir=args.out, both_turns=args.both_turns,
                                tree=_tree(ev))
@@ -191,9 +194,9 @@ def _tree(ev):
 
 def _cmd_compare(args) -> int:
     from ppow_plugin import eval_report, evaluate, outputs
-    _check_out(args, {"--target": outputs.target_input(args.target), "--recipe": args.recipe,
-                      **{f"drafter #{i}": d for i, d in enumerate(args.drafters, 1)}})
     target, ev = _eval_settings(args)
+    _check_out(args, {"--target": outputs.target_input(target), "--recipe": args.recipe,
+                      **{f"drafter #{i}": d for i, d in enumerate(args.drafters, 1)}})
     names = [n.strip() for n in args.names.split(",")] if args.names else None
     reports = evaluate.compare(target, args.drafters, names, ev.benchmarks, ev.num_prompts,
                                ev.temperature, ev.max_new_tokens, ev.seed, out_dir=args.out,

@@ -84,6 +84,10 @@ def test_eval_and_compare_refuse_a_non_empty_out_and_never_take_an_inputs_folder
                           "compare", d1, d2, "--out", d2, *force)
         refused_unchanged(capsys, tmp_path, rf"--out {d1}/.. holds the --drafter .*",
                           "eval", "--drafter", d1, "--out", f"{d1}/..", *force)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"model:\n  target: {d2}\n")  # the recipe's target is an input too
+    refused_unchanged(capsys, tmp_path, rf"--out {d2} is the --target {d2}; .*",
+                      "eval", "--recipe", recipe, "--drafter", d1, "--out", d2, "--force")
     # --force lets a non-empty, non-input folder through the guard (this fake drafter fails next, before any write)
     refused_unchanged(capsys, tmp_path, r"(?!--out).*", "eval", "--drafter", d1, "--target", d2,
                       "--out", work, "--force", "--benchmarks", "mt_bench", "--num-prompts", "1")
