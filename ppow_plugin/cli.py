@@ -258,7 +258,7 @@ def _add_eval_commands(sub) -> None:
 def _cmd_export(args) -> int:
     from ppow_plugin import export, outputs
     _check_out(args, {"SRC": args.source, "--target": outputs.target_input(args.target),
-                      "--eval-report": args.eval_report}, flag="OUT")
+                      "--eval-report": args.eval_report}, flag="output")
     out, drafter = export.export(args.source, args.out, args.format, target=args.target, force=args.force,
                                  min_tau=args.min_tau, eval_report=args.eval_report)
     print(drafter.describe())

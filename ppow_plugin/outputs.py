@@ -36,7 +36,7 @@ def check_output(out: str | Path, inputs: Mapping[str, str | Path | None], force
         out: the output path as given.
         inputs: flag or key -> path the command reads (None entries are skipped).
         force: the user passed --force (replace an existing output).
-        flag: how the user named `out`, for the message ("--out", "OUT").
+        flag: how the user named `out`, for the message ("--out", "output").
         kind: "dir" or "file": what the command writes at `out`.
     Raises:
         UserError: one line naming the fix.
@@ -45,8 +45,8 @@ def check_output(out: str | Path, inputs: Mapping[str, str | Path | None], force
     real = path.resolve()
     cwd = Path.cwd().resolve()
     if real == cwd or real in cwd.parents:
-        raise UserError(f"{flag} {out} is the current directory or holds it; replacing it would delete what you "
-                        f"are working in: choose a new {'folder' if kind == 'dir' else 'file name'}")
+        raise UserError(f"{flag} {out} is the current directory or one of its parents; replacing it would delete "
+                        f"what you are working in: choose a new {'folder' if kind == 'dir' else 'file name'}")
     _refuse_inputs(out, real, inputs, flag)
     if not path.exists() and not path.is_symlink():
         return path

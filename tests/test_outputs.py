@@ -93,8 +93,8 @@ def test_eval_and_compare_refuse_a_non_empty_out_and_never_take_an_inputs_folder
                       "--out", work, "--force", "--benchmarks", "mt_bench", "--num-prompts", "1")
     monkeypatch.chdir(work)
     for out in (".", "..", str(work)):
-        refused_unchanged(capsys, tmp_path, f"--out {re.escape(out)} is the current directory or holds it; replacing "
-                          "it would delete what you are working in: choose a new folder",
+        refused_unchanged(capsys, tmp_path, f"--out {re.escape(out)} is the current directory or one of its parents; "
+                          "replacing it would delete what you are working in: choose a new folder",
                           "eval", "--drafter", d1, "--out", out, "--force")
 
 
@@ -103,12 +103,12 @@ def test_export_and_profile_outputs_follow_the_same_rule(tmp_path, capsys, monke
     report = tmp_path / "reports" / "report.json"
     report.parent.mkdir()
     report.write_text('{"tau": 2.0}')
-    refused_unchanged(capsys, tmp_path, rf"OUT {tmp_path} holds the SRC {src}; .*",
+    refused_unchanged(capsys, tmp_path, rf"output {tmp_path} holds the SRC {src}; .*",
                       "export", src, tmp_path, "--format", "eagle1", "--force")
-    refused_unchanged(capsys, tmp_path, rf"OUT {report.parent} holds the --eval-report {report}; .*",
+    refused_unchanged(capsys, tmp_path, rf"output {report.parent} holds the --eval-report {report}; .*",
                       "export", src, report.parent, "--format", "eagle1", "--eval-report", report, "--force")
     monkeypatch.chdir(src)
-    refused_unchanged(capsys, tmp_path, r"OUT \. is the current directory or holds it; .*",
+    refused_unchanged(capsys, tmp_path, r"output \. is the current directory or one of its parents; .*",
                       "export", "../src", ".", "--format", "eagle1", "--force")
     monkeypatch.chdir(tmp_path)
     prof = tmp_path / "profile.json"
@@ -269,7 +269,8 @@ def test_metrics_after_resume_fallback_and_fresh_start_list_each_step_once(tmp_p
     train(tmp_path, **common, **{"run.max_steps": 5, "run.resume": True})
     assert metric_steps(run / "metrics.jsonl") == [1, 2, 3, 4, 5]  # was [1, 2, 3, 4, 4, 5]
     assert metric_steps(run / "metrics.jsonl.before-resume-1") == [1, 2, 3, 4]
-    assert "metrics.jsonl cut back to step 3; the earlier rows are in metrics.jsonl.before-resume-1" in capfd.readouterr().err
+    cut = "metrics.jsonl cut back to step 3; the earlier rows are in metrics.jsonl.before-resume-1"
+    assert cut in capfd.readouterr().err
     for ckpt in (run / "checkpoints").iterdir():
         ckpt.rename(run / "checkpoints" / f"step-{ckpt.name[-6:]}.tmp")  # nothing usable: "starting fresh"
     train(tmp_path, **common, **{"run.max_steps": 2, "run.resume": True})
@@ -338,7 +339,8 @@ def test_print_defaults_is_a_recipe_of_every_key_with_its_default(tmp_path, caps
     (tmp_path / "defaults.yaml").write_text(text)
     assert yaml.safe_load(text) == config_to_dict(Config())
     assert config_to_dict(load_config(tmp_path / "defaults.yaml")) == config_to_dict(Config())
-    assert ppow(capsys, "validate") == (2, "error: validate needs a recipe YAML (or --print-defaults to list every key)")
+    assert ppow(capsys, "validate") == (2, "error: validate needs a recipe YAML (or --print-defaults to list every "
+                                           "key)")
 
 
 # ---------------------------------------------------------------------------------------------------
