@@ -309,8 +309,9 @@ def test_eval_num_prompts_beyond_the_benchmark_and_empty_benchmarks_are_refused(
     refused_unchanged(capsys, tmp_path, r"--num-prompts 81 is more prompts than there are \(mt_bench has 80\): pass "
                       "--num-prompts 80 or fewer or leave out mt_bench", "eval", "--drafter", d, "--out", out,
                       "--benchmarks", "mt_bench,humaneval", "--num-prompts", "81")
-    refused_unchanged(capsys, tmp_path, "no benchmark given; pass --benchmarks with some of mt_bench, humaneval, "
-                      "sharegpt", "eval", "--drafter", d, "--out", out, "--benchmarks", "")
+    refused_unchanged(capsys, tmp_path, r"--benchmarks \[''\]: eval.benchmarks \(\[''\]\) must be a non-empty list, "
+                      r"e.g. \[mt_bench, humaneval, sharegpt\]",
+                      "eval", "--drafter", d, "--out", out, "--benchmarks", "")
     assert not out.exists()
 
 
