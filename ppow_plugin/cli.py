@@ -4,6 +4,7 @@
     ppow prepare [--target T] [--force]      embedded target (SmolLM2; or qwen2.5-coder) -> HF dir in the cache
     ppow patch {check,apply,revert}          pinned fixes/hooks for the EAGLE host
     ppow validate <recipe> [k=v ...]         load + check a recipe, print it resolved
+    ppow validate --print-defaults           every recipe key with its default
     ppow sft <recipe> [k=v ...]              supervised drafter training (EAGLE-1 objective)
     ppow train <recipe> [k=v ...]            the PPOW stage
     ppow eval --drafter DIR [--out DIR]      tau, acceptance, speedup vs plain decoding
@@ -12,17 +13,24 @@
     ppow export SRC OUT --format F           run/checkpoint/drafter dir -> eagle1[-compact] | eagle3 | speculators
     ppow plan <recipe> [--gpus N --nodes M]  per-device memory + DeepSpeed config, no weights loaded
 
-Bad input raises `UserError`: printed as one `error: ...` line, exit code 2.
+Bad input raises `UserError`: printed as one `error: ...` line, exit code 2. Every output path goes through
+`outputs.py` first (a non-empty `--out` needs `--force`; never an input's folder), `sft`/`train` hold the
+run-dir lock (`rundir.py`), and known-harmless third-party warnings are hidden (`quiet.py`) unless
+`--verbose`. `ppow --version`; bare `ppow` lists the commands.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
+import shlex
 import sys
+from pathlib import Path
 
+from ppow_plugin import quiet
 from ppow_plugin.errors import UserError
 
 
@@ -30,6 +38,10 @@ def _cmd_validate(args) -> int:
     from ppow_plugin import target_arch
     from ppow_plugin.config import config_to_dict, load_config
     from ppow_plugin.recipe_file import input_paths
+    if args.print_defaults:
+        return _print_defaults()
+    if args.recipe is None:
+        raise UserError("validate needs a recipe YAML (or --print-defaults to list every key)")
     cfg = load_config(args.recipe, args.overrides)
     if cfg.stage == "ppow" and cfg.model.drafter is None:
         raise UserError("stage=ppow starts from a drafter: set model.drafter=<drafter dir> "
@@ -53,17 +65,41 @@ def _cmd_validate(args) -> int:
     return 0
 
 
+def _print_defaults() -> int:
+    """Every recipe key with its default, as a YAML recipe (`ppow validate --print-defaults`)."""
+    import yaml
+
+    from ppow_plugin.config import Config, config_to_dict
+    print("# every recipe key with its default (ppow validate --print-defaults); docs/recipes.md says what each does")
+    print(yaml.safe_dump(config_to_dict(Config()), sort_keys=False), end="")
+    return 0
+
+
 def _cmd_train(args, stage: str) -> int:
+    from ppow_plugin import outputs, rundir
     from ppow_plugin.config import load_config
     cfg = load_config(args.recipe, args.overrides)
     if cfg.stage != stage:
         raise UserError(f"{args.recipe} is a stage={cfg.stage} recipe; run `ppow {_STAGE_CMD[cfg.stage]}` "
                         f"or set stage={stage}")
-    from ppow_plugin import eagle_compat, trainer
-    eagle_compat.require_host()
-    out = trainer.main(cfg)
+    # someone else's folder or the run's inputs: refused before the lock file is written there (Trainer.setup
+    # repeats the check under the lock, with the checkpoints-need-resume rule)
+    outputs.check_run_dir(cfg.run.output_dir, outputs.run_inputs(cfg), resume=True)
+    lock = rundir.lock_for_rank(cfg.run.output_dir)  # before torch loads: a second run is refused at once
+    with lock or contextlib.nullcontext():
+        args.on_interrupt = _resume_hint(args, cfg.run.output_dir)
+        from ppow_plugin import eagle_compat, trainer
+        eagle_compat.require_host()
+        out = trainer.main(cfg)
     print(f"drafter written to {out}")
     return 0
+
+
+def _resume_hint(args, run_dir: str) -> str:
+    """What to print after Ctrl-C: where the checkpoints are and the exact command that continues."""
+    kept = [o for o in args.overrides if not o.replace(" ", "").startswith("run.resume=")]
+    command = shlex.join(["ppow", args.cmd, args.recipe, *kept, "run.resume=true"])
+    return f"checkpoints so far are in {Path(run_dir) / 'checkpoints'}; continue with: {command}"
 
 
 _STAGE_CMD = {"sft": "sft", "ppow": "train"}
@@ -119,7 +155,7 @@ def _eval_settings(args):
     cfg = load_config(args.recipe, []) if args.recipe else None
     base = cfg.eval if cfg else EvalCfg()
     flags = {  # EvalCfg field: (command-line flag, value or None)
-        "benchmarks": ("--benchmarks", args.benchmarks.split(",") if args.benchmarks else None),
+        "benchmarks": ("--benchmarks", args.benchmarks.split(",") if args.benchmarks is not None else None),
         "num_prompts": ("--num-prompts", args.num_prompts), "max_new_tokens": ("--max-new-tokens", args.max_new_tokens),
         "temperature": ("--temperature", args.temperature), "seed": ("--seed", args.seed),
         "tree_depth": ("--depth", args.depth), "tree_top_k": ("--top-k", args.top_k),
@@ -134,9 +170,15 @@ def _eval_settings(args):
     return target, settings
 
 
+def _check_out(args, inputs: dict, kind: str = "dir", flag: str = "--out") -> None:
+    from ppow_plugin import outputs
+    outputs.check_output(args.out, inputs, args.force, flag, kind)
+
+
 def _cmd_eval(args) -> int:
-    from ppow_plugin import eval_report, evaluate
+    from ppow_plugin import eval_report, evaluate, outputs
     target, ev = _eval_settings(args)
+    _check_out(args, {"--drafter": args.drafter, "--target": outputs.target_input(target), "--recipe": args.recipe})
     report = evaluate.evaluate(target, args.drafter, ev.benchmarks, ev.num_prompts, ev.temperature,
                                ev.max_new_tokens, ev.seed, out_dir=args.out, both_turns=args.both_turns,
                                tree=_tree(ev))
@@ -151,8 +193,10 @@ def _tree(ev):
 
 
 def _cmd_compare(args) -> int:
-    from ppow_plugin import eval_report, evaluate
+    from ppow_plugin import eval_report, evaluate, outputs
     target, ev = _eval_settings(args)
+    _check_out(args, {"--target": outputs.target_input(target), "--recipe": args.recipe,
+                      **{f"drafter #{i}": d for i, d in enumerate(args.drafters, 1)}})
     names = [n.strip() for n in args.names.split(",")] if args.names else None
     reports = evaluate.compare(target, args.drafters, names, ev.benchmarks, ev.num_prompts,
                                ev.temperature, ev.max_new_tokens, ev.seed, out_dir=args.out,
@@ -163,7 +207,9 @@ def _cmd_compare(args) -> int:
 
 
 def _cmd_profile(args) -> int:
-    from ppow_plugin import profile
+    from ppow_plugin import outputs, profile
+    _check_out(args, {"--drafter": args.drafter, "--target": outputs.target_input(args.target),
+                      "--eval-report": args.eval_report}, kind="file")
     try:
         sizes = [int(n) for n in args.tree_sizes.split(",") if n.strip()]
     except ValueError:
@@ -179,13 +225,19 @@ def _add_eval_commands(sub) -> None:
     """ppow eval | compare | profile (issue 5)."""
     sp = sub.add_parser("eval", help="tau, acceptance and speedup of a drafter vs plain decoding")
     sp.add_argument("--drafter", required=True, help="EAGLE-1 (compact or host layout) or EAGLE-3 drafter dir")
-    sp.add_argument("--out", default="eval-report", help="output dir (report.json, summary.md, PNGs)")
+    sp.add_argument("--out", default="eval-report",
+                    help="output dir for report.json, summary.md and PNGs (default: ./eval-report); an existing "
+                         "non-empty one needs --force")
+    sp.add_argument("--force", action="store_true", help="replace a non-empty --out dir")
     _eval_flags(sp)
     sp.set_defaults(fn=_cmd_eval)
     sp = sub.add_parser("compare", help="evaluate several drafters under one protocol")
     sp.add_argument("drafters", nargs="+", help="drafter dirs; the first is the reference")
     sp.add_argument("--names", default=None, help="comma-separated names, one per drafter (default: dir names)")
-    sp.add_argument("--out", default="compare-report", help="output dir (compare.md, compare.png, one dir each)")
+    sp.add_argument("--out", default="compare-report",
+                    help="output dir for compare.md, compare.png and one report dir per drafter (default: "
+                         "./compare-report); an existing non-empty one needs --force")
+    sp.add_argument("--force", action="store_true", help="replace a non-empty --out dir")
     _eval_flags(sp)
     sp.set_defaults(fn=_cmd_compare)
     sp = sub.add_parser("profile", help="measure gamma = drafter step / target step on this machine")
@@ -196,12 +248,17 @@ def _add_eval_commands(sub) -> None:
     sp.add_argument("--prefix-len", type=int, default=256, help="KV prefix length the steps run after")
     sp.add_argument("--eval-report", default=None, help="report.json whose acceptance rates drive the model")
     sp.add_argument("--seed", type=int, default=0)
-    sp.add_argument("--out", default="profile.json", help="JSON with top-level gamma (reward.gamma_profile)")
+    sp.add_argument("--out", default="profile.json",
+                    help="JSON with top-level gamma for reward.gamma_profile (default: ./profile.json); an existing "
+                         "file needs --force")
+    sp.add_argument("--force", action="store_true", help="replace an existing --out file")
     sp.set_defaults(fn=_cmd_profile)
 
 
 def _cmd_export(args) -> int:
-    from ppow_plugin import export
+    from ppow_plugin import export, outputs
+    _check_out(args, {"SRC": args.source, "--target": outputs.target_input(args.target),
+                      "--eval-report": args.eval_report}, flag="output")
     out, drafter = export.export(args.source, args.out, args.format, target=args.target, force=args.force,
                                  min_tau=args.min_tau, eval_report=args.eval_report)
     print(drafter.describe())
@@ -259,19 +316,24 @@ def _add_plan_command(sub) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from ppow_plugin.assets import TARGETS  # stdlib-only module: parsing stays cheap
 
-    p = argparse.ArgumentParser(prog="ppow", description="PPOW RL stage for EAGLE drafters")
-    sub = p.add_subparsers(dest="cmd", required=True)
+    import ppow_plugin
 
-    def recipe_cmd(name: str, help_: str):
-        sp = sub.add_parser(name, help=help_)
-        sp.add_argument("recipe", help="recipe YAML (see recipes/)")
+    p = argparse.ArgumentParser(prog="ppow", description="PPOW RL stage for EAGLE drafters")
+    p.add_argument("--version", action="version", version=f"ppow {ppow_plugin.__version__}")
+    sub = p.add_subparsers(dest="cmd", metavar="COMMAND")
+
+    def recipe_cmd(name: str, help_: str, recipe_nargs: str | None = None):
+        sp = sub.add_parser(name, help=help_, epilog=_RECIPE_KEYS)
+        sp.add_argument("recipe", nargs=recipe_nargs, help="recipe YAML (see recipes/)")
         sp.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-5")
         return sp
 
-    sp = recipe_cmd("validate", "check a recipe without loading models (also that its paths exist)")
+    sp = recipe_cmd("validate", "check a recipe without loading models (also that its paths exist)",
+                    recipe_nargs="?")
     sp.add_argument("--no-path-check", action="store_true",
                     help="check keys and values only (a recipe for another machine; relative paths resolve "
                          "against the current directory)")
+    sp.add_argument("--print-defaults", action="store_true", help="print every recipe key with its default")
     sp.set_defaults(fn=_cmd_validate)
     recipe_cmd("sft", "supervised drafter training").set_defaults(fn=lambda a: _cmd_train(a, "sft"))
     recipe_cmd("train", "PPOW training").set_defaults(fn=lambda a: _cmd_train(a, "ppow"))
@@ -289,11 +351,24 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval_commands(sub)
     _add_export_command(sub)
     _add_plan_command(sub)
+    for sp in sub.choices.values():
+        sp.add_argument("--verbose", action="store_true",
+                        help="show every third-party warning and progress bar (hidden by default)")
     return p
 
 
+_RECIPE_KEYS = ("recipe keys: `ppow validate --print-defaults` lists every key with its default, docs/recipes.md "
+                "says what each does; override any with section.field=value, e.g. run.max_steps=20")
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.cmd is None:  # bare `ppow`: the commands, then a usage exit code
+        parser.print_help(sys.stderr)
+        return 2
+    if not args.verbose:
+        quiet.hide_third_party_noise(progress_bars=args.cmd == "prepare")
     try:
         _refuse_non_finite(args)
         return args.fn(args)
@@ -301,7 +376,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        hint = getattr(args, "on_interrupt", None)
+        print("interrupted" + (f": {hint}" if hint else ""), file=sys.stderr)
         return 130
 
 

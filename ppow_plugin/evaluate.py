@@ -98,11 +98,18 @@ def load_prompts(benchmarks: Sequence[str], num_prompts: int, both_turns: bool =
     """The first `num_prompts` prompts of each benchmark, in benchmark order.
 
     Raises:
-        UserError: num_prompts < 1 or the set is empty.
+        UserError: num_prompts < 1, more than a benchmark has (never capped silently), or the set is empty.
     """
     if num_prompts < 1:
         raise UserError(f"--num-prompts {num_prompts} selects no prompt; pass a positive number")
-    prompts = [p for name in resolve_benchmarks(benchmarks) for p in BENCHMARKS[name](num_prompts, both_turns)]
+    chosen = {name: BENCHMARKS[name](num_prompts, both_turns) for name in resolve_benchmarks(benchmarks)}
+    short = {name: len(got) for name, got in chosen.items() if len(got) < num_prompts}
+    fixes = [f"pass --num-prompts {min(short.values())} or fewer"] if short and min(short.values()) > 0 else []
+    fixes += [f"leave out {', '.join(short)}"] if short and len(short) < len(chosen) else []
+    if fixes:
+        have = ", ".join(f"{name} has {n}" for name, n in short.items())
+        raise UserError(f"--num-prompts {num_prompts} is more prompts than there are ({have}): {' or '.join(fixes)}")
+    prompts = [p for got in chosen.values() for p in got]
     if not prompts:
         raise UserError(f"benchmarks {', '.join(benchmarks)} gave no prompt; check the datasets (ppow doctor)")
     return prompts
@@ -353,13 +360,10 @@ def evaluate(target_dir: str | Path, drafter_dir: str | Path, benchmarks: str | 
     if tree.depth < 0 or tree.top_k < 1 or tree.total_tokens < 1:
         raise UserError(f"EAGLE-3 tree sizes --depth {tree.depth} --top-k {tree.top_k} --total-tokens "
                         f"{tree.total_tokens}: need depth >= 0 and top-k, total-tokens >= 1")
-    if prompts is None:  # cheap checks before the target is prepared or any dataset is read
-        benchmarks = resolve_benchmarks(benchmarks)
-        if num_prompts < 1:
-            raise UserError(f"--num-prompts {num_prompts} selects no prompt; pass a positive number")
+    # prompt checks (names, counts) before the target is prepared or any model is read
+    prompts = list(prompts) if prompts is not None else load_prompts(benchmarks, num_prompts, both_turns)
     target_dir, drafter_dir = resolve_target(target_dir), Path(drafter_dir)
     fmt = drafter_format(target_dir, drafter_dir)
-    prompts = list(prompts) if prompts is not None else load_prompts(benchmarks, num_prompts, both_turns)
     if not prompts:
         raise UserError("the prompt set is empty; pass a positive --num-prompts")
     eagle_compat.require_host()
@@ -440,13 +444,10 @@ def compare(target_dir: str | Path, drafter_dirs: Sequence[str | Path], names: S
     names = list(names) if names else [Path(d).name for d in drafter_dirs]
     if len(names) != len(drafter_dirs) or len(set(names)) != len(names):
         raise UserError(f"--names needs {len(drafter_dirs)} distinct names (got {names}); one per drafter")
-    benchmarks = resolve_benchmarks(benchmarks)
-    if num_prompts < 1:
-        raise UserError(f"--num-prompts {num_prompts} selects no prompt; pass a positive number")
+    prompts = load_prompts(benchmarks, num_prompts, both_turns)
     target_dir = resolve_target(target_dir)
     for d in drafter_dirs:  # fail before any decoding
         drafter_format(target_dir, Path(d))
-    prompts = load_prompts(benchmarks, num_prompts, both_turns)
     reports = {name: evaluate(target_dir, d, temperature=temperature, max_new_tokens=max_new_tokens, seed=seed,
                               both_turns=both_turns, prompts=prompts, progress=progress, tree=tree)
                for name, d in zip(names, drafter_dirs)}

@@ -33,8 +33,8 @@ import numpy as np
 import torch
 
 import ppow_plugin
-from ppow_plugin import (distributed, drafter_source, drafters, eagle_compat, export, losses, rewards, rollout,
-                         windowing)
+from ppow_plugin import (distributed, drafter_source, drafters, eagle_compat, export, losses, outputs, rewards,
+                         rollout, rundir, windowing)
 from ppow_plugin.config import Config, config_to_dict
 from ppow_plugin.data import TrainingData, build_training_samples
 from ppow_plugin.errors import DiskFull, UserError, is_disk_full
@@ -75,10 +75,21 @@ class Trainer:
         try:
             self._load()
         except BaseException:
-            _remove_empty_dirs(self.out_dir, created)
+            rundir.remove_created_dirs(self.out_dir, created)
             raise
         if self.dist.is_main:
+            self._tidy_run_dir()
             self._write_run_file("data_report.json", json.dumps(self.data_report._asdict(), indent=2) + "\n")
+
+    def _tidy_run_dir(self) -> None:
+        """What an interrupted earlier attempt left: its temp dirs, and metrics rows past the resumed step."""
+        stale = rundir.remove_stale_temps(self.out_dir)
+        if stale:
+            print(f"removed what an interrupted run left: {', '.join(stale)}", file=sys.stderr)
+        aside = rundir.cut_history(self.out_dir, self.step)
+        if aside is not None:
+            print(f"{rundir.METRICS_NAME} cut back to step {self.step}; the earlier rows are in {aside.name}",
+                  file=sys.stderr)
 
     def _load(self) -> None:
         cfg = self.cfg
@@ -100,11 +111,9 @@ class Trainer:
             self._resume()
 
     def _check_output_dir(self) -> Path | None:
-        """Refuse to overwrite a run; probe that we can write. Returns the topmost dir it created."""
-        ckpts = self.out_dir / "checkpoints"
-        if ckpts.exists() and any(ckpts.iterdir()) and not self.cfg.run.resume:
-            raise UserError(f"{self.out_dir} already holds checkpoints; pass run.resume=true to continue "
-                            "or choose another run.output_dir")
+        """Refuse to overwrite a run or someone else's files; probe that we can write. Returns the topmost
+        dir it created."""
+        outputs.check_run_dir(self.out_dir, outputs.run_inputs(self.cfg), self.cfg.run.resume)
         created = next((p for p in reversed([self.out_dir, *self.out_dir.parents]) if not p.exists()), None)
         try:
             self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -112,7 +121,7 @@ class Trainer:
             probe.write_text("ok")
             probe.unlink()
         except OSError as exc:
-            _remove_empty_dirs(self.out_dir, created)
+            rundir.remove_created_dirs(self.out_dir, created)
             raise UserError(f"run.output_dir {self.out_dir} is not writable ({exc.strerror}); choose another") from None
         return created
 
@@ -427,20 +436,6 @@ def _window_stats(raw_accept, accept, delta, rw, adv, credited, epsilon: float) 
             "zero_adv_frac": float((adv == 0).all(dim=1).float().mean()),
             "r_dist_rate": float(fires.sum() / rejected.sum().clamp_min(1)),
             "credit_frac": float(credited.float().mean())}
-
-
-def _remove_empty_dirs(out_dir: Path, created: Path | None) -> None:
-    """Undo `_check_output_dir`: remove `out_dir` and its parents up to `created`, where empty."""
-    if created is None:
-        return
-    for p in [out_dir, *out_dir.parents]:
-        if p.exists():
-            try:
-                p.rmdir()
-            except OSError:  # not empty: another rank's probe or someone else's file
-                return
-        if p == created:
-            return
 
 
 def _resolve_target(target: str) -> Path:

@@ -200,7 +200,7 @@ def test_cli_eval_errors_are_one_line(tiny: dict[str, Path], fake_benchmarks: No
     wrong = tmp_path / "wrong"
     wrong.mkdir()
     (wrong / "config.json").write_text(json.dumps(_llama_cfg(hidden_size=32)))
-    assert cli.main(base + ["--drafter", str(wrong)]) == 2
+    assert cli.main(base + ["--drafter", str(wrong), "--num-prompts", "1"]) == 2
     errors = capsys.readouterr().err.strip().splitlines()
     assert len(errors) == 3 and all(e.startswith("error: ") for e in errors)
     assert "--num-prompts 0" in errors[0] and "did you mean humaneval" in errors[1] and "hidden_size" in errors[2]

@@ -1,0 +1,125 @@
+"""Where a command may write: the one check every output path goes through before any work starts.
+
+    outputs.check_output(args.out, {"--drafter": args.drafter}, args.force, "--out")   # eval, compare, export, profile
+    outputs.check_run_dir(cfg)                                                        # sft / train (Trainer.setup)
+
+Rules (docs/reliability.md, "Outputs"):
+1. A replaced output (`ppow eval|compare|export --out`, `ppow profile --out`) that exists and is not empty
+   is refused unless `--force`; one of the other kind (a file where a folder goes, or the reverse) always.
+2. Never, even with `--force`: an input's own path or a folder holding an input (the drafter, target,
+   source, recipe or report the command reads), nor the current directory or a folder above it.
+3. A run directory (`run.output_dir`) is written into, never replaced: a fresh start needs it absent,
+   empty or holding only a ppow run's own files, and it must not hold the run's inputs (model.drafter,
+   model.target, data.path, reward.gamma_profile); checkpoints there need `run.resume=true`.
+Only stdlib imports, so the CLI can check before torch is loaded.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+from ppow_plugin.errors import UserError
+
+# What a ppow run writes into run.output_dir (rundir.py and trainer.py); anything else is someone else's.
+RUN_ENTRIES = ("checkpoints", "drafter", "metrics.jsonl", "metrics.jsonl.before-resume-*", ".metrics.jsonl.tmp",
+               "data_report.json", "run.lock", ".drafter.tmp-*", ".drafter.old-*", ".write-probe-*")
+
+
+def check_output(out: str | Path, inputs: Mapping[str, str | Path | None], force: bool, flag: str,
+                 kind: str = "dir") -> Path:
+    """Refuse an output that would destroy something (rules 1-2); returns `out` as an absolute path.
+
+    Args:
+        out: the output path as given.
+        inputs: flag or key -> path the command reads (None entries are skipped).
+        force: the user passed --force (replace an existing output).
+        flag: how the user named `out`, for the message ("--out", "output").
+        kind: "dir" or "file": what the command writes at `out`.
+    Raises:
+        UserError: one line naming the fix.
+    """
+    path = Path(os.path.abspath(out))
+    real = path.resolve()
+    cwd = Path.cwd().resolve()
+    if real == cwd or real in cwd.parents:
+        raise UserError(f"{flag} {out} is the current directory or one of its parents; replacing it would delete "
+                        f"what you are working in: choose a new {'folder' if kind == 'dir' else 'file name'}")
+    _refuse_inputs(out, real, inputs, flag)
+    if not path.exists() and not path.is_symlink():
+        return path
+    if kind == "dir" and not path.is_dir():
+        raise UserError(f"{flag} {out} exists and is not a directory; choose another path")
+    if kind == "file" and path.is_dir():
+        raise UserError(f"{flag} {out} is a directory; pass a file name (e.g. {out}/profile.json)")
+    if force or (kind == "dir" and not any(path.iterdir())):
+        return path
+    what = f"is not empty ({_listing(path)})" if kind == "dir" else "exists"
+    raise UserError(f"{flag} {out} {what}; pass --force to replace it, or choose a new "
+                    f"{'folder' if kind == 'dir' else 'file name'}")
+
+
+def check_run_dir(out: str | Path, inputs: Mapping[str, str | Path | None], resume: bool) -> None:
+    """Rule 3 for `run.output_dir`: refuse a fresh start over someone else's files or a run's inputs.
+
+    Raises:
+        UserError: one line naming the fix.
+    """
+    path = Path(out)
+    _refuse_inputs(out, path.resolve(), inputs, "run.output_dir")
+    ckpts = path / "checkpoints"
+    if ckpts.is_dir() and any(ckpts.iterdir()):
+        if not resume:
+            raise UserError(f"{out} already holds checkpoints; pass run.resume=true to continue "
+                            "or choose another run.output_dir")
+        return
+    foreign = [p for p in _entries(path) if not any(fnmatch.fnmatchcase(p.name, pat) for pat in RUN_ENTRIES)]
+    if foreign:
+        raise UserError(f"run.output_dir {out} is not empty and holds no ppow run "
+                        f"({_listing(path, foreign)}); choose a new or empty folder")
+
+
+def run_inputs(cfg) -> dict[str, str | None]:
+    """The paths a training run reads (rule 3): recipe key -> path; "default" means the cached target."""
+    return {"model.target": _target_path(cfg.model.target), "model.drafter": cfg.model.drafter,
+            "data.path": cfg.data.path if cfg.data.dataset == "jsonl" else None,
+            "reward.gamma_profile": cfg.reward.gamma_profile}
+
+
+def target_input(target: str | None) -> str | None:
+    """A `--target` value as the path it reads ("default": the cached SmolLM2 dir)."""
+    return _target_path(target) if target is not None else None
+
+
+def _target_path(target: str) -> str:
+    if target != "default":
+        return target
+    from ppow_plugin import assets  # stdlib only
+    return str(assets.cache_dir() / "targets" / assets.SMOLLM2_135M.name)
+
+
+def _refuse_inputs(out: str | Path, real: Path, inputs: Mapping[str, str | Path | None], flag: str) -> None:
+    for name, given in inputs.items():
+        if given is None or str(given) == "":
+            continue
+        src = Path(given).resolve()
+        if real == src or real in src.parents:
+            held = "is" if real == src else "holds"
+            raise UserError(f"{flag} {out} {held} the {name} {given}; writing there would destroy it: "
+                            "choose a folder outside the inputs")
+
+
+def _entries(path: Path) -> list[Path]:
+    try:
+        return sorted(path.iterdir())
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+
+
+def _listing(path: Path, entries: list[Path] | None = None) -> str:
+    entries = _entries(path) if entries is None else entries
+    names = [p.name + ("/" if p.is_dir() else "") for p in entries[:3]]
+    more = f" and {len(entries) - 3} more" if len(entries) > 3 else ""
+    return ", ".join(names) + more
