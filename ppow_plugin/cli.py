@@ -12,6 +12,7 @@
     ppow profile [--drafter DIR]             gamma = drafter step / target step, verify cost vs tree size
     ppow export SRC OUT --format F           run/checkpoint/drafter dir -> eagle1[-compact] | eagle3 | speculators
     ppow plan <recipe> [--gpus N --nodes M]  per-device memory + DeepSpeed config, no weights loaded
+    ppow data generate [--num-prompts N]     the target answers train-split prompts (resumable shards)
 
 Bad input raises `UserError`: printed as one `error: ...` line, exit code 2. Every output path goes through
 `outputs.py` first (a non-empty `--out` needs `--force`; never an input's folder), `sft`/`train` hold the
@@ -313,6 +314,51 @@ def _add_plan_command(sub) -> None:
     sp.set_defaults(fn=_cmd_plan)
 
 
+def _cmd_data_generate(args) -> int:
+    from ppow_plugin import data, gen_data
+    from ppow_plugin.trainer import _resolve_target
+    settings = gen_data.GenSettings(args.temperature, args.max_new_tokens, args.max_prompt_len, args.batch_size,
+                                    args.shard_size, args.seed)
+    settings.check()
+    if args.num_prompts < 1:
+        raise UserError(f"--num-prompts ({args.num_prompts}) must be >= 1")
+    if not 0.0 <= args.heldout_fraction < 1.0:
+        raise UserError(f"--heldout-fraction ({args.heldout_fraction}) must be in [0, 1)")
+    if args.dataset == "sharegpt":
+        convs, source = data.load_sharegpt(), "{}=={}".format(*data.SHAREGPT[:2])
+    else:
+        convs, source = data.load_jsonl_conversations(args.path), f"jsonl:{args.path}"
+    target = _resolve_target(args.target)
+    prompts = gen_data.first_turn_prompts(convs, args.heldout_fraction, args.seed)
+    out = gen_data.generate(target, prompts, settings, args.num_prompts, source, args.heldout_fraction,
+                            out_dir=args.out, progress=True)
+    print(json.dumps(gen_data.totals(out)))
+    print(f"generated data in {out} (train with data.dataset=generated data.path={out})")
+    return 0
+
+
+def _add_data_command(sub) -> None:
+    """ppow data generate (issue 14); docs/recipes.md."""
+    sp = sub.add_parser("data", help="training data made by the target itself")
+    dsub = sp.add_subparsers(dest="data_cmd", required=True)
+    g = dsub.add_parser("generate", help="regenerate the answers to train-split first user turns with the target "
+                        "(resumable: rerun the same command to continue)")
+    g.add_argument("--target", default="default", help="'default' (SmolLM2) or a local HF causal-LM dir")
+    g.add_argument("--dataset", choices=["sharegpt", "jsonl"], default="sharegpt", help="where the prompts come from")
+    g.add_argument("--path", default=None, help="the .jsonl file for --dataset jsonl")
+    g.add_argument("--heldout-fraction", type=float, default=0.02,
+                   help="held-out share (never generated from); must match data.heldout_fraction of the training run")
+    g.add_argument("--num-prompts", type=int, default=1000, help="prompts to answer (a larger number extends a run)")
+    g.add_argument("--max-new-tokens", type=int, default=200)
+    g.add_argument("--max-prompt-len", type=int, default=256, help="skip prompts longer than this many tokens")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
+    g.add_argument("--batch-size", type=int, default=64, help="prompts per generate call")
+    g.add_argument("--shard-size", type=int, default=256, help="prompts per shard file (the resumable unit)")
+    g.add_argument("--seed", type=int, default=0, help="prompt order and sampling")
+    g.add_argument("--out", default=None, help="output dir (default: under the asset cache, keyed by the settings)")
+    g.set_defaults(fn=_cmd_data_generate)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from ppow_plugin.assets import TARGETS  # stdlib-only module: parsing stays cheap
 
@@ -351,6 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval_commands(sub)
     _add_export_command(sub)
     _add_plan_command(sub)
+    _add_data_command(sub)
     for sp in sub.choices.values():
         sp.add_argument("--verbose", action="store_true",
                         help="show every third-party warning and progress bar (hidden by default)")

@@ -77,8 +77,9 @@ class ModelCfg:
 
 @dataclass
 class DataCfg:
-    dataset: Literal["sharegpt", "jsonl"] = "sharegpt"  # jsonl = your own ShareGPT-style records
-    path: str | None = None  # the .jsonl file for dataset=jsonl
+    # jsonl = your own ShareGPT-style records; generated = a `ppow data generate` dir (the target's own answers)
+    dataset: Literal["sharegpt", "jsonl", "generated"] = "sharegpt"
+    path: str | None = None  # the .jsonl file (dataset=jsonl) or the generated dir (dataset=generated)
     max_len: int = 512  # tokens per training sequence (longer ones are truncated)
     num_conversations: int | None = None  # use only the first N train conversations (None = all)
     heldout_fraction: float = 0.02  # share of ShareGPT kept out of training, by stable hash of the id

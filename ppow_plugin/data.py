@@ -341,7 +341,12 @@ def tokenize_conversation(tokenizer, conv: Conversation, max_len: int) -> Tokeni
 
 def format_prompt(tokenizer, user_text: str) -> list[int]:
     """Token ids of one user turn plus the generation prompt (for evaluation)."""
-    text = _render(tokenizer, [Message("user", user_text)], add_generation_prompt=True)
+    return format_prompt_messages(tokenizer, [Message("user", user_text)])
+
+
+def format_prompt_messages(tokenizer, messages: Sequence[Message]) -> list[int]:
+    """Token ids of `messages` plus the generation prompt (the target answers next)."""
+    text = _render(tokenizer, messages, add_generation_prompt=True)
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
@@ -495,7 +500,8 @@ def build_training_samples(data_cfg, target_dir: str | Path, progress: bool = Fa
     """The training set a config asks for, scanned once, then tokenized lazily with the target's chat template.
 
     Args:
-        data_cfg: `config.DataCfg` (dataset, max_len, num_conversations, heldout_fraction).
+        data_cfg: `config.DataCfg` (dataset, max_len, num_conversations, heldout_fraction); dataset=generated
+            reads `gen_data.load_generated(data_cfg.path)` (num_conversations is not applied there).
         target_dir: a converted target directory (its tokenizer and chat template are used).
         progress: show a progress bar for the scan (~13 ms per ShareGPT conversation on 2 CPU cores).
     Returns:
@@ -503,6 +509,9 @@ def build_training_samples(data_cfg, target_dir: str | Path, progress: bool = Fa
     """
     from transformers import AutoTokenizer
 
+    if data_cfg.dataset == "generated":  # `ppow data generate` output: token ids, no chat template needed
+        from ppow_plugin.gen_data import load_generated
+        return load_generated(data_cfg.path, data_cfg.max_len, data_cfg.heldout_fraction)
     tokenizer = AutoTokenizer.from_pretrained(target_dir)
     if not tokenizer.chat_template:
         raise UserError(f"the tokenizer in {target_dir} has no chat template; training needs one")

@@ -1,0 +1,95 @@
+"""Target-generated data (`gen_data`): shards resume without duplicates or gaps, held-out prompts are never
+generated from, responses are the target's own greedy continuation. Tiny random target; ~15 s in all."""
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from ppow_plugin import data, gen_data
+from ppow_plugin.errors import UserError
+from tiny import make_conversations, make_target
+
+SETTINGS = gen_data.GenSettings(max_new_tokens=6, max_prompt_len=64, batch_size=2, shard_size=3)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("gen")
+    target = make_target(tmp / "target", layers=2)
+    convs = data.load_jsonl_conversations(make_conversations(tmp / "convs.jsonl", n=10))
+    return target, gen_data.first_turn_prompts(convs, heldout_fraction=0.0)
+
+
+def run(target, prompts, out, **kw):
+    return gen_data.generate(target, prompts, SETTINGS, num_prompts=10, source="test", heldout_fraction=0.0,
+                             out_dir=out, **kw)
+
+
+def flat(out):
+    shards = gen_data.read_shards(out)
+    return np.concatenate([s.index for s in shards]), [s.ids[s.offsets[0]:s.offsets[-1]] for s in shards]
+
+
+def test_killed_run_resumes_without_duplicates_or_gaps(tiny, tmp_path, monkeypatch):
+    target, prompts = tiny
+    full = run(target, prompts, tmp_path / "full")
+    run(target, prompts, tmp_path / "cut", max_shards=2)  # stopped after two shards
+    real = gen_data.generate_shard
+    calls = []
+
+    def die_mid_shard(*a, **kw):  # a kill while the third shard is being generated and written
+        calls.append(1)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+
+    monkeypatch.setattr(gen_data, "generate_shard", die_mid_shard)
+    (tmp_path / "cut" / ".shard-00002.npz.x.tmp").write_bytes(b"half a shard")  # what a kill mid-write leaves
+    with pytest.raises(KeyboardInterrupt):
+        run(target, prompts, tmp_path / "cut")
+    assert len(gen_data.read_shards(tmp_path / "cut")) == 2
+    run(target, prompts, tmp_path / "cut")  # resume
+    index, ids = flat(tmp_path / "cut")
+    assert sorted(index.tolist()) == list(range(10)) and len(index) == 10  # no duplicate, no gap
+    full_index, full_ids = flat(full)
+    assert index.tolist() == full_index.tolist()
+    assert all(np.array_equal(a, b) for a, b in zip(ids, full_ids))  # resumed == uninterrupted
+    assert gen_data.totals(tmp_path / "cut")["prompts"] == 10
+    assert not list((tmp_path / "cut").glob(".*.tmp"))  # the partial write was cleaned up
+
+
+def test_responses_are_the_targets_greedy_continuation(tiny, tmp_path):
+    target, prompts = tiny
+    out = run(target, prompts, tmp_path / "g")
+    samples, report = gen_data.load_generated(out, max_len=512, heldout_fraction=0.0)
+    assert report.used == len(samples) == 10
+    model = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(target)
+    for i in (0, 7):  # batched, left-padded generation == one prompt alone
+        s = samples[i]
+        prompt = s.input_ids[~s.loss_mask]
+        assert not s.loss_mask[: len(prompt)].any() and s.loss_mask[len(prompt):].all()
+        alone = model.generate(prompt[None], attention_mask=torch.ones_like(prompt)[None], do_sample=False,
+                               max_new_tokens=6, eos_token_id=tok.eos_token_id, pad_token_id=0)[0, len(prompt):]
+        response = s.input_ids[s.loss_mask]
+        assert response.tolist() == alone[: len(response)].tolist()
+        assert len(response) == 6 or response[-1] == tok.eos_token_id  # cut after end-of-turn, nothing after
+
+
+def test_heldout_conversations_are_never_prompts(tiny):
+    convs = [data.Conversation(f"c{i}", (data.Message("user", f"w{i}"), data.Message("assistant", "w1")))
+             for i in range(200)]
+    prompts = gen_data.first_turn_prompts(convs, heldout_fraction=0.3)
+    assert prompts and all(data.split_of(p.conversation_id, 0.3) == "train" for p in prompts)
+    assert len(prompts) < 190  # the split removed some
+
+
+def test_other_settings_refuse_to_mix_into_a_dir(tiny, tmp_path):
+    target, prompts = tiny
+    run(target, prompts, tmp_path / "g", max_shards=1)
+    with pytest.raises(UserError, match="other settings"):
+        gen_data.generate(target, prompts, SETTINGS._replace(max_new_tokens=7), 10, "test", 0.0,
+                          out_dir=tmp_path / "g")
+    key = gen_data.output_dir(target, "test", 0.0, SETTINGS)
+    assert key != gen_data.output_dir(target, "test", 0.0, SETTINGS._replace(temperature=0.7))
