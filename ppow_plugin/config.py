@@ -84,6 +84,9 @@ class DataCfg:
     num_conversations: int | None = None  # use only the first N train conversations (None = all)
     heldout_fraction: float = 0.02  # share of ShareGPT kept out of training, by stable hash of the id
     micro_batch: int = 1  # sequences per micro-step
+    # SFT only: store each sequence's target pass (fp16) in the asset cache on first use and read it on later
+    # epochs instead of running the target (feature_cache.py); false = run the target every time (online)
+    feature_cache: bool = False
 
     def __post_init__(self):
         _require_text(self.path, "data.path", "a .jsonl file, or null")

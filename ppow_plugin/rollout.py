@@ -32,6 +32,7 @@ from torch import Tensor
 class TargetPass(NamedTuple):
     features: Tensor  # [T, H] target features f_i (EAGLE-1: final-norm hidden states; EAGLE-3: [T, 3H] fused)
     logits: Tensor  # [T, V] target logits, row i predicts x_{i+1}
+    hidden: Tensor | None = None  # [T, H] final-norm hidden states, the lm_head input (EAGLE-1: = features)
 
 
 class DraftPass(NamedTuple):
@@ -159,11 +160,12 @@ def target_forward(target, input_ids: Tensor, kv=None, feature_layers: tuple[int
     with torch.no_grad():
         out = target.model(input_ids=input_ids, past_key_values=kv, return_dict=True,
                            output_hidden_states=feature_layers is not None)
-        hidden = out.last_hidden_state  # [1, T, H]
-        logits = target.lm_head(hidden)
+        last = out.last_hidden_state  # [1, T, H]
+        logits = target.lm_head(last)
+        hidden = last
         if feature_layers is not None:
             hidden = torch.cat([out.hidden_states[i] for i in feature_layers], dim=-1)  # [1, T, 3H]
-    return TargetPass(features=hidden[0], logits=logits[0].float())
+    return TargetPass(features=hidden[0], logits=logits[0].float(), hidden=last[0])
 
 
 def draft_forward(drafter, features: Tensor, input_ids: Tensor) -> DraftPass:

@@ -33,8 +33,8 @@ import numpy as np
 import torch
 
 import ppow_plugin
-from ppow_plugin import (distributed, drafter_source, drafters, eagle_compat, export, losses, outputs, rewards,
-                         rollout, rundir, windowing)
+from ppow_plugin import (distributed, drafter_source, drafters, eagle_compat, export, feature_cache, losses, outputs,
+                         rewards, rollout, rundir, windowing)
 from ppow_plugin.config import Config, config_to_dict
 from ppow_plugin.data import TrainingData, build_training_samples
 from ppow_plugin.errors import DiskFull, UserError, is_disk_full
@@ -104,6 +104,7 @@ class Trainer:
         drafter = self._build_drafter(samples)
         self.engine = distributed.Engine(drafter, cfg, self.dist)
         self.drafter = self.engine.module
+        self.features = self._open_feature_cache()
         self.gamma = _resolve_gamma(cfg)
         self.data = TrainingData(samples, seed=cfg.dist.seed, rank=self.dist.rank, world_size=self.dist.world_size)
         self.gen = torch.Generator(device="cpu").manual_seed(cfg.dist.seed * 7919 + self.dist.rank)
@@ -125,6 +126,17 @@ class Trainer:
             raise UserError(f"run.output_dir {self.out_dir} is not writable ({exc.strerror}); choose another") from None
         return created
 
+    def _open_feature_cache(self) -> feature_cache.FeatureCache | None:
+        """data.feature_cache (SFT only): target passes stored once, read back on later epochs."""
+        cfg = self.cfg
+        if not cfg.data.feature_cache:
+            return None
+        if cfg.stage != "sft":
+            raise UserError("data.feature_cache=true is for `ppow sft` only (PPOW verifies drafts with the target's "
+                            "KV cache); set data.feature_cache=false")
+        layers = self.drafter.cfg.feature_layer_ids if cfg.model.drafter_type == "eagle3" else None
+        return feature_cache.FeatureCache.open(self.target_dir, cfg.model.drafter_type, layers, cfg.data.max_len)
+
     def _build_drafter(self, samples) -> torch.nn.Module:
         """Fresh (SFT) or warm-started drafter; a fresh EAGLE-3 one gets its draft vocabulary from `samples`."""
         cfg = self.cfg
@@ -145,7 +157,8 @@ class Trainer:
                 samples = [self.data.next() for _ in range(cfg.optim.grad_accum * cfg.data.micro_batch)]
                 stats = self._optimizer_step(samples)
                 self.step += 1
-                stats.update(step=self.step, lr=self.engine.lr, elapsed_s=time.time() - start_time)
+                stats.update(step=self.step, lr=self.engine.lr, elapsed_s=time.time() - start_time,
+                             **(self.features.stats() if self.features else {}))
                 self._log(stats, pbar)
                 if self.step % cfg.run.save_every == 0:
                     self.save_checkpoint()
@@ -199,8 +212,7 @@ class Trainer:
         # aligned[i] for i in 1..T-1: position i predicts x_{i+1}; train where x_{i+1} is assistant text.
         valid = torch.zeros_like(mask)
         valid[1:-1] = mask[2:]
-        eagle_compat.reset_kv(self.kv)
-        tpass = self.adapter.target_pass(self.drafter, self.target, ids, self.kv)
+        tpass = self._target_pass(sample, ids)
         item = {"ids": ids, "valid": valid, "tpass": tpass, "policy": None}
         if self.cfg.stage == "sft":
             return item
@@ -258,6 +270,23 @@ class Trainer:
         delta = rewards.proximity_delta(greedy_lp, draft_lp, valid, rc.delta_positions)
         return accept, delta, rewards.joint_reward(accept, delta, self.gamma, rc.eta, rc.epsilon, rc.speedup_weight,
                                                    rc.proximity_weight)
+
+    def _target_pass(self, sample, ids: torch.Tensor) -> rollout.TargetPass:
+        """The target's pass over one sequence, from the feature cache when it is on (no target layer runs).
+
+        A miss runs the target, stores the pass and then uses its fp16-rounded copy, so a step computes the same
+        whether its sequence was cached before or not (resume stays bit-exact)."""
+        if self.features is not None:
+            cached = self.features.get(sample, self.target.lm_head)
+            if cached is not None:
+                return cached
+        eagle_compat.reset_kv(self.kv)
+        tpass = self.adapter.target_pass(self.drafter, self.target, ids, self.kv)
+        if self.features is None:
+            return tpass
+        self.features.put(sample, tpass)
+        half = tpass.features.half(), (tpass.hidden if self.cfg.model.drafter_type == "eagle3" else tpass.features).half()
+        return feature_cache.cached_target_pass(*half, self.target.lm_head)
 
     def _sft_loss(self, item: dict) -> StepResult:
         """EAGLE-1: next-feature SmoothL1 + soft CE on noised features; EAGLE-3: training-time test."""
