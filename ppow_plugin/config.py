@@ -111,6 +111,10 @@ class SFTCfg:
     feature_noise: float = 0.2  # EAGLE-1 only: uniform noise width added to input features (EAGLE-1 uses U(-0.1,0.1)*2)
     ttt_steps: int = 7  # EAGLE-3 training-time-test unroll length
     ttt_decay: float = 0.8  # EAGLE-3 step weight decay^i
+    # EAGLE-1 only: soft CE over the N most frequent assistant tokens (first model.draft_vocab_samples samples)
+    # plus each sequence's own next tokens, renormalised, instead of the full vocabulary (the 49k-row head is
+    # most of a cached SFT step on CPU); None = full vocabulary
+    vocab_rows: int | None = None
     # feature_weight/token_weight are the EAGLE-1 objective's; EAGLE-3 trains on the TTT soft CE alone
 
     def __post_init__(self):
@@ -121,6 +125,8 @@ class SFTCfg:
         _require(self.feature_noise >= 0, "sft.feature_noise", self.feature_noise, ">= 0")
         _require(self.ttt_steps >= 1, "sft.ttt_steps", self.ttt_steps, ">= 1")
         _require(0 < self.ttt_decay <= 1, "sft.ttt_decay", self.ttt_decay, "in (0, 1]")
+        _require(self.vocab_rows is None or self.vocab_rows >= 1, "sft.vocab_rows", self.vocab_rows,
+                 ">= 1 (or null = full vocabulary)")
 
 
 @dataclass

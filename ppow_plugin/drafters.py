@@ -89,10 +89,17 @@ class Eagle1Adapter:
         feats = tpass.features.to(_dtype(drafter))
         noise = (torch.rand(feats.shape, generator=gen) - 0.5).to(feats) * cfg.sft.feature_noise
         dpass = rollout.draft_forward(drafter, feats + noise, ids)
-        pred = dpass.out_features  # [T-1, H], row i predicts f_{i+1}
-        draft_logits = _head(target, pred).float()
-        loss, st = losses.eagle1_sft_loss(pred[None], feats[None, 1:], draft_logits[None], tpass.logits[None, 1:],
-                                          item["valid"][None, 1:], cfg.sft.feature_weight, cfg.sft.token_weight)
+        rows = item["valid"][1:]  # [T-1]: only these rows count, so only they go through the 49k-row head
+        pred = dpass.out_features[rows]  # [n, H], row i of out_features predicts f_{i+1}
+        if item["sft_vocab"] is None:
+            draft_logits, target_logits = _head(target, pred).float(), tpass.logits[1:][rows]
+        else:  # sft.vocab_rows: both distributions over the frequent tokens + this sequence's next tokens
+            labels = torch.cat([ids[2:], ids.new_zeros(1)])[rows]  # [n] x_{i+2}, what row i is trained to draft
+            cols = torch.unique(torch.cat([item["sft_vocab"], labels]))  # [N'] sorted target ids
+            draft_logits, target_logits = _head_rows(target, pred, cols), _head_rows(target, feats[1:][rows], cols)
+        loss, st = losses.eagle1_sft_loss(pred[None], feats[1:][rows][None], draft_logits[None], target_logits[None],
+                                          rows.new_ones((1, pred.shape[0])), cfg.sft.feature_weight,
+                                          cfg.sft.token_weight)
         return loss, {"loss": float(loss.detach()), "feature_loss": float(st.feature_loss),
                       "token_loss": float(st.token_loss), "top1_acc": float(st.top1_acc)}
 
@@ -104,6 +111,13 @@ class Eagle1Adapter:
 
 def _head(target, features: Tensor) -> Tensor:
     return target.lm_head(features.to(target.lm_head.weight.dtype))
+
+
+def _head_rows(target, features: Tensor, cols: Tensor) -> Tensor:
+    """Target lm_head logits for the ids `cols` only: [n, H] -> [n, len(cols)] fp32."""
+    weight, bias = target.lm_head.weight[cols], target.lm_head.bias  # [N', H]
+    logits = features.to(weight.dtype) @ weight.T
+    return (logits if bias is None else logits + bias[cols]).float()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -79,8 +79,10 @@ class FeatureCache:
     def _path(self, digest: str) -> Path:
         return self.root / digest[:2] / f"{digest}.npz"
 
-    def get(self, sample, lm_head: torch.nn.Module) -> TargetPass | None:
-        """The sample's cached target pass (features fp16 -> lm_head dtype; logits recomputed), or None."""
+    def get(self, sample, lm_head: torch.nn.Module, rows: Tensor | None = None) -> TargetPass | None:
+        """The sample's cached target pass (features fp16 -> lm_head dtype; logits recomputed), or None.
+
+        rows: [T] bool, the positions whose logits the loss reads (None = all; `cached_target_pass`)."""
         ids, mask = sample.input_ids, sample.loss_mask
         path = self._path(sample_digest(ids, mask))
         try:
@@ -95,7 +97,7 @@ class FeatureCache:
             self.misses += 1
             return None
         self.hits += 1
-        return cached_target_pass(features, hidden, lm_head)
+        return cached_target_pass(features, hidden, lm_head, rows)
 
     def put(self, sample, tpass: TargetPass) -> Path:
         """Store a target pass (fp16) for `sample`; atomic, so concurrent ranks may write the same entry."""
@@ -120,15 +122,25 @@ class FeatureCache:
         return {"feature_cache_hits": self.hits, "feature_cache_misses": self.misses}
 
 
-def cached_target_pass(features: Tensor, hidden: Tensor, lm_head: torch.nn.Module) -> TargetPass:
+def cached_target_pass(features: Tensor, hidden: Tensor, lm_head: torch.nn.Module, rows: Tensor | None = None
+                       ) -> TargetPass:
     """A `TargetPass` from stored fp16 features: logits = lm_head(hidden), as the target computes them.
 
     Args:
         features: [T, F] fp16 drafter input features.
         hidden: [T, H] fp16 final-norm hidden states (EAGLE-1: the features themselves).
+        rows: [T] bool or None. Only these rows' logits are computed, the others are left 0: SFT reads the
+            target's logits only where the next token is trained (`valid`), and the [V, H] head is most of
+            the cost of a cached step (SmolLM2: 49k rows).
     """
     dtype, device = lm_head.weight.dtype, lm_head.weight.device
     hidden = hidden.to(device, dtype)
     with torch.no_grad():
-        logits = lm_head(hidden).float()  # [T, V]
+        if rows is None:
+            logits = lm_head(hidden).float()  # [T, V]
+        elif not rows.any():  # nothing reads them (sft.vocab_rows): a free all-zero view
+            logits = hidden.new_zeros((1, lm_head.weight.shape[0]), dtype=torch.float32).expand(hidden.shape[0], -1)
+        else:
+            logits = hidden.new_zeros((hidden.shape[0], lm_head.weight.shape[0]), dtype=torch.float32)  # [T, V]
+            logits[rows] = lm_head(hidden[rows]).float()
     return TargetPass(features=features.to(device, dtype), logits=logits, hidden=hidden)

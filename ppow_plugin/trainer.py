@@ -105,6 +105,7 @@ class Trainer:
         self.engine = distributed.Engine(drafter, cfg, self.dist)
         self.drafter = self.engine.module
         self.features = self._open_feature_cache()
+        self.sft_vocab = self._sft_vocab(samples)
         self.gamma = _resolve_gamma(cfg)
         self.data = TrainingData(samples, seed=cfg.dist.seed, rank=self.dist.rank, world_size=self.dist.world_size)
         self.gen = torch.Generator(device="cpu").manual_seed(cfg.dist.seed * 7919 + self.dist.rank)
@@ -136,6 +137,18 @@ class Trainer:
                             "KV cache); set data.feature_cache=false")
         layers = self.drafter.cfg.feature_layer_ids if cfg.model.drafter_type == "eagle3" else None
         return feature_cache.FeatureCache.open(self.target_dir, cfg.model.drafter_type, layers, cfg.data.max_len)
+
+    def _sft_vocab(self, samples) -> torch.Tensor | None:
+        """sft.vocab_rows: the [N] ids of the most frequent assistant tokens (EAGLE-1's reduced SFT loss)."""
+        cfg = self.cfg
+        if cfg.sft.vocab_rows is None or cfg.stage != "sft":
+            return None
+        if cfg.model.drafter_type != "eagle1":
+            raise UserError("sft.vocab_rows is for EAGLE-1 drafters; EAGLE-3 has its own draft vocabulary "
+                            "(model.draft_vocab_size): unset sft.vocab_rows")
+        vocab = self.target.config.vocab_size
+        counts = drafters.count_loss_tokens(samples, cfg.model.draft_vocab_samples, vocab)
+        return counts.topk(min(cfg.sft.vocab_rows, vocab)).indices.sort().values.to(self.device)
 
     def _build_drafter(self, samples) -> torch.nn.Module:
         """Fresh (SFT) or warm-started drafter; a fresh EAGLE-3 one gets its draft vocabulary from `samples`."""
@@ -212,8 +225,8 @@ class Trainer:
         # aligned[i] for i in 1..T-1: position i predicts x_{i+1}; train where x_{i+1} is assistant text.
         valid = torch.zeros_like(mask)
         valid[1:-1] = mask[2:]
-        tpass = self._target_pass(sample, ids)
-        item = {"ids": ids, "valid": valid, "tpass": tpass, "policy": None}
+        tpass = self._target_pass(sample, ids, valid)
+        item = {"ids": ids, "valid": valid, "tpass": tpass, "policy": None, "sft_vocab": self.sft_vocab}
         if self.cfg.stage == "sft":
             return item
         drafter_pass = torch.enable_grad if keep_graph else torch.no_grad
@@ -271,13 +284,16 @@ class Trainer:
         return accept, delta, rewards.joint_reward(accept, delta, self.gamma, rc.eta, rc.epsilon, rc.speedup_weight,
                                                    rc.proximity_weight)
 
-    def _target_pass(self, sample, ids: torch.Tensor) -> rollout.TargetPass:
+    def _target_pass(self, sample, ids: torch.Tensor, valid: torch.Tensor) -> rollout.TargetPass:
         """The target's pass over one sequence, from the feature cache when it is on (no target layer runs).
 
         A miss runs the target, stores the pass and then uses its fp16-rounded copy, so a step computes the same
-        whether its sequence was cached before or not (resume stays bit-exact)."""
+        whether its sequence was cached before or not (resume stays bit-exact). Cached passes carry logits only
+        at `valid` positions (the only ones SFT reads)."""
+        if self.sft_vocab is not None:  # the reduced loss computes its own logits from the features
+            valid = torch.zeros_like(valid)
         if self.features is not None:
-            cached = self.features.get(sample, self.target.lm_head)
+            cached = self.features.get(sample, self.target.lm_head, valid)
             if cached is not None:
                 return cached
         eagle_compat.reset_kv(self.kv)
@@ -286,7 +302,7 @@ class Trainer:
             return tpass
         self.features.put(sample, tpass)
         half = tpass.features.half(), (tpass.hidden if self.cfg.model.drafter_type == "eagle3" else tpass.features).half()
-        return feature_cache.cached_target_pass(*half, self.target.lm_head)
+        return feature_cache.cached_target_pass(*half, self.target.lm_head, valid)
 
     def _sft_loss(self, item: dict) -> StepResult:
         """EAGLE-1: next-feature SmoothL1 + soft CE on noised features; EAGLE-3: training-time test."""
