@@ -501,7 +501,7 @@ def build_training_samples(data_cfg, target_dir: str | Path, progress: bool = Fa
 
     Args:
         data_cfg: `config.DataCfg` (dataset, max_len, num_conversations, heldout_fraction); dataset=generated
-            reads `gen_data.load_generated(data_cfg.path)` (num_conversations is not applied there).
+            reads `gen_data.load_generated(data_cfg.path)`.
         target_dir: a converted target directory (its tokenizer and chat template are used).
         progress: show a progress bar for the scan (~13 ms per ShareGPT conversation on 2 CPU cores).
     Returns:
@@ -511,7 +511,7 @@ def build_training_samples(data_cfg, target_dir: str | Path, progress: bool = Fa
 
     if data_cfg.dataset == "generated":  # `ppow data generate` output: token ids, no chat template needed
         from ppow_plugin.gen_data import load_generated
-        return load_generated(data_cfg.path, data_cfg.max_len, data_cfg.heldout_fraction)
+        return load_generated(data_cfg.path, data_cfg.max_len, data_cfg.heldout_fraction, data_cfg.num_conversations)
     tokenizer = AutoTokenizer.from_pretrained(target_dir)
     if not tokenizer.chat_template:
         raise UserError(f"the tokenizer in {target_dir} has no chat template; training needs one")

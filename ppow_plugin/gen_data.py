@@ -345,12 +345,14 @@ class GeneratedSamples(Sequence[TokenizedSample]):
         return TokenizedSample(self.conversation_ids[i], ids, mask)
 
 
-def load_generated(out: str | Path | None, max_len: int, heldout_fraction: float
+def load_generated(out: str | Path | None, max_len: int, heldout_fraction: float, limit: int | None = None
                    ) -> tuple[GeneratedSamples, DataReport]:
     """The generated samples of a `generate` dir, for `data.dataset=generated` (`data.path` = the dir).
 
     Samples of conversations in the held-out split under `heldout_fraction` are dropped (they can only
-    be there if the data was generated with a smaller held-out fraction).
+    be there if the data was generated with a smaller held-out fraction). `limit` (data.num_conversations)
+    keeps the first N sequences in shard order, so a training run can resume on the same data while the
+    generation goes on appending shards.
 
     Raises:
         UserError: no dir, no shard, or no response token within max_len.
@@ -360,6 +362,8 @@ def load_generated(out: str | Path | None, max_len: int, heldout_fraction: float
     ids, prompt_lens, conv_ids, truncated, empty, leaked = [], [], [], 0, 0, 0
     for s in read_shards(out):
         for i in range(len(s.index)):
+            if limit is not None and len(ids) + empty + leaked >= limit:
+                break
             if split_of(str(s.conversation_ids[i]), heldout_fraction) != "train":
                 leaked += 1
                 continue

@@ -64,6 +64,8 @@ def test_responses_are_the_targets_greedy_continuation(tiny, tmp_path):
     out = run(target, prompts, tmp_path / "g")
     samples, report = gen_data.load_generated(out, max_len=512, heldout_fraction=0.0)
     assert report.used == len(samples) == 10
+    first4, _ = gen_data.load_generated(out, max_len=512, heldout_fraction=0.0, limit=4)  # data.num_conversations
+    assert [s.conversation_id for s in first4] == [samples[i].conversation_id for i in range(4)]
     model = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(target)
     for i in (0, 7):  # batched, left-padded generation == one prompt alone
