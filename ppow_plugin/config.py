@@ -115,6 +115,10 @@ class SFTCfg:
     # plus each sequence's own next tokens, renormalised, instead of the full vocabulary (the 49k-row head is
     # most of a cached SFT step on CPU); None = full vocabulary
     vocab_rows: int | None = None
+    # EAGLE-1 only: HASS-style multi-step loss, re-drafting this many more tokens from the drafter's own features
+    # at multi_step_starts random trained positions per sequence (0 = off; weights ttt_decay^depth)
+    multi_step: int = 0
+    multi_step_starts: int = 16
     # feature_weight/token_weight are the EAGLE-1 objective's; EAGLE-3 trains on the TTT soft CE alone
 
     def __post_init__(self):
@@ -127,6 +131,8 @@ class SFTCfg:
         _require(0 < self.ttt_decay <= 1, "sft.ttt_decay", self.ttt_decay, "in (0, 1]")
         _require(self.vocab_rows is None or self.vocab_rows >= 1, "sft.vocab_rows", self.vocab_rows,
                  ">= 1 (or null = full vocabulary)")
+        _require(self.multi_step >= 0, "sft.multi_step", self.multi_step, ">= 0 (0 = off)")
+        _require(self.multi_step_starts >= 1, "sft.multi_step_starts", self.multi_step_starts, ">= 1")
 
 
 @dataclass

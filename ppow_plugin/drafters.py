@@ -100,13 +100,49 @@ class Eagle1Adapter:
         loss, st = losses.eagle1_sft_loss(pred[None], feats[1:][rows][None], draft_logits[None], target_logits[None],
                                           rows.new_ones((1, pred.shape[0])), cfg.sft.feature_weight,
                                           cfg.sft.token_weight)
-        return loss, {"loss": float(loss.detach()), "feature_loss": float(st.feature_loss),
-                      "token_loss": float(st.token_loss), "top1_acc": float(st.top1_acc)}
+        stats = {"feature_loss": float(st.feature_loss), "token_loss": float(st.token_loss),
+                 "top1_acc": float(st.top1_acc)}
+        if cfg.sft.multi_step > 0:
+            deep, deep_acc = multi_step_loss(drafter, target, dpass, ids, item["valid"], tpass.logits, cfg.sft, gen)
+            loss = loss + cfg.sft.token_weight * deep
+            stats.update(multi_step_loss=float(deep.detach()), multi_step_last_acc=deep_acc)
+        return loss, {"loss": float(loss.detach()), **stats}
 
     def export(self, out: Path, state: dict[str, Tensor], drafter, target, cfg, meta: dict) -> Path:
         """Compact EAGLE-1 dir (no embeddings), the format training reads back."""
         config = eagle_compat.eagle1_config_dict(target.config, cfg.model.drafter_bias)
         return export.save_drafter_dir(out, state, config, meta)
+
+
+def multi_step_loss(drafter, target, dpass: rollout.DraftPass, ids: Tensor, valid: Tensor, target_logits: Tensor,
+                    sft, gen: torch.Generator) -> tuple[Tensor, float]:
+    """EAGLE-1 multi-step (HASS-style training-time test): from up to `sft.multi_step_starts` random trained
+    roots s, re-draft the data continuation x_{s+1..s+1+m} feeding the drafter its *own* features (exactly
+    `rollout.draft_windows`, i.e. what decoding does at depth > 1) and add the soft CE to the target at depths
+    2..1+m, weighted sft.ttt_decay^depth-1 (depth 1 is the teacher-forced loss already).
+
+    Args:
+        dpass: the teacher-forced pass of this sequence (with its graph); ids [T]; valid [T] bool (valid[i]:
+            x_{i+1} is trained); target_logits [T, V], row i predicts x_{i+1} (needed at trained rows).
+    Returns:
+        (weighted mean soft CE, with grad; top-1 agreement at the deepest depth).
+    """
+    depth = sft.multi_step + 1
+    t = ids.numel()
+    ok = valid[1:t - depth].clone()  # roots s = 1..T-1-depth: the window x_{s+1..s+depth} exists
+    ok &= valid[2:t - depth + 1]  # the first re-drafted position x_{s+2} is trained too
+    cand = torch.nonzero(ok)[:, 0] + 1
+    if cand.numel() == 0:
+        return dpass.out_features.sum() * 0.0, 0.0
+    starts = cand[torch.randperm(cand.numel(), generator=gen)[:sft.multi_step_starts].to(cand.device)].sort().values
+    window = starts[:, None] + torch.arange(1, depth + 1, device=starts.device)  # [n, depth] positions s+1..s+depth
+    _, _, logits = rollout.draft_windows(drafter, lambda h: _head(target, h), dpass, starts, 1, depth, 1.0,
+                                         tokens=ids[window][:, None])  # logits [n, 1, depth, V]
+    total, weight, acc = 0.0, 0.0, 0.0
+    for j in range(1, depth):  # logits[..., j] drafts x_{s+j+1}; the target's row s+j predicts it
+        ce, st = losses.distill_loss(target_logits[starts + j], logits[:, 0, j], valid[starts + j])
+        total, weight, acc = total + sft.ttt_decay ** j * ce, weight + sft.ttt_decay ** j, float(st.top1_acc)
+    return total / weight, acc
 
 
 def _head(target, features: Tensor) -> Tensor:

@@ -1,4 +1,5 @@
-"""SFT levers (issue 14): `sft.vocab_rows`, EAGLE-1's reduced-vocabulary soft CE. Tiny target; ~20 s."""
+"""SFT levers (issue 14): `sft.vocab_rows` (EAGLE-1 reduced-vocabulary soft CE) and `sft.multi_step`
+(EAGLE-1 HASS-style deeper loss). Tiny target; ~40 s."""
 
 import json
 
@@ -30,3 +31,28 @@ def test_vocab_rows_covering_the_vocabulary_is_the_full_loss(tmp_path):
     # from the feature cache the reduced loss needs no target logits at all, and gives the same numbers
     cached = losses(tmp_path, "few-cached", **{"sft.vocab_rows": 4, "data.feature_cache": True})
     np.testing.assert_allclose(cached, few, rtol=1e-4)
+
+
+def test_multi_step_adds_a_deeper_loss_that_trains(tmp_path):
+    import torch
+
+    from ppow_plugin import drafters
+    from ppow_plugin.config import SFTCfg
+
+    base = losses(tmp_path, "base")
+    deep = losses(tmp_path, "deep", **{"sft.multi_step": 2, "sft.multi_step_starts": 4})
+    assert base[0] != deep[0] and np.isfinite(deep).all()  # the extra term is in the loss from step 1
+    rows = [json.loads(x) for x in (tmp_path / "deep" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["multi_step_loss"] > 0 for r in rows)
+
+    # the extra term has a gradient into the drafter's predicted features (the ones fed back at depth > 1)
+    t, *_ = run_trainer(tmp_path, "sft", **{"run.output_dir": tmp_path / "grad", "run.max_steps": 1})
+    sample = t.data.next()
+    item = t._prepare(sample)
+    feats = item["tpass"].features
+    dpass = drafters.rollout.draft_forward(t.drafter, feats, item["ids"])
+    cfg = SFTCfg(multi_step=2, multi_step_starts=4)
+    loss, _ = drafters.multi_step_loss(t.drafter, t.target, dpass, item["ids"], item["valid"], item["tpass"].logits,
+                                       cfg, torch.Generator().manual_seed(0))
+    grads = torch.autograd.grad(loss, [dpass.out_features], allow_unused=True)
+    assert grads[0] is not None and grads[0].abs().sum() > 0
