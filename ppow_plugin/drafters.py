@@ -48,6 +48,7 @@ class Eagle1Adapter:
     """The host EAGLE-1 drafter: next-feature prediction, logits through the target's lm_head."""
 
     name = "eagle1"
+    sft_reads_target_logits = False  # its SFT loss recomputes them from the features (= final hidden states)
 
     def build(self, cfg, target: nn.Module, samples, dtype: torch.dtype) -> nn.Module:
         drafter = eagle_compat.new_eagle1_drafter(target.config, bias=cfg.model.drafter_bias,
@@ -91,19 +92,21 @@ class Eagle1Adapter:
         dpass = rollout.draft_forward(drafter, feats + noise, ids)
         rows = item["valid"][1:]  # [T-1]: only these rows count, so only they go through the 49k-row head
         pred = dpass.out_features[rows]  # [n, H], row i of out_features predicts f_{i+1}
-        if item["sft_vocab"] is None:
-            draft_logits, target_logits = _head(target, pred).float(), tpass.logits[1:][rows]
+        if item["sft_vocab"] is None:  # target logits = lm_head(final hidden), here only at the trained rows
+            draft_logits, target_logits = _head(target, pred).float(), _head(target, tpass.features[1:][rows]).float()
         else:  # sft.vocab_rows: both distributions over the frequent tokens + this sequence's next tokens
             labels = torch.cat([ids[2:], ids.new_zeros(1)])[rows]  # [n] x_{i+2}, what row i is trained to draft
             cols = torch.unique(torch.cat([item["sft_vocab"], labels]))  # [N'] sorted target ids
-            draft_logits, target_logits = _head_rows(target, pred, cols), _head_rows(target, feats[1:][rows], cols)
+            draft_logits = _head_rows(target, pred, cols)
+            target_logits = _head_rows(target, tpass.features[1:][rows], cols)
         loss, st = losses.eagle1_sft_loss(pred[None], feats[1:][rows][None], draft_logits[None], target_logits[None],
                                           rows.new_ones((1, pred.shape[0])), cfg.sft.feature_weight,
                                           cfg.sft.token_weight)
         stats = {"feature_loss": float(st.feature_loss), "token_loss": float(st.token_loss),
                  "top1_acc": float(st.top1_acc)}
         if cfg.sft.multi_step > 0:
-            deep, deep_acc = multi_step_loss(drafter, target, dpass, ids, item["valid"], tpass.logits, cfg.sft, gen)
+            deep, deep_acc = multi_step_loss(drafter, target, dpass, ids, item["valid"], tpass.features, cfg.sft,
+                                             gen)
             loss = loss + cfg.sft.token_weight * deep
             stats.update(multi_step_loss=float(deep.detach()), multi_step_last_acc=deep_acc)
         return loss, {"loss": float(loss.detach()), **stats}
@@ -114,7 +117,7 @@ class Eagle1Adapter:
         return export.save_drafter_dir(out, state, config, meta)
 
 
-def multi_step_loss(drafter, target, dpass: rollout.DraftPass, ids: Tensor, valid: Tensor, target_logits: Tensor,
+def multi_step_loss(drafter, target, dpass: rollout.DraftPass, ids: Tensor, valid: Tensor, target_features: Tensor,
                     sft, gen: torch.Generator) -> tuple[Tensor, float]:
     """EAGLE-1 multi-step (HASS-style training-time test): from up to `sft.multi_step_starts` random trained
     roots s, re-draft the data continuation x_{s+1..s+1+m} feeding the drafter its *own* features (exactly
@@ -123,7 +126,7 @@ def multi_step_loss(drafter, target, dpass: rollout.DraftPass, ids: Tensor, vali
 
     Args:
         dpass: the teacher-forced pass of this sequence (with its graph); ids [T]; valid [T] bool (valid[i]:
-            x_{i+1} is trained); target_logits [T, V], row i predicts x_{i+1} (needed at trained rows).
+            x_{i+1} is trained); target_features [T, H] final hidden states, lm_head(row i) predicts x_{i+1}.
     Returns:
         (weighted mean soft CE, with grad; top-1 agreement at the deepest depth).
     """
@@ -140,7 +143,8 @@ def multi_step_loss(drafter, target, dpass: rollout.DraftPass, ids: Tensor, vali
                                          tokens=ids[window][:, None])  # logits [n, 1, depth, V]
     total, weight, acc = 0.0, 0.0, 0.0
     for j in range(1, depth):  # logits[..., j] drafts x_{s+j+1}; the target's row s+j predicts it
-        ce, st = losses.distill_loss(target_logits[starts + j], logits[:, 0, j], valid[starts + j])
+        target_logits = _head(target, target_features[starts + j]).float()  # [n, V]
+        ce, st = losses.distill_loss(target_logits, logits[:, 0, j], valid[starts + j])
         total, weight, acc = total + sft.ttt_decay ** j * ce, weight + sft.ttt_decay ** j, float(st.top1_acc)
     return total / weight, acc
 
@@ -164,6 +168,7 @@ class Eagle3Adapter:
     """The EAGLE-3 drafter: fused target features, own lm_head over the draft vocabulary, TTT SFT."""
 
     name = "eagle3"
+    sft_reads_target_logits = True  # TTT labels: the target's logits at every trained position
 
     def build(self, cfg, target: nn.Module, samples, dtype: torch.dtype) -> nn.Module:
         if cfg.model.drafter is not None:

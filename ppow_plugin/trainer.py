@@ -289,8 +289,8 @@ class Trainer:
 
         A miss runs the target, stores the pass and then uses its fp16-rounded copy, so a step computes the same
         whether its sequence was cached before or not (resume stays bit-exact). Cached passes carry logits only
-        at `valid` positions (the only ones SFT reads)."""
-        if self.sft_vocab is not None:  # the reduced loss computes its own logits from the features
+        at `valid` positions (the only ones SFT reads), or none when the adapter's SFT loss recomputes them."""
+        if not self.adapter.sft_reads_target_logits:
             valid = torch.zeros_like(valid)
         if self.features is not None:
             cached = self.features.get(sample, self.target.lm_head, valid)

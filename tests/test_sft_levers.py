@@ -52,7 +52,7 @@ def test_multi_step_adds_a_deeper_loss_that_trains(tmp_path):
     feats = item["tpass"].features
     dpass = drafters.rollout.draft_forward(t.drafter, feats, item["ids"])
     cfg = SFTCfg(multi_step=2, multi_step_starts=4)
-    loss, _ = drafters.multi_step_loss(t.drafter, t.target, dpass, item["ids"], item["valid"], item["tpass"].logits,
+    loss, _ = drafters.multi_step_loss(t.drafter, t.target, dpass, item["ids"], item["valid"], item["tpass"].features,
                                        cfg, torch.Generator().manual_seed(0))
     grads = torch.autograd.grad(loss, [dpass.out_features], allow_unused=True)
     assert grads[0] is not None and grads[0].abs().sum() > 0
