@@ -324,6 +324,8 @@ def _cmd_data_generate(args) -> int:
         raise UserError(f"--num-prompts ({args.num_prompts}) must be >= 1")
     if not 0.0 <= args.heldout_fraction < 1.0:
         raise UserError(f"--heldout-fraction ({args.heldout_fraction}) must be in [0, 1)")
+    if args.dataset == "jsonl" and not args.path:
+        raise UserError("--dataset jsonl needs --path <file.jsonl>")
     if args.dataset == "sharegpt":
         convs, source = data.load_sharegpt(), "{}=={}".format(*data.SHAREGPT[:2])
     else:

@@ -95,3 +95,18 @@ def test_other_settings_refuse_to_mix_into_a_dir(tiny, tmp_path):
                           out_dir=tmp_path / "g")
     key = gen_data.output_dir(target, "test", 0.0, SETTINGS)
     assert key != gen_data.output_dir(target, "test", 0.0, SETTINGS._replace(temperature=0.7))
+
+
+@pytest.mark.parametrize("flags, message", [(["--batch-size", "0"], "--batch-size (0) must be >= 1"),
+                                            (["--dataset", "jsonl"], "--dataset jsonl needs --path"),
+                                            (["--temperature", "-1"], "--temperature (-1.0) must be >= 0")])
+def test_bad_generate_flags_are_one_line_errors(tmp_path, monkeypatch, flags, message):
+    import subprocess
+    import sys
+
+    monkeypatch.setenv("PPOW_CACHE", str(tmp_path / "cache"))
+    proc = subprocess.run([sys.executable, "-m", "ppow_plugin.cli", "data", "generate", *flags,
+                           "--out", str(tmp_path / "out")], capture_output=True, text=True)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith("error: ") and message in proc.stderr and proc.stderr.count("\n") == 1
+    assert not (tmp_path / "out").exists()
