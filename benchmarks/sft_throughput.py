@@ -1,6 +1,7 @@
 """Assistant tokens per second of `ppow sft` online vs from the feature cache, same sequences, one run.
 
-    PYTHONPATH=. .venv/bin/python benchmarks/sft_throughput.py [--sequences 8] [--data DIR] [--recipe R] [k=v ...]
+    PYTHONPATH=. .venv/bin/python benchmarks/sft_throughput.py [--sequences 8] [--data DIR] [--recipe R] \
+        [k=v ...]
 
 Target (issue 14): cached ≥ 2.5x online. Two trainers are built from the same recipe (online:
 `data.feature_cache=false`; cached: `true`), so they see the same sequences in the same order from the same initial weights. The
@@ -48,7 +49,8 @@ def main() -> None:
     from ppow_plugin import feature_cache
 
     with tempfile.TemporaryDirectory() as tmp:
-        online, cached = build(args.recipe, over, f"{tmp}/online", False), build(args.recipe, over, f"{tmp}/cached", True)
+        online = build(args.recipe, over, f"{tmp}/online", False)
+        cached = build(args.recipe, over, f"{tmp}/cached", True)
         samples = [online.data.next() for _ in range(args.sequences + 1)]
         assert all(cached.data.next().conversation_id == s.conversation_id for s in samples)
         for s in samples:  # entries an earlier run left for these sequences would make the fill free

@@ -315,8 +315,7 @@ def _add_plan_command(sub) -> None:
 
 
 def _cmd_data_generate(args) -> int:
-    from ppow_plugin import data, gen_data
-    from ppow_plugin.trainer import _resolve_target
+    from ppow_plugin import gen_data  # flags are checked before the heavier imports below
     settings = gen_data.GenSettings(args.temperature, args.max_new_tokens, args.max_prompt_len, args.batch_size,
                                     args.shard_size, args.seed)
     settings.check()
@@ -326,6 +325,8 @@ def _cmd_data_generate(args) -> int:
         raise UserError(f"--heldout-fraction ({args.heldout_fraction}) must be in [0, 1)")
     if args.dataset == "jsonl" and not args.path:
         raise UserError("--dataset jsonl needs --path <file.jsonl>")
+    from ppow_plugin import data
+    from ppow_plugin.trainer import _resolve_target
     if args.dataset == "sharegpt":
         convs, source = data.load_sharegpt(), "{}=={}".format(*data.SHAREGPT[:2])
     else:

@@ -87,7 +87,8 @@ class FeatureCache:
         path = self._path(sample_digest(ids, mask))
         try:
             with np.load(path, allow_pickle=False) as z:
-                same = np.array_equal(z["input_ids"], np.asarray(ids)) and np.array_equal(z["loss_mask"], np.asarray(mask))
+                same = (np.array_equal(z["input_ids"], np.asarray(ids))
+                        and np.array_equal(z["loss_mask"], np.asarray(mask)))
                 features = torch.from_numpy(z["features"])
                 hidden = torch.from_numpy(z["hidden"]) if self.eagle3 else features
         except (OSError, ValueError, KeyError):  # missing, or a damaged file: recompute it

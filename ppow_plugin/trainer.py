@@ -301,8 +301,7 @@ class Trainer:
         if self.features is None:
             return tpass
         self.features.put(sample, tpass)
-        half = tpass.features.half(), (tpass.hidden if self.cfg.model.drafter_type == "eagle3" else tpass.features).half()
-        return feature_cache.cached_target_pass(*half, self.target.lm_head, valid)
+        return feature_cache.cached_target_pass(tpass.features.half(), tpass.hidden.half(), self.target.lm_head, valid)
 
     def _sft_loss(self, item: dict) -> StepResult:
         """EAGLE-1: next-feature SmoothL1 + soft CE on noised features; EAGLE-3: training-time test."""
