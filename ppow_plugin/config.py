@@ -79,7 +79,9 @@ class ModelCfg:
 class DataCfg:
     # jsonl = your own ShareGPT-style records; generated = a `ppow data generate` dir (the target's own answers)
     dataset: Literal["sharegpt", "jsonl", "generated"] = "sharegpt"
-    path: str | None = None  # the .jsonl file (dataset=jsonl) or the generated dir (dataset=generated)
+    # the .jsonl file (dataset=jsonl), or the generated dir (dataset=generated; null = the dir `ppow data generate`
+    # writes with its default settings for model.target)
+    path: str | None = None
     max_len: int = 512  # tokens per training sequence (longer ones are truncated)
     num_conversations: int | None = None  # use only the first N train conversations (None = all)
     heldout_fraction: float = 0.02  # share of ShareGPT kept out of training, by stable hash of the id
@@ -89,11 +91,11 @@ class DataCfg:
     feature_cache: bool = False
 
     def __post_init__(self):
-        _require_text(self.path, "data.path", "a .jsonl file, or null")
+        _require_text(self.path, "data.path", "a .jsonl file or generated dir, or null")
         if self.dataset == "jsonl":
             _require(self.path is not None, "data.path", self.path,
                      "set for data.dataset=jsonl (data.path=<file.jsonl>)")
-        else:
+        elif self.dataset == "sharegpt":
             _require(self.path is None, "data.path", self.path,
                      "null for data.dataset=sharegpt (the bundled set); use data.dataset=jsonl to train on the file")
         _require(16 <= self.max_len <= MAX_LEN_MAX, "data.max_len", self.max_len, f"in [16, {MAX_LEN_MAX}]")

@@ -510,8 +510,9 @@ def build_training_samples(data_cfg, target_dir: str | Path, progress: bool = Fa
     from transformers import AutoTokenizer
 
     if data_cfg.dataset == "generated":  # `ppow data generate` output: token ids, no chat template needed
-        from ppow_plugin.gen_data import load_generated
-        return load_generated(data_cfg.path, data_cfg.max_len, data_cfg.heldout_fraction, data_cfg.num_conversations)
+        from ppow_plugin.gen_data import default_output_dir, load_generated
+        path = data_cfg.path or default_output_dir(target_dir, data_cfg.heldout_fraction)
+        return load_generated(path, data_cfg.max_len, data_cfg.heldout_fraction, data_cfg.num_conversations)
     tokenizer = AutoTokenizer.from_pretrained(target_dir)
     if not tokenizer.chat_template:
         raise UserError(f"the tokenizer in {target_dir} has no chat template; training needs one")

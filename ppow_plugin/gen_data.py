@@ -149,6 +149,12 @@ def output_dir(target_dir: str | Path, source: str, heldout_fraction: float, set
     return cache_dir() / "generated" / f"{Path(target_dir).resolve().name}-{key}"
 
 
+def default_output_dir(target_dir: str | Path, heldout_fraction: float) -> Path:
+    """Where `ppow data generate` writes ShareGPT answers with its default settings (`data.path: null`)."""
+    from ppow_plugin.data import SHAREGPT
+    return output_dir(target_dir, "{}=={}".format(*SHAREGPT[:2]), heldout_fraction, GenSettings())
+
+
 # --- generation ----------------------------------------------------------------------------------
 
 

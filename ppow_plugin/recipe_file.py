@@ -113,7 +113,8 @@ def input_paths(cfg: Any) -> dict[str, InputPath]:
     `model.target=default` (the embedded target, prepared on first use) is not a path.
     """
     named = {"model.target": (None if cfg.model.target == "default" else cfg.model.target, "model"),
-             "model.drafter": (cfg.model.drafter, "model"), "data.path": (cfg.data.path, "file"),
+             "model.drafter": (cfg.model.drafter, "model"),
+             "data.path": (cfg.data.path, "generated" if cfg.data.dataset == "generated" else "file"),
              "reward.gamma_profile": (cfg.reward.gamma_profile, "file")}
     out = {}
     for key, (value, kind) in named.items():
@@ -125,6 +126,8 @@ def input_paths(cfg: Any) -> dict[str, InputPath]:
                 problem = "does not exist"
             elif kind == "file":
                 problem = None if p.is_file() else "is not a file"
+            elif kind == "generated":
+                problem = None if (p / "provenance.json").is_file() else "is not a `ppow data generate` dir"
             else:
                 problem = None if (p / "config.json").is_file() else "is not a model directory with config.json"
         except OSError as exc:  # e.g. a name too long

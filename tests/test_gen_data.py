@@ -110,3 +110,11 @@ def test_bad_generate_flags_are_one_line_errors(tmp_path, monkeypatch, flags, me
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.startswith("error: ") and message in proc.stderr and proc.stderr.count("\n") == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_cli_defaults_are_the_settings_a_null_data_path_reads():
+    from ppow_plugin.cli import build_parser
+
+    args = build_parser().parse_args(["data", "generate"])
+    assert gen_data.GenSettings(args.temperature, args.max_new_tokens, args.max_prompt_len, args.batch_size,
+                                args.shard_size, args.seed) == gen_data.GenSettings()
