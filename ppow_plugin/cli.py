@@ -360,6 +360,8 @@ def _add_data_command(sub) -> None:
     g.add_argument("--shard-size", type=int, default=256, help="prompts per shard file (the resumable unit)")
     g.add_argument("--seed", type=int, default=0, help="prompt order and sampling")
     g.add_argument("--out", default=None, help="output dir (default: under the asset cache, keyed by the settings)")
+    g.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS,  # also `ppow data --verbose generate`
+                   help="show every third-party warning and progress bar (hidden by default)")
     g.set_defaults(fn=_cmd_data_generate)
 
 
