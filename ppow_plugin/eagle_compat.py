@@ -24,6 +24,15 @@ works without the host installed. What the bridge adds on top of the patches:
    patch reads the model type that transformers 5 keeps on the loaded config (`LlamaConfig` reading a
    qwen2 `config.json`). The EAGLE-1 drafter stays a plain Llama layer: the host's drafter (`cnets.py`)
    has no q/k/v bias, and `"bias"` in its config is about `fc` only.
+6. Llama-3.x targets: patch 0005 adds the `llama3` RoPE scaling (three frequency bands) to the host's
+   target rotary embedding; `fix_rotary_caches` passes the band parameters on when it rebuilds the caches.
+7. Qwen3 targets (dense): patch 0006 adds the per-head RMSNorm on q and k, head_dim read from the config
+   (Qwen3-32B: 64 x 128 != 5120) in the attention and the preallocated KV cache, and routes
+   `Qwen3ForCausalLM` to the KV Llama. The bridge checks the norms exist after loading (same reason as 5).
+8. Every config field is accounted for in `host_config.CONFIG_FIELDS` (what the host does with it);
+   `host_config.check_target_config`
+   refuses, in one line, the values the host cannot run: sliding-window layers, mixture-of-experts, rope
+   types other than default/linear/dynamic/llama3, partial rotary, MLP biases.
 
 Host facts the rest of ppow relies on (eagle-llm 1.2.1):
 - Target "features" are the last decoder layer's output *after* the final RMSNorm (what
@@ -45,10 +54,9 @@ import torch
 from torch import Tensor, nn
 
 from ppow_plugin.errors import UserError
+from ppow_plugin.host_config import (CONFIG_FIELDS, HOST_ROPE_TYPES, SUPPORTED_ARCHITECTURES,
+                                      check_target_config, rope_theta)
 from ppow_plugin.patching import locate_host, require_patched_host
-
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM")  # Qwen2 through patch 0004
-
 
 class HostGenerateResult(NamedTuple):
     output_ids: Tensor          # [1, P + new_tokens] int64  prompt followed by every committed token
@@ -62,21 +70,11 @@ def host_version() -> str | None:
     return locate_host()[1]
 
 
-def _check_architecture(config: Any, where: str | Path) -> None:
-    archs = list(getattr(config, "architectures", None) or [])
-    if not archs or archs[0] not in SUPPORTED_ARCHITECTURES:
-        raise UserError(f"target at {where} is {archs or 'of unknown architecture'}; the EAGLE-1 host "
-                        f"supports only {', '.join(SUPPORTED_ARCHITECTURES)}")
-    if getattr(config, "use_sliding_window", False):
-        raise UserError(f"target at {where} uses sliding-window attention, which the EAGLE-1 host does not "
-                        "implement; use a checkpoint with use_sliding_window false")
-
-
 def _read_target_config(path: str | Path) -> Any:
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(str(path))
-    _check_architecture(config, path)
+    check_target_config(config, path)
     return config
 
 
@@ -93,24 +91,18 @@ def _host_config(path: str | Path) -> Any:
     return LlamaConfig.from_dict(config_dict)
 
 
-def _rope_theta(config: Any) -> float:
-    """transformers 5 keeps theta in `rope_parameters`; 4.x in `rope_theta`."""
-    params = getattr(config, "rope_parameters", None) or {}
-    return float(params.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
-
-
 def fix_rotary_caches(model: nn.Module) -> int:
     """Recompute every host rotary module's `inv_freq` and cos/sin caches, in fp32, on the model's device.
 
-    A fresh instance of the same host class computes the values, so the formula (and any linear/dynamic
-    scaling) stays the host's. Returns how many rotary modules were fixed.
+    A fresh instance of the same host class computes the values, so the formula (and any linear/dynamic/
+    llama3 scaling) stays the host's. Returns how many rotary modules were fixed.
     """
     device = next(model.parameters()).device
     fixed = 0
     for module in model.modules():
         if not (hasattr(module, "inv_freq") and hasattr(module, "_set_cos_sin_cache")):
             continue
-        extra = {"scaling_factor": module.scaling_factor} if hasattr(module, "scaling_factor") else {}
+        extra = {name: getattr(module, name) for name in _ROTARY_SCALING_ARGS if hasattr(module, name)}
         fresh = type(module)(module.dim, module.max_position_embeddings, module.base, device=device, **extra)
         module.inv_freq = fresh.inv_freq          # assignment to a registered buffer keeps it a buffer
         module.cos_cached = fresh.cos_cached      # [1, 1, max_pos, head_dim] fp32
@@ -118,6 +110,9 @@ def fix_rotary_caches(model: nn.Module) -> int:
         module.max_seq_len_cached = fresh.max_seq_len_cached
         fixed += 1
     return fixed
+
+
+_ROTARY_SCALING_ARGS = ("scaling_factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
 
 def _adapt_host_classes() -> None:
@@ -139,7 +134,8 @@ def _freeze_for_inference(model: nn.Module) -> nn.Module:
 
 
 def load_host_target(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """Load a local HF Llama or Qwen2 directory as the host's KV-cache Llama (`modeling_llama_kv.LlamaForCausalLM`).
+    """Load a local HF Llama, Qwen2 or Qwen3 directory as the host's KV-cache Llama
+    (`modeling_llama_kv.LlamaForCausalLM`).
 
     The returned model is in eval mode, frozen, with rotary caches fixed. Its `model(...)` accepts the
     host's preallocated `past_key_values` (see `initialize_past_key_values`).
@@ -153,19 +149,25 @@ def load_host_target(path: str | Path, dtype: torch.dtype = torch.float32) -> nn
 
     _adapt_host_classes()
     model = HostLlama.from_pretrained(str(path), config=_host_config(path), dtype=dtype)
-    _check_qkv_bias(model, path)
+    _check_loaded_target(model, path)
     fix_rotary_caches(model)
     return _freeze_for_inference(model)
 
 
-def _check_qkv_bias(model: nn.Module, where: str | Path) -> None:
-    """A Qwen2 target loaded without its q/k/v biases would run (transformers only logs the unused
-    weights) but decode a different model; fail instead (see module doc, item 5)."""
-    is_qwen2 = "Qwen2ForCausalLM" in (getattr(model.config, "architectures", None) or [])
-    has_bias = model.model.layers[0].self_attn.q_proj.bias is not None
-    if is_qwen2 and not has_bias:
-        raise UserError(f"the EAGLE-1 host loaded the Qwen2 target at {where} without its q/k/v biases; "
-                        "run `ppow patch revert` then `ppow patch apply`")
+def _check_loaded_target(model: nn.Module, where: str | Path) -> None:
+    """A Qwen2 target loaded without its q/k/v biases, or a Qwen3 one without its q/k norms, would run
+    (transformers only logs the unused weights) but decode a different model; fail instead (module doc,
+    items 5 and 7)."""
+    archs = getattr(model.config, "architectures", None) or []
+    attn = model.model.layers[0].self_attn
+    if "Qwen2ForCausalLM" in archs and attn.q_proj.bias is None:
+        missing = "q/k/v biases"
+    elif "Qwen3ForCausalLM" in archs and not hasattr(attn, "q_norm"):
+        missing = "q/k norms"
+    else:
+        return
+    raise UserError(f"the EAGLE-1 host loaded the {archs[0][:-len('ForCausalLM')]} target at {where} without "
+                    f"its {missing}; run `ppow patch revert` then `ppow patch apply`")
 
 
 def eagle1_config_dict(target_config: Any, bias: bool = True) -> dict[str, Any]:
@@ -174,7 +176,7 @@ def eagle1_config_dict(target_config: Any, bias: bool = True) -> dict[str, Any]:
     Both rope spellings are written (`rope_theta` for transformers 4.x, `rope_parameters` for 5.x); `bias`
     decides whether the loader builds `fc.bias`, which must then be in `pytorch_model.bin` (strict load).
     """
-    theta = _rope_theta(target_config)
+    theta = rope_theta(target_config)
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -217,7 +219,7 @@ def new_eagle1_drafter(target_config: Any, bias: bool = True, dtype: torch.dtype
             target's embeddings. Left random (still frozen) when None.
     """
     require_patched_host()
-    _check_architecture(target_config, "target_config")
+    check_target_config(target_config, "target_config")
     from eagle.model.cnets import Model as HostDrafter
     from eagle.model.configs import EConfig
 
@@ -258,7 +260,7 @@ def load_ea_model(target_dir: str | Path, drafter_dir: str | Path, dtype: torch.
     ea_model = EaModel.from_pretrained(base_model_path=str(target_dir), ea_model_path=str(drafter_dir),
                                        config=_host_config(target_dir), dtype=dtype)
     ea_model.ea_layer.gradient_checkpointing = False
-    _check_qkv_bias(ea_model.base_model, target_dir)
+    _check_loaded_target(ea_model.base_model, target_dir)
     fix_rotary_caches(ea_model.base_model)
     fix_rotary_caches(ea_model.ea_layer)
     return _freeze_for_inference(ea_model)
@@ -365,7 +367,7 @@ def initialize_past_key_values(model: nn.Module) -> tuple[list, list[Tensor], Te
 
 
 __all__ = [
-    "SUPPORTED_ARCHITECTURES", "HostGenerateResult", "default_tree_choices", "eagle1_config_dict",
+    "CONFIG_FIELDS", "HOST_ROPE_TYPES", "SUPPORTED_ARCHITECTURES", "HostGenerateResult", "default_tree_choices", "eagle1_config_dict",
     "evaluate_posterior", "fix_rotary_caches", "generate_tree_buffers", "host_generate", "host_version",
     "initialize_past_key_values", "load_drafter_weights", "load_ea_model", "load_host_target",
     "new_eagle1_drafter", "new_kv_cache", "require_host", "reset_kv",

@@ -1,8 +1,10 @@
 """The EAGLE-1 host bridge: loading, the drafter contract, and lossless greedy decoding vs HF `generate`.
 
-Tiny random Llama targets (rope_theta 1e5, so the rope-base patch matters) and Qwen2 targets (non-zero
-q/k/v biases, rope_theta 1e6, patch 0004) with a word-level tokenizer; one slow test on the real
-SmolLM2-135M-Instruct target with MT-Bench prompts (Qwen2.5-Coder: tests/test_qwen_recipe.py).
+Tiny random Llama targets (rope_theta 1e5, so the rope-base patch matters), Qwen2 targets (non-zero
+q/k/v biases, rope_theta 1e6, patch 0004), and Llama-3.1 / Qwen3 targets built from the real configs in
+tests/fixtures/configs with layers and widths shrunk (llama3 rope: patch 0005; q/k norms and a decoupled
+head_dim: patch 0006), with a word-level tokenizer; one slow test on the real SmolLM2-135M-Instruct target
+with MT-Bench prompts (Qwen2.5-Coder: tests/test_qwen_recipe.py).
 """
 
 import json
@@ -154,8 +156,8 @@ def test_load_drafter_weights_is_strict(near_bigram_target: tuple[Path, LlamaFor
 
 
 def test_load_host_target_rejects_other_architectures(tmp_path: Path) -> None:
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen3", "architectures": ["Qwen3ForCausalLM"]}))
-    with pytest.raises(UserError, match="supports only LlamaForCausalLM, Qwen2ForCausalLM"):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gemma", "architectures": ["GemmaForCausalLM"]}))
+    with pytest.raises(UserError, match="supports only LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM"):
         eagle_compat.load_host_target(tmp_path)
 
 
@@ -373,3 +375,155 @@ def test_smollm2_greedy_host_generate_is_lossless(tmp_path: Path) -> None:
         generated = result.output_ids[0, prompt.shape[1]:].tolist()
         assert generated[: len(reference)] == reference, category
         assert sum(result.accept_lengths) + result.cycles == result.new_tokens == len(generated)
+
+
+# --------------------------------------------------------------------------------------------------
+# Llama-3.x (patch 0005: llama3 rope) and Qwen3 (patch 0006: q/k norms, head_dim of its own) targets,
+# built from the real configs with layers and widths shrunk; every other field kept as published.
+
+REAL_CONFIGS = Path(__file__).parent / "fixtures" / "configs"
+# name -> shrunk sizes; GQA ratio kept, Qwen3-32B's head_dim stays decoupled (8 x 32 != 160)
+TINY = {
+    "llama-3.1-8b-instruct": dict(hidden_size=256, num_attention_heads=8, num_key_value_heads=2,
+                                  intermediate_size=512),
+    "qwen3-8b": dict(hidden_size=128, num_attention_heads=8, num_key_value_heads=2, head_dim=16,
+                     intermediate_size=256),
+    "qwen3-32b": dict(hidden_size=160, num_attention_heads=8, num_key_value_heads=1, head_dim=32,
+                      intermediate_size=256),
+}
+
+
+def _make_real_config_target(name: str, out_dir: Path, residual_scale: float = 1.0, seed: int = 7):
+    """A 2-layer random target from `tests/fixtures/configs/<name>` (sizes from `TINY`, vocab VOCAB), saved
+    with the tokenizer. Qwen3's q/k norm weights are drawn away from 1 (HF initialises them to ones)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config_dict = json.loads((REAL_CONFIGS / name / "config.json").read_text())
+    config_dict.update(TINY[name], num_hidden_layers=2, vocab_size=VOCAB, bos_token_id=0, eos_token_id=EOS)
+    config = AutoConfig.for_model(**config_dict)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for norm in (getattr(layer.self_attn, "q_norm", None), getattr(layer.self_attn, "k_norm", None)):
+                if norm is not None:
+                    norm.weight.uniform_(0.5, 1.5)
+    return _shrink_residuals_and_save(model, out_dir, residual_scale)
+
+
+def _logits_gap(host, hf_model, ids: torch.Tensor) -> float:
+    with torch.no_grad():
+        return (host(ids).logits - hf_model(ids).logits).abs().max().item()
+
+
+def test_llama3_target_matches_hf(tmp_path: Path) -> None:
+    """Llama-3.1's rope (theta 5e5, llama3 scaling: factor 8, bands at 8192 / 4 and 8192 / 1 wavelengths) on
+    the host == HF within 1e-5; HF with plain rope is far outside that, so a host without patch 0005's
+    frequency bands would fail here."""
+    hf_model = _make_real_config_target("llama-3.1-8b-instruct", tmp_path)
+    host = eagle_compat.load_host_target(tmp_path)
+    rotary = host.model.layers[0].self_attn.rotary_emb
+    assert type(rotary).__name__ == "LlamaLlama3ScalingRotaryEmbedding" and rotary.base == 5e5
+    assert (rotary.scaling_factor, rotary.original_max_position_embeddings) == (8.0, 8192)
+    ids = torch.randint(2, VOCAB, (2, 96))  # long enough for the low and middle bands to turn visibly
+    with torch.no_grad():
+        torch.testing.assert_close(host(ids).logits, hf_model(ids).logits, rtol=1e-4, atol=1e-5)
+    # switched off: the same weights under plain rope (theta kept) are far outside the tolerance
+    from transformers import AutoModelForCausalLM
+
+    plain = hf_model.config.to_dict()
+    plain["rope_parameters"] = {"rope_type": "default", "rope_theta": 5e5}
+    plain_model = AutoModelForCausalLM.from_config(type(hf_model.config).from_dict(plain), dtype=torch.float32)
+    plain_model.load_state_dict(hf_model.state_dict())
+    assert _logits_gap(host, plain_model.eval(), ids) > 1e-3
+
+
+@pytest.mark.parametrize("name", ["qwen3-8b", "qwen3-32b"])
+def test_qwen3_target_matches_hf(name: str, tmp_path: Path) -> None:
+    """Qwen3 on the host == HF within 1e-5 (q/k norms, no q/k/v bias, head_dim from the config); HF with the
+    q/k norms switched off is far outside the tolerance."""
+    hf_model = _make_real_config_target(name, tmp_path)
+    host = eagle_compat.load_host_target(tmp_path)
+    attn = host.model.layers[1].self_attn
+    assert attn.q_proj.bias is None and attn.head_dim == TINY[name]["head_dim"]
+    torch.testing.assert_close(attn.k_norm.weight, hf_model.model.layers[1].self_attn.k_norm.weight)
+    ids = torch.randint(2, VOCAB, (2, 19))
+    with torch.no_grad():
+        torch.testing.assert_close(host(ids).logits, hf_model(ids).logits, rtol=1e-4, atol=1e-5)
+        for layer in hf_model.model.layers:
+            layer.self_attn.q_norm = torch.nn.Identity()
+            layer.self_attn.k_norm = torch.nn.Identity()
+    assert _logits_gap(host, hf_model, ids) > 1e-2
+
+
+def test_qwen3_target_loaded_without_norms_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """If the loaded config stopped saying qwen3, patch 0006 would build no q/k norms; refuse, as for Qwen2."""
+    _make_real_config_target("qwen3-8b", tmp_path)
+    read = eagle_compat._host_config
+
+    def as_llama(path):
+        config = read(path)
+        config.model_type = "llama"
+        return config
+
+    monkeypatch.setattr(eagle_compat, "_host_config", as_llama)
+    with pytest.raises(UserError, match="Qwen3 target .* without its q/k norms"):
+        eagle_compat.load_host_target(tmp_path)
+
+
+@pytest.mark.parametrize("name", ["llama-3.1-8b-instruct", "qwen3-32b"])
+def test_real_config_greedy_host_generate_is_lossless(name: str, tmp_path: Path) -> None:
+    """Random drafter (mostly rejected) and bigram drafter (long accepted prefixes): host greedy == HF greedy
+    through tree verification, the host KV cache (head_dim 32 on Qwen3-32B's decoupled shape) and llama3 rope."""
+    target = _make_real_config_target(name, tmp_path / "target", residual_scale=0.1)
+    embed = target.get_input_embeddings().weight
+    torch.manual_seed(8)
+    accepts = []
+    for kind in ("random", "bigram"):
+        drafter = eagle_compat.new_eagle1_drafter(target.config, embed_weight=embed)
+        drafter = _bigram_drafter(drafter) if kind == "bigram" else drafter
+        ea_model = eagle_compat.load_ea_model(tmp_path / "target",
+                                              _save_drafter(drafter, target.config, tmp_path / kind, True))
+        for length in (3, 11):
+            prompt = torch.randint(2, VOCAB, (1, length))
+            result = eagle_compat.host_generate(ea_model, prompt, temperature=0.0, max_new_tokens=24)
+            _check_lossless_and_accounting(result, prompt, _hf_greedy(target, prompt, 24), 24, _tree_depth())
+            accepts += result.accept_lengths if kind == "bigram" else []
+    assert max(accepts) >= 2  # multi-token drafts were verified through the new attention pieces
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in REAL_CONFIGS.iterdir() if p.is_dir()))
+def test_every_real_config_field_is_accounted_for(name: str) -> None:
+    """Every field of every recipe target's config (the file and what transformers 5 makes of it) is in
+    `CONFIG_FIELDS`, and every one of these targets passes the host's checks."""
+    from transformers import AutoConfig
+
+    from ppow_plugin import host_config
+
+    raw = json.loads((REAL_CONFIGS / name / "config.json").read_text())
+    config = AutoConfig.from_pretrained(REAL_CONFIGS / name)
+    unknown = (set(raw) | set(config.to_dict())) - set(host_config.CONFIG_FIELDS)
+    assert not unknown, f"{name}: fields the host table does not account for: {sorted(unknown)}"
+    host_config.check_target_config(config, name)
+
+
+def _refusal(tmp_path: Path, name: str, **changes) -> str:
+    config_dict = json.loads((REAL_CONFIGS / name / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config_dict, **changes}))
+    with pytest.raises(UserError) as err:
+        eagle_compat.load_host_target(tmp_path)
+    return str(err.value)
+
+
+@pytest.mark.parametrize("name, changes, says", [
+    ("qwen3-8b", dict(use_sliding_window=True, sliding_window=4096, max_window_layers=28), "sliding-window"),
+    ("qwen3-8b", dict(architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", num_experts=128,
+                      num_experts_per_tok=8, moe_intermediate_size=768), "mixture-of-experts"),
+    ("llama-3.1-8b-instruct", dict(rope_scaling={"rope_type": "yarn", "factor": 4.0,
+                                                 "original_max_position_embeddings": 32768}), "rope yarn"),
+    ("llama-3.1-8b-instruct", dict(mlp_bias=True), "MLP biases"),
+])
+def test_what_the_host_cannot_run_is_refused_in_one_line(name: str, changes: dict, says: str,
+                                                         tmp_path: Path) -> None:
+    message = _refusal(tmp_path, name, **changes)
+    assert says in message and "\n" not in message

@@ -56,7 +56,7 @@ def test_apply_twice_then_revert_is_byte_identical(host_copy: Path) -> None:
     patching.require_patched_host(host_copy)  # does not raise
     after = _tree_hashes(host_copy)
     changed = {k for k in before if before[k] != after[k]}
-    assert changed == {"model/cnets.py", "model/modeling_llama_kv.py", "model/ea_model.py"}
+    assert changed == {"model/cnets.py", "model/modeling_llama_kv.py", "model/ea_model.py", "model/kv_cache.py"}
     for rel in changed:  # the patched host still parses
         compile((host_copy / rel).read_bytes(), rel, "exec")
     assert b"\r\n" in (host_copy / "model/cnets.py").read_bytes()  # CRLF file kept its line endings
@@ -111,7 +111,7 @@ def test_reinstall_over_patched_host_leaves_no_stale_state(host_copy: Path, tmp_
     pristine = tmp_path / "pristine"
     shutil.copytree(host_copy, pristine)
     patching.apply_patches(host_copy)
-    for rel in ("model/cnets.py", "model/modeling_llama_kv.py", "model/ea_model.py"):  # what pip would do
+    for rel in ("model/cnets.py", "model/modeling_llama_kv.py", "model/ea_model.py", "model/kv_cache.py"):  # pip
         shutil.copyfile(pristine / rel, host_copy / rel)
     assert patching.patch_status(host_copy).state == "clean"
     assert patching.apply_patches(host_copy) == NAMES
