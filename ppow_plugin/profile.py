@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ppow_plugin import eagle_compat, formats
+from ppow_plugin import distributed, eagle_compat, formats
 from ppow_plugin.errors import UserError
 from ppow_plugin.eagle3 import Eagle3Drafter, target_features
 from ppow_plugin.evaluate import drafter_format, resolve_target
@@ -82,10 +82,14 @@ def modelled_speedup(tree_size: int, rates: Sequence[float], gamma: float, verif
 # --- timing ----------------------------------------------------------------------------------------
 
 
-def _per_call(fn: Callable[[], Any], inner: int) -> float:
+def _per_call(fn: Callable[[], Any], inner: int, device: torch.device) -> float:
+    """Seconds per call; on CUDA the queue is drained before and after (kernels run asynchronously)."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda _device: None)
+    sync(device)
     start = time.perf_counter()
     for _ in range(inner):
         fn()
+    sync(device)
     return (time.perf_counter() - start) / inner
 
 
@@ -139,28 +143,29 @@ def profile(target_dir: str | Path = "default", drafter_dir: str | Path | None =
     fmt = "eagle1" if drafter_dir is None else drafter_format(target_dir, Path(drafter_dir))
     rates, rates_source = _acceptance(eval_report)
     sizes = sorted(set(int(n) for n in tree_sizes) | {1})
-    target = eagle_compat.load_host_target(target_dir)
+    device = distributed.get_device("auto")  # where the host would decode; fp32 as on CPU
+    target = eagle_compat.load_host_target(target_dir).to(device)
     max_pos = int(target.config.max_position_embeddings)
     if prefix_len + max(sizes) > max_pos:
         raise UserError(f"prefix {prefix_len} + tree {max(sizes)} tokens exceed the target's context {max_pos}; "
                         "lower --prefix-len or the tree sizes")
-    drafter = _build_drafter(target, Path(drafter_dir) if drafter_dir is not None else None, fmt)
-    timings = _time_all(target, drafter, repeats, sizes, prefix_len, inner, seed)
+    drafter = _build_drafter(target, Path(drafter_dir) if drafter_dir is not None else None, fmt).to(device)
+    timings = _time_all(target, drafter, repeats, sizes, prefix_len, inner, seed, device)
     return _assemble(timings, rates, rates_source, sizes, {
         "target": str(target_dir), "drafter": str(drafter_dir) if drafter_dir else "random EAGLE-1 (shape only)",
         "drafter_type": fmt,
         "repeats": repeats, "inner_calls": inner, "prefix_len": prefix_len, "seed": seed, "dtype": "float32",
-        "device": "cpu", "torch_threads": torch.get_num_threads(), "torch": torch.__version__})
+        "device": str(device), "torch_threads": torch.get_num_threads(), "torch": torch.__version__})
 
 
 @torch.no_grad()
 def _time_all(target: torch.nn.Module, drafter: torch.nn.Module, repeats: int, sizes: Sequence[int],
-              prefix_len: int, inner: int, seed: int) -> dict[str, Any]:
-    gen = torch.Generator().manual_seed(seed)
+              prefix_len: int, inner: int, seed: int, device: torch.device) -> dict[str, Any]:
+    gen = torch.Generator().manual_seed(seed)  # CPU stream: the same tokens on every device
     vocab = int(target.config.vocab_size)
-    prefix = torch.randint(vocab, (1, prefix_len), generator=gen)            # [1, P]
-    next_token = torch.randint(vocab, (1, 1), generator=gen)                 # [1, 1]
-    tree = {n: torch.randint(vocab, (1, n), generator=gen) for n in sizes}   # [1, N] each
+    prefix = torch.randint(vocab, (1, prefix_len), generator=gen).to(device)            # [1, P]
+    next_token = torch.randint(vocab, (1, 1), generator=gen).to(device)                 # [1, 1]
+    tree = {n: torch.randint(vocab, (1, n), generator=gen).to(device) for n in sizes}   # [1, N] each
     kv = eagle_compat.new_kv_cache(target)
     if isinstance(drafter, Eagle3Drafter):
         out = target.model(input_ids=prefix, past_key_values=kv, output_hidden_states=True, return_dict=True)
@@ -193,10 +198,10 @@ def _time_all(target: torch.nn.Module, drafter: torch.nn.Module, repeats: int, s
         fn()
     out: dict[str, Any] = {"drafter": [], "target": [], "verify": {n: [] for n in sizes}}
     for _ in range(repeats):  # interleaved, so drift in machine load hits every measurement alike
-        out["drafter"].append(_per_call(drafter_step, inner))
-        out["target"].append(_per_call(target_step, inner))
+        out["drafter"].append(_per_call(drafter_step, inner, device))
+        out["target"].append(_per_call(target_step, inner, device))
         for n in sizes:
-            out["verify"][n].append(_per_call(verify(n), inner))
+            out["verify"][n].append(_per_call(verify(n), inner, device))
     return out
 
 

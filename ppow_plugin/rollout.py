@@ -190,6 +190,14 @@ def eagle1_step(drafter, feat: Tensor, tok: Tensor, kv: tuple, position_ids: Ten
                    attention_mask=attention_mask, use_cache=True)
 
 
+def uniform(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device) -> Tensor:
+    """U[0, 1) of `shape` on `device`, drawn on the generator's own device: the trainer's CPU generator
+    (same stream on every device) stays usable for CUDA tensors, where `torch.rand(..., device="cuda",
+    generator=cpu_gen)` raises."""
+    where = generator.device if generator is not None else device
+    return torch.rand(shape, generator=generator, device=where).to(device)
+
+
 def sample_categorical(logp: Tensor, generator: torch.Generator | None = None) -> Tensor:
     """One draw per row from softmax-normalised log-probs [N, V] -> [N] int64, by inverse CDF.
 
@@ -198,7 +206,7 @@ def sample_categorical(logp: Tensor, generator: torch.Generator | None = None) -
     never drawn: the search returns the first id whose cumulative mass exceeds u.
     """
     cdf = logp.detach().float().exp().cumsum(-1)  # [N, V]
-    u = torch.rand(logp.shape[0], 1, generator=generator, device=logp.device) * cdf[:, -1:]
+    u = uniform((logp.shape[0], 1), generator, logp.device) * cdf[:, -1:]
     return torch.searchsorted(cdf, u, right=True)[:, 0].clamp_(max=logp.shape[-1] - 1)
 
 
@@ -302,11 +310,12 @@ def verify_windows(target, kv, input_ids: Tensor, starts: Tensor, draft_tokens: 
     depth, parent = depth.to(input_ids.device), parent.to(input_ids.device)
     logits_out = [None] * n
     order = torch.argsort(starts, descending=True).tolist()
-    first = int(starts.min())
+    start_of = starts.tolist()  # one device->host copy for the loop, not one per prefix
+    first = min(start_of)
     saved = [[cache.data.narrow(2, first, input_ids.numel() - first).clone() for cache in layer] for layer in kv]
     with torch.no_grad():
         for i in order:
-            s = int(starts[i])
+            s = start_of[i]
             _set_kv_length(kv, s)
             nodes = torch.cat([input_ids[s:s + 1], draft_tokens[i].reshape(-1)])[None]  # [1, L]
             target.model.tree_mask = tree_mask
@@ -326,7 +335,7 @@ def verify_windows(target, kv, input_ids: Tensor, starts: Tensor, draft_tokens: 
         accept = greedy_accept_len(draft_tokens, target_logits)
     else:
         target_logp = F.log_softmax(target_logits / verify_temperature, -1)
-        uniforms = torch.rand(draft_tokens.shape, generator=generator, device=draft_tokens.device)
+        uniforms = uniform(tuple(draft_tokens.shape), generator, draft_tokens.device)
         draft_target_lp = target_logp.gather(-1, draft_tokens[..., None])[..., 0]
         accept = sampling_accept_len(draft_target_lp, draft_logprobs, uniforms)
     tgt_draft = target_logp.gather(-1, draft_tokens[..., None])[..., 0]
