@@ -44,31 +44,42 @@ class Family(NamedTuple):
     ppow: str              # the family's PPOW recipe
     layers: int            # decoder layers kept
     formats: tuple[str, ...]  # `ppow export --format` values the family's hosts read
-    shrink: dict           # config fields changed beyond the layer count (only where memory forces it)
+    width_divisor: int     # hidden, heads, KV heads, MLP width divided by this (head_dim, GQA ratio kept)
 
 
 EAGLE3_FORMATS = ("eagle3",)
 EAGLE1_FORMATS = ("eagle1", "eagle1-compact")
+# Width: at full width the fp32 target, its fp32 copy in `ppow eval` and the drafter's AdamW states of an
+# 8B-class family need ~17 GB (Llama-3.1-8B, 5 layers: 2.1 B target parameters), more than this shared
+# 24 GB machine has free; those families divide hidden size, heads and MLP width by 4 and keep the
+# vocabulary, head_dim (so Qwen3-32B stays decoupled: 16 x 128 != 1280), GQA ratio, rope, norms and
+# positions. PPOW_REHEARSAL_FULL_WIDTH=1 runs them at divisor 1 (a machine with ~40 GB free).
+SHRINK = 1 if os.environ.get("PPOW_REHEARSAL_FULL_WIDTH") == "1" else 4
 FAMILIES = {
     "llama-3.1-8b": Family("llama-3.1-8b-instruct", "recipes/llama3/8B_eagle3_sft.yaml",
-                           "recipes/llama3/8B_eagle3_ppow.yaml", 5, EAGLE3_FORMATS, {}),
+                           "recipes/llama3/8B_eagle3_ppow.yaml", 5, EAGLE3_FORMATS, SHRINK),
     "llama-3.3-70b": Family("llama-3.3-70b-instruct", "recipes/llama3/8B_eagle3_sft.yaml",
-                            "recipes/llama3/70B_eagle3_ppow.yaml", 5, EAGLE3_FORMATS,
-                            # 8192-wide drafter layer + 28672 MLP: ~1.4 B trainable, > 24 GB with Adam on CPU
-                            {"intermediate_size": 4096}),
+                            "recipes/llama3/70B_eagle3_ppow.yaml", 5, EAGLE3_FORMATS, 2 * SHRINK),
     "r1-distill-llama-8b": Family("deepseek-r1-distill-llama-8b", "recipes/llama3/8B_eagle3_sft.yaml",
-                                  "recipes/deepseek-r1-distill-llama/8B_eagle3_ppow.yaml", 5, EAGLE3_FORMATS, {}),
+                                  "recipes/deepseek-r1-distill-llama/8B_eagle3_ppow.yaml", 5, EAGLE3_FORMATS,
+                                  SHRINK),
     "qwen3-8b": Family("qwen3-8b", "recipes/qwen3/8B_eagle3_sft.yaml", "recipes/qwen3/8B_eagle3_ppow.yaml",
-                       5, EAGLE3_FORMATS, {}),
+                       5, EAGLE3_FORMATS, SHRINK),
     "qwen3-32b": Family("qwen3-32b", "recipes/qwen3/32B_eagle3_sft.yaml", "recipes/qwen3/32B_eagle3_ppow.yaml",
-                        5, EAGLE3_FORMATS, {}),
+                        5, EAGLE3_FORMATS, SHRINK),
+    # 32000 vocabulary, 2 layers: fits at full width (5120) in fp32
     "vicuna-13b": Family("vicuna-13b-v1.3", "recipes/vicuna/13B_eagle1_ppow.yaml",
-                         "recipes/vicuna/13B_eagle1_ppow.yaml", 2, EAGLE1_FORMATS, {}),
+                         "recipes/vicuna/13B_eagle1_ppow.yaml", 2, EAGLE1_FORMATS, 1),
 }
 # smoke-run overrides on top of each recipe: local data, 2 steps, short sequences, small rollouts, CPU
-SMOKE = {"data.dataset": "jsonl", "data.max_len": 48, "data.heldout_fraction": 0.0, "data.micro_batch": 1,
+# fp32, torch engine: bf16 matmuls on a CPU without AVX512-BF16 are >100x slower than fp32 (measured: a
+# 48 x 5120 x 5120 product 0.8 s in fp32, not done in 120 s in bf16), and DeepSpeed's bf16 ZeRO-2 path is
+# scripts/gpu_check.sh's job
+SMOKE = {"data.dataset": "jsonl", "data.max_len": 32, "data.heldout_fraction": 0.0, "data.micro_batch": 1,
          "run.max_steps": 2, "run.save_every": 1, "run.log_every": 1, "optim.grad_accum": 1,
-         "optim.warmup_steps": 0, "dist.engine": "torch", "dist.device": "cpu"}
+         "optim.warmup_steps": 0, "dist.engine": "torch", "dist.device": "cpu", "dist.dtype": "fp32",
+         "dist.target_dtype": "fp32"}
+SFT_SMOKE = {"eagle3": {"sft.ttt_steps": 2}, "eagle1": {}}  # 2 training-time-test steps exercise the unroll
 PPOW_SMOKE = {"rollout.group_size": 2, "rollout.window": 3, "rollout.prefixes_per_sequence": 1,
               "windowing.warmup_steps": 1}
 # runs one CLI command in this process and writes its peak RSS (KiB) next to it
@@ -79,18 +90,23 @@ WRAPPER = ("import json, resource, sys\nfrom ppow_plugin import cli\ncode = 1\n"
 
 
 def build_target(family: Family, out_dir: Path) -> dict:
-    """Save the random bf16 target and its tokenizer; returns the config dict used."""
+    """Save the random fp32 target and its tokenizer; returns the config dict used."""
     from tokenizers import Regex, Tokenizer, models, pre_tokenizers
     from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
     config_dict = json.loads((REAL_CONFIGS / family.config / "config.json").read_text())
     config_dict.pop("_fixture")
+    d = family.width_divisor
+    heads, kv_heads = config_dict["num_attention_heads"], config_dict["num_key_value_heads"]
+    head_dim = config_dict.get("head_dim") or config_dict["hidden_size"] // heads
+    config_dict.update(hidden_size=config_dict["hidden_size"] // d, num_attention_heads=heads // d,
+                       num_key_value_heads=max(1, kv_heads // d), head_dim=head_dim,
+                       intermediate_size=config_dict["intermediate_size"] // d)
     # token ids follow the local tokenizer (the architecture does not depend on them)
-    config_dict.update(family.shrink, num_hidden_layers=family.layers, pad_token_id=0, bos_token_id=2,
-                       eos_token_id=3)
+    config_dict.update(num_hidden_layers=family.layers, pad_token_id=0, bos_token_id=2, eos_token_id=3)
     config = AutoConfig.for_model(**config_dict)
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).eval()
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     model.save_pretrained(out_dir)
     del model
     vocab = {w: i for i, w in enumerate(SPECIAL)}
@@ -149,7 +165,7 @@ def reload_strictly(fmt: str, out: Path, target: Path) -> None:
     if fmt == "eagle1":
         from ppow_plugin import eagle_compat
 
-        ea_model = eagle_compat.load_ea_model(target, out, dtype=torch.bfloat16)
+        ea_model = eagle_compat.load_ea_model(target, out)
         assert set(ea_model.ea_layer.state_dict()) == set(torch.load(out / "pytorch_model.bin", weights_only=True))
 
 
@@ -166,8 +182,10 @@ def test_recipe_family_rehearsal(name: str, tmp_path: Path) -> None:
     data = write_conversations(work / "convs.jsonl", config["vocab_size"])
     common = {**SMOKE, "model.target": str(target), "data.path": str(data)}
 
+    kind = "eagle3" if family.formats == EAGLE3_FORMATS else "eagle1"
     run_stage("sft", ["sft", str(ROOT / family.sft), *overrides(
-        {**common, "stage": "sft", "model.drafter": "null", "run.output_dir": str(work / "sft")})], work, timings)
+        {**common, **SFT_SMOKE[kind], "stage": "sft", "model.drafter": "null", "run.output_dir": str(work / "sft")})],
+        work, timings)
     run_stage("train", ["train", str(ROOT / family.ppow), *overrides(
         {**common, **PPOW_SMOKE, "model.drafter": str(work / "sft" / "drafter"),
          "run.output_dir": str(work / "ppow")})], work, timings)
@@ -184,8 +202,10 @@ def test_recipe_family_rehearsal(name: str, tmp_path: Path) -> None:
         reload_strictly(fmt, out, target)
         timings[f"reload-{fmt}"] = {"seconds": round(time.monotonic() - start, 1)}
 
-    result = {"family": name, "config": family.config, "layers": family.layers, "shrink": family.shrink,
-              "hidden_size": config["hidden_size"], "vocab_size": config["vocab_size"],
+    sizes = ("hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim", "intermediate_size",
+             "vocab_size", "max_position_embeddings")
+    result = {"family": name, "config": family.config, "layers": family.layers,
+              "width_divisor": family.width_divisor, **{k: config[k] for k in sizes},
               "eval_summary": {k: report[k] for k in ("tau",) if k in report}, "stages": timings,
               "threads": 1, "torch": torch.__version__}
     out_dir = Path(os.environ.get("PPOW_REHEARSAL_OUT", tmp_path))
