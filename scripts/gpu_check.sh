@@ -9,7 +9,8 @@
 #        PPOW_GPU_CHECK_DRY=1 bash scripts/gpu_check.sh   (CPU dry run: fp32, torch engine, tiny only)
 # Both drafter kinds: EAGLE-1 (host layout and compact exports) and EAGLE-3 (eagle3 export), from the
 # SmolLM2 recipes with the target, data, device and dtype overridden.
-# Knobs: PPOW_GPU_CHECK_OUT (default runs/gpu-check, must not exist), PPOW_GPU_CHECK_STEPS (10).
+# Knobs: PPOW_GPU_CHECK_OUT (default runs/gpu-check, must not exist), PPOW_GPU_CHECK_STEPS (10),
+#        PPOW_GPU_CHECK_KINDS ("eagle1 eagle3").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PPOW_PYTHON:-.venv/bin/python}
@@ -86,7 +87,7 @@ for size in $SIZES; do
   COMMON=("model.target=$TARGET" "data.dataset=jsonl" "data.path=$OUT/convs.jsonl" "data.max_len=128"
           "data.heldout_fraction=0.0" "dist.device=$DEVICE" "dist.dtype=$DTYPE" "dist.target_dtype=$DTYPE"
           "dist.engine=$ENGINE" "dist.zero_stage=2" "run.save_every=1000" "run.log_every=1" "optim.grad_accum=1")
-  for kind in eagle1 eagle3; do
+  for kind in ${PPOW_GPU_CHECK_KINDS:-eagle1 eagle3}; do
   [ "$kind" = eagle1 ] && FORMATS="eagle1 eagle1-compact" || FORMATS="eagle3"
   for launcher in $LAUNCHERS; do
     tag="$size-$kind-$launcher"
@@ -117,7 +118,8 @@ import json, sys
 p = json.load(open(sys.argv[1]))
 if not p["settings"]["device"].startswith(sys.argv[2]):
     sys.exit(f"gpu_check: FAIL: profile ran on {p['settings']['device']}, expected {sys.argv[2]}")
-print(f"  gamma {p['gamma']:.3f}: drafter step {p['drafter_step_s'] * 1e3:.2f} ms, target step {p['target_step_s'] * 1e3:.2f} ms")
+print(f"  gamma {p['gamma']:.3f}: drafter step {p['drafter_step_s']['mean'] * 1e3:.2f} ms, "
+      f"target step {p['target_step_s']['mean'] * 1e3:.2f} ms ({p['settings']['device']})")
 EOF
     for fmt in $FORMATS; do
       run "export-$fmt-$tag" python export "$OUT/train-$tag" "$OUT/export-$fmt-$tag" --format "$fmt" --target "$TARGET"
