@@ -29,8 +29,8 @@ works without the host installed. What the bridge adds on top of the patches:
 7. Qwen3 targets (dense): patch 0006 adds the per-head RMSNorm on q and k, head_dim read from the config
    (Qwen3-32B: 64 x 128 != 5120) in the attention and the preallocated KV cache, and routes
    `Qwen3ForCausalLM` to the KV Llama. The bridge checks the norms exist after loading (same reason as 5).
-8. Every config field is accounted for in `host_config.CONFIG_FIELDS` (what the host does with it);
-   `host_config.check_target_config`
+8. Every config field is accounted for in `target_fields.CONFIG_FIELDS` (what the host does with it);
+   `target_fields.check_target_config`
    refuses, in one line, the values the host cannot run: sliding-window layers, mixture-of-experts, rope
    types other than default/linear/dynamic/llama3, partial rotary, MLP biases.
 
@@ -54,8 +54,8 @@ import torch
 from torch import Tensor, nn
 
 from ppow_plugin.errors import UserError
-from ppow_plugin.host_config import (CONFIG_FIELDS, HOST_ROPE_TYPES, SUPPORTED_ARCHITECTURES,
-                                      check_target_config, rope_theta)
+from ppow_plugin.target_fields import (CONFIG_FIELDS, HOST_ROPE_TYPES, SUPPORTED_ARCHITECTURES,
+                                        check_target_config, rope_theta)
 from ppow_plugin.patching import locate_host, require_patched_host
 
 class HostGenerateResult(NamedTuple):
