@@ -88,11 +88,13 @@ for size in $SIZES; do
           "data.heldout_fraction=0.0" "dist.device=$DEVICE" "dist.dtype=$DTYPE" "dist.target_dtype=$DTYPE"
           "dist.engine=$ENGINE" "dist.zero_stage=2" "run.save_every=1000" "run.log_every=1" "optim.grad_accum=1")
   for kind in ${PPOW_GPU_CHECK_KINDS:-eagle1 eagle3}; do
-  [ "$kind" = eagle1 ] && FORMATS="eagle1 eagle1-compact" || FORMATS="eagle3"
+  [ "$kind" = eagle1 ] && FORMATS="eagle1 eagle1-compact" || FORMATS="eagle3 speculators"
+  KIND_ARGS=()  # the tiny target's vocabulary (128) is smaller than the recipe's draft vocabulary
+  if [ "$kind" = eagle3 ] && [ "$size" = tiny ]; then KIND_ARGS=("model.draft_vocab_size=64"); fi
   for launcher in $LAUNCHERS; do
     tag="$size-$kind-$launcher"
     echo "== $tag: target $TARGET, device $DEVICE, $DTYPE, engine $ENGINE"
-    run "sft-$tag" "$launcher" sft "recipes/smollm2/135M_${kind}_sft.yaml" "${COMMON[@]}" \
+    run "sft-$tag" "$launcher" sft "recipes/smollm2/135M_${kind}_sft.yaml" "${COMMON[@]}" "${KIND_ARGS[@]}" \
       "run.max_steps=$STEPS" "run.output_dir=$OUT/sft-$tag"
     check_run "$OUT/sft-$tag"
     SFT_DRAFTER="$OUT/sft-$tag/drafter"
