@@ -193,7 +193,8 @@ def test_recipe_family_rehearsal(name: str, tmp_path: Path) -> None:
     run_stage("eval", ["eval", "--drafter", str(drafter), "--target", str(target), "--benchmarks", "mt_bench",
                        "--num-prompts", "2", "--max-new-tokens", "4", "--depth", "3", "--top-k", "4",
                        "--total-tokens", "8", "--out", str(work / "eval")], work, timings)
-    report = json.loads((work / "eval" / "report.json").read_text())
+    overall = json.loads((work / "eval" / "report.json").read_text())["stats"]["overall"]
+    assert overall["prompts"] == 2 and overall["cycles"] >= 2, overall
     for fmt in family.formats:
         out = work / f"export-{fmt}"
         run_stage(f"export-{fmt}", ["export", str(work / "ppow"), str(out), "--format", fmt,
@@ -206,7 +207,7 @@ def test_recipe_family_rehearsal(name: str, tmp_path: Path) -> None:
              "vocab_size", "max_position_embeddings")
     result = {"family": name, "config": family.config, "layers": family.layers,
               "width_divisor": family.width_divisor, **{k: config[k] for k in sizes},
-              "eval_summary": {k: report[k] for k in ("tau",) if k in report}, "stages": timings,
+              "eval_overall": {k: overall[k] for k in ("prompts", "new_tokens", "cycles", "tau")}, "stages": timings,
               "threads": 1, "torch": torch.__version__}
     out_dir = Path(os.environ.get("PPOW_REHEARSAL_OUT", tmp_path))
     out_dir.mkdir(parents=True, exist_ok=True)
