@@ -1,12 +1,13 @@
 """Full-width rehearsal of every GPU recipe family on CPU (opt-in: PPOW_TEST_REHEARSAL=1; slow, GBs of RAM).
 
-Per family: a random-weight target with the real config from tests/fixtures/configs (hidden size, heads,
-GQA, head_dim, vocabulary, rope, norms, positions) but only as many decoder layers as the drafter's
-feature layers need (EAGLE-3: 5, the least for which (2, L//2, L-3) is ordered; EAGLE-1: 2), and a
+Per family: a random-weight target with the real config from tests/fixtures/configs (vocabulary,
+head_dim, GQA ratio, rope, norms, positions; widths divided where memory forces it, see SHRINK) but only
+as many decoder layers as the drafter's feature layers need (EAGLE-3: 5, the least for which (2, L//2, L-3) is ordered; EAGLE-1: 2), and a
 word-level tokenizer whose words cover the whole vocabulary, built locally. Then, each through the CLI in
 its own process, from the family's own recipes with the data, steps and sizes overridden for a smoke run:
 `ppow sft` 2 steps -> `ppow train` 2 steps -> `ppow eval` 2 prompts (greedy, few new tokens) -> `ppow
-export` to every format the family's hosts read -> a strict reload of each export. Wall time and peak RSS
+export` to every format the family's hosts read (EAGLE-3: eagle3, speculators; EAGLE-1: eagle1,
+eagle1-compact) -> a strict reload of each export. Wall time and peak RSS
 per stage go to $PPOW_REHEARSAL_OUT/rehearsal-<family>.json (default: the test's tmp dir); docs/recipes.md
 has the figures.
 
@@ -47,7 +48,7 @@ class Family(NamedTuple):
     width_divisor: int     # hidden, heads, KV heads, MLP width divided by this (head_dim, GQA ratio kept)
 
 
-EAGLE3_FORMATS = ("eagle3",)
+EAGLE3_FORMATS = ("eagle3", "speculators")  # EAGLE / SGLang / vLLM read eagle3; vLLM's training stack speculators
 EAGLE1_FORMATS = ("eagle1", "eagle1-compact")
 # Width: at full width the fp32 target, its fp32 copy in `ppow eval` and the drafter's AdamW states of an
 # 8B-class family need ~17 GB (Llama-3.1-8B, 5 layers: 2.1 B target parameters), more than this shared
@@ -161,7 +162,7 @@ def reload_strictly(fmt: str, out: Path, target: Path) -> None:
     from ppow_plugin import formats
 
     loaded = formats.load_drafter(out, AutoConfig.from_pretrained(target))
-    assert loaded.format == ("eagle3" if fmt == "eagle3" else "eagle1"), loaded.format
+    assert loaded.format == ("eagle1" if fmt.startswith("eagle1") else "eagle3"), loaded.format
     if fmt == "eagle1":
         from ppow_plugin import eagle_compat
 
