@@ -1,15 +1,14 @@
 """Full-width rehearsal of every GPU recipe family on CPU (opt-in: PPOW_TEST_REHEARSAL=1; slow, GBs of RAM).
 
-Per family: a random-weight target with the real config from tests/fixtures/configs (vocabulary,
-head_dim, GQA ratio, rope, norms, positions; widths divided where memory forces it, see SHRINK) but only
-as many decoder layers as the drafter's feature layers need (EAGLE-3: 5, the least for which
-(2, L//2, L-3) is ordered; EAGLE-1: 2), and a word-level tokenizer whose words cover the whole
-vocabulary, built locally. Then, each through the CLI in its own process, from the family's own recipes with the data, steps and sizes overridden for a smoke run:
-`ppow sft` 2 steps -> `ppow train` 2 steps -> `ppow eval` 2 prompts (greedy, few new tokens) -> `ppow
-export` to every format the family's hosts read (EAGLE-3: eagle3, speculators; EAGLE-1: eagle1,
-eagle1-compact) -> a strict reload of each export. Wall time and peak RSS
-per stage go to $PPOW_REHEARSAL_OUT/rehearsal-<family>.json (default: the test's tmp dir); docs/recipes.md
-has the figures.
+Per family: a random-weight target with the real config from tests/fixtures/configs (vocabulary, head_dim, GQA
+ratio, rope, norms, positions; widths divided where memory forces it, see SHRINK) but only as many decoder
+layers as the drafter's feature layers need (EAGLE-3: 5, the least for which (2, L//2, L-3) is ordered;
+EAGLE-1: 2), and a word-level tokenizer whose words cover the whole vocabulary, built locally. Then, each
+through the CLI in its own process, from the family's own recipes with the data, steps and sizes overridden
+for a smoke run: `ppow sft` 2 steps -> `ppow train` 2 steps -> `ppow eval` 2 prompts (greedy, few new tokens)
+-> `ppow export` to every format the family's hosts read (EAGLE-3: eagle3, speculators; EAGLE-1: eagle1,
+eagle1-compact) -> a strict reload of each export. Wall time and peak RSS per stage go to
+$PPOW_REHEARSAL_OUT/rehearsal-<family>.json (default: the test's tmp dir); docs/recipes.md has the figures.
 
 Run one family at a time, niced, one thread:
     PPOW_TEST_REHEARSAL=1 OMP_NUM_THREADS=1 nice -n 10 pytest -q tests/test_rehearsal.py -k qwen3-8b
