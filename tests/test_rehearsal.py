@@ -1,4 +1,4 @@
-"""Full-width rehearsal of every GPU recipe family on CPU (opt-in: PPOW_TEST_REHEARSAL=1; slow, GBs of RAM).
+"""Rehearsal of every GPU recipe family on CPU with real-config targets (opt-in: PPOW_TEST_REHEARSAL=1; slow).
 
 Per family: a random-weight target with the real config from tests/fixtures/configs (vocabulary, head_dim, GQA
 ratio, rope, norms, positions; widths divided where memory forces it, see SHRINK) but only as many decoder
