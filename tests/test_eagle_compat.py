@@ -2,7 +2,7 @@
 
 Tiny random Llama targets (rope_theta 1e5, so the rope-base patch matters), Qwen2 targets (non-zero
 q/k/v biases, rope_theta 1e6, patch 0004), and Llama-3.1 / Qwen3 targets built from the real configs in
-tests/fixtures/configs with layers and widths shrunk (llama3 rope: patch 0005; q/k norms and a decoupled
+ppow_plugin/known_configs with layers and widths shrunk (llama3 rope: patch 0005; q/k norms and a decoupled
 head_dim: patch 0006), with a word-level tokenizer; one slow test on the real SmolLM2-135M-Instruct target
 with MT-Bench prompts (Qwen2.5-Coder: tests/test_qwen_recipe.py).
 """
@@ -14,7 +14,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
-from ppow_plugin import eagle_compat, patching
+from ppow_plugin import eagle_compat, patching, target_arch
 from ppow_plugin.errors import UserError
 
 if patching.patch_status().state in ("missing", "wrong-version"):
@@ -381,7 +381,7 @@ def test_smollm2_greedy_host_generate_is_lossless(tmp_path: Path) -> None:
 # Llama-3.x (patch 0005: llama3 rope) and Qwen3 (patch 0006: q/k norms, head_dim of its own) targets,
 # built from the real configs with layers and widths shrunk; every other field kept as published.
 
-REAL_CONFIGS = Path(__file__).parent / "fixtures" / "configs"
+REAL_CONFIGS = target_arch.KNOWN_CONFIGS  # packaged config-only copies of the recipes' targets
 # name -> shrunk sizes; GQA ratio kept, Qwen3-32B's head_dim stays decoupled (8 x 32 != 160)
 TINY = {
     "llama-3.1-8b-instruct": dict(hidden_size=256, num_attention_heads=8, num_key_value_heads=2,
@@ -394,7 +394,7 @@ TINY = {
 
 
 def _make_real_config_target(name: str, out_dir: Path, residual_scale: float = 1.0, seed: int = 7):
-    """A 2-layer random target from `tests/fixtures/configs/<name>` (sizes from `TINY`, vocab VOCAB), saved
+    """A 2-layer random target from `ppow_plugin/known_configs/<name>` (sizes from `TINY`, vocab VOCAB), saved
     with the tokenizer. Qwen3's q/k norm weights are drawn away from 1 (HF initialises them to ones)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 

@@ -1,6 +1,6 @@
 """Rehearsal of every GPU recipe family on CPU with real-config targets (opt-in: PPOW_TEST_REHEARSAL=1; slow).
 
-Per family: a random-weight target with the real config from tests/fixtures/configs (vocabulary, head_dim, GQA
+Per family: a random-weight target with the real config from ppow_plugin/known_configs (vocabulary, head_dim, GQA
 ratio, rope, norms, positions; widths divided where memory forces it, see SHRINK) but only as many decoder
 layers as the drafter's feature layers need (EAGLE-3: 5, the least for which (2, L//2, L-3) is ordered;
 EAGLE-1: 2), and a word-level tokenizer whose words cover the whole vocabulary, built locally. Then, each
@@ -28,18 +28,20 @@ from typing import NamedTuple
 import pytest
 import torch
 
+from ppow_plugin import target_arch
+
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(os.environ.get("PPOW_TEST_REHEARSAL") != "1",
                                                    reason="full-width rehearsal: set PPOW_TEST_REHEARSAL=1")]
 
 ROOT = Path(__file__).resolve().parent.parent
-REAL_CONFIGS = ROOT / "tests" / "fixtures" / "configs"
+REAL_CONFIGS = target_arch.KNOWN_CONFIGS  # packaged config-only copies of the recipes' targets
 SPECIAL = ["<pad>", "<unk>", "<|im_start|>", "<|im_end|>", "user", "assistant", "system", "\n"]
 CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>' + '\n' }}"
           "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
 
 
 class Family(NamedTuple):
-    config: str            # tests/fixtures/configs/<config>
+    config: str            # ppow_plugin/known_configs/<config>
     sft: str               # recipe for the warm start (the family's own, else its sibling of the same drafter)
     ppow: str              # the family's PPOW recipe
     layers: int            # decoder layers kept
@@ -95,7 +97,7 @@ def build_target(family: Family, out_dir: Path) -> dict:
     from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
     config_dict = json.loads((REAL_CONFIGS / family.config / "config.json").read_text())
-    config_dict.pop("_fixture")
+    config_dict.pop("_known_config", None)
     d = family.width_divisor
     heads, kv_heads = config_dict["num_attention_heads"], config_dict["num_key_value_heads"]
     head_dim = config_dict.get("head_dim") or config_dict["hidden_size"] // heads
