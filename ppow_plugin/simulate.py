@@ -35,7 +35,6 @@ compares with the decoders cycle by cycle; docs/evaluation.md has the tolerance 
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import SimpleNamespace
@@ -242,6 +241,16 @@ def tree_depth(tree) -> int:
     return tree.depth if isinstance(tree, StaticTree) else tree.depth + 1
 
 
+def tree_text(tree) -> str:
+    """How a report names the simulated tree."""
+    if isinstance(tree, StaticTree):
+        if tree.choices == chain(tree.depth).choices:
+            return f"chain of depth {tree.depth} (top-1 drafts)"
+        host = "host default mc_sim_7b_63, " if tree == host_tree() else ""
+        return f"static tree ({host}{len(tree.choices)} draft nodes + root, depth {tree.depth})"
+    return f"EAGLE-3 dynamic tree (depth {tree.depth}, top-k {tree.top_k}, {tree.total_tokens} draft nodes + root)"
+
+
 def continuation_length(max_new_tokens: int, tree) -> int:
     return max_new_tokens + max(MARGIN, tree_depth(tree) + 3)
 
@@ -263,7 +272,7 @@ def simulate_one(fmt: str, drafter, target, cont: continuations.Continuation, ma
 def simulate_records(fmt: str, drafter, target, conts: Sequence[continuations.Continuation],
                      prompt_keys: Sequence[tuple[str, str]], max_new_tokens: int, tree, eos_token_id: int | None,
                      progress: bool = False) -> list[eval_report.PromptRecord]:
-    """One `PromptRecord` per continuation (benchmark, prompt id from `prompt_keys`); wall time in eagle_seconds.
+    """One `PromptRecord` per continuation (benchmark, prompt id from `prompt_keys`); no timing fields.
 
     The decoder stop rule is the host's for EAGLE-1 drafters and ours for EAGLE-3 ones; kept tokens and
     counted cycles are cut by `eval_report.truncate_generation`, as for real decoding. No baseline runs.
@@ -274,14 +283,12 @@ def simulate_records(fmt: str, drafter, target, conts: Sequence[continuations.Co
     records = []
     bar = tqdm(list(zip(conts, prompt_keys)), desc="simulate", unit="prompt", disable=not progress)
     for cont, (bench, pid) in bar:
-        start = time.perf_counter()
         cyc = simulate_one(fmt, drafter, target, cont, max_new_tokens, tree, eos_token_id, stop)
-        seconds = time.perf_counter() - start
         new = cont.ids[cont.prompt_len:cont.prompt_len + cyc.new_tokens].tolist()
         kept = eval_report.truncate_generation(new, cyc.accept_lengths, eos_token_id, max_new_tokens)
         records.append(eval_report.PromptRecord(bench, pid, cont.prompt_len, len(kept.tokens), kept.cycles,
                                                 kept.accept_lengths, cyc.new_tokens, len(cyc.accept_lengths),
-                                                seconds, 0, 0.0, None))
+                                                0.0, 0, 0.0, None))  # no timing: tokens/s read n/a
         tau = eval_report.ratio(sum(r.new_tokens for r in records), sum(r.cycles for r in records))
         bar.set_postfix(tau=f"{tau:.2f}")
     return records
