@@ -233,3 +233,31 @@ def test_simulation_equals_decoding_cycle_by_cycle(real, family):
     late = [simulate.simulate_one(family, drafter, target, c._replace(features=torch.roll(c.features, 1, 0)),
                                   NEW_TOKENS, tree, eos, stop) for c in conts[:PER_BENCH]]
     assert _compare(late, dec[:PER_BENCH], [])[0] < 0.8
+
+
+# --- τ during training (eval.every_steps) -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("every", [1, 0])
+def test_training_logs_simulated_tau(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, every: int):
+    from ppow_plugin import data, patching, trainer
+    from ppow_plugin.config import load_config
+    from tiny import overrides
+    if patching.patch_status().state != "patched":
+        pytest.skip("the EAGLE host is not installed and patched")
+    monkeypatch.setenv("PPOW_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(data, "load_mt_bench", lambda: [data.MTBenchQuestion(81, "writing", ("w1 w2 w3 w4", "w5"))])
+    cfg = load_config(None, overrides(tmp_path, "sft", **{"run.max_steps": 2, "eval.every_steps": every,
+                                                         "eval.benchmarks": "[mt_bench]", "eval.every_prompts": 1,
+                                                         "eval.max_new_tokens": 6}))
+    t = trainer.Trainer(cfg)
+    t.setup()
+    t.train()
+    t.cleanup()
+    rows = [json.loads(line) for line in (tmp_path / "run-sft" / "metrics.jsonl").read_text().splitlines()]
+    taus = [r["sim_tau"] for r in rows if "sim_tau" in r]
+    if every:  # one value per step, in [1, depth + 1], and the plot
+        assert len(taus) == 2 and all(1.0 <= x <= 6.0 for x in taus)
+        assert (tmp_path / "run-sft" / "sim_tau.png").is_file()
+    else:      # off: nothing measured, nothing drawn
+        assert taus == [] and not (tmp_path / "run-sft" / "sim_tau.png").exists()
