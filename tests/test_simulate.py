@@ -238,26 +238,58 @@ def test_simulation_equals_decoding_cycle_by_cycle(real, family):
 # --- τ during training (eval.every_steps) -------------------------------------------------------------
 
 
-@pytest.mark.parametrize("every", [1, 0])
-def test_training_logs_simulated_tau(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, every: int):
+def _tiny_run(tmp: Path, monkeypatch: pytest.MonkeyPatch, every: int) -> Path:
     from ppow_plugin import data, patching, trainer
     from ppow_plugin.config import load_config
     from tiny import overrides
     if patching.patch_status().state != "patched":
         pytest.skip("the EAGLE host is not installed and patched")
-    monkeypatch.setenv("PPOW_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(data, "load_mt_bench", lambda: [data.MTBenchQuestion(81, "writing", ("w1 w2 w3 w4", "w5"))])
-    cfg = load_config(None, overrides(tmp_path, "sft", **{"run.max_steps": 2, "eval.every_steps": every,
-                                                         "eval.benchmarks": "[mt_bench]", "eval.every_prompts": 1,
-                                                         "eval.max_new_tokens": 6}))
+    monkeypatch.setenv("PPOW_CACHE", str(tmp / "cache"))
+    monkeypatch.setattr(data, "load_mt_bench", lambda: [data.MTBenchQuestion(81, "writing", ("w1 w2 w3 w4", "w5")),
+                                                        data.MTBenchQuestion(82, "math", ("w9 w3 w7", "w5"))])
+    cfg = load_config(None, overrides(tmp, "sft", **{"run.max_steps": 2, "eval.every_steps": every,
+                                                     "eval.benchmarks": "[mt_bench]", "eval.every_prompts": 1,
+                                                     "eval.max_new_tokens": 6}))
     t = trainer.Trainer(cfg)
     t.setup()
     t.train()
     t.cleanup()
-    rows = [json.loads(line) for line in (tmp_path / "run-sft" / "metrics.jsonl").read_text().splitlines()]
-    taus = [r["sim_tau"] for r in rows if "sim_tau" in r]
-    if every:  # one value per step, in [1, depth + 1], and the plot
-        assert len(taus) == 2 and all(1.0 <= x <= 6.0 for x in taus)
-        assert (tmp_path / "run-sft" / "sim_tau.png").is_file()
-    else:      # off: nothing measured, nothing drawn
-        assert taus == [] and not (tmp_path / "run-sft" / "sim_tau.png").exists()
+    return tmp / "run-sft"
+
+
+def _sim_taus(run: Path) -> list[float]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r["sim_tau"] for r in rows if "sim_tau" in r]
+
+
+def test_training_logs_simulated_tau_and_tiny_simulation_equals_decoding(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch):
+    from ppow_plugin import cli, evaluate
+    run = _tiny_run(tmp_path, monkeypatch, every=1)
+    taus = _sim_taus(run)
+    assert len(taus) == 2 and all(1.0 <= x <= 6.0 for x in taus)   # one value per step, in [1, depth + 1]
+    assert (run / "sim_tau.png").is_file()
+    # the tiny drafter simulated == decoded by the host, prompt by prompt (kept accept lengths and tokens)
+    prompts = [evaluate.EvalPrompt("mine", str(i), (f"w{i} w{i + 1} w{i + 2}",)) for i in (1, 40, 77, 100)]
+    kw = dict(prompts=prompts, max_new_tokens=24, progress=False)
+    sim = evaluate.evaluate(tmp_path / "target", run / "drafter", simulate=True, **kw)
+    real = evaluate.evaluate(tmp_path / "target", run / "drafter", **kw)
+    assert [r.accept_lengths for r in sim.records] == [r.accept_lengths for r in real.records]
+    assert [r.new_tokens for r in sim.records] == [r.new_tokens for r in real.records]
+    assert sim.settings["mode"] == "simulate" and sim.overall.mismatches is None
+    # compare --simulate --prompts: paired interval in the table and the JSON
+    f = tmp_path / "mine.jsonl"
+    f.write_text("".join(json.dumps({"prompt": p.turns[0]}) + "\n" for p in prompts))
+    out = tmp_path / "cmp"
+    assert cli.main(["compare", str(run / "drafter"), str(run / "drafter"), "--names", "a,b", "--simulate",
+                     "--target", str(tmp_path / "target"), "--prompts", str(f), "--max-new-tokens", "24",
+                     "--out", str(out)]) == 0
+    blob = json.loads((out / "compare.json").read_text())
+    change = blob["drafters"]["b"]["overall"]["tau_change_vs_reference"]
+    assert blob["mode"] == "simulate" and change["value"] == 0.0 and change["prompts"] == 4
+    assert change["resamples"] == 2000 and "+0.0 % [+0.0, +0.0]" in (out / "compare.md").read_text()
+
+
+def test_training_without_every_steps_measures_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    run = _tiny_run(tmp_path, monkeypatch, every=0)
+    assert _sim_taus(run) == [] and not (run / "sim_tau.png").exists()
