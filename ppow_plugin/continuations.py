@@ -36,7 +36,7 @@ from torch import Tensor
 from ppow_plugin import assets, rollout
 
 CACHE_FORMAT = 1
-GEN_BATCH = 8  # prompts per batched greedy generation (sorted by length, so padding stays small)
+GEN_BATCH = 16  # prompts per batched greedy generation (sorted by length, so padding stays small)
 
 
 class Continuation(NamedTuple):
