@@ -7,7 +7,7 @@
     ppow validate --print-defaults           every recipe key with its default
     ppow sft <recipe> [k=v ...]              supervised drafter training (EAGLE-1 objective)
     ppow train <recipe> [k=v ...]            the PPOW stage
-    ppow eval --drafter DIR [--out DIR]      tau, acceptance, speedup vs plain decoding
+    ppow eval --drafter DIR [--out DIR]      tau, acceptance, speedup vs plain decoding (--simulate: tau fast)
     ppow compare DIR1 DIR2 --names a,b       several drafters, one protocol
     ppow profile [--drafter DIR]             gamma = drafter step / target step, verify cost vs tree size
     ppow export SRC OUT --format F           run/checkpoint/drafter dir -> eagle1[-compact] | eagle3 | speculators
@@ -148,6 +148,12 @@ def _eval_flags(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--depth", type=int, default=None, help="EAGLE-3 dynamic tree: expansion levels (default 7)")
     sp.add_argument("--top-k", type=int, default=None, help="EAGLE-3 dynamic tree: children per node (default 10)")
     sp.add_argument("--total-tokens", type=int, default=None, help="EAGLE-3 dynamic tree: draft nodes kept (default 60)")
+    sp.add_argument("--simulate", action="store_true",
+                    help="exact T=0 replay on cached greedy continuations: same tau, no timing (docs/evaluation.md)")
+    sp.add_argument("--chain", type=int, default=None, metavar="D",
+                    help="with --simulate: a plain chain of D top-1 drafts instead of the decoder's tree")
+    sp.add_argument("--prompts", default=None, metavar="FILE",
+                    help='JSONL prompts ({"turns": [...]} or {"prompt": "..."} per line) instead of --benchmarks')
 
 
 def _eval_settings(args):
@@ -176,13 +182,24 @@ def _check_out(args, inputs: dict, kind: str = "dir", flag: str = "--out") -> No
     outputs.check_output(args.out, inputs, args.force, flag, kind)
 
 
+def _sim_args(args) -> dict:
+    """--simulate / --chain / --prompts as evaluate() keywords (the prompt file is read here: bad lines fail early)."""
+    from ppow_plugin import eval_prompts, simulate
+    if args.chain is not None and args.chain < 1:
+        raise UserError(f"--chain {args.chain}: a chain needs at least 1 draft")
+    prompts = eval_prompts.read_prompt_file(args.prompts, args.both_turns) if args.prompts else None
+    return {"simulate": args.simulate, "prompts": prompts,
+            "sim_tree": simulate.chain(args.chain) if args.chain is not None else None}
+
+
 def _cmd_eval(args) -> int:
     from ppow_plugin import eval_report, evaluate, outputs
     target, ev = _eval_settings(args)
-    _check_out(args, {"--drafter": args.drafter, "--target": outputs.target_input(target), "--recipe": args.recipe})
+    _check_out(args, {"--drafter": args.drafter, "--target": outputs.target_input(target), "--recipe": args.recipe,
+                      "--prompts": args.prompts})
     report = evaluate.evaluate(target, args.drafter, ev.benchmarks, ev.num_prompts, ev.temperature,
                                ev.max_new_tokens, ev.seed, out_dir=args.out, both_turns=args.both_turns,
-                               tree=_tree(ev))
+                               tree=_tree(ev), **_sim_args(args))
     print(eval_report.summary_markdown(report))
     print(f"report written to {args.out}")
     return 0
@@ -201,7 +218,7 @@ def _cmd_compare(args) -> int:
     names = [n.strip() for n in args.names.split(",")] if args.names else None
     reports = evaluate.compare(target, args.drafters, names, ev.benchmarks, ev.num_prompts,
                                ev.temperature, ev.max_new_tokens, ev.seed, out_dir=args.out,
-                               both_turns=args.both_turns, tree=_tree(ev))
+                               both_turns=args.both_turns, tree=_tree(ev), **_sim_args(args))
     print(eval_report.compare_markdown(reports))
     print(f"comparison written to {args.out}")
     return 0

@@ -300,15 +300,20 @@ class EvalCfg:
     tree_depth: int = 7
     tree_top_k: int = 10
     tree_total_tokens: int = 60
+    # τ during training (tau_probe.py): simulated τ every N optimizer steps (0 = off) on the first
+    # every_prompts prompts of each benchmark
+    every_steps: int = 0
+    every_prompts: int = 8
 
     def __post_init__(self):
         _require(len(self.benchmarks) > 0 and all(b.strip() for b in self.benchmarks), "eval.benchmarks",
                  self.benchmarks, "a non-empty list, e.g. [mt_bench, humaneval, sharegpt]")
-        for name in ("num_prompts", "max_new_tokens", "tree_depth", "tree_top_k", "tree_total_tokens"):
+        for name in ("num_prompts", "max_new_tokens", "tree_depth", "tree_top_k", "tree_total_tokens", "every_prompts"):
             _require(getattr(self, name) >= 1, f"eval.{name}", getattr(self, name), ">= 1")
         _require(self.temperature == 0 or T_MIN <= self.temperature <= T_MAX, "eval.temperature", self.temperature,
                  f"0 (greedy) or {T_RULE}")
         _require(0 <= self.seed <= SEED_MAX, "eval.seed", self.seed, f"in [0, {SEED_MAX}]")
+        _require(self.every_steps >= 0, "eval.every_steps", self.every_steps, ">= 0 (0 = off)")
 
 
 @dataclass

@@ -23,6 +23,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from ppow_plugin import intervals
+
 
 # --- pure accounting -------------------------------------------------------------------------------
 
@@ -127,12 +129,19 @@ class BenchStats:
     eagle_tokens_per_s: float
     baseline_tokens_per_s: float
     speedup: float
-    mismatches: int | None      # prompts whose T = 0 output differs from the baseline; None when T > 0
+    mismatches: int | None      # prompts whose T = 0 output differs from the baseline; None when T > 0 or simulated
+    tau_ci: list[float] | None = None  # 95 % bootstrap interval of τ over prompts [low, high]
+    ci_resamples: int = 0
 
 
 def summarize(records: Sequence[PromptRecord], depth: int, greedy: bool) -> BenchStats:
-    """Aggregate prompt records (ratios of sums)."""
+    """Aggregate prompt records (ratios of sums); τ gets a bootstrap interval over the records (prompts).
+
+    Args:
+        greedy: count baseline mismatches (real decoding at T = 0); False gives None.
+    """
     tokens, cycles = sum(r.new_tokens for r in records), sum(r.cycles for r in records)
+    ci = intervals.ratio_interval([r.new_tokens for r in records], [r.cycles for r in records])
     accepts = [a for r in records for a in r.accept_lengths]
     eagle_tps = ratio(tokens, sum(r.eagle_seconds for r in records))
     base_tps = ratio(sum(r.baseline_tokens for r in records), sum(r.baseline_seconds for r in records))
@@ -141,7 +150,8 @@ def summarize(records: Sequence[PromptRecord], depth: int, greedy: bool) -> Benc
         tau_host=ratio(sum(r.host_new_tokens for r in records), sum(r.host_cycles for r in records)),
         accept_rates=acceptance_rates(accepts, depth), accept_hist=accept_histogram(accepts, depth),
         eagle_tokens_per_s=eagle_tps, baseline_tokens_per_s=base_tps, speedup=ratio(eagle_tps, base_tps),
-        mismatches=sum(r.mismatch_at is not None for r in records) if greedy else None)
+        mismatches=sum(r.mismatch_at is not None for r in records) if greedy else None,
+        tau_ci=[ci.low, ci.high], ci_resamples=ci.resamples)
 
 
 @dataclass
@@ -161,7 +171,7 @@ class EvalReport:
 
 def build_report(records: Sequence[PromptRecord], settings: dict[str, Any], depth: int,
                  temperature: float) -> EvalReport:
-    greedy = temperature <= 1e-5
+    greedy = temperature <= 1e-5 and settings.get("mode", "decode") == "decode"
     names = list(dict.fromkeys(r.benchmark for r in records))
     stats = {name: summarize([r for r in records if r.benchmark == name], depth, greedy) for name in names}
     stats["overall"] = summarize(records, depth, greedy)
@@ -180,23 +190,35 @@ def summary_markdown(report: EvalReport) -> str:
     depth = len(report.overall.accept_rates)
     acc_cols = " | ".join(f"acc≥{i}" for i in range(1, depth + 1))
     kind = "EAGLE-3" if s.get("drafter_type") == "eagle3" else "EAGLE-1"
-    lines = [f"# {kind} evaluation: {Path(s['drafter']).name}", "",
+    simulated = s.get("mode") == "simulate"
+    mode = ("simulated (exact T = 0 replay of the decoder on the cached greedy continuation; no wall-clock "
+            "timing, no baseline)" if simulated else "real decoding (EAGLE and the baseline, timed)")
+    lines = [f"# {kind} evaluation: {Path(s['drafter']).name}", "", f"- mode: {mode}",
              f"- target `{s['target']}`, drafter `{s['drafter']}`",
              f"- temperature {s['temperature']}, max_new_tokens {s['max_new_tokens']}, seed {s['seed']}, "
              f"{s['prompts']} prompts ({s['turns_decoded']} turns decoded, {s['turns_skipped_too_long']} too long)",
              f"- tree: {s['tree']}; baseline: {s['baseline']}; torch threads: {s['torch_threads']}",
-             f"- τ = {s['tau_formula']}; τ_host = EAGLE's untruncated new_tokens / (idx + 1)", "",
+             f"- τ = {s['tau_formula']}; τ_host = EAGLE's untruncated new_tokens / (idx + 1); "
+             f"[95 % bootstrap interval over prompts, {report.overall.ci_resamples} resamples]", "",
              f"| benchmark | prompts | tokens | cycles | τ | τ_host | {acc_cols} | EAGLE tok/s | baseline tok/s "
              f"| speedup | mismatches |",
              "|" + "---|" * (10 + depth)]
     for name, b in report.stats.items():
         rates = " | ".join(_fmt(r) for r in b.accept_rates)
-        lines.append(f"| {name} | {b.prompts} | {b.new_tokens} | {b.cycles} | {_fmt(b.tau)} | {_fmt(b.tau_host)} "
+        checked = "n/a (simulated)" if simulated else "n/a (T > 0)" if b.mismatches is None else b.mismatches
+        lines.append(f"| {name} | {b.prompts} | {b.new_tokens} | {b.cycles} | {_tau_text(b)} | {_fmt(b.tau_host)} "
                      f"| {rates} | {_fmt(b.eagle_tokens_per_s, '.1f')} | {_fmt(b.baseline_tokens_per_s, '.1f')} "
-                     f"| {_fmt(b.speedup)}× | {'n/a (T > 0)' if b.mismatches is None else b.mismatches} |")
+                     f"| {_fmt(b.speedup)}× | {checked} |")
     lines += ["", "CPU wall-clock timings of a small model: speedups here do not predict GPU serving speedups.",
               "See docs/evaluation.md for the counting rules."]
     return "\n".join(lines) + "\n"
+
+
+def _tau_text(b: BenchStats) -> str:
+    """'1.52 [1.47, 1.58]' (τ and its bootstrap interval)."""
+    if not b.tau_ci:
+        return _fmt(b.tau)
+    return f"{_fmt(b.tau)} [{_fmt(b.tau_ci[0])}, {_fmt(b.tau_ci[1])}]"
 
 
 def _plt():
@@ -251,24 +273,51 @@ def _relative(value: float, reference: float) -> str:
     return f" ({(value / reference - 1) * 100:+.1f}%)" if reference and math.isfinite(reference) else ""
 
 
+def paired_tau_changes(reports: dict[str, EvalReport]) -> dict[str, dict[str, intervals.Interval]]:
+    """Per drafter (all but the first) and benchmark (plus "overall"): τ / τ_ref − 1 with a paired bootstrap
+    interval over the prompts both decoded (matched by benchmark and prompt id)."""
+    ref_name, ref = next(iter(reports.items()))
+    out = {}
+    for name, rep in reports.items():
+        if name == ref_name:
+            continue
+        mine = {(r.benchmark, r.prompt_id): r for r in rep.records}
+        pairs = [(r, mine[(r.benchmark, r.prompt_id)]) for r in ref.records if (r.benchmark, r.prompt_id) in mine]
+        out[name] = {}
+        for bench in ref.stats:
+            sel = [(a, b) for a, b in pairs if bench == "overall" or a.benchmark == bench]
+            out[name][bench] = intervals.paired_relative_interval(
+                [a.new_tokens for a, _ in sel], [a.cycles for a, _ in sel],
+                [b.new_tokens for _, b in sel], [b.cycles for _, b in sel])
+    return out
+
+
 def compare_markdown(reports: dict[str, EvalReport]) -> str:
-    """τ and speedup per benchmark per drafter, with the relative change vs the first drafter."""
+    """τ (with its interval) and speedup per benchmark per drafter; τ change vs the first drafter with a
+    paired bootstrap interval."""
     first = next(iter(reports.values()))
     benches = list(first.stats)
+    changes = paired_tau_changes(reports)
+    simulated = first.settings.get("mode") == "simulate"
     lines = ["| drafter | " + " | ".join(f"{b} τ | {b} speedup" for b in benches) + " |",
              "|---|" + "---|---|" * len(benches)]
     for name, rep in reports.items():
         cells = []
         for b in benches:
             mine, ref = rep.stats[b], first.stats[b]
-            tau_rel = "" if rep is first else _relative(mine.tau, ref.tau)
-            speed_rel = "" if rep is first else _relative(mine.speedup, ref.speedup)
-            cells.append(f"{_fmt(mine.tau)}{tau_rel} | {_fmt(mine.speedup)}×{speed_rel}")
+            tau_rel = f" ({changes[name][b].percent()})" if name in changes else ""
+            speed = "n/a (simulated)" if simulated else f"{_fmt(mine.speedup)}×" + (
+                "" if rep is first else _relative(mine.speedup, ref.speedup))
+            cells.append(f"{_tau_text(mine)}{tau_rel} | {speed}")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     s = first.settings
-    lines += ["", f"Same prompts and settings for every drafter: T={s['temperature']}, max_new_tokens="
-              f"{s['max_new_tokens']}, seed {s['seed']}, {s['prompts']} prompts; relative change vs "
-              f"{next(iter(reports))}. Baseline: {s['baseline']}, re-timed per drafter."]
+    n_res = next((iv.resamples for ch in changes.values() for iv in ch.values()), first.overall.ci_resamples)
+    n_pairs = next((ch["overall"].prompts for ch in changes.values()), first.overall.prompts)
+    lines += ["", f"Mode: {'simulated (exact T = 0 replay)' if simulated else 'real decoding'}. Same prompts and "
+              f"settings for every drafter: T={s['temperature']}, max_new_tokens={s['max_new_tokens']}, seed "
+              f"{s['seed']}, {s['prompts']} prompts. τ [95 % bootstrap interval over prompts]; (τ change vs "
+              f"{next(iter(reports))} [paired 95 % bootstrap interval], {n_pairs} paired prompts overall, "
+              f"{n_res} resamples)." + ("" if simulated else f" Baseline: {s['baseline']}, re-timed per drafter.")]
     return "\n".join(lines) + "\n"
 
 
@@ -294,6 +343,12 @@ def write_compare(reports: dict[str, EvalReport], out_dir: Path) -> None:
         (out_dir / name).mkdir()
         write_report(rep, out_dir / name)
     (out_dir / "compare.md").write_text(compare_markdown(reports))
+    changes = paired_tau_changes(reports)
+    blob = {name: {b: asdict(s) for b, s in rep.stats.items()} for name, rep in reports.items()}
+    for name, per_bench in changes.items():
+        for b, iv in per_bench.items():
+            blob[name][b]["tau_change_vs_reference"] = {**iv._asdict(), "text": iv.percent(),
+                                                        "reference": next(iter(reports)), "paired": True}
     (out_dir / "compare.json").write_text(json.dumps(
-        {name: {b: asdict(s) for b, s in rep.stats.items()} for name, rep in reports.items()}, indent=2) + "\n")
+        {"mode": next(iter(reports.values())).settings.get("mode", "decode"), "drafters": blob}, indent=2) + "\n")
     plot_compare(reports, out_dir / "compare.png")

@@ -21,14 +21,13 @@ Where we depart from EAGLE's evaluation scripts (`gen_ea_answer_*`, `speed.py`):
 
 from __future__ import annotations
 
-import difflib
 import json
 import math
 import platform
 import random
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -36,6 +35,8 @@ import numpy as np
 import torch
 
 from ppow_plugin import data, eagle_compat, eval_report, export, formats, tree_decode
+from ppow_plugin.eval_prompts import (  # noqa: F401  (re-exported: evaluate.EvalPrompt, ...)
+    ALL_BENCHMARKS, BENCHMARKS, EvalPrompt, load_prompts, read_prompt_file, resolve_benchmarks)
 from ppow_plugin.errors import UserError
 
 MARGIN_TOKENS = 64  # room past prompt + max_new_tokens for the last cycle's tree (26 tokens) and overshoot
@@ -45,74 +46,7 @@ BASELINE = "HF transformers generate() on an AutoModelForCausalLM copy of the ta
 # --- inputs: benchmarks, prompts, drafter/target fit -----------------------------------------------
 
 
-class EvalPrompt(NamedTuple):
-    benchmark: str
-    prompt_id: str
-    turns: tuple[str, ...]  # user turns answered in order (several only for MT-Bench --both-turns)
-
-
-def _mt_bench(n: int, both_turns: bool) -> list[EvalPrompt]:
-    return [EvalPrompt("mt_bench", str(q.question_id), tuple(q.turns) if both_turns else tuple(q.turns[:1]))
-            for q in data.load_mt_bench()[:n]]
-
-
-def _humaneval(n: int, both_turns: bool) -> list[EvalPrompt]:
-    return [EvalPrompt("humaneval", p.task_id, (p.prompt,)) for p in data.load_humaneval()[:n]]
-
-
-def _sharegpt(n: int, both_turns: bool) -> list[EvalPrompt]:
-    """First user turns of held-out ShareGPT conversations (`data.split_of`, default fraction), file order."""
-    prompts = []
-    for conv in data.load_sharegpt():
-        if len(prompts) == n:
-            break
-        if data.split_of(conv.id) == "heldout":
-            first = next(m.content for m in conv.messages if m.role == "user")
-            prompts.append(EvalPrompt("sharegpt", conv.id, (first,)))
-    return prompts
-
-
-BENCHMARKS: dict[str, Callable[[int, bool], list[EvalPrompt]]] = {
-    "mt_bench": _mt_bench, "humaneval": _humaneval, "sharegpt": _sharegpt}
-ALL_BENCHMARKS = ",".join(BENCHMARKS)
-
-
-def resolve_benchmarks(spec: str | Sequence[str]) -> list[str]:
-    """"mt_bench,humaneval" -> ["mt_bench", "humaneval"] (order kept, duplicates dropped).
-
-    Raises:
-        UserError: an unknown name (with the nearest known one), or no name at all.
-    """
-    names = [s.strip() for s in (spec.split(",") if isinstance(spec, str) else spec) if s.strip()]
-    if not names:
-        raise UserError(f"no benchmark given; pass --benchmarks with some of {', '.join(BENCHMARKS)}")
-    for name in names:
-        if name not in BENCHMARKS:
-            near = difflib.get_close_matches(name, list(BENCHMARKS), n=1, cutoff=0.4)
-            hint = f"did you mean {near[0]}?" if near else f"choose from {', '.join(BENCHMARKS)}"
-            raise UserError(f"unknown benchmark {name!r}; {hint}")
-    return list(dict.fromkeys(names))
-
-
-def load_prompts(benchmarks: Sequence[str], num_prompts: int, both_turns: bool = False) -> list[EvalPrompt]:
-    """The first `num_prompts` prompts of each benchmark, in benchmark order.
-
-    Raises:
-        UserError: num_prompts < 1, more than a benchmark has (never capped silently), or the set is empty.
-    """
-    if num_prompts < 1:
-        raise UserError(f"--num-prompts {num_prompts} selects no prompt; pass a positive number")
-    chosen = {name: BENCHMARKS[name](num_prompts, both_turns) for name in resolve_benchmarks(benchmarks)}
-    short = {name: len(got) for name, got in chosen.items() if len(got) < num_prompts}
-    fixes = [f"pass --num-prompts {min(short.values())} or fewer"] if short and min(short.values()) > 0 else []
-    fixes += [f"leave out {', '.join(short)}"] if short and len(short) < len(chosen) else []
-    if fixes:
-        have = ", ".join(f"{name} has {n}" for name, n in short.items())
-        raise UserError(f"--num-prompts {num_prompts} is more prompts than there are ({have}): {' or '.join(fixes)}")
-    prompts = [p for got in chosen.values() for p in got]
-    if not prompts:
-        raise UserError(f"benchmarks {', '.join(benchmarks)} gave no prompt; check the datasets (ppow doctor)")
-    return prompts
+# EvalPrompt, BENCHMARKS, ALL_BENCHMARKS, resolve_benchmarks, load_prompts, read_prompt_file: eval_prompts.py
 
 
 def read_config(path: Path, what: str) -> dict[str, Any]:
@@ -331,8 +265,9 @@ def evaluate(target_dir: str | Path, drafter_dir: str | Path, benchmarks: str | 
              num_prompts: int = 80, temperature: float = 0.0, max_new_tokens: int = 128, seed: int = 0,
              out_dir: str | Path | None = None, both_turns: bool = False,
              prompts: Sequence[EvalPrompt] | None = None, progress: bool = True,
-             tree: Eagle3Tree = Eagle3Tree()) -> eval_report.EvalReport:
-    """Decode every prompt with EAGLE and with the baseline, interleaved; aggregate; optionally write.
+             tree: Eagle3Tree = Eagle3Tree(), simulate: bool = False, sim_tree=None) -> eval_report.EvalReport:
+    """Decode every prompt with EAGLE and with the baseline, interleaved (or simulate, T = 0 only);
+    aggregate; optionally write.
 
     Args:
         target_dir: "default" or a local HF Llama directory.
@@ -346,6 +281,10 @@ def evaluate(target_dir: str | Path, drafter_dir: str | Path, benchmarks: str | 
         both_turns: MT-Bench second turns too, after the model's own first answer.
         prompts: an explicit prompt list (overrides benchmarks/num_prompts; `compare` shares one).
         tree: dynamic-tree sizes, used only for EAGLE-3 drafters.
+        simulate: replay decoding on the target's cached greedy continuation (`simulate.py`): same τ and
+            acceptance as decoding at T = 0, no timing, no baseline, first turns only.
+        sim_tree: with `simulate`, a `simulate.StaticTree` (e.g. `simulate.chain(4)`) instead of the
+            decoder's tree.
     Returns:
         eval_report.EvalReport (per-benchmark and "overall" BenchStats, per-prompt records).
     Raises:
@@ -357,6 +296,12 @@ def evaluate(target_dir: str | Path, drafter_dir: str | Path, benchmarks: str | 
         raise UserError(f"--max-new-tokens {max_new_tokens} must be >= 1")
     if temperature < 0 or not math.isfinite(temperature):
         raise UserError(f"--temperature {temperature} must be a finite number >= 0")
+    if simulate and temperature > 1e-5:
+        raise UserError(f"--simulate replays greedy decoding; it needs --temperature 0 (got {temperature})")
+    if simulate and both_turns:
+        raise UserError("--simulate measures first turns only; drop --both-turns (or drop --simulate)")
+    if sim_tree is not None and not simulate:
+        raise UserError("--chain applies to --simulate only; add --simulate")
     if tree.depth < 0 or tree.top_k < 1 or tree.total_tokens < 1:
         raise UserError(f"EAGLE-3 tree sizes --depth {tree.depth} --top-k {tree.top_k} --total-tokens "
                         f"{tree.total_tokens}: need depth >= 0 and top-k, total-tokens >= 1")
@@ -367,6 +312,9 @@ def evaluate(target_dir: str | Path, drafter_dir: str | Path, benchmarks: str | 
     if not prompts:
         raise UserError("the prompt set is empty; pass a positive --num-prompts")
     eagle_compat.require_host()
+    if simulate:
+        return _simulated(target_dir, drafter_dir, fmt, prompts, max_new_tokens, seed, out_dir, progress,
+                          sim_tree or (tree if fmt == "eagle3" else None))
     with tempfile.TemporaryDirectory(prefix="ppow-eval-") as scratch:
         dec = _load_decoders(target_dir, drafter_dir, Path(scratch), fmt, tree)
         _warm_up(dec, prompts[0], temperature, seed)
@@ -380,9 +328,48 @@ def evaluate(target_dir: str | Path, drafter_dir: str | Path, benchmarks: str | 
         raise UserError(f"every prompt is longer than the target's context minus --max-new-tokens "
                         f"{max_new_tokens}; lower --max-new-tokens")
     settings = _settings(target_dir, drafter_dir, prompts, records, temperature, max_new_tokens, seed, both_turns)
-    settings.update(tree=_tree_text(dec), drafter_type=fmt,  # the weight hash ties the report to the drafter
-                    drafter_weights_sha256=_weights_sha256(drafter_dir))
+    settings.update(tree=_tree_text(dec), drafter_type=fmt, mode="decode",  # the weight hash ties the report
+                    drafter_weights_sha256=_weights_sha256(drafter_dir))     # to the drafter
     report = eval_report.build_report(records, settings, _tree_depth(dec), temperature)
+    if out_dir is not None:
+        with export.atomic_dir(Path(out_dir)) as tmp:
+            eval_report.write_report(report, tmp)
+    return report
+
+
+def _simulated(target_dir: Path, drafter_dir: Path, fmt: str, prompts: Sequence[EvalPrompt], max_new_tokens: int,
+               seed: int, out_dir, progress: bool, tree) -> eval_report.EvalReport:
+    """`evaluate(..., simulate=True)`: cached greedy continuations, then `simulate.simulate_records`."""
+    from transformers import AutoTokenizer
+
+    from ppow_plugin import continuations, simulate
+    tokenizer = AutoTokenizer.from_pretrained(str(target_dir))
+    target = eagle_compat.load_host_target(target_dir)
+    drafter = simulate.load_drafter(fmt, drafter_dir, target)
+    tree = tree if tree is not None else simulate.host_tree()
+    length = simulate.continuation_length(max_new_tokens, tree)
+    ids, keys = [], []
+    for p in prompts:
+        x = _format(tokenizer, p.turns[:1], [])[0].tolist()
+        if len(x) + length <= target.config.max_position_embeddings:  # else skipped, as in decoding
+            ids.append(x)
+            keys.append((p.benchmark, p.prompt_id))
+    if not ids:
+        raise UserError(f"every prompt is longer than the target's context minus --max-new-tokens "
+                        f"{max_new_tokens}; lower --max-new-tokens")
+    layers = drafter.cfg.feature_layer_ids if fmt == "eagle3" else None
+    start = time.perf_counter()
+    conts, cost = continuations.load_continuations(target_dir, target, ids, length, layers, progress)
+    cache_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    records = simulate.simulate_records(fmt, drafter, target, conts, keys, max_new_tokens, tree,
+                                        tokenizer.eos_token_id, progress)
+    settings = _settings(target_dir, drafter_dir, prompts, records, 0.0, max_new_tokens, seed, False)
+    settings.update(mode="simulate", drafter_type=fmt, tree=simulate.tree_text(tree),
+                    drafter_weights_sha256=_weights_sha256(drafter_dir),
+                    baseline="none (simulated)", simulate_seconds=time.perf_counter() - start,
+                    continuation_cache={**cost, "load_or_build_s": cache_seconds, "length": length})
+    report = eval_report.build_report(records, settings, simulate.tree_depth(tree), 0.0)
     if out_dir is not None:
         with export.atomic_dir(Path(out_dir)) as tmp:
             eval_report.write_report(report, tmp)
@@ -431,8 +418,9 @@ def _settings(target_dir: Path, drafter_dir: Path, prompts: Sequence[EvalPrompt]
 def compare(target_dir: str | Path, drafter_dirs: Sequence[str | Path], names: Sequence[str] | None = None,
             benchmarks: str | Sequence[str] = ALL_BENCHMARKS, num_prompts: int = 80, temperature: float = 0.0,
             max_new_tokens: int = 128, seed: int = 0, out_dir: str | Path | None = None,
-            both_turns: bool = False, progress: bool = True,
-            tree: Eagle3Tree = Eagle3Tree()) -> dict[str, eval_report.EvalReport]:
+            both_turns: bool = False, progress: bool = True, tree: Eagle3Tree = Eagle3Tree(),
+            simulate: bool = False, sim_tree=None, prompts: Sequence[EvalPrompt] | None = None
+            ) -> dict[str, eval_report.EvalReport]:
     """Evaluate several drafters on one prompt list with one protocol; write compare.md/.json/.png and
     one report subdirectory per drafter into `out_dir` (atomically).
 
@@ -444,12 +432,13 @@ def compare(target_dir: str | Path, drafter_dirs: Sequence[str | Path], names: S
     names = list(names) if names else [Path(d).name for d in drafter_dirs]
     if len(names) != len(drafter_dirs) or len(set(names)) != len(names):
         raise UserError(f"--names needs {len(drafter_dirs)} distinct names (got {names}); one per drafter")
-    prompts = load_prompts(benchmarks, num_prompts, both_turns)
+    prompts = list(prompts) if prompts is not None else load_prompts(benchmarks, num_prompts, both_turns)
     target_dir = resolve_target(target_dir)
     for d in drafter_dirs:  # fail before any decoding
         drafter_format(target_dir, Path(d))
     reports = {name: evaluate(target_dir, d, temperature=temperature, max_new_tokens=max_new_tokens, seed=seed,
-                              both_turns=both_turns, prompts=prompts, progress=progress, tree=tree)
+                              both_turns=both_turns, prompts=prompts, progress=progress, tree=tree,
+                              simulate=simulate, sim_tree=sim_tree)
                for name, d in zip(names, drafter_dirs)}
     if out_dir is not None:
         with export.atomic_dir(Path(out_dir)) as tmp:

@@ -109,6 +109,11 @@ class Trainer:
         self.gamma = _resolve_gamma(cfg)
         self.data = TrainingData(samples, seed=cfg.dist.seed, rank=self.dist.rank, world_size=self.dist.world_size)
         self.gen = torch.Generator(device="cpu").manual_seed(cfg.dist.seed * 7919 + self.dist.rank)
+        self.tau_probe = None  # simulated τ during training (eval.every_steps; logic in tau_probe.py)
+        if cfg.eval.every_steps and self.dist.is_main:
+            from ppow_plugin import tau_probe
+            layers = self.drafter.cfg.feature_layer_ids if cfg.model.drafter_type == "eagle3" else None
+            self.tau_probe = tau_probe.TauProbe(cfg, self.target, self.target_dir, cfg.model.drafter_type, layers)
         if cfg.run.resume:
             self._resume()
 
@@ -172,6 +177,8 @@ class Trainer:
                 self.step += 1
                 stats.update(step=self.step, lr=self.engine.lr, elapsed_s=time.time() - start_time,
                              **(self.features.stats() if self.features else {}))
+                if self.tau_probe is not None and self.tau_probe.due(self.step):
+                    stats["sim_tau"] = self.tau_probe.measure(self.step, self.drafter)
                 self._log(stats, pbar)
                 if self.step % cfg.run.save_every == 0:
                     self.save_checkpoint()
@@ -179,6 +186,8 @@ class Trainer:
                     break
         if self.step % cfg.run.save_every != 0:
             self.save_checkpoint()
+        if self.tau_probe is not None:
+            self.tau_probe.plot(self.out_dir / "sim_tau.png")
         return self.export_drafter(self.out_dir / "drafter")
 
     def _optimizer_step(self, samples: list) -> dict[str, float]:
@@ -348,10 +357,10 @@ class Trainer:
     def _log(self, stats: dict[str, float], pbar) -> None:
         if not self.dist.is_main:
             return
-        keys = ("loss", "reward", "accept_len", "zero_adv_frac", "r_dist_rate", "kl", "top1_acc")
+        keys = ("loss", "reward", "accept_len", "zero_adv_frac", "r_dist_rate", "kl", "top1_acc", "sim_tau")
         pbar.set_postfix({k: f"{stats[k]:.3g}" for k in keys if k in stats}, refresh=False)
         pbar.update(1)
-        if self.step % self.cfg.run.log_every == 0:
+        if self.step % self.cfg.run.log_every == 0 or "sim_tau" in stats:
             row = json.dumps({k: _jsonable(v) for k, v in stats.items()})
             self._write_run_file("metrics.jsonl", row + "\n", mode="a")
 

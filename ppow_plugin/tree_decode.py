@@ -6,7 +6,7 @@ Evaluation only (no gradients). One cycle:
      scored by cumulative drafter log-prob; keep the global top `total_tokens` nodes plus the root.
   2. Verify: ONE host-target forward over the tree on top of the target's KV cache, with the tree
      attention mask set on `target.model.tree_mask` (as rollout.verify_windows does).
-  3. Accept: greedy via the host's `evaluate_posterior` (T = 0), or the target-preserving sibling rule
+  3. Accept: greedy, the host's `evaluate_posterior` rule (`greedy_path`, T = 0), or the target-preserving sibling rule
      (T > 0, `sample_accept`).
   4. Commit root + accepted drafts, compact the target KV cache onto the accepted path, extend the
      drafter's (committed-only) KV cache with the new (feature, next token) pairs.
@@ -100,8 +100,28 @@ def build_tree(root_token: int, cand_tokens: Tensor, cand_parent: Tensor, cand_s
     return DraftTree(tokens, parent, depth, score, mask, retrieve)
 
 
+def greedy_path(tree: DraftTree, target_next: Tensor) -> tuple[Tensor, int]:
+    """Longest root→leaf prefix whose every draft equals the target's choice at its parent (T = 0).
+
+    The host's `evaluate_posterior` rule with the argmax taken out, so the decoder (`greedy_accept`, the
+    target's argmax per node) and the simulation (`simulate.py`, the greedy continuation) share it. Ties
+    between equally long paths go to the first one in `retrieve` order, as in the host.
+
+    Args:
+        target_next: [N+1] int64 the target's next token after each node (after its root→node prefix).
+    Returns:
+        path: [a+1] int64 accepted node indices (root first); a: accepted drafts.
+    """
+    idx = tree.retrieve.clamp(min=0)
+    candidates = torch.where(tree.retrieve >= 0, tree.tokens[idx], torch.full_like(idx, -1))  # -1 never matches
+    lengths = (candidates[:, 1:] == target_next[idx[:, :-1]]).long().cumprod(1).sum(1)  # [n_leaves]
+    a = int(lengths.max())
+    best = int(lengths.argmax()) if a > 0 else 0
+    return tree.retrieve[best, :a + 1], a
+
+
 def greedy_accept(tree: DraftTree, logits: Tensor) -> tuple[Tensor, int, Tensor]:
-    """Longest root→leaf prefix agreeing with the target's argmax (host `evaluate_posterior`, T = 0).
+    """`greedy_path` against the target's argmax at every node.
 
     Args:
         logits: [N+1, V] target logits at every tree node.
@@ -109,12 +129,8 @@ def greedy_accept(tree: DraftTree, logits: Tensor) -> tuple[Tensor, int, Tensor]
         path: [a+1] int64 accepted node indices (root first); a: accepted drafts; next_logits [V] at the
         last accepted node (its argmax is the next root).
     """
-    idx = tree.retrieve.clamp(min=0)
-    candidates = torch.where(tree.retrieve >= 0, tree.tokens[idx], torch.full_like(idx, -1))  # -1 never matches
-    best, accept, next_logits = eagle_compat.evaluate_posterior(logits[idx], candidates, None, None, None, None,
-                                                                None, None)
-    a = int(accept)
-    return tree.retrieve[int(best), :a + 1], a, next_logits
+    path, a = greedy_path(tree, logits.argmax(-1))
+    return path, a, logits[path[-1]]
 
 
 def sample_accept(tree: DraftTree, logits: Tensor, temperature: float,
@@ -155,9 +171,69 @@ def sample_accept(tree: DraftTree, logits: Tensor, temperature: float,
 # Drafting
 
 
+class Candidates(NamedTuple):
+    """Drafted nodes of B dynamic trees, before `build_tree` keeps the best `total_tokens` of each."""
+    tokens: Tensor  # [B, C] int64 target ids
+    parent: Tensor  # [B, C] int64 candidate index of the parent, -1 = the root
+    score: Tensor   # [B, C] float32 cumulative drafter log-prob
+    depth: Tensor   # [B, C] int64 (root children = 1)
+
+
+def draft_candidates(drafter: Eagle3Drafter, kv: DraftKV, visible: Tensor, last_hidden: Tensor,
+                     last_logits: Tensor, root_pos: Tensor, depth: int, top_k: int) -> Candidates:
+    """Grow the dynamic trees of B roots at once, from each root's last committed pair.
+
+    The decoder grows one tree per cycle (B = 1, `draft_tree`); the simulation (`simulate.py`) grows the
+    trees of many roots of a sequence in one batch, each root seeing only its own prefix of a shared
+    cache. Per level, root b's k frontier nodes attend its visible committed pairs, their own ancestors
+    and themselves.
+
+    Args:
+        kv: drafter cache of committed pairs, (k, v) each [1 or B, kv_heads, S, head_dim] (read only).
+        visible: [B, S] bool, True where root b may attend committed pair s (its prefix).
+        last_hidden: [B, H] drafter out_hidden at each root's last committed pair.
+        last_logits: [B, Vd] drafter logits there (they predict the root's children).
+        root_pos: [B] int64 sequence position of each root (= committed tokens before it).
+    """
+    d2t, dev = drafter.d2t, last_hidden.device
+    b, k = last_hidden.shape[0], top_k
+    top = F.log_softmax(last_logits.float(), -1).topk(k)                     # [B, k]
+    toks, scores = [draft_to_target_ids(top.indices, d2t)], [top.values]
+    parents = [torch.full((b, k), -1, dtype=torch.long, device=dev)]
+    depths = [torch.ones(b, k, dtype=torch.long, device=dev)]
+    frontier = torch.arange(k, device=dev).expand(b, k)                      # [B, k] candidate ids expanded
+    f_hidden = last_hidden[:, None].expand(b, k, last_hidden.shape[-1])      # [B, k, H]
+    f_score = top.values                                                     # [B, k]
+    f_anc = torch.zeros(b, k, 0, dtype=torch.bool, device=dev)              # [B, k, E] visible tree entries
+    committed = visible[:, None].expand(b, k, visible.shape[1])              # [B, k, S]
+    eye = torch.eye(k, dtype=torch.bool, device=dev).expand(b, k, k)
+    kv = tuple(t.expand(b, *t.shape[1:]) for t in kv)
+    n_cand = k
+    for level in range(1, depth + 1):
+        anc = torch.cat([f_anc, eye], dim=2)                                 # [B, k, E+k]
+        mask = torch.cat([committed, anc], dim=2)                            # [B, k, S+E+k]
+        pos = (root_pos + level - 1)[:, None].expand(b, k)
+        f_tokens = torch.cat(toks, 1).gather(1, frontier)                    # [B, k]
+        out, logits, kv = drafter(f_hidden, f_tokens, past_kv=kv, position_ids=pos, attention_mask=mask)
+        child = F.log_softmax(logits.float(), -1).topk(k)                    # [B, k, k]
+        cum = (f_score[..., None] + child.values).reshape(b, k * k)          # [B, k*k]
+        toks.append(draft_to_target_ids(child.indices.reshape(b, k * k), d2t))
+        parents.append(frontier.repeat_interleave(k, dim=1))
+        scores.append(cum)
+        depths.append(torch.full((b, k * k), level + 1, dtype=torch.long, device=dev))
+        best = cum.topk(k).indices                                           # [B, k] into the k*k children
+        rows = best // k
+        frontier = n_cand + best
+        n_cand += k * k
+        f_hidden = out.gather(1, rows[..., None].expand(b, k, out.shape[-1]))
+        f_score = cum.gather(1, best)
+        f_anc = anc.gather(1, rows[..., None].expand(b, k, anc.shape[-1]))
+    return Candidates(*(torch.cat(x, 1) for x in (toks, parents, scores, depths)))
+
+
 def draft_tree(drafter: Eagle3Drafter, kv: DraftKV, last_hidden: Tensor, last_logits: Tensor, root_token: int,
                root_pos: int, depth: int, top_k: int, total_tokens: int) -> DraftTree:
-    """Grow a dynamic tree from the drafter's last committed pair (whose token is the root).
+    """The decoder's tree for one root: `draft_candidates` (B = 1) laid out by `build_tree`.
 
     Args:
         kv: drafter cache of the committed pairs, length `root_pos` (read only).
@@ -165,37 +241,11 @@ def draft_tree(drafter: Eagle3Drafter, kv: DraftKV, last_hidden: Tensor, last_lo
         last_logits: [Vd] drafter logits there (predict the root's child).
         root_pos: sequence position of the root (= committed tokens before it).
     """
-    d2t, dev = drafter.d2t, last_hidden.device
-    logp = F.log_softmax(last_logits.float(), -1)
-    top = logp.topk(top_k)
-    toks, parents, scores = [draft_to_target_ids(top.indices, d2t)], [torch.full((top_k,), -1, device=dev)], [top.values]
-    depths = [torch.ones(top_k, dtype=torch.long, device=dev)]
-    frontier = torch.arange(top_k, device=dev)                    # [k] candidate ids being expanded
-    f_hidden = last_hidden.expand(top_k, -1)                      # [k, H] hidden paired with each frontier token
-    f_score = top.values                                          # [k]
-    f_anc = torch.zeros(top_k, 0, dtype=torch.bool, device=dev)   # [k, E] visible tree-cache entries
-    n_cand = top_k
-    committed = torch.ones(top_k, root_pos, dtype=torch.bool, device=dev)
-    eye = torch.eye(top_k, dtype=torch.bool, device=dev)
-    for level in range(1, depth + 1):
-        anc = torch.cat([f_anc, eye], dim=1)                                   # [k, E+k]
-        mask = torch.cat([committed, anc], dim=1)[None]                        # [1, k, S+E+k]
-        pos = torch.full((1, top_k), root_pos + level - 1, dtype=torch.long, device=dev)
-        f_tokens = torch.cat(toks)[frontier]
-        out, logits, kv = drafter(f_hidden[None], f_tokens[None], past_kv=kv, position_ids=pos, attention_mask=mask)
-        child = F.log_softmax(logits[0].float(), -1).topk(top_k)               # [k, k]
-        cum = f_score[:, None] + child.values                                  # [k, k]
-        toks.append(draft_to_target_ids(child.indices.reshape(-1), d2t))
-        parents.append(frontier.repeat_interleave(top_k))
-        scores.append(cum.reshape(-1))
-        depths.append(torch.full((top_k * top_k,), level + 1, dtype=torch.long, device=dev))
-        best = cum.reshape(-1).topk(top_k).indices                             # [k] into the k*k children
-        rows = best // top_k
-        frontier = n_cand + best
-        n_cand += top_k * top_k
-        f_hidden, f_score, f_anc = out[0, rows], cum.reshape(-1)[best], anc[rows]
-    cpu = [torch.cat(x).cpu() for x in (toks, parents, scores, depths)]  # tree bookkeeping is tiny: CPU
-    return build_tree(root_token, *cpu, total_tokens)
+    dev = last_hidden.device
+    visible = torch.ones(1, kv[0].shape[2], dtype=torch.bool, device=dev)
+    cand = draft_candidates(drafter, kv, visible, last_hidden[None], last_logits[None],
+                            torch.tensor([root_pos], device=dev), depth, top_k)
+    return build_tree(root_token, *(x[0].cpu() for x in cand), total_tokens)  # tree bookkeeping is tiny: CPU
 
 
 # ----------------------------------------------------------------------------------------------
@@ -297,5 +347,5 @@ def generate_eagle3(target: nn.Module, drafter: Eagle3Drafter, input_ids: Tensor
     return Eagle3Output(output, len(committed), len(accept_lengths), accept_lengths)
 
 
-__all__ = ["DraftTree", "Eagle3Output", "build_tree", "draft_tree", "generate_eagle3", "greedy_accept",
-           "sample_accept"]
+__all__ = ["Candidates", "DraftTree", "Eagle3Output", "build_tree", "draft_candidates", "draft_tree",
+           "generate_eagle3", "greedy_accept", "greedy_path", "sample_accept"]

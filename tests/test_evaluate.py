@@ -215,5 +215,5 @@ def test_cli_compare_writes_table_and_chart(tiny: dict[str, Path], fake_benchmar
                    "--max-new-tokens", "8", "--out", str(out)])
     assert rc == 0
     table = (out / "compare.md").read_text()
-    assert "| a |" in table and "| b |" in table and "(+0.0%)" in table  # same weights, same τ
+    assert "| a |" in table and "| b |" in table and "(+0.0 % [+0.0, +0.0])" in table  # same weights, same τ
     assert (out / "compare.png").stat().st_size > 0 and (out / "a" / "report.json").is_file()
