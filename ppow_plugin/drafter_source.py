@@ -51,6 +51,9 @@ def read_source(src: Path, target: str | None) -> tuple[formats.LoadedDrafter, d
         src = _newest_checkpoint(src)
     if (src / "engine").is_dir() or (src / "engine.pt").is_file():
         return _read_checkpoint(src, target)
+    if not (src / "config.json").is_file():
+        raise UserError(f"{src} holds no drafter (no config.json), no checkpoints/ and no engine state; pass a run "
+                        "dir, a checkpoints/step-N dir or a drafter dir")
     target_dir = resolve_target(target) if target is not None else None
     drafter = formats.load_drafter(src, target_config(target_dir) if target_dir else None)
     try:

@@ -50,6 +50,8 @@ BASELINE = "HF transformers generate() on an AutoModelForCausalLM copy of the ta
 
 
 def read_config(path: Path, what: str) -> dict[str, Any]:
+    if not path.is_dir():
+        raise UserError(f"{what} {path} does not exist or is not a directory; pass a model directory")
     if not (path / "config.json").is_file():
         raise UserError(f"{what} {path} has no config.json; pass a model directory")
     try:

@@ -66,6 +66,8 @@ def _read_config(p: Path, notes: list[str] | None = None) -> dict[str, Any]:
 
 
 def _read_json_config(p: Path) -> dict[str, Any]:
+    if not p.is_dir():
+        raise UserError(f"drafter dir {p} does not exist or is not a directory; pass an EAGLE drafter directory")
     if not (p / "config.json").is_file():
         raise UserError(f"drafter dir {p} has no config.json; pass an EAGLE drafter directory")
     try:

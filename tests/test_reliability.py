@@ -301,3 +301,19 @@ def test_output_dir_without_permission(tmp_path):
     with pytest.raises(UserError, match="not writable"):
         t.setup()
     assert list(ro.iterdir()) == []
+
+
+def test_missing_drafter_and_empty_source_say_what_is_missing(tmp_path, capsys, monkeypatch):
+    """A drafter path that does not exist is not "without config.json"; a folder with nothing to export
+    names the three things it looked for. The generic message still serves a real dir without config.json."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "empty").mkdir()
+    code, err = ppow(capsys, "eval", "--drafter", str(tmp_path / "nope"), "--simulate", "--out", "o")
+    assert code == 2 and err.endswith(f"{tmp_path / 'nope'} does not exist or is not a directory; pass a model directory")
+    code, err = ppow(capsys, "export", str(tmp_path / "empty"), "o2", "--format", "eagle1")
+    assert code == 2 and "holds no drafter (no config.json), no checkpoints/ and no engine state" in err
+    with pytest.raises(UserError, match="does not exist or is not a directory"):
+        formats.load_drafter(tmp_path / "nope")
+    with pytest.raises(UserError, match="has no config.json"):
+        formats.load_drafter(tmp_path / "empty")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"]
