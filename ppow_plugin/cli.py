@@ -27,6 +27,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import re
 import shlex
 import sys
 from pathlib import Path
@@ -427,13 +428,18 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+_OVERRIDE = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)+=")
 _RECIPE_KEYS = ("recipe keys: `ppow validate --print-defaults` lists every key with its default, docs/recipes.md "
                 "says what each does; override any with section.field=value, e.g. run.max_steps=20")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # `ppow plan R --gpus 8 data.max_len=1024`: overrides may also follow the flags
+        if not hasattr(args, "overrides") or not all(_OVERRIDE.match(e) for e in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
     if args.cmd is None:  # bare `ppow`: the commands, then a usage exit code
         parser.print_help(sys.stderr)
         return 2

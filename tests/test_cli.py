@@ -102,3 +102,16 @@ def test_dataset_unreadable(capsys, tmp_path):
     with pytest.raises(UserError, match="not valid JSON"):
         load_jsonl_conversations(bad)
     assert DataCfg(dataset="jsonl", path=str(bad)).path == str(bad)
+
+
+def test_overrides_may_follow_flags(capsys):
+    """`ppow plan R --gpus 8 data.max_len=1024` applies the override; a stray word is still refused."""
+    code, out, _ = run(capsys, "plan", "recipes/llama3/8B_eagle3_ppow.yaml", "--gpus", "8", "data.max_len=1024")
+    assert code == 0 and "max_len=1024" in out
+    code, out, _ = run(capsys, "plan", "recipes/llama3/8B_eagle3_ppow.yaml", "--gpus", "8")
+    assert code == 0 and "max_len=1024" not in out
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["plan", "recipes/llama3/8B_eagle3_ppow.yaml", "--gpus", "8", "bogus"])
+    assert exc.value.code == 2 and "unrecognized arguments: bogus" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["doctor", "data.max_len=1024"])  # a command without overrides takes none
