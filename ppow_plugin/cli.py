@@ -343,12 +343,12 @@ def _cmd_data_generate(args) -> int:
         raise UserError(f"--heldout-fraction ({args.heldout_fraction}) must be in [0, 1)")
     if args.dataset == "jsonl" and not args.path:
         raise UserError("--dataset jsonl needs --path <file.jsonl>")
-    from ppow_plugin import data
+    from ppow_plugin import datasets
     from ppow_plugin.trainer import _resolve_target
     if args.dataset == "sharegpt":
-        convs, source = data.load_sharegpt(), "{}=={}".format(*data.SHAREGPT[:2])
+        convs, source = datasets.load_sharegpt(), "{}=={}".format(*datasets.SHAREGPT[:2])
     else:
-        convs, source = data.load_jsonl_conversations(args.path), f"jsonl:{args.path}"
+        convs, source = datasets.load_jsonl_conversations(args.path), f"jsonl:{args.path}"
     target = _resolve_target(args.target)
     prompts = gen_data.first_turn_prompts(convs, args.heldout_fraction, args.seed)
     out = gen_data.generate(target, prompts, settings, args.num_prompts, source, args.heldout_fraction,

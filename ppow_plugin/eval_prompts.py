@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
-from ppow_plugin import data
+from ppow_plugin import datasets
 from ppow_plugin.errors import UserError
 
 
@@ -27,20 +27,20 @@ class EvalPrompt(NamedTuple):
 
 def _mt_bench(n: int, both_turns: bool) -> list[EvalPrompt]:
     return [EvalPrompt("mt_bench", str(q.question_id), tuple(q.turns) if both_turns else tuple(q.turns[:1]))
-            for q in data.load_mt_bench()[:n]]
+            for q in datasets.load_mt_bench()[:n]]
 
 
 def _humaneval(n: int, both_turns: bool) -> list[EvalPrompt]:
-    return [EvalPrompt("humaneval", p.task_id, (p.prompt,)) for p in data.load_humaneval()[:n]]
+    return [EvalPrompt("humaneval", p.task_id, (p.prompt,)) for p in datasets.load_humaneval()[:n]]
 
 
 def _sharegpt(n: int, both_turns: bool) -> list[EvalPrompt]:
-    """First user turns of held-out ShareGPT conversations (`data.split_of`, default fraction), file order."""
+    """First user turns of held-out ShareGPT conversations (`datasets.split_of`, default fraction), file order."""
     prompts = []
-    for conv in data.load_sharegpt():
+    for conv in datasets.load_sharegpt():
         if len(prompts) == n:
             break
-        if data.split_of(conv.id) == "heldout":
+        if datasets.split_of(conv.id) == "heldout":
             first = next(m.content for m in conv.messages if m.role == "user")
             prompts.append(EvalPrompt("sharegpt", conv.id, (first,)))
     return prompts

@@ -5,7 +5,7 @@
 
 The drafter then learns what the target actually says, not what another model wrote (EAGLE-3, SpecForge
 and speculators all regenerate their data this way). Prompts are the first user turns of the *training*
-split only (`data.split_of`); held-out conversations are never generated from.
+split only (`datasets.split_of`); held-out conversations are never generated from.
 
 Layout under `cache_dir()/generated/<target>-<key>/` (key: target fingerprint, source, split, settings):
     provenance.json        settings, target fingerprint, source, totals (prompts, tokens, wall time)
@@ -42,8 +42,8 @@ import numpy as np
 import torch
 
 from ppow_plugin.assets import cache_dir
-from ppow_plugin.data import (Conversation, DataReport, Message, TokenizedSample, format_prompt_messages,
-                              split_of)
+from ppow_plugin.data import DataReport, TokenizedSample, format_prompt_messages
+from ppow_plugin.datasets import SHAREGPT, Conversation, Message, split_of
 from ppow_plugin.errors import UserError
 
 GEN_FORMAT = 1
@@ -151,7 +151,6 @@ def output_dir(target_dir: str | Path, source: str, heldout_fraction: float, set
 
 def default_output_dir(target_dir: str | Path, heldout_fraction: float) -> Path:
     """Where `ppow data generate` writes ShareGPT answers with its default settings (`data.path: null`)."""
-    from ppow_plugin.data import SHAREGPT
     return output_dir(target_dir, "{}=={}".format(*SHAREGPT[:2]), heldout_fraction, GenSettings())
 
 

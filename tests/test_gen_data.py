@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from ppow_plugin import data, gen_data
+from ppow_plugin import datasets, gen_data
 from ppow_plugin.errors import UserError
 from tiny import make_conversations, make_target
 
@@ -17,7 +17,7 @@ SETTINGS = gen_data.GenSettings(max_new_tokens=6, max_prompt_len=64, batch_size=
 def tiny(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("gen")
     target = make_target(tmp / "target", layers=2)
-    convs = data.load_jsonl_conversations(make_conversations(tmp / "convs.jsonl", n=10))
+    convs = datasets.load_jsonl_conversations(make_conversations(tmp / "convs.jsonl", n=10))
     return target, gen_data.first_turn_prompts(convs, heldout_fraction=0.0)
 
 
@@ -80,10 +80,10 @@ def test_responses_are_the_targets_greedy_continuation(tiny, tmp_path):
 
 
 def test_heldout_conversations_are_never_prompts(tiny):
-    convs = [data.Conversation(f"c{i}", (data.Message("user", f"w{i}"), data.Message("assistant", "w1")))
+    convs = [datasets.Conversation(f"c{i}", (datasets.Message("user", f"w{i}"), datasets.Message("assistant", "w1")))
              for i in range(200)]
     prompts = gen_data.first_turn_prompts(convs, heldout_fraction=0.3)
-    assert prompts and all(data.split_of(p.conversation_id, 0.3) == "train" for p in prompts)
+    assert prompts and all(datasets.split_of(p.conversation_id, 0.3) == "train" for p in prompts)
     assert len(prompts) < 190  # the split removed some
 
 

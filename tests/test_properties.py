@@ -253,7 +253,7 @@ WORK = {  # subcommand -> the (module, function) its handler calls after checkin
     "doctor": [("doctor", "run")],
     "eval": [("evaluate", "evaluate")], "compare": [("evaluate", "compare")],
     "profile": [("profile", "profile")], "export": [("export", "export")],
-    "data": [("data", "load_sharegpt"), ("data", "load_jsonl_conversations")],  # `data generate` reads prompts first
+    "data": [("datasets", "load_sharegpt"), ("datasets", "load_jsonl_conversations")],  # `data generate` reads prompts first
 }
 
 

@@ -242,14 +242,15 @@ def test_simulation_equals_decoding_cycle_by_cycle(real, family):
 
 
 def _tiny_run(tmp: Path, monkeypatch: pytest.MonkeyPatch, every: int) -> Path:
-    from ppow_plugin import data, patching, trainer
+    from ppow_plugin import datasets, patching, trainer
     from ppow_plugin.config import load_config
     from tiny import overrides
     if patching.patch_status().state != "patched":
         pytest.skip("the EAGLE host is not installed and patched")
     monkeypatch.setenv("PPOW_CACHE", str(tmp / "cache"))
-    monkeypatch.setattr(data, "load_mt_bench", lambda: [data.MTBenchQuestion(81, "writing", ("w1 w2 w3 w4", "w5")),
-                                                        data.MTBenchQuestion(82, "math", ("w9 w3 w7", "w5"))])
+    monkeypatch.setattr(datasets, "load_mt_bench", lambda: [
+        datasets.MTBenchQuestion(81, "writing", ("w1 w2 w3 w4", "w5")),
+        datasets.MTBenchQuestion(82, "math", ("w9 w3 w7", "w5"))])
     cfg = load_config(None, overrides(tmp, "sft", **{"run.max_steps": 2, "eval.every_steps": every,
                                                      "eval.benchmarks": "[mt_bench]", "eval.every_prompts": 1,
                                                      "eval.max_new_tokens": 6}))

@@ -226,7 +226,8 @@ def test_smollm2_greedy_eagle3_is_lossless():
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from ppow_plugin.assets import default_target_dir
-    from ppow_plugin.data import format_prompt, load_mt_bench
+    from ppow_plugin.data import format_prompt
+    from ppow_plugin.datasets import load_mt_bench
 
     target_dir = default_target_dir(prepare=True)
     tokenizer = AutoTokenizer.from_pretrained(target_dir)
