@@ -41,6 +41,17 @@ def check_output(out: str | Path, inputs: Mapping[str, str | Path | None], force
     Raises:
         UserError: one line naming the fix.
     """
+    for name, given in [(flag, out), *inputs.items()]:
+        if given is not None and "\x00" in str(given):
+            raise UserError(f"{name} contains a NUL byte; pass a real path")
+    try:
+        return _check_output(out, inputs, force, flag, kind)
+    except OSError as exc:  # a name too long, a component that is a file, no permission to look
+        raise UserError(f"{flag} {out}: the system refuses this path ({exc.strerror}); choose another") from None
+
+
+def _check_output(out: str | Path, inputs: Mapping[str, str | Path | None], force: bool, flag: str,
+                  kind: str) -> Path:
     path = Path(os.path.abspath(out))
     real = path.resolve()
     cwd = Path.cwd().resolve()

@@ -22,6 +22,7 @@ import yaml
 from ppow_plugin import outputs, patching, quiet, rundir, trainer
 from ppow_plugin.cli import main as cli_main
 from ppow_plugin.config import Config, config_to_dict, load_config
+from ppow_plugin.errors import UserError
 from tiny import overrides, recipe_file, wait_for_checkpoint
 
 needs_host = pytest.mark.skipif(patching.patch_status().state != "patched",
@@ -388,3 +389,15 @@ def test_train_prints_at_most_two_lines_before_the_progress_bar(tmp_path):
     # of GenerationMixin (twice), rope_scaling and "Loading weights" bars (`--verbose` shows them)
     assert len(before_bar) <= 2 and before_bar[-1].startswith("data: "), done.stderr
     assert done.stdout.splitlines() == [f"drafter written to {tmp_path / 'run' / 'drafter'}"]
+
+
+def test_paths_the_system_cannot_take_are_one_line_errors(tmp_path, capsys, monkeypatch):
+    """Found by the CLI fuzz: a NUL byte in a path and a name longer than the OS allows were tracebacks."""
+    monkeypatch.chdir(tmp_path)
+    drafter = Path(__file__).resolve().parents[1] / "assets" / "drafters" / "smollm2-135m-eagle1-sft"
+    refused_unchanged(capsys, tmp_path, r"--drafter contains a NUL byte; pass a real path",
+                      "eval", "--drafter", "a\x00b", "--out", "o")
+    refused_unchanged(capsys, tmp_path, r"--out x+: the system refuses this path \(File name too long\); choose another",
+                      "eval", "--drafter", drafter, "--out", "x" * 300)
+    with pytest.raises(UserError, match="NUL byte"):
+        outputs.check_output("o", {"--drafter": "\x00"}, False, "--out")
