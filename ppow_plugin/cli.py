@@ -447,6 +447,7 @@ def main(argv: list[str] | None = None) -> int:
         quiet.hide_third_party_noise(progress_bars=args.cmd == "prepare")
     try:
         _refuse_non_finite(args)
+        _refuse_unusable_text(args)
         return args.fn(args)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -462,6 +463,23 @@ def _refuse_non_finite(args) -> None:
     for dest, value in vars(args).items():
         if isinstance(value, float) and not math.isfinite(value):
             raise UserError(f"--{dest.replace('_', '-')} {value}: must be a finite number")
+
+
+def _refuse_unusable_text(args) -> None:
+    """No flag or argument carries a NUL byte or a path component longer than the system allows (255 bytes):
+    every path the commands open would otherwise end in a traceback wherever it is first used."""
+    for dest, value in vars(args).items():
+        for text in value if isinstance(value, list) else [value]:
+            if not isinstance(text, str):
+                continue
+            name = f"--{dest.replace('_', '-')}" if dest not in _POSITIONALS else dest
+            if "\x00" in text:
+                raise UserError(f"{name} contains a NUL byte; pass a real value")
+            if any(len(part.encode()) > 255 for part in text.split("/")):
+                raise UserError(f"{name}: a name in it is longer than the system allows (255 bytes); pass a shorter one")
+
+
+_POSITIONALS = ("recipe", "source", "out", "drafters", "overrides", "cmd", "action")
 
 
 if __name__ == "__main__":
