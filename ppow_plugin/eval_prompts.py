@@ -102,8 +102,12 @@ def read_prompt_file(path: str | Path, both_turns: bool = False) -> list[EvalPro
     p = Path(path)
     if not p.is_file():
         raise UserError(f"--prompts {p} does not exist; pass a JSONL file with one {{\"prompt\": ...}} per line")
+    try:
+        lines = p.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"--prompts {p} is unreadable ({type(exc).__name__}); pass a UTF-8 JSONL file") from None
     prompts = []
-    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), start=1):
+    for n, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:

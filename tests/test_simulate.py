@@ -297,3 +297,10 @@ def test_training_logs_simulated_tau_and_tiny_simulation_equals_decoding(tmp_pat
 def test_training_without_every_steps_measures_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     run = _tiny_run(tmp_path, monkeypatch, every=0)
     assert _sim_taus(run) == [] and not (run / "sim_tau.png").exists()
+
+
+def test_prompt_file_that_is_not_utf8_is_one_error(tmp_path: Path):
+    f = tmp_path / "latin1.jsonl"
+    f.write_bytes(json.dumps({"prompt": "caf\u00e9"}, ensure_ascii=False).encode("latin-1") + b"\n")
+    with pytest.raises(UserError, match=r"is unreadable \(UnicodeDecodeError\); pass a UTF-8 JSONL file"):
+        eval_prompts.read_prompt_file(f)
