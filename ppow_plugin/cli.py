@@ -351,8 +351,13 @@ def _cmd_data_generate(args) -> int:
         convs, source = datasets.load_jsonl_conversations(args.path), f"jsonl:{args.path}"
     target = _resolve_target(args.target)
     prompts = gen_data.first_turn_prompts(convs, args.heldout_fraction, args.seed)
+    kinds = [k for k in args.features.split(",") if k] if args.features else []
+    if any(k not in ("eagle1", "eagle3") for k in kinds) or len(set(kinds)) != len(kinds):
+        raise UserError(f"--features {args.features!r}: give eagle1, eagle3 or eagle1,eagle3")
+    if args.feature_max_len < 2:
+        raise UserError(f"--feature-max-len ({args.feature_max_len}) must be >= 2 (= data.max_len of the SFT run)")
     out = gen_data.generate(target, prompts, settings, args.num_prompts, source, args.heldout_fraction,
-                            out_dir=args.out, progress=True)
+                            out_dir=args.out, progress=True, features=kinds, feature_max_len=args.feature_max_len)
     print(json.dumps(gen_data.totals(out)))
     print(f"generated data in {out} (train with data.dataset=generated data.path={out})")
     return 0
@@ -378,6 +383,10 @@ def _add_data_command(sub) -> None:
     g.add_argument("--shard-size", type=int, default=256, help="prompts per shard file (the resumable unit)")
     g.add_argument("--seed", type=int, default=0, help="prompt order and sampling")
     g.add_argument("--out", default=None, help="output dir (default: under the asset cache, keyed by the settings)")
+    g.add_argument("--features", default="", help="also store the target features of every generated sequence in "
+                   "the feature cache for these drafter families (eagle1, eagle3 or eagle1,eagle3): cached SFT "
+                   "then never runs the target (data.feature_cache=true)")
+    g.add_argument("--feature-max-len", type=int, default=512, help="data.max_len of the SFT runs that read them")
     g.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS,  # also `ppow data --verbose generate`
                    help="show every third-party warning and progress bar (hidden by default)")
     g.set_defaults(fn=_cmd_data_generate)

