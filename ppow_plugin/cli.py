@@ -376,10 +376,10 @@ def _add_data_command(sub) -> None:
                    help="held-out share (never generated from); must match data.heldout_fraction of the training run")
     g.add_argument("--num-prompts", type=int, default=1000, help="prompts to answer (a larger number extends a run)")
     # = gen_data.GenSettings() defaults (tested): a recipe's `data.path: null` reads the dir they write
-    g.add_argument("--max-new-tokens", type=int, default=200)
+    g.add_argument("--max-new-tokens", type=int, default=160)
     g.add_argument("--max-prompt-len", type=int, default=256, help="skip prompts longer than this many tokens")
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
-    g.add_argument("--batch-size", type=int, default=64, help="prompts per generate call")
+    g.add_argument("--batch-size", type=int, default=128, help="prompts per generate call")
     g.add_argument("--shard-size", type=int, default=256, help="prompts per shard file (the resumable unit)")
     g.add_argument("--seed", type=int, default=0, help="prompt order and sampling")
     g.add_argument("--out", default=None, help="output dir (default: under the asset cache, keyed by the settings)")

@@ -1,6 +1,6 @@
 """Target-generated training data: the target answers the training prompts itself (`ppow data generate`).
 
-    out = generate(target_dir, prompts, GenSettings(max_new_tokens=200), num_prompts=20000, source="sharegpt")
+    out = generate(target_dir, prompts, GenSettings(max_new_tokens=160), num_prompts=20000, source="sharegpt")
     samples, report = load_generated(out, max_len=512)   # TokenizedSample per response, prompt masked out
 
 The drafter then learns what the target actually says, not what another model wrote (EAGLE-3, SpecForge
@@ -54,9 +54,9 @@ PROVENANCE = "provenance.json"
 
 class GenSettings(NamedTuple):
     temperature: float = 0.0  # 0 = greedy; > 0 samples at this temperature (top-k/top-p off)
-    max_new_tokens: int = 200
+    max_new_tokens: int = 160
     max_prompt_len: int = 256  # prompts longer than this (in tokens, with the chat template) are skipped
-    batch_size: int = 64
+    batch_size: int = 128
     shard_size: int = 256  # prompts per shard (the resumable unit)
     seed: int = 0  # prompt order and sampling
 
