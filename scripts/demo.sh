@@ -9,10 +9,10 @@ BIN=.venv/bin
 OUT=${PPOW_DEMO_OUT:-runs/demo}
 STEPS=${PPOW_DEMO_STEPS:-20}
 PROMPTS=${PPOW_DEMO_PROMPTS:-5}
-SFT=assets/drafters/smollm2-135m-eagle1-sft
+SFT=assets/drafters/smollm2-135m-eagle1-sft-gen  # the strongest committed EAGLE-1 start (docs/results.md §1b)
 
 if [ ! -f "$SFT/model.safetensors" ]; then
-  echo "error: the committed SFT drafter $SFT is missing; train one with: $BIN/ppow sft recipes/smollm2/135M_eagle1_sft.yaml" >&2
+  echo "error: the committed SFT drafter $SFT is missing; train one with: $BIN/ppow sft recipes/smollm2/135M_eagle1_sft_generated.yaml" >&2
   exit 2
 fi
 if [ -e "$OUT" ]; then
