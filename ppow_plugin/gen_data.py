@@ -363,9 +363,14 @@ class GeneratedSamples(Sequence[TokenizedSample]):
         return len(self.ids)
 
     def __getitem__(self, i):  # int -> TokenizedSample
-        ids = torch.from_numpy(self.ids[i][: self.max_len].astype(np.int64))
-        mask = torch.arange(len(ids)) >= self.prompt_lens[i]
-        return TokenizedSample(self.conversation_ids[i], ids, mask)
+        return response_sample(self.conversation_ids[i], self.ids[i], self.prompt_lens[i], self.max_len)
+
+
+def response_sample(conversation_id: str, ids, prompt_len: int, max_len: int) -> TokenizedSample:
+    """One generated sequence as training sees it: ids cut to max_len, loss mask = the response. This is also
+    the address of its feature-cache entry (`gen_features.store` writes there)."""
+    x = torch.from_numpy(np.asarray(ids[:max_len]).astype(np.int64))
+    return TokenizedSample(conversation_id, x, torch.arange(len(x)) >= prompt_len)
 
 
 def load_generated(out: str | Path | None, max_len: int, heldout_fraction: float, limit: int | None = None

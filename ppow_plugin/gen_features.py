@@ -107,17 +107,16 @@ def open_sinks(target_dir, kinds: Sequence[str], num_layers: int, max_len: int) 
 
 
 def store(sinks: FeatureSinks, ids: Sequence[int], prompt_len: int, final: Tensor, layers: Tensor | None) -> None:
-    """Write one generated sequence's entry into every sink, addressed like `gen_data.GeneratedSamples`
-    addresses its sample (ids cut to max_len, loss mask = the response).
+    """Write one generated sequence's entry into every sink, at the address of the sample training reads
+    (`gen_data.response_sample`).
 
     final: [T, H] final-norm hidden states; layers: [T, 3H] EAGLE-3 features or None; T = len(ids)."""
-    from ppow_plugin.data import TokenizedSample
+    from ppow_plugin.gen_data import response_sample
     from ppow_plugin.rollout import TargetPass
-    t = min(len(ids), sinks.max_len)
-    if prompt_len >= t:  # no response token within max_len: training drops this sequence
+    sample = response_sample("", ids, prompt_len, sinks.max_len)
+    if not sample.loss_mask.any():  # no response token within max_len: training drops this sequence
         return
-    x = torch.as_tensor(list(ids[:t]), dtype=torch.long)
-    sample = TokenizedSample("", x, torch.arange(t) >= prompt_len)
+    t = len(sample.input_ids)
     for cache in sinks.caches:
         feats = layers if cache.eagle3 else final
         cache.put(sample, TargetPass(features=feats[:t], logits=None, hidden=final[:t]))
