@@ -169,6 +169,7 @@ class Trainer:
     def train(self) -> Path:
         cfg = self.cfg
         start_time = time.time()
+        probe_s = 0.0  # τ-probe time: measurement, not training, so run.max_minutes does not count it
         # closed on errors too, so the CLI's `error:` line starts a line of its own
         with _progress(cfg.run.max_steps, self.step, self.dist.is_main) as pbar:
             while self.step < cfg.run.max_steps:
@@ -178,11 +179,14 @@ class Trainer:
                 stats.update(step=self.step, lr=self.engine.lr, elapsed_s=time.time() - start_time,
                              **(self.features.stats() if self.features else {}))
                 if self.tau_probe is not None and self.tau_probe.due(self.step):
+                    probe_start = time.time()
                     stats["sim_tau"] = self.tau_probe.measure(self.step, self.drafter)
+                    probe_s += time.time() - probe_start
+                    stats["probe_s"] = probe_s
                 self._log(stats, pbar)
                 if self.step % cfg.run.save_every == 0:
                     self.save_checkpoint()
-                if cfg.run.max_minutes is not None and time.time() - start_time > 60 * cfg.run.max_minutes:
+                if cfg.run.max_minutes is not None and time.time() - start_time - probe_s > 60 * cfg.run.max_minutes:
                     break
         if self.step % cfg.run.save_every != 0:
             self.save_checkpoint()
