@@ -23,6 +23,7 @@ shapes than the decoder's tree forwards. Where the target's top two logits are w
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import os
 import time
@@ -84,6 +85,14 @@ def _load(path: Path) -> dict[str, Tensor] | None:
         return None
 
 
+def cached_step(model, cache, **inputs):
+    """One forward of an HF causal LM with its KV cache -> (output, updated cache), whatever this
+    transformers names the argument (`cache` in 5.x from 5.2x on; `past_key_values`, deprecated there, before)."""
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    out = model(**inputs, **{name: cache}, use_cache=True)
+    return out, getattr(out, "cache", None) if name == "cache" else out.past_key_values
+
+
 @torch.no_grad()
 def greedy_continuations(model, prompts: Sequence[Sequence[int]], length: int, pad_id: int,
                          batch_size: int = GEN_BATCH) -> list[list[int]]:
@@ -108,8 +117,8 @@ def greedy_continuations(model, prompts: Sequence[Sequence[int]], length: int, p
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         cache, step_ids, generated = None, ids, []
         for _ in range(length):
-            o = model(input_ids=step_ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
-            cache, nxt = o.past_key_values, o.logits[:, -1].argmax(-1)  # [b]
+            o, cache = cached_step(model, cache, input_ids=step_ids, attention_mask=mask, position_ids=pos)
+            nxt = o.logits[:, -1].argmax(-1)  # [b]
             generated.append(nxt)
             step_ids, pos = nxt[:, None], pos[:, -1:] + 1
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)

@@ -24,6 +24,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from ppow_plugin import continuations
+
 
 class FeatureTap:
     """Forward hooks on an HF causal LM recording, per forward call, the final-norm output and the inputs
@@ -60,8 +62,8 @@ class FeatureTap:
         mask = torch.cat([attention_mask, attention_mask.new_ones((attention_mask.shape[0], n_new))], dim=1)
         position = (mask.sum(dim=1, keepdim=True) - 1).clamp(min=0)  # [B, 1], as generate numbers positions
         with torch.no_grad():
-            self.model(input_ids=sequences[:, -1:], attention_mask=mask, position_ids=position,
-                       past_key_values=past_key_values, use_cache=True)
+            continuations.cached_step(self.model, past_key_values, input_ids=sequences[:, -1:],
+                                      attention_mask=mask, position_ids=position)
 
     def stacked(self) -> tuple[Tensor, Tensor | None]:
         """-> (final-norm hidden states [B, S, H], EAGLE-3 features [B, S, 3H] or None), S = every position

@@ -4,11 +4,15 @@
 #
 #   scripts/headline.sh SFT_DRAFTER_DIR [eagle1|eagle3]          # DRY=1 only validates and prints
 #
-# Needs: an SFT drafter of the embedded default (SmolLM2-135M-Instruct) of that family; `ppow eval|compare
-#        --simulate` (issue "Acceptance measured fast", branch h-sim): until it lands only DRY=1 works.
+# Needs: an SFT drafter of the embedded default (SmolLM2-135M-Instruct) of that family, and for the cst run
+#        the generated data its recipe reads (`ppow data generate --features eagle1,eagle3`).
 # Knobs: MINUTES  wall time of every training run (default 60; the issue asks >= 60)
 #        RUNS     which runs (default: all below); e.g. RUNS="ppow cst" for the headline only
-#        THREADS  torch threads of every run (default 2: the same cores for all), one run at a time
+#        THREADS  torch threads of every run (default 2: the same cores for all)
+#        JOBS     training runs side by side (default 1; JOBS=2 THREADS=1 gives each run one of two cores)
+#        CST_RECIPE  the continued-SFT recipe (default: the family's *_sft_generated.yaml, what the strong
+#                 starts were trained with: the target's own answers, cached features)
+#        CST_EXTRA   more overrides for the cst run (e.g. sft.vocab_rows=4096, as the start was trained)
 #        REAL     prompts per benchmark for the real-decoding checks at T = 0 and T = 1 (default 20)
 #        OUT      output root (default runs/headline-<family>)
 # Runs (each `ppow train|sft` from SFT_DRAFTER_DIR, same recipe, same MINUTES):
@@ -38,7 +42,8 @@ ALL="ppow cst no_adaw no_rdist neither gamma_prof credit_window greedy resample 
 RUNS=${RUNS:-$ALL}
 export OMP_NUM_THREADS=${THREADS:-2} MKL_NUM_THREADS=${THREADS:-2}
 PPOW_RECIPE=recipes/smollm2/135M_${FAMILY}_ppow.yaml
-SFT_RECIPE=recipes/smollm2/135M_${FAMILY}_sft.yaml
+SFT_RECIPE=${CST_RECIPE:-recipes/smollm2/135M_${FAMILY}_sft_generated.yaml}
+JOBS=${JOBS:-1}
 LR=$(grep -E '^  lr:' "$PPOW_RECIPE" | awk '{print $2}')
 ppow() { $PY -m ppow_plugin.cli "$@"; }
 
@@ -59,7 +64,7 @@ overrides() {  # the dotted overrides that make run $1 (the full run has none)
 }
 common() { echo "model.drafter=$SFT run.output_dir=$OUT/$1 run.max_steps=1000000 run.max_minutes=$MIN"; }
 recipe_of() { if [ "$1" = cst ]; then echo "$SFT_RECIPE"; else echo "$PPOW_RECIPE"; fi; }
-cst_extra="optim.lr=$LR optim.schedule=constant optim.warmup_steps=0"
+cst_extra="optim.lr=$LR optim.schedule=constant optim.warmup_steps=0 ${CST_EXTRA:-}"
 
 # 0. Every run's config is checked before hours of compute (an unreachable ablation fails here).
 for run in $RUNS; do
@@ -77,16 +82,24 @@ case " $RUNS " in *" gamma_prof "*)
   [ -f "$OUT/profile.json" ] || ppow profile --drafter "$SFT" --out "$OUT/profile.json" ;;
 esac
 
-# 2. Training, one run at a time on the same cores, each for MINUTES of wall time.
+# 2. Training, JOBS runs at a time, each for MINUTES of training wall time (the tau probe's time excluded).
+train_one() {
+  if [ "$1" = cst ]; then
+    echo "+ ppow sft $SFT_RECIPE $(common cst) $cst_extra"
+    ppow sft "$SFT_RECIPE" $(common cst) $cst_extra > "$OUT/$1.log" 2>&1
+  else
+    echo "+ ppow train $PPOW_RECIPE $(common "$1") $(overrides "$1")"
+    ppow train "$PPOW_RECIPE" $(common "$1") $(overrides "$1") > "$OUT/$1.log" 2>&1
+  fi
+}
 for run in $RUNS; do
   [ -d "$OUT/$run/drafter" ] && continue
-  if [ "$run" = cst ]; then
-    echo "+ ppow sft $SFT_RECIPE $(common cst) $cst_extra"
-    ppow sft "$SFT_RECIPE" $(common cst) $cst_extra
-  else
-    echo "+ ppow train $PPOW_RECIPE $(common "$run") $(overrides "$run")"
-    ppow train "$PPOW_RECIPE" $(common "$run") $(overrides "$run")
-  fi
+  while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do wait -n; done
+  train_one "$run" &
+done
+wait
+for run in $RUNS; do
+  [ -d "$OUT/$run/drafter" ] || { echo "error: run $run left no drafter; its log is $OUT/$run.log" >&2; exit 1; }
 done
 
 # 3. Simulated tau at T = 0, reference = the SFT start, paired bootstrap intervals (h-sim's CLI).
