@@ -163,11 +163,15 @@ def load_continuations(target_dir: Path, target, prompts: Sequence[Sequence[int]
     missing = [i for i in range(len(prompts)) if i not in ids]
     if missing:
         start = time.perf_counter()
-        tails = greedy_continuations(_hf_model(target_dir), [prompts[i] for i in missing], length,
-                                     pad_id=int(target.config.pad_token_id or 0))
-        for i, tail in zip(missing, tails):
-            ids[i] = torch.tensor(list(prompts[i]) + tail, dtype=torch.long)
-            _save({"ids": ids[i]}, root / f"{keys[i]}.ids.safetensors")
+        model, pad_id = _hf_model(target_dir), int(target.config.pad_token_id or 0)
+        missing.sort(key=lambda i: len(prompts[i]))  # as greedy_continuations batches them: little padding
+        for first in tqdm(range(0, len(missing), GEN_BATCH), desc="greedy continuations", unit="batch",
+                          disable=not progress):
+            chunk = missing[first:first + GEN_BATCH]  # stored batch by batch: an interrupted build resumes
+            tails = greedy_continuations(model, [prompts[i] for i in chunk], length, pad_id=pad_id)
+            for i, tail in zip(chunk, tails):
+                ids[i] = torch.tensor(list(prompts[i]) + tail, dtype=torch.long)
+                _save({"ids": ids[i]}, root / f"{keys[i]}.ids.safetensors")
         cost.update(generate_s=time.perf_counter() - start, generated=len(missing))
     out = []
     start = time.perf_counter()

@@ -304,3 +304,33 @@ def test_prompt_file_that_is_not_utf8_is_one_error(tmp_path: Path):
     f.write_bytes(json.dumps({"prompt": "caf\u00e9"}, ensure_ascii=False).encode("latin-1") + b"\n")
     with pytest.raises(UserError, match=r"is unreadable \(UnicodeDecodeError\); pass a UTF-8 JSONL file"):
         eval_prompts.read_prompt_file(f)
+
+
+def test_an_interrupted_continuation_build_keeps_its_finished_batches(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch):
+    """Continuations are stored batch by batch: a build killed in its second batch regenerates only the
+    prompts it had not finished, and the resumed entries equal an uninterrupted build's."""
+    from ppow_plugin import continuations, eagle_compat
+    from tests import tiny
+    monkeypatch.setenv("PPOW_CACHE", str(tmp_path / "cache"))
+    target_dir = tiny.make_target(tmp_path / "target", layers=2)
+    target = eagle_compat.load_host_target(target_dir)
+    prompts = [[5 + i, 7 + i, 9 + 2 * i][: 1 + i % 3] for i in range(5)]
+    monkeypatch.setattr(continuations, "GEN_BATCH", 2)
+    real, calls = continuations.greedy_continuations, []
+
+    def dies_in_second_batch(*args, **kwargs):
+        calls.append(len(args[1]))
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(continuations, "greedy_continuations", dies_in_second_batch)
+    with pytest.raises(KeyboardInterrupt):
+        continuations.load_continuations(target_dir, target, prompts, 4, None)
+    monkeypatch.setattr(continuations, "greedy_continuations", real)
+    resumed, cost = continuations.load_continuations(target_dir, target, prompts, 4, None)
+    assert cost["generated"] == 3      # 5 prompts, the first batch of 2 kept
+    monkeypatch.setenv("PPOW_CACHE", str(tmp_path / "fresh"))
+    whole, _ = continuations.load_continuations(target_dir, target, prompts, 4, None)
+    assert [c.ids.tolist() for c in resumed] == [c.ids.tolist() for c in whole]
