@@ -153,6 +153,8 @@ def _eval_flags(sp: argparse.ArgumentParser) -> None:
                     help="exact T=0 replay on cached greedy continuations: same tau, no timing (docs/evaluation.md)")
     sp.add_argument("--chain", type=int, default=None, metavar="D",
                     help="with --simulate: a plain chain of D top-1 drafts instead of the decoder's tree")
+    sp.add_argument("--per-depth", action="store_true",
+                    help="with --simulate: also top-1 / top-3 acceptance at each draft depth (report.json, summary)")
     sp.add_argument("--prompts", default=None, metavar="FILE",
                     help='JSONL prompts ({"turns": [...]} or {"prompt": "..."} per line) instead of --benchmarks')
 
@@ -189,7 +191,7 @@ def _sim_args(args) -> dict:
     if args.chain is not None and args.chain < 1:
         raise UserError(f"--chain {args.chain}: a chain needs at least 1 draft")
     prompts = eval_prompts.read_prompt_file(args.prompts, args.both_turns) if args.prompts else None
-    return {"simulate": args.simulate, "prompts": prompts,
+    return {"simulate": args.simulate, "prompts": prompts, "per_depth": args.per_depth,
             "sim_tree": simulate.chain(args.chain) if args.chain is not None else None}
 
 

@@ -209,9 +209,24 @@ def summary_markdown(report: EvalReport) -> str:
         lines.append(f"| {name} | {b.prompts} | {b.new_tokens} | {b.cycles} | {_tau_text(b)} | {_fmt(b.tau_host)} "
                      f"| {rates} | {_fmt(b.eagle_tokens_per_s, '.1f')} | {_fmt(b.baseline_tokens_per_s, '.1f')} "
                      f"| {_fmt(b.speedup)}× | {checked} |")
+    if "topk_by_depth" in s:
+        lines += ["", *depth_table(s["topk_by_depth"])]
     lines += ["", "CPU wall-clock timings of a small model: speedups here do not predict GPU serving speedups.",
               "See docs/evaluation.md for the counting rules."]
     return "\n".join(lines) + "\n"
+
+
+def depth_table(by_depth: dict) -> list[str]:
+    """Markdown lines: top-1 / top-3 acceptance at each draft depth (`simulate.topk_by_depth`)."""
+    depth = by_depth["depth"]
+    lines = ["Top-1 / top-3 acceptance at each draft depth (every root of the greedy continuation drafted as a "
+             "chain, earlier drafts forced right):", "",
+             "| benchmark | roots | " + " | ".join(f"depth {d}" for d in range(1, depth + 1)) + " |",
+             "|" + "---|" * (depth + 2)]
+    for name, row in by_depth["benchmarks"].items():
+        cells = " | ".join(f"{a:.2f} / {b:.2f}" for a, b in zip(row["top1"], row["top3"]))
+        lines.append(f"| {name} | {row['roots']} | {cells} |")
+    return lines
 
 
 def _tau_text(b: BenchStats) -> str:

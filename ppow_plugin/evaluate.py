@@ -267,7 +267,8 @@ def evaluate(target_dir: str | Path, drafter_dir: str | Path, benchmarks: str | 
              num_prompts: int = 80, temperature: float = 0.0, max_new_tokens: int = 128, seed: int = 0,
              out_dir: str | Path | None = None, both_turns: bool = False,
              prompts: Sequence[EvalPrompt] | None = None, progress: bool = True,
-             tree: Eagle3Tree = Eagle3Tree(), simulate: bool = False, sim_tree=None) -> eval_report.EvalReport:
+             tree: Eagle3Tree = Eagle3Tree(), simulate: bool = False, sim_tree=None,
+             per_depth: bool = False) -> eval_report.EvalReport:
     """Decode every prompt with EAGLE and with the baseline, interleaved (or simulate, T = 0 only);
     aggregate; optionally write.
 
@@ -287,6 +288,8 @@ def evaluate(target_dir: str | Path, drafter_dir: str | Path, benchmarks: str | 
             acceptance as decoding at T = 0, no timing, no baseline, first turns only.
         sim_tree: with `simulate`, a `simulate.StaticTree` (e.g. `simulate.chain(4)`) instead of the
             decoder's tree.
+        per_depth: with `simulate`, also top-1 / top-3 acceptance at each draft depth
+            (`simulate.topk_by_depth`, in settings["topk_by_depth"]; costs about one more simulation).
     Returns:
         eval_report.EvalReport (per-benchmark and "overall" BenchStats, per-prompt records).
     Raises:
@@ -304,6 +307,8 @@ def evaluate(target_dir: str | Path, drafter_dir: str | Path, benchmarks: str | 
         raise UserError("--simulate measures first turns only; drop --both-turns (or drop --simulate)")
     if sim_tree is not None and not simulate:
         raise UserError("--chain applies to --simulate only; add --simulate")
+    if per_depth and not simulate:
+        raise UserError("--per-depth applies to --simulate only; add --simulate")
     if tree.depth < 0 or tree.top_k < 1 or tree.total_tokens < 1:
         raise UserError(f"EAGLE-3 tree sizes --depth {tree.depth} --top-k {tree.top_k} --total-tokens "
                         f"{tree.total_tokens}: need depth >= 0 and top-k, total-tokens >= 1")
@@ -316,7 +321,7 @@ def evaluate(target_dir: str | Path, drafter_dir: str | Path, benchmarks: str | 
     eagle_compat.require_host()
     if simulate:
         return _simulated(target_dir, drafter_dir, fmt, prompts, max_new_tokens, seed, out_dir, progress,
-                          sim_tree or (tree if fmt == "eagle3" else None))
+                          sim_tree or (tree if fmt == "eagle3" else None), per_depth)
     with tempfile.TemporaryDirectory(prefix="ppow-eval-") as scratch:
         dec = _load_decoders(target_dir, drafter_dir, Path(scratch), fmt, tree)
         _warm_up(dec, prompts[0], temperature, seed)
@@ -340,7 +345,7 @@ def evaluate(target_dir: str | Path, drafter_dir: str | Path, benchmarks: str | 
 
 
 def _simulated(target_dir: Path, drafter_dir: Path, fmt: str, prompts: Sequence[EvalPrompt], max_new_tokens: int,
-               seed: int, out_dir, progress: bool, tree) -> eval_report.EvalReport:
+               seed: int, out_dir, progress: bool, tree, per_depth: bool = False) -> eval_report.EvalReport:
     """`evaluate(..., simulate=True)`: cached greedy continuations, then `simulate.simulate_records`."""
     from transformers import AutoTokenizer
 
@@ -371,6 +376,10 @@ def _simulated(target_dir: Path, drafter_dir: Path, fmt: str, prompts: Sequence[
                     drafter_weights_sha256=_weights_sha256(drafter_dir),
                     baseline="none (simulated)", simulate_seconds=time.perf_counter() - start,
                     continuation_cache={**cost, "load_or_build_s": cache_seconds, "length": length})
+    if per_depth:
+        depth = simulate.tree_depth(tree)
+        settings["topk_by_depth"] = {"depth": depth, "benchmarks": simulate.topk_by_depth(
+            fmt, drafter, target, conts, [b for b, _ in keys], max_new_tokens, depth, tokenizer.eos_token_id)}
     report = eval_report.build_report(records, settings, simulate.tree_depth(tree), 0.0)
     if out_dir is not None:
         with export.atomic_dir(Path(out_dir)) as tmp:
@@ -421,8 +430,8 @@ def compare(target_dir: str | Path, drafter_dirs: Sequence[str | Path], names: S
             benchmarks: str | Sequence[str] = ALL_BENCHMARKS, num_prompts: int = 80, temperature: float = 0.0,
             max_new_tokens: int = 128, seed: int = 0, out_dir: str | Path | None = None,
             both_turns: bool = False, progress: bool = True, tree: Eagle3Tree = Eagle3Tree(),
-            simulate: bool = False, sim_tree=None, prompts: Sequence[EvalPrompt] | None = None
-            ) -> dict[str, eval_report.EvalReport]:
+            simulate: bool = False, sim_tree=None, prompts: Sequence[EvalPrompt] | None = None,
+            per_depth: bool = False) -> dict[str, eval_report.EvalReport]:
     """Evaluate several drafters on one prompt list with one protocol; write compare.md/.json/.png and
     one report subdirectory per drafter into `out_dir` (atomically).
 
@@ -440,7 +449,7 @@ def compare(target_dir: str | Path, drafter_dirs: Sequence[str | Path], names: S
         drafter_format(target_dir, Path(d))
     reports = {name: evaluate(target_dir, d, temperature=temperature, max_new_tokens=max_new_tokens, seed=seed,
                               both_turns=both_turns, prompts=prompts, progress=progress, tree=tree,
-                              simulate=simulate, sim_tree=sim_tree)
+                              simulate=simulate, sim_tree=sim_tree, per_depth=per_depth)
                for name, d in zip(names, drafter_dirs)}
     if out_dir is not None:
         with export.atomic_dir(Path(out_dir)) as tmp:

@@ -159,40 +159,67 @@ def _head_and_step(fmt: str, drafter, target):
     return (lambda h: target.lm_head(h.to(target.lm_head.weight.dtype))), rollout.eagle1_step
 
 
-def static_accept_lengths(fmt: str, drafter, target, seq: Sequencer, roots: Tensor, tree: StaticTree) -> Tensor:
-    """[R] accepted drafts of a static tree at each root position (sequence indices).
+def draft_greedy_path(fmt: str, drafter, target, seq: Sequencer, roots: Tensor, depth: int, on_depth) -> None:
+    """Drafts the greedy path after each root, depth by depth, as the decoders' drafter step does.
 
-    Drafts the greedy path itself: row r feeds the true tokens after root r one at a time (the drafter
-    step `rollout.draft_windows` uses, with its prefix mask), and a row is dropped as soon as its path
-    leaves the tree, so the 49 k-row head runs only where a node could still be accepted.
+    Row r feeds the true tokens after root r one at a time (the drafter step `rollout.draft_windows` uses,
+    with its prefix mask). At depth j+1, `on_depth(j, rows [m] root indices, ranks [m])` gets the rank of
+    each live row's true token among its top-`TOPK` drafts (-1: not among them) and returns the positions
+    (into `rows`) of the rows to draft further; the rest leave the batch.
     """
     head, step = _head_and_step(fmt, drafter, target)
     d2t = getattr(drafter, "d2t", None)
-    depth, paths = tree.depth, set(tree.choices)
     true = seq.ids[roots[:, None] + torch.arange(1, depth + 1)]             # [R, D] greedy tokens after each root
     fed = true if d2t is None else _to_draft_ids(true, drafter)
     past = seq.dpass.out_features.shape[0]
-    accept = torch.zeros(roots.numel(), dtype=torch.long)
-    rows = torch.arange(roots.numel())                                       # rows still on a tree path
-    ranks: list[list[int]] = [[] for _ in range(roots.numel())]
+    rows = torch.arange(roots.numel())                                       # rows still drafted
     feat = seq.dpass.out_features[roots - 1][:, None]                        # [m, 1, H] after the last committed pair
     kv = _rows(seq.dpass.kv, torch.zeros_like(rows))
     prefix = torch.arange(past)[None] < roots[:, None]                       # [m, past]
     for j in range(depth):
-        rank = true_ranks(head(feat[:, 0]).float(), true[rows, j], d2t).tolist()  # depth j+1 among parent's top-10
-        keep = []
-        for i, (r, k) in enumerate(zip(rows.tolist(), rank)):
-            if k >= 0 and tuple(ranks[r] + [k]) in paths:
-                ranks[r].append(k)
-                accept[r] = j + 1
-                keep.append(i)
+        keep = on_depth(j, rows, true_ranks(head(feat[:, 0]).float(), true[rows, j], d2t))
         if j == depth - 1 or not keep:
-            break
+            return
         keep_t = torch.tensor(keep)
         rows, feat, kv, prefix = rows[keep_t], feat[keep_t], _rows(kv, keep_t), prefix[keep_t]
         mask = torch.cat([prefix, torch.ones(len(keep), j + 1, dtype=torch.bool)], 1)
         feat, kv = step(drafter, feat, fed[rows, j], kv, (roots[rows] + j)[:, None], mask)
+
+
+def static_accept_lengths(fmt: str, drafter, target, seq: Sequencer, roots: Tensor, tree: StaticTree) -> Tensor:
+    """[R] accepted drafts of a static tree at each root position (sequence indices).
+
+    A row is dropped as soon as its path leaves the tree, so the 49 k-row head runs only where a node
+    could still be accepted.
+    """
+    paths = set(tree.choices)
+    accept = torch.zeros(roots.numel(), dtype=torch.long)
+    ranks: list[list[int]] = [[] for _ in range(roots.numel())]
+
+    def on_tree_path(j: int, rows: Tensor, rank: Tensor) -> list[int]:
+        keep = []
+        for i, (r, k) in enumerate(zip(rows.tolist(), rank.tolist())):  # depth j+1 among parent's top-10
+            if k >= 0 and tuple(ranks[r] + [k]) in paths:
+                ranks[r].append(k)
+                accept[r] = j + 1
+                keep.append(i)
+        return keep
+
+    draft_greedy_path(fmt, drafter, target, seq, roots, tree.depth, on_tree_path)
     return accept
+
+
+def depth_ranks(fmt: str, drafter, target, seq: Sequencer, roots: Tensor, depth: int) -> Tensor:
+    """[R, D] rank of the true token at each draft depth among the drafter's top-`TOPK` (-1: not among
+    them), every row drafted to depth D along the greedy path whatever it drafted before (a chain)."""
+    out = torch.full((roots.numel(), depth), -1, dtype=torch.long)
+
+    def every_row(j: int, rows: Tensor, rank: Tensor) -> list[int]:
+        out[rows, j] = rank
+        return list(range(rows.numel()))
+
+    draft_greedy_path(fmt, drafter, target, seq, roots, depth, every_row)
+    return out
 
 
 def _rows(kv, idx: Tensor):
@@ -260,13 +287,41 @@ def simulate_one(fmt: str, drafter, target, cont: continuations.Continuation, ma
                  eos_token_id: int | None, stop: str) -> Cycles:
     """The decoder's cycles on one prompt (see the module doc)."""
     seq = teacher_forced(fmt, drafter, target, cont)
+    accept = accept_lengths(fmt, drafter, target, seq, _roots(cont, max_new_tokens, eos_token_id), tree).tolist()
+    return walk_cycles(accept, cont.ids[cont.prompt_len:].tolist(), eos_token_id, max_new_tokens, stop)
+
+
+def _roots(cont: continuations.Continuation, max_new_tokens: int, eos_token_id: int | None) -> Tensor:
+    """Sequence positions a cycle can root at: the prompt's last token up to the budget or the first EOS."""
     new = cont.ids[cont.prompt_len:].tolist()
-    last = max_new_tokens  # last root the walk can reach: the budget, or the first EOS
+    last = max_new_tokens
     if eos_token_id is not None and eos_token_id in new[:max_new_tokens]:
         last = new.index(eos_token_id)
-    roots = torch.arange(cont.prompt_len, cont.prompt_len + last + 1)
-    accept = accept_lengths(fmt, drafter, target, seq, roots, tree).tolist()
-    return walk_cycles(accept, new, eos_token_id, max_new_tokens, stop)
+    return torch.arange(cont.prompt_len, cont.prompt_len + last + 1)
+
+
+@torch.no_grad()
+def topk_by_depth(fmt: str, drafter, target, conts: Sequence[continuations.Continuation],
+                  benchmarks: Sequence[str], max_new_tokens: int, depth: int, eos_token_id: int | None
+                  ) -> dict[str, dict]:
+    """Top-1 / top-3 acceptance at each draft depth, per benchmark and "overall".
+
+    Every root position of every continuation (as `simulate_one` roots cycles) is drafted as a chain of
+    `depth` along the greedy path; at depth d the rate is the share of roots whose true token is the
+    drafter's top-1 (top-3) there, given the true tokens before it: EAGLE's "acceptance at depth d" with
+    every earlier draft forced right. -> {bench: {"roots": n, "top1": [D], "top3": [D]}}.
+    """
+    sums: dict[str, Tensor] = {}
+    counts: dict[str, int] = {}
+    for cont, bench in zip(conts, benchmarks):
+        ranks = depth_ranks(fmt, drafter, target, teacher_forced(fmt, drafter, target, cont),
+                            _roots(cont, max_new_tokens, eos_token_id), depth)        # [R, D]
+        hits = torch.stack([(ranks == 0).sum(0), ((ranks >= 0) & (ranks < 3)).sum(0)])  # [2, D]
+        for key in (bench, "overall"):
+            sums[key] = sums.get(key, 0) + hits
+            counts[key] = counts.get(key, 0) + ranks.shape[0]
+    return {k: {"roots": counts[k], "top1": (sums[k][0] / counts[k]).tolist(),
+                "top3": (sums[k][1] / counts[k]).tolist()} for k in sums}
 
 
 def simulate_records(fmt: str, drafter, target, conts: Sequence[continuations.Continuation],
@@ -321,5 +376,5 @@ def simulate_tau(drafter_dir: str | Path, target_dir: str | Path = "default", be
     return report.overall.tau
 
 
-__all__ = ["Cycles", "StaticTree", "chain", "host_tree", "simulate_records", "simulate_tau", "static_accept",
-           "true_ranks", "walk_cycles"]
+__all__ = ["Cycles", "StaticTree", "chain", "depth_ranks", "host_tree", "simulate_records", "simulate_tau",
+           "static_accept", "topk_by_depth", "true_ranks", "walk_cycles"]

@@ -311,9 +311,9 @@ def test_an_interrupted_continuation_build_keeps_its_finished_batches(tmp_path: 
     """Continuations are stored batch by batch: a build killed in its second batch regenerates only the
     prompts it had not finished, and the resumed entries equal an uninterrupted build's."""
     from ppow_plugin import continuations, eagle_compat
-    from tests import tiny
+    from tiny import make_target
     monkeypatch.setenv("PPOW_CACHE", str(tmp_path / "cache"))
-    target_dir = tiny.make_target(tmp_path / "target", layers=2)
+    target_dir = make_target(tmp_path / "target", layers=2)
     target = eagle_compat.load_host_target(target_dir)
     prompts = [[5 + i, 7 + i, 9 + 2 * i][: 1 + i % 3] for i in range(5)]
     monkeypatch.setattr(continuations, "GEN_BATCH", 2)
@@ -334,3 +334,41 @@ def test_an_interrupted_continuation_build_keeps_its_finished_batches(tmp_path: 
     monkeypatch.setenv("PPOW_CACHE", str(tmp_path / "fresh"))
     whole, _ = continuations.load_continuations(target_dir, target, prompts, 4, None)
     assert [c.ids.tolist() for c in resumed] == [c.ids.tolist() for c in whole]
+
+
+def test_topk_by_depth_agrees_with_chain_acceptance_and_drafts_past_a_miss(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch):
+    """Per-depth ranks: their leading top-1 run is exactly the accepted length of a chain, depth 1's top-1
+    rate is the chain(1) acceptance, rows keep drafting (forced right) after a miss, and the CLI reports it."""
+    from ppow_plugin import cli, continuations, eagle_compat
+    run = _tiny_run(tmp_path, monkeypatch, every=0)
+    target = eagle_compat.load_host_target(tmp_path / "target")
+    drafter = simulate.load_drafter("eagle1", run / "drafter", target)
+    prompts = [[3 + i, 8 + 2 * i, 20 + i, 5] for i in range(6)]
+    conts, _ = continuations.load_continuations(tmp_path / "target", target, prompts, 16, None)
+    depth, ranks, chained = 4, [], []
+    for cont in conts:
+        seq = simulate.teacher_forced("eagle1", drafter, target, cont)
+        roots = simulate._roots(cont, 8, None)
+        r = simulate.depth_ranks("eagle1", drafter, target, seq, roots, depth)
+        ranks.append(r)
+        chained.append(simulate.static_accept_lengths("eagle1", drafter, target, seq, roots, simulate.chain(depth)))
+    ranks, chained = torch.cat(ranks), torch.cat(chained)
+    leading = (ranks == 0).long().cumprod(1).sum(1)
+    assert torch.equal(leading, chained)
+    missed_then_ranked = ((ranks != 0).long().cumsum(1) > 0)[:, :-1] & (ranks[:, 1:] >= 0)
+    assert missed_then_ranked.any()    # a drafter that stopped at the first miss would leave -1 there
+    stats = simulate.topk_by_depth("eagle1", drafter, target, conts, ["mine"] * len(conts), 8, depth, None)
+    assert stats["overall"]["roots"] == ranks.shape[0] == stats["mine"]["roots"]
+    assert stats["overall"]["top1"][0] == pytest.approx(float((chained >= 1).float().mean()))
+    assert all(a <= b for a, b in zip(stats["overall"]["top1"], stats["overall"]["top3"]))
+    f = tmp_path / "mine.jsonl"
+    f.write_text("".join(json.dumps({"prompt": f"w{i} w{i + 3}"}) + "\n" for i in (1, 5)))
+    out = tmp_path / "ev"
+    assert cli.main(["eval", "--drafter", str(run / "drafter"), "--target", str(tmp_path / "target"), "--simulate",
+                     "--per-depth", "--prompts", str(f), "--max-new-tokens", "6", "--out", str(out)]) == 0
+    by_depth = json.loads((out / "report.json").read_text())["settings"]["topk_by_depth"]
+    assert by_depth["depth"] == 5 and len(by_depth["benchmarks"]["overall"]["top3"]) == 5
+    assert "Top-1 / top-3 acceptance at each draft depth" in (out / "summary.md").read_text()
+    assert cli.main(["eval", "--drafter", str(run / "drafter"), "--target", str(tmp_path / "target"),
+                     "--per-depth", "--prompts", str(f), "--out", str(tmp_path / "ev2")]) == 2
