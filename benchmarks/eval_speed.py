@@ -57,13 +57,14 @@ def main() -> None:
         "real_eval_s": real_s, "real_eagle_only_s": eagle_s, "ratio_real_over_simulated": real_s / sim_s,
         "ratio_eagle_only_over_simulated": eagle_s / sim_s, "tau_simulated": sim.overall.tau,
         "tau_real": real.overall.tau, "prompts_identical_cycles": same,
+        "real_mismatches_vs_hf_greedy": real.overall.mismatches,
         "command": "python benchmarks/eval_speed.py " + " ".join(
             f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v not in (None, False) and k != "out")}
     print(f"one-time continuation cache: {figures['cache_build_s']:.0f} s for {cache['generated']} new prompts")
     print(f"simulated eval (warm cache): {sim_s:.1f} s; real decoding: {real_s:.1f} s (EAGLE part {eagle_s:.1f} s)")
     print(f"ratio real / simulated: {real_s / sim_s:.1f}x (EAGLE part only: {eagle_s / sim_s:.1f}x); target >= 20x")
     print(f"tau simulated {sim.overall.tau:.4f}, real {real.overall.tau:.4f}; identical cycles on {same} of "
-          f"{len(sim.records)} prompts")
+          f"{len(sim.records)} prompts; real decoding vs HF greedy: {real.overall.mismatches} mismatching prompts")
     if args.out:
         Path(args.out).write_text(json.dumps(figures, indent=2) + "\n")
 
