@@ -27,7 +27,7 @@ import inspect
 import json
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -94,18 +94,18 @@ def cached_step(model, cache, **inputs):
 
 
 @torch.no_grad()
-def greedy_continuations(model, prompts: Sequence[Sequence[int]], length: int, pad_id: int,
-                         batch_size: int = GEN_BATCH) -> list[list[int]]:
-    """`length` greedy tokens after each prompt (EOS does not stop), batched with left padding.
+def greedy_batches(model, prompts: Sequence[Sequence[int]], length: int, pad_id: int,
+                   batch_size: int = GEN_BATCH) -> Iterator[tuple[list[int], list[list[int]]]]:
+    """`length` greedy tokens after each prompt (EOS does not stop), batched with left padding, shortest
+    prompts first (little padding); yielded batch by batch so a caller can store each as it is made.
 
     Args:
         model: an HF causal LM (`AutoModelForCausalLM`), eval mode.
         prompts: token id lists.
-    Returns:
-        one list of `length` ids per prompt, in input order.
+    Yields:
+        (indices into `prompts`, one list of `length` ids per index).
     """
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    out: list[list[int]] = [[] for _ in prompts]
     for start in range(0, len(order), batch_size):
         chunk = order[start:start + batch_size]
         width = max(len(prompts[i]) for i in chunk)
@@ -122,10 +122,7 @@ def greedy_continuations(model, prompts: Sequence[Sequence[int]], length: int, p
             generated.append(nxt)
             step_ids, pos = nxt[:, None], pos[:, -1:] + 1
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        tokens = torch.stack(generated, 1).tolist()
-        for row, i in enumerate(chunk):
-            out[i] = tokens[row]
-    return out
+        yield chunk, torch.stack(generated, 1).tolist()
 
 
 def target_features(target, ids: Tensor, feature_layers: Sequence[int] | None) -> Tensor:
@@ -163,13 +160,12 @@ def load_continuations(target_dir: Path, target, prompts: Sequence[Sequence[int]
     missing = [i for i in range(len(prompts)) if i not in ids]
     if missing:
         start = time.perf_counter()
-        model, pad_id = _hf_model(target_dir), int(target.config.pad_token_id or 0)
-        missing.sort(key=lambda i: len(prompts[i]))  # as greedy_continuations batches them: little padding
-        for first in tqdm(range(0, len(missing), GEN_BATCH), desc="greedy continuations", unit="batch",
-                          disable=not progress):
-            chunk = missing[first:first + GEN_BATCH]  # stored batch by batch: an interrupted build resumes
-            tails = greedy_continuations(model, [prompts[i] for i in chunk], length, pad_id=pad_id)
-            for i, tail in zip(chunk, tails):
+        batches = greedy_batches(_hf_model(target_dir), [prompts[i] for i in missing], length,
+                                 pad_id=int(target.config.pad_token_id or 0), batch_size=GEN_BATCH)
+        for chunk, tails in tqdm(batches, desc="greedy continuations", unit="batch", disable=not progress,
+                                 total=-(-len(missing) // GEN_BATCH)):
+            for j, tail in zip(chunk, tails):  # stored batch by batch: an interrupted build resumes
+                i = missing[j]
                 ids[i] = torch.tensor(list(prompts[i]) + tail, dtype=torch.long)
                 _save({"ids": ids[i]}, root / f"{keys[i]}.ids.safetensors")
         cost.update(generate_s=time.perf_counter() - start, generated=len(missing))

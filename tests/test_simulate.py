@@ -317,18 +317,17 @@ def test_an_interrupted_continuation_build_keeps_its_finished_batches(tmp_path: 
     target = eagle_compat.load_host_target(target_dir)
     prompts = [[5 + i, 7 + i, 9 + 2 * i][: 1 + i % 3] for i in range(5)]
     monkeypatch.setattr(continuations, "GEN_BATCH", 2)
-    real, calls = continuations.greedy_continuations, []
+    real = continuations.greedy_batches
 
     def dies_in_second_batch(*args, **kwargs):
-        calls.append(len(args[1]))
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
+        batches = real(*args, **kwargs)
+        yield next(batches)
+        raise KeyboardInterrupt
 
-    monkeypatch.setattr(continuations, "greedy_continuations", dies_in_second_batch)
+    monkeypatch.setattr(continuations, "greedy_batches", dies_in_second_batch)
     with pytest.raises(KeyboardInterrupt):
         continuations.load_continuations(target_dir, target, prompts, 4, None)
-    monkeypatch.setattr(continuations, "greedy_continuations", real)
+    monkeypatch.setattr(continuations, "greedy_batches", real)
     resumed, cost = continuations.load_continuations(target_dir, target, prompts, 4, None)
     assert cost["generated"] == 3      # 5 prompts, the first batch of 2 kept
     monkeypatch.setenv("PPOW_CACHE", str(tmp_path / "fresh"))
