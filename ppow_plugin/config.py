@@ -209,8 +209,9 @@ class RewardCfg:
 class LossCfg:
     clip_eps: float = 0.2  # PPO clip range [default]
     ratio_mode: Literal["token", "window"] = "window"  # window = geometric mean over the window [default]
-    # tokens that carry the advantage: accepted_prefix = 1..min(k+1, K), the ones that decided k; window = all K
-    credit: Literal["window", "accepted_prefix"] = "accepted_prefix"  # [default]
+    # tokens that carry the advantage: accepted_prefix = 1..min(k+1, K), the ones that decided k; window = all K;
+    # signed = A > 0: the accepted 1..k only, A < 0: the rejected k+1 only (losses.credit_mask)
+    credit: Literal["window", "accepted_prefix", "signed"] = "accepted_prefix"  # [default]
     kl_positions: Literal["window", "accepted_prefix"] = "accepted_prefix"  # window positions the KL term sees [default]
     advantage_scale: Literal["std", "none"] = "std"  # divide by group std (GRPO) or only centre
     kl_beta: float = 0.05  # β: KL to the *target* on window positions [default]

@@ -30,8 +30,8 @@ from torch import Tensor
 from ppow_plugin.windowing import kl_divergence
 
 RatioMode = Literal["token", "window"]
-Credit = Literal["window", "accepted_prefix"]
-CREDITS: tuple[str, ...] = ("window", "accepted_prefix")
+Credit = Literal["window", "accepted_prefix", "signed"]
+CREDITS: tuple[str, ...] = ("window", "accepted_prefix", "signed")
 
 
 class PolicyStats(NamedTuple):
@@ -122,25 +122,29 @@ def group_advantages(
 
 
 def credit_mask(accept_len: Tensor, valid_mask: Tensor, credit: Credit, proximity_positions: int = 1,
-                accept_cap: int | None = None) -> Tensor:
+                accept_cap: int | None = None, advantages: Tensor | None = None) -> Tensor:
     """Which drafted tokens carry a window's advantage (and, as a config choice, its KL term).
 
     "window": every valid token. "accepted_prefix": tokens 1..min(k + 1, K), the accepted ones and the
-    first rejected one, which decided k; the later tokens cannot have changed the reward. A window with
-    k = 0 also earns (or not) R_dist from Δ over its first `proximity_positions` tokens, so those stay
-    credited there.
+    first rejected one, which decided k; the later tokens cannot have changed the reward. "signed": the
+    same tokens split by the advantage's sign, so that no token is pushed the wrong way: an above-mean
+    window (A > 0) credits its accepted tokens 1..k (never the rejected token k + 1, which the target
+    refused), a below-mean window (A < 0) credits only its rejected token k + 1 (never its accepted tokens,
+    which the target took). A window with k = 0 also earns (or not) R_dist from Δ over its first
+    `proximity_positions` tokens, so those stay credited there under every rule.
 
     Args:
         accept_len: k per window, capped as the reward counts it. Shape (B, G), integer.
         valid_mask: True for real window positions. Shape (B, G, K), bool.
-        credit: "window" or "accepted_prefix".
+        credit: "window", "accepted_prefix" or "signed".
         proximity_positions: tokens R_dist's Δ reads for a k = 0 window, >= 1 (K for Δ over the window).
         accept_cap: the most tokens k counts (`rewards.counted_accept_len`); a window accepted to the cap
             was decided by its first `accept_cap` tokens. None = no cap.
+        advantages: per-window advantages, shape (B, G); needed by "signed" only.
     Returns:
         valid_mask & credited, shape (B, G, K), bool.
     Raises:
-        ValueError: unknown credit or proximity_positions < 1.
+        ValueError: unknown credit, proximity_positions < 1, or "signed" without advantages.
     """
     if credit not in CREDITS:
         raise ValueError(f"credit {credit!r} must be one of {', '.join(CREDITS)}")
@@ -151,8 +155,18 @@ def credit_mask(accept_len: Tensor, valid_mask: Tensor, credit: Credit, proximit
     decided = torch.where(accept_len == 0, proximity_positions, accept_len + 1)  # [B, G]
     if accept_cap is not None:
         decided = decided.clamp(max=accept_cap)
-    position = torch.arange(valid_mask.shape[-1], device=valid_mask.device)
-    return valid_mask & (position < decided[..., None])
+    position = torch.arange(valid_mask.shape[-1], device=valid_mask.device)  # [K]
+    in_prefix = position < decided[..., None]                                 # [B, G, K]
+    if credit == "accepted_prefix":
+        return valid_mask & in_prefix
+    if advantages is None:
+        raise ValueError("credit 'signed' needs the advantages (their sign picks the credited tokens)")
+    k = accept_len[..., None]
+    accepted = position < k                  # tokens 1..k
+    rejected = position == k                 # token k + 1 (beyond K or the cap: no such token)
+    positive = (advantages > 0)[..., None]
+    signed = torch.where(positive, accepted, rejected) | (k == 0)  # k = 0: R_dist's positions, either sign
+    return valid_mask & in_prefix & signed
 
 
 def policy_loss(

@@ -342,7 +342,7 @@ class Trainer:
                                                  ro.valid_mask)  # accept: what decoding can accept
         adv = losses.group_advantages(rw.total, scale=cfg.loss.advantage_scale)
         delta_len = rc.delta_positions or r.window
-        credited = losses.credit_mask(accept, ro.valid_mask, cfg.loss.credit, delta_len, rc.accept_cap)
+        credited = losses.credit_mask(accept, ro.valid_mask, cfg.loss.credit, delta_len, rc.accept_cap, adv)
         pol, pst = losses.policy_loss(new_lp, ro.old_logprobs, adv, credited, cfg.loss.clip_eps, cfg.loss.ratio_mode)
         V = new_logits.shape[-1]
         ro_target_logits = self.adapter.restrict(self.drafter, ro.target_logits)  # [n, G, K, Vd]

@@ -265,6 +265,40 @@ def test_credit_mask_hand_computed():
     assert torch.equal(credit_mask(accept.clamp(max=2), valid, "accepted_prefix", accept_cap=2), capped)
 
 
+def test_signed_credit_splits_the_prefix_by_the_advantage_sign():
+    accept, valid = _credit_case()
+    adv = torch.tensor([[1.0, 1.0, -1.0, -1.0]])
+    # A > 0: accepted tokens 1..k only (k = 0 keeps R_dist's first position); A < 0: the rejected token
+    # k + 1 only (window 3 is fully accepted: it has no rejected token, so nothing).
+    expected = torch.tensor([[[1, 0, 0], [1, 0, 0], [0, 0, 0], [0, 0, 0]]], dtype=torch.bool)
+    assert torch.equal(credit_mask(accept, valid, "signed", advantages=adv), expected)
+    adv = torch.tensor([[-1.0, -1.0, 1.0, 1.0]])
+    expected = torch.tensor([[[1, 0, 0], [0, 1, 0], [1, 1, 0], [1, 1, 1]]], dtype=torch.bool)
+    assert torch.equal(credit_mask(accept, valid, "signed", advantages=adv), expected)
+    # It is always a subset of accepted_prefix (the tokens that decided k).
+    assert not (expected & ~credit_mask(accept, valid, "accepted_prefix")).any()
+    with pytest.raises(ValueError, match="advantages"):
+        credit_mask(accept, valid, "signed")
+
+
+def test_signed_credit_never_raises_a_rejected_token():
+    # Window 0: k = 1, above the mean (A = +1); window 1: k = 0, below (A = -1). Token mode, ratios 1.
+    # Under "signed" the rejected second token of window 0 gets no gradient; under "accepted_prefix" its
+    # gradient is negative, i.e. the step raises the probability of a token the target refused.
+    accept = torch.tensor([[1, 0]])
+    valid = torch.ones(1, 2, 3, dtype=torch.bool)
+    adv = torch.tensor([[1.0, -1.0]])
+    grads = {}
+    for credit in ("signed", "accepted_prefix"):
+        new = torch.zeros(1, 2, 3, requires_grad=True)
+        mask = credit_mask(accept, valid, credit, advantages=adv)
+        loss, _ = policy_loss(new, torch.zeros(1, 2, 3), adv, mask, clip_eps=0.2, ratio_mode="token")
+        loss.backward()
+        grads[credit] = new.grad
+    assert grads["signed"][0, 0, 1] == 0 and grads["signed"][0, 0, 0] < 0 and grads["signed"][0, 1, 0] > 0
+    assert grads["accepted_prefix"][0, 0, 1] < 0  # can fail: the old rule pushes the rejected token up
+
+
 def test_credit_mask_validation():
     accept, valid = _credit_case()
     with pytest.raises(ValueError, match="credit"):
