@@ -13,7 +13,9 @@
 #        CST_RECIPE  the continued-SFT recipe (default: the family's *_sft_generated.yaml, what the strong
 #                 starts were trained with: the target's own answers, cached features)
 #        CST_EXTRA   more overrides for the cst run (e.g. sft.vocab_rows=4096, as the start was trained)
-#        REAL     prompts per benchmark for the real-decoding checks at T = 0 and T = 1 (default 20)
+#        CST_LR   the continued-SFT learning rate, constant (default 5e-5: SFT gains at it, docs/results.md §4)
+#        REAL     prompts per benchmark for the real-decoding checks at T = 0 and T = 1 (default 20; 0 = none)
+#        BENCHES  simulated benchmarks as name:prompts (default "mt_bench:80 humaneval:164 sharegpt:200")
 #        OUT      output root (default runs/headline-<family>)
 # Runs (each `ppow train|sft` from SFT_DRAFTER_DIR, same recipe, same MINUTES):
 #   ppow          full PPOW, the recipe's defaults (ADAW, R_dist, fixed gamma 0.12)
@@ -44,7 +46,6 @@ export OMP_NUM_THREADS=${THREADS:-2} MKL_NUM_THREADS=${THREADS:-2}
 PPOW_RECIPE=recipes/smollm2/135M_${FAMILY}_ppow.yaml
 SFT_RECIPE=${CST_RECIPE:-recipes/smollm2/135M_${FAMILY}_sft_generated.yaml}
 JOBS=${JOBS:-1}
-LR=$(grep -E '^  lr:' "$PPOW_RECIPE" | awk '{print $2}')
 ppow() { $PY -m ppow_plugin.cli "$@"; }
 
 overrides() {  # the dotted overrides that make run $1 (the full run has none)
@@ -64,7 +65,7 @@ overrides() {  # the dotted overrides that make run $1 (the full run has none)
 }
 common() { echo "model.drafter=$SFT run.output_dir=$OUT/$1 run.max_steps=1000000 run.max_minutes=$MIN"; }
 recipe_of() { if [ "$1" = cst ]; then echo "$SFT_RECIPE"; else echo "$PPOW_RECIPE"; fi; }
-cst_extra="optim.lr=$LR optim.schedule=constant optim.warmup_steps=0 ${CST_EXTRA:-}"
+cst_extra="optim.lr=${CST_LR:-5.0e-5} optim.schedule=constant optim.warmup_steps=0 ${CST_EXTRA:-}"
 
 # 0. Every run's config is checked before hours of compute (an unreachable ablation fails here).
 for run in $RUNS; do
@@ -105,7 +106,7 @@ done
 # 3. Simulated tau at T = 0, reference = the SFT start, paired bootstrap intervals (h-sim's CLI).
 drafters=("$SFT"); names=sft
 for run in $RUNS; do drafters+=("$OUT/$run/drafter"); names+=",$run"; done
-for bench in mt_bench:80 humaneval:164 sharegpt:200; do
+for bench in ${BENCHES:-mt_bench:80 humaneval:164 sharegpt:200}; do
   b=${bench%%:*}; n=${bench##*:}
   [ -d "$OUT/sim-t0-$b" ] || ppow compare "${drafters[@]}" --names "$names" --simulate --benchmarks "$b" \
     --num-prompts "$n" --temperature 0 --recipe "$PPOW_RECIPE" --out "$OUT/sim-t0-$b"
@@ -113,7 +114,9 @@ done
 
 # 4. Real decoding: a T = 0 check of the simulation, and T = 1 (no simulation there), on a subset.
 for T in 0 1; do
+  [ "$REAL" = 0 ] && break
   [ -d "$OUT/real-t$T" ] || ppow compare "${drafters[@]}" --names "$names" --benchmarks mt_bench,humaneval \
     --num-prompts "$REAL" --temperature "$T" --recipe "$PPOW_RECIPE" --out "$OUT/real-t$T"
 done
-cat "$OUT"/sim-t0-*/compare.md "$OUT"/real-t*/compare.md
+cat "$OUT"/sim-t0-*/compare.md
+[ "$REAL" = 0 ] || cat "$OUT"/real-t*/compare.md
