@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The README's main job, end to end on the embedded default (SmolLM2-135M-Instruct on CPU):
-#   committed SFT drafter -> short PPOW run -> before/after evaluation -> export for the EAGLE host.
+#   committed SFT drafter -> short PPOW run -> before/after evaluation -> export for the EAGLE host,
+#   then the committed SFT and PPOW drafters' before/after table on every prompt (measured once, with its command).
 # Run via `make demo` (which builds .venv and prepares the target first). ~10 min on 2 idle cores.
 # Knobs: PPOW_DEMO_OUT (default runs/demo), PPOW_DEMO_STEPS (20), PPOW_DEMO_PROMPTS (5 per benchmark).
 set -euo pipefail
@@ -10,9 +11,14 @@ OUT=${PPOW_DEMO_OUT:-runs/demo}
 STEPS=${PPOW_DEMO_STEPS:-20}
 PROMPTS=${PPOW_DEMO_PROMPTS:-5}
 SFT=assets/drafters/smollm2-135m-eagle1-sft-gen  # the strongest committed EAGLE-1 start (docs/results.md §1b)
+PPOW=assets/drafters/smollm2-135m-eagle1-ppow    # the best committed PPOW drafter (docs/results.md §4)
 
 if [ ! -f "$SFT/model.safetensors" ]; then
   echo "error: the committed SFT drafter $SFT is missing; train one with: $BIN/ppow sft recipes/smollm2/135M_eagle1_sft_generated.yaml" >&2
+  exit 2
+fi
+if [ ! -f "$PPOW/before_after.md" ]; then
+  echo "error: the committed PPOW drafter's table $PPOW/before_after.md is missing; restore it with: git checkout -- $PPOW" >&2
   exit 2
 fi
 if [ -e "$OUT" ]; then
@@ -36,3 +42,6 @@ echo "Before/after (also in $OUT/compare/compare.md):"
 cat "$OUT/compare/compare.md"
 echo
 echo "Exported drafter: $OUT/export-eagle1 (config.json + pytorch_model.bin, loads in eagle's EaModel)"
+echo
+echo "The committed drafters on every prompt ($PPOW/before_after.md; its command re-measures it, ~25 min cold):"
+cat "$PPOW/before_after.md"

@@ -162,14 +162,14 @@ def tree(path: Path) -> set:
     ("reward.gamma=inf", "reward.gamma must be a finite number (|x| <= 3.4e38, float32), got 'inf'"),
     ("run.max_minutes=-1", "run.max_minutes (-1.0) must be > 0 (or null = no time limit)"),
     ("data.num_conversations=0", "data.num_conversations (0) must be >= 1 (or null = all)"),
-    ("data.path=convs.jsonl", "data.path ('convs.jsonl') must be null for data.dataset=sharegpt (the bundled set); "
+    ("data.dataset=sharegpt data.path=convs.jsonl", "data.path ('convs.jsonl') must be null for data.dataset=sharegpt (the bundled set); "
                               "use data.dataset=jsonl to train on the file"),
     ("run.output_dir=", "run.output_dir ('') must be a directory for the run (e.g. runs/my-run)"),
 ])
 def test_values_that_training_crashed_on_are_refused_up_front(cmd, override, message, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # run.output_dir= would have written here
     (tmp_path / "convs.jsonl").write_text("")
-    assert one_error(capsys, [cmd, PPOW, override]) == f"error: {message}"
+    assert one_error(capsys, [cmd, PPOW, *override.split()]) == f"error: {message}"
     assert tree(tmp_path) == {"convs.jsonl"}
 
 
@@ -265,8 +265,8 @@ def test_validate_prints_absolute_paths_and_refuses_missing_ones(capsys, tmp_pat
 ])
 def test_validate_checks_each_input_path(override, message, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    drafter = ROOT / "assets/drafters/smollm2-135m-eagle1-sft"
-    line = one_error(capsys, ["validate", PPOW, f"model.drafter={drafter}", *override.split()])
+    drafter, data = ROOT / "assets/drafters/smollm2-135m-eagle1-sft", ROOT / "assets/generated/smollm2-135m-sharegpt-2048"
+    line = one_error(capsys, ["validate", PPOW, f"model.drafter={drafter}", f"data.path={data}", *override.split()])
     assert line.startswith("error: " + message.format(cwd=tmp_path))
     assert tree(tmp_path) == set()
 
