@@ -3,7 +3,7 @@
 Each `assets/drafters/*/provenance.json` with a `tau_check` records a `ppow eval --simulate` command and
 what it measured (new tokens and cycles: integers, so the check is exact). The test runs that command on
 the prepared embedded target and compares. Can fail: the same command on a copy of the drafter with its
-weights nudged measures something else, and the test says so.
+weights nudged (0.3 std of noise per tensor) measures something else, and the test says so.
 """
 
 import json
@@ -54,6 +54,6 @@ def test_the_recorded_tau_check_reproduces(drafter: Path, tmp_path: Path):
     shutil.copytree(drafter, nudged)
     weights = load_file(nudged / "model.safetensors")
     gen = torch.Generator().manual_seed(0)
-    save_file({k: v + 0.05 * v.std() * torch.randn(v.shape, generator=gen) if v.is_floating_point() and v.numel() > 1
+    save_file({k: v + 0.3 * v.std() * torch.randn(v.shape, generator=gen) if v.is_floating_point() and v.numel() > 1
                else v for k, v in weights.items()}, nudged / "model.safetensors")
     assert _measure(check, nudged, tmp_path / "eval-nudged") != got
