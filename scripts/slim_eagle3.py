@@ -19,13 +19,23 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ppow_plugin import export, formats
+from ppow_plugin.errors import UserError
+
+
+def fail(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
 
 
 def main(src: Path, out: Path) -> None:
     if out.exists():
-        sys.exit(f"error: {out} exists; choose a new output dir")
-    if formats.load_drafter(src).format != "eagle3":
-        sys.exit(f"error: {src} is not an EAGLE-3 drafter dir")
+        fail(f"{out} exists; choose a new output dir")
+    try:
+        fmt = formats.load_drafter(src).format
+    except UserError as exc:
+        fail(str(exc))
+    if fmt != "eagle3":
+        fail(f"{src} holds an {fmt} drafter; pass an EAGLE-3 drafter dir")
     weights = {k: (v.to(torch.float16) if v.is_floating_point() else v)
                for k, v in load_file(str(src / "model.safetensors")).items() if k != formats.EMBED_KEY}
     with export.atomic_dir(out) as tmp:
@@ -41,5 +51,5 @@ def main(src: Path, out: Path) -> None:
 
 if __name__ == "__main__":
     if len(sys.argv) != 3:
-        sys.exit("usage: python scripts/slim_eagle3.py SRC_DRAFTER_DIR OUT_DIR")
+        fail("usage: python scripts/slim_eagle3.py SRC_DRAFTER_DIR OUT_DIR")
     main(Path(sys.argv[1]), Path(sys.argv[2]))
