@@ -170,7 +170,6 @@ def draft_greedy_path(fmt: str, drafter, target, seq: Sequencer, roots: Tensor, 
     head, step = _head_and_step(fmt, drafter, target)
     d2t = getattr(drafter, "d2t", None)
     true = seq.ids[roots[:, None] + torch.arange(1, depth + 1)]             # [R, D] greedy tokens after each root
-    fed = true if d2t is None else _to_draft_ids(true, drafter)
     past = seq.dpass.out_features.shape[0]
     rows = torch.arange(roots.numel())                                       # rows still drafted
     feat = seq.dpass.out_features[roots - 1][:, None]                        # [m, 1, H] after the last committed pair
@@ -183,7 +182,7 @@ def draft_greedy_path(fmt: str, drafter, target, seq: Sequencer, roots: Tensor, 
         keep_t = torch.tensor(keep)
         rows, feat, kv, prefix = rows[keep_t], feat[keep_t], _rows(kv, keep_t), prefix[keep_t]
         mask = torch.cat([prefix, torch.ones(len(keep), j + 1, dtype=torch.bool)], 1)
-        feat, kv = step(drafter, feat, fed[rows, j], kv, (roots[rows] + j)[:, None], mask)
+        feat, kv = step(drafter, feat, true[rows, j], kv, (roots[rows] + j)[:, None], mask)  # target ids, both families
 
 
 def static_accept_lengths(fmt: str, drafter, target, seq: Sequencer, roots: Tensor, tree: StaticTree) -> Tensor:
@@ -227,14 +226,6 @@ def _rows(kv, idx: Tensor):
     if isinstance(kv, Tensor):
         return kv.expand(idx.numel(), *kv.shape[1:]) if kv.shape[0] == 1 else kv[idx]
     return tuple(_rows(x, idx) for x in kv)
-
-
-def _to_draft_ids(target_ids: Tensor, drafter) -> Tensor:
-    """Target ids -> draft ids (ids outside the draft vocabulary map to 0: their chain is already rejected)."""
-    inv = torch.zeros(drafter.t2d.numel(), dtype=torch.long, device=target_ids.device)
-    d = torch.arange(drafter.d2t.numel(), device=target_ids.device)
-    inv[d + drafter.d2t] = d
-    return inv[target_ids]
 
 
 def dynamic_accept_lengths(drafter, seq: Sequencer, roots: Tensor, tree) -> Tensor:

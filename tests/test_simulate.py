@@ -371,3 +371,50 @@ def test_topk_by_depth_agrees_with_chain_acceptance_and_drafts_past_a_miss(tmp_p
     assert "Top-1 / top-3 acceptance at each draft depth" in (out / "summary.md").read_text()
     assert cli.main(["eval", "--drafter", str(run / "drafter"), "--target", str(tmp_path / "target"),
                      "--per-depth", "--prompts", str(f), "--out", str(tmp_path / "ev2")]) == 2
+
+
+def test_eagle3_depth_ranks_follow_the_training_time_test_chain(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """EAGLE-3 per-depth drafts feed each depth its true token as a target id (the drafter embeds the
+    target vocabulary, as the decoder's tree and the rollouts feed it), so the logits they rank equal, at
+    every depth, those of the training-time-test chain (`eagle3.ttt_unroll`: the decoder's attention and
+    positions). Can fail: the draft vocabulary here is reduced and every draft id differs from its target
+    id, and the same chain fed draft ids (the bug this test was written for) drafts other logits."""
+    from ppow_plugin import continuations, drafters, eagle3, eagle_compat, patching
+    from tiny import make_target
+    if patching.patch_status().state != "patched":
+        pytest.skip("the EAGLE host is not installed and patched")
+    monkeypatch.setenv("PPOW_CACHE", str(tmp_path / "cache"))
+    target = eagle_compat.load_host_target(make_target(tmp_path / "target"))
+    vocab = target.config.vocab_size
+    layers = eagle3.Eagle3Config.from_target_config(target.config, None).feature_layer_ids
+    prompts = [[3 + i, 8 + 2 * i, 20 + i, 5] for i in range(3)]
+    conts, _ = continuations.load_continuations(tmp_path / "target", target, prompts, 16, layers)
+    t2d = torch.zeros(vocab, dtype=torch.bool)   # the continuations' tokens and a random third of the rest
+    t2d[torch.cat([c.ids for c in conts])] = True
+    t2d |= torch.rand(vocab, generator=torch.Generator().manual_seed(0)) < 0.33
+    t2d[:3] = False
+    used = t2d.nonzero()[:, 0]
+    drafter = drafters.new_eagle3(target, used.numel(), torch.float32)
+    drafter.set_vocab_map(used - torch.arange(used.numel()), t2d)
+    drafter.eval()
+    assert drafter.cfg.feature_layer_ids == layers and (drafter.d2t != 0).all()
+    to_draft = torch.zeros(vocab, dtype=torch.long)
+    to_draft[used] = torch.arange(used.numel())
+    seen: list[torch.Tensor] = []
+    ranks_of = simulate.true_ranks
+    monkeypatch.setattr(simulate, "true_ranks",
+                        lambda logits, ids, d2t: seen.append(logits) or ranks_of(logits, ids, d2t))
+    depth = 4
+    for cont in conts:
+        seen.clear()
+        seq = simulate.teacher_forced("eagle3", drafter, target, cont)
+        roots = simulate._roots(cont, 8, None)
+        ranks = simulate.depth_ranks("eagle3", drafter, target, seq, roots, depth)          # [R, D]
+        assert len(seen) == depth and ranks.shape == (roots.numel(), depth)
+        next_ids = torch.cat([cont.ids[1:], cont.ids.new_zeros(1)])[None]                 # [1, T]
+        with torch.no_grad():
+            chain = eagle3.ttt_unroll(drafter, cont.features.float()[None], next_ids, depth)
+            fed_draft_ids = eagle3.ttt_unroll(drafter, cont.features.float()[None], to_draft[next_ids], depth)
+        for j in range(depth):
+            torch.testing.assert_close(seen[j], chain[j][0, roots - 1].float(), atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(seen[1], fed_draft_ids[1][0, roots - 1].float(), atol=1e-3)
