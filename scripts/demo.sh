@@ -10,7 +10,7 @@ BIN=.venv/bin
 OUT=${PPOW_DEMO_OUT:-runs/demo}
 STEPS=${PPOW_DEMO_STEPS:-20}
 PROMPTS=${PPOW_DEMO_PROMPTS:-5}
-SFT=assets/drafters/smollm2-135m-eagle1-sft-gen  # the strongest committed EAGLE-1 start (docs/results.md §1b)
+SFT=assets/drafters/smollm2-135m-eagle1-sft-gen  # the PPOW recipe's committed EAGLE-1 start (docs/results.md §1b)
 PPOW=assets/drafters/smollm2-135m-eagle1-ppow    # the best committed PPOW drafter (docs/results.md §4)
 
 if [ ! -f "$SFT/model.safetensors" ]; then
