@@ -86,8 +86,9 @@ class DataCfg:
     num_conversations: int | None = None  # use only the first N train conversations (None = all)
     heldout_fraction: float = 0.02  # share of ShareGPT kept out of training, by stable hash of the id
     micro_batch: int = 1  # sequences per micro-step
-    # SFT only: store each sequence's target pass (fp16) in the asset cache on first use and read it on later
-    # epochs instead of running the target (feature_cache.py); false = run the target every time (online)
+    # store each sequence's target pass (fp16) in the asset cache on first use and read it on later epochs instead
+    # of running the target (feature_cache.py); false = run the target every time (online). SFT, or PPOW with
+    # rollout.verify=data (no tree verification needs the target's KV cache then)
     feature_cache: bool = False
 
     def __post_init__(self):
@@ -143,7 +144,10 @@ class RolloutCfg:
     window: int = 10  # K: draft tokens per window [paper]
     prefixes_per_sequence: int = 4  # windows' prefixes chosen per training sequence by ADAW [default]
     temperature: float = 1.0  # drafter sampling temperature for rollouts [default]
-    verify: Literal["greedy", "sampling"] = "greedy"  # target acceptance rule: T=0 match or rejection sampling
+    # target acceptance rule: greedy = T=0 match by a target tree forward; sampling = rejection sampling;
+    # data = the T=0 match read off the target's pass over the sequence, no tree forward (rollout.verify_on_data:
+    # the same k wherever the accepted tokens are the data's, as on data.dataset=generated) [default: greedy]
+    verify: Literal["greedy", "sampling", "data"] = "greedy"
     verify_temperature: float = 1.0  # target temperature when verify=sampling
     # 1: each group's first window is the drafter's greedy (argmax) window, a member the sampled ones are compared
     # against; off: it did not reduce zero-variance groups in a measurement (docs/algorithm.md) [default]
@@ -336,6 +340,17 @@ class Config:
         if self.reward.delta_positions is not None:
             _require(self.reward.delta_positions <= self.rollout.window, "reward.delta_positions",
                      self.reward.delta_positions, f"<= rollout.window ({self.rollout.window})")
+        if self.stage == "ppow" and self.rollout.verify == "data":  # the losses may read window rows 1..k+1 only
+            _require(self.data.dataset == "generated", "data.dataset", self.data.dataset,
+                     "generated for rollout.verify=data (the target's own answers: its choices are the data)")
+            _require(self.loss.kl_positions == "accepted_prefix", "loss.kl_positions", self.loss.kl_positions,
+                     "accepted_prefix for rollout.verify=data (later rows are the data's, not the draft's)")
+            _require(self.reward.delta_positions == 1, "reward.delta_positions", self.reward.delta_positions,
+                     "1 for rollout.verify=data (later rows are the data's, not the draft's)")
+        if self.stage == "ppow":
+            _require(not self.data.feature_cache or self.rollout.verify == "data", "data.feature_cache",
+                     self.data.feature_cache, "false for PPOW unless rollout.verify=data (a tree verification "
+                     "needs the target's KV cache of the sequence)")
 
 
 # ----------------------------------------------------------------------------------------------

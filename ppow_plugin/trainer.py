@@ -133,13 +133,10 @@ class Trainer:
         return created
 
     def _open_feature_cache(self) -> feature_cache.FeatureCache | None:
-        """data.feature_cache (SFT only): target passes stored once, read back on later epochs."""
+        """data.feature_cache (SFT; PPOW with rollout.verify=data, `Config`): passes stored once, read back later."""
         cfg = self.cfg
         if not cfg.data.feature_cache:
             return None
-        if cfg.stage != "sft":
-            raise UserError("data.feature_cache=true is for `ppow sft` only (PPOW verifies drafts with the target's "
-                            "KV cache); set data.feature_cache=false")
         layers = self.drafter.cfg.feature_layer_ids if cfg.model.drafter_type == "eagle3" else None
         return feature_cache.FeatureCache.open(self.target_dir, cfg.model.drafter_type, layers, cfg.data.max_len)
 
@@ -260,15 +257,17 @@ class Trainer:
             item["rollout"] = None
             item["policy"] = PolicyPass(dpass, draft_logits, None, None) if keep_graph else None
             return item
-        drawn = self._draw(ids, dpass, starts, drafter_pass)
+        drawn = self._draw(ids, tpass.logits, dpass, starts, drafter_pass)
         valid_windows = torch.ones_like(drawn.tokens, dtype=torch.bool)
+        if self.cfg.rollout.verify == "data":  # no target rows past the sequence's end
+            valid_windows = rollout.on_sequence_mask(ids.numel(), starts, *drawn.tokens.shape[1:])
 
         def flat_groups(d: rollout.Drawn) -> torch.Tensor:  # [n] True: every window of the group earns the same
             rw = self._window_rewards(d.accept_len, d.target_greedy_lp, d.target_draft_lp, valid_windows)[2]
             return (losses.group_advantages(rw.total) == 0).all(dim=1)
 
         drawn, item["redrawn"] = rollout.redraw_flat_groups(  # dynamic sampling (rollout.resample_tries)
-            drawn, starts, lambda s: self._draw(ids, dpass, s, drafter_pass), flat_groups,
+            drawn, starts, lambda s: self._draw(ids, tpass.logits, dpass, s, drafter_pass), flat_groups,
             self.cfg.rollout.resample_tries)
         item["rollout"] = rollout.Rollout(starts, drawn.tokens, drawn.logprobs.detach(), drawn.accept_len,
                                           drawn.target_logits, drawn.target_draft_lp, drawn.target_greedy_lp,
@@ -277,16 +276,20 @@ class Trainer:
             item["policy"] = PolicyPass(dpass, draft_logits, drawn.logprobs, drawn.logits)
         return item
 
-    def _draw(self, ids, dpass, starts, drafter_pass) -> rollout.Drawn:
+    def _draw(self, ids, sequence_logits, dpass, starts, drafter_pass) -> rollout.Drawn:
         """G windows from each start, drafted (under `drafter_pass`: enable_grad keeps the graph) and verified."""
         r = self.cfg.rollout
         with drafter_pass():
             tokens, logprobs, logits = self.adapter.draft_windows(self.drafter, self.target, dpass, starts, r,
                                                                   generator=self.gen)  # drafter-vocabulary ids
+        target_ids = self.adapter.to_target_ids(self.drafter, tokens)
         with torch.no_grad():
-            verified = rollout.verify_windows(
-                self.target, self.kv, ids, starts, self.adapter.to_target_ids(self.drafter, tokens), r.verify,
-                r.verify_temperature, rollout.proposal_logprobs(logprobs, r.greedy_members), self.gen)
+            if r.verify == "data":
+                verified = rollout.verify_on_data(ids, sequence_logits, starts, target_ids)
+            else:
+                verified = rollout.verify_windows(
+                    self.target, self.kv, ids, starts, target_ids, r.verify, r.verify_temperature,
+                    rollout.proposal_logprobs(logprobs, r.greedy_members), self.gen)
         return rollout.Drawn(tokens, logprobs, logits, *verified)
 
     def _window_rewards(self, accept_len, greedy_lp, draft_lp, valid) -> tuple:
@@ -301,12 +304,14 @@ class Trainer:
         """The target's pass over one sequence, from the feature cache when it is on (no target layer runs).
 
         A miss runs the target, stores the pass and then uses its fp16-rounded copy, so a step computes the same
-        whether its sequence was cached before or not (resume stays bit-exact). Cached passes carry logits only
-        at `valid` positions (the only ones SFT reads), or none when the adapter's SFT loss recomputes them."""
-        if not self.adapter.sft_reads_target_logits:
-            valid = torch.zeros_like(valid)
+        whether its sequence was cached before or not (resume stays bit-exact). Cached SFT passes carry logits
+        only at `valid` positions (the only ones SFT reads), or none when the adapter's SFT loss recomputes them;
+        PPOW reads every row (windows, ADAW, `rollout.verify_on_data`)."""
+        rows = valid if self.adapter.sft_reads_target_logits else torch.zeros_like(valid)
+        if self.cfg.stage == "ppow":
+            rows = None
         if self.features is not None:
-            cached = self.features.get(sample, self.target.lm_head, valid)
+            cached = self.features.get(sample, self.target.lm_head, rows)
             if cached is not None:
                 return cached
         eagle_compat.reset_kv(self.kv)
@@ -314,7 +319,7 @@ class Trainer:
         if self.features is None:
             return tpass
         self.features.put(sample, tpass)
-        return feature_cache.cached_target_pass(tpass.features.half(), tpass.hidden.half(), self.target.lm_head, valid)
+        return feature_cache.cached_target_pass(tpass.features.half(), tpass.hidden.half(), self.target.lm_head, rows)
 
     def _sft_loss(self, item: dict) -> StepResult:
         """EAGLE-1: next-feature SmoothL1 + soft CE on noised features; EAGLE-3: training-time test."""

@@ -185,6 +185,21 @@ def test_cross_section_invariants():
         load_config(None, ["data.dataset=jsonl"])
 
 
+def test_verification_on_the_data_needs_generated_data_and_reads_only_rows_up_to_k_plus_1():
+    ok = ["rollout.verify=data", "data.dataset=generated"]
+    cfg = load_config(None, ok + ["data.feature_cache=true"])  # no tree: the target's KV cache is not needed
+    assert (cfg.rollout.verify, cfg.data.feature_cache) == ("data", True)
+    with pytest.raises(UserError, match=r"data.dataset \('sharegpt'\) must be generated for rollout.verify=data"):
+        load_config(None, ["rollout.verify=data"])
+    with pytest.raises(UserError, match=r"loss.kl_positions \('window'\) must be accepted_prefix"):
+        load_config(None, ok + ["loss.kl_positions=window"])
+    with pytest.raises(UserError, match=r"reward.delta_positions \(2\) must be 1 for rollout.verify=data"):
+        load_config(None, ok + ["reward.delta_positions=2"])
+    with pytest.raises(UserError, match=r"data.feature_cache \(True\) must be false for PPOW unless rollout.verify=data"):
+        load_config(None, ["data.dataset=generated", "data.feature_cache=true"])
+    assert load_config(None, ["stage=sft", "data.feature_cache=true"]).data.feature_cache  # SFT: always allowed
+
+
 def test_empty_section_still_takes_overrides(tmp_path):
     cfg = load_config(write(tmp_path, "stage: sft\noptim:\n"), ["optim.lr=1e-4"])
     assert cfg.optim.lr == 1e-4

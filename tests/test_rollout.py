@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ppow_plugin import eagle_compat, patching, rollout
+from ppow_plugin import eagle_compat, losses, patching, rollout
 from tiny import make_target
 
 if patching.patch_status().state != "patched":
@@ -297,6 +297,64 @@ def test_verification_leaves_the_cache_as_the_sequence_so_windows_can_be_verifie
     rollout._set_kv_length(kv, ids.numel())
     corrupted = rollout.verify_windows(target, kv, ids, starts[1:], drafts[1:], *args)
     assert not torch.allclose(corrupted[1], first[1][1:])
+
+
+def _greedy_continuation(target, prefix: torch.Tensor, n: int) -> torch.Tensor:
+    """[n] the target's greedy tokens after `prefix`, one full forward each (no cache)."""
+    seq = prefix
+    for _ in range(n):
+        with torch.no_grad():
+            nxt = target.lm_head(target.model(input_ids=seq[None])[0])[0, -1].argmax()
+        seq = torch.cat([seq, nxt[None]])
+    return seq[prefix.numel():]
+
+
+def test_verification_on_the_data_equals_the_tree_on_the_targets_own_greedy_answer(tmp_path):
+    target = eagle_compat.load_host_target(make_target(tmp_path, layers=4, seed=3), torch.float32)
+    # An untied random head: the tied tiny target's greedy answer repeats one token, which would hide a
+    # misaligned row; this one's does not.
+    g = torch.Generator().manual_seed(0)
+    target.lm_head.weight = torch.nn.Parameter(torch.randn(target.lm_head.weight.shape, generator=g))
+    g = torch.Generator().manual_seed(5)
+    prompt = torch.randint(4, 120, (8,), generator=g)
+    answer = _greedy_continuation(target, prompt, 18)
+    assert len(set(answer.tolist())) >= 6
+    ids = torch.cat([prompt, answer])  # T = 26, an answer as `gen_data` writes it
+    starts, G, K = torch.tensor([7, 12, 16, 20]), 5, 5  # s + K <= T - 1: every window inside the data
+    drafts = torch.randint(4, 120, (4, G, K), generator=g)
+    for i, s in enumerate(starts.tolist()):
+        data = ids[s + 1: s + 1 + K]
+        drafts[i, 0], drafts[i, 1, :2], drafts[i, 2, 1:], drafts[i, 3, :3] = data, data[:2], data[1:], data[:3]
+    kv = eagle_compat.new_kv_cache(target)
+    eagle_compat.reset_kv(kv)
+    tpass = rollout.target_forward(target, ids[None], kv)
+    tree = rollout.verify_windows(target, kv, ids, starts, drafts, "greedy", 1.0, torch.zeros(drafts.shape))
+    free = rollout.verify_on_data(ids, tpass.logits, starts, drafts)
+    assert torch.equal(free[0], tree[0])
+    assert set(free[0].flatten().tolist()) >= {0, 2, 3, K}  # k spans the window
+    read = losses.credit_mask(free[0], torch.ones(drafts.shape, dtype=torch.bool), "accepted_prefix")
+    for a, b in zip(free[1:], tree[1:]):  # target logits, log-probs of the drafts, greedy log-probs
+        torch.testing.assert_close(a[read], b[read], atol=1e-4, rtol=1e-4)
+
+    # Can fail: on data that is not the target's answer, drafts that take the target's choice after each *data*
+    # prefix are accepted by the tree at their first token only when the data continues with it; the data's
+    # rows say nothing about d_2 after a d_1 the data did not take, so the window stops at k = 1 there
+    # (without that rule it would read k = K). k is never over-counted.
+    noisy = torch.cat([prompt, torch.randint(4, 120, (18,), generator=g)])
+    eagle_compat.reset_kv(kv)
+    noisy_pass = rollout.target_forward(target, noisy[None], kv)
+    choice = noisy_pass.logits.argmax(-1)  # [T]: the target's token after each data prefix
+    chase = torch.stack([choice[s: s + K] for s in starts.tolist()])[:, None]  # [n, 1, K]
+    tree = rollout.verify_windows(target, kv, noisy, starts, chase, "greedy", 1.0, torch.zeros(chase.shape))
+    free = rollout.verify_on_data(noisy, noisy_pass.logits, starts, chase)
+    off = chase[:, 0, 0] != noisy[starts + 1]  # the data does not continue with the accepted first token
+    assert off.sum() >= 3 and (free[0][off] == 1).all() and (free[0] <= tree[0]).all() and (tree[0] >= 1).all()
+
+    # A window that runs past the sequence's end stops there; the positions past it are no window positions.
+    last = torch.tensor([ids.numel() - 3])
+    end = torch.cat([ids[-2:], _greedy_continuation(target, ids, 3)])[None, None]  # [1, 1, 5]
+    assert rollout.verify_on_data(ids, tpass.logits, last, end)[0].item() == 3
+    assert rollout.on_sequence_mask(ids.numel(), last, 1, K)[0, 0].tolist() == [True, True, True, False, False]
 
 
 def _toy_drawn(rewards: torch.Tensor) -> rollout.Drawn:

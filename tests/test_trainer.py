@@ -111,3 +111,34 @@ def test_reusing_the_sampling_pass_equals_re_scoring(tmp_path, sft_drafter, resa
     for k in fused:
         torch.testing.assert_close(fused[k], rescored[k], rtol=1e-5, atol=1e-7)
     assert any(not torch.equal(fused[k], before[k]) for k in fused)  # it did train
+
+
+@pytest.mark.parametrize("family", [{}, {"model.drafter_type": "eagle3", "model.draft_vocab_size": 64}],
+                         ids=["eagle1", "eagle3"])
+def test_ppow_verified_on_its_generated_data_trains_as_with_the_tree_and_reads_the_feature_cache(
+        tmp_path, family, monkeypatch):
+    """rollout.verify=data on the target's own greedy answers: the same k, rewards and losses as the tree
+    verification (up to the float noise of a tree forward vs the sequence pass), and with data.feature_cache the
+    target does not run at all once the cache is filled (a hit trains exactly as the miss that filled it)."""
+    from ppow_plugin import datasets, gen_data
+
+    monkeypatch.setenv("PPOW_CACHE", str(tmp_path / "cache"))
+    *_, sft_drafter = run(tmp_path, "sft", **family, **{"run.max_steps": 2})
+    prompts = gen_data.first_turn_prompts(datasets.load_jsonl_conversations(tmp_path / "convs.jsonl"), 0.0)
+    gen_data.generate(tmp_path / "target", prompts, gen_data.GenSettings(max_new_tokens=40, batch_size=4),
+                      num_prompts=12, source="test", heldout_fraction=0.0, out_dir=tmp_path / "gen")
+    common = {**family, "model.drafter": sft_drafter, "data.dataset": "generated", "data.path": tmp_path / "gen",
+              "run.max_steps": 4}
+    arms = {"tree": {}, "data": {"rollout.verify": "data"},
+            "fill": {"rollout.verify": "data", "data.feature_cache": True},
+            "cached": {"rollout.verify": "data", "data.feature_cache": True}}
+    rows = {}
+    for name, extra in arms.items():
+        run(tmp_path, "ppow", **common, **extra, **{"run.output_dir": tmp_path / name})
+        rows[name] = [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+    for a, b in zip(rows["tree"], rows["data"], strict=True):
+        assert a["accept_len"] == b["accept_len"] and a["r_dist_rate"] == b["r_dist_rate"]
+        for key in ("loss", "reward", "kl", "distill", "policy_loss"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
+    assert rows["cached"][-1]["feature_cache_hits"] == 4 and rows["fill"][-1]["feature_cache_misses"] == 4
+    assert [r["loss"] for r in rows["cached"]] == [r["loss"] for r in rows["fill"]]
