@@ -207,7 +207,10 @@ def test_second_train_is_refused_at_once_and_ctrl_c_prints_the_resume_command(tm
     recipe = recipe_file(tmp_path, "sft", **{"run.output_dir": run, "run.max_steps": 100000, "run.save_every": 1})
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     argv = [sys.executable, "-m", "ppow_plugin.cli", "sft", str(recipe), "run.keep_last=2", "run.resume=false"]
-    first = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # A shell without job control starts background jobs with SIGINT ignored, and Python keeps an ignored
+    # SIGINT ignored: under `bash .ci/run &` Ctrl-C would never reach the run. A terminal's Ctrl-C always does.
+    first = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         wait_for_checkpoint(first, run / "checkpoints", 1)
         before = snapshot(tmp_path, skip=run)  # the running run's own files change meanwhile
