@@ -65,9 +65,9 @@ def main() -> int:
     def verify(target, kv, input_ids, starts, draft_tokens, *rest, **kw):
         out = timed("target tree verification", original_verify)(target, kv, input_ids, starts, draft_tokens,
                                                                   *rest, **kw)
+        inside = rollout.on_sequence_mask(input_ids.numel(), starts, *draft_tokens.shape[1:]).all(-1)  # [n, G]
         for name in ("exact", "fp16"):
             free = original_on_data(seq["ids"], seq[name], starts, draft_tokens)[0]
-            inside = rollout.on_sequence_mask(input_ids.numel(), starts, *draft_tokens.shape[1:]).all(-1)
             agree[f"{name}_same_k"] += int(((free == out[0]) & inside).sum())
             agree[f"{name}_over"] += int(((free > out[0]) & inside).sum())
         agree["windows"] += int(inside.sum())

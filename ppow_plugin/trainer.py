@@ -307,9 +307,10 @@ class Trainer:
         whether its sequence was cached before or not (resume stays bit-exact). Cached SFT passes carry logits
         only at `valid` positions (the only ones SFT reads), or none when the adapter's SFT loss recomputes them;
         PPOW reads every row (windows, ADAW, `rollout.verify_on_data`)."""
-        rows = valid if self.adapter.sft_reads_target_logits else torch.zeros_like(valid)
         if self.cfg.stage == "ppow":
             rows = None
+        else:
+            rows = valid if self.adapter.sft_reads_target_logits else torch.zeros_like(valid)
         if self.features is not None:
             cached = self.features.get(sample, self.target.lm_head, rows)
             if cached is not None:

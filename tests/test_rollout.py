@@ -79,12 +79,7 @@ def test_batched_tree_verification_matches_brute_force(tiny):
     drafts = torch.randint(4, 120, (3, G, K), generator=g)
     # Make some windows (partly) the target's own greedy continuation so k covers 0..K.
     for i, s in enumerate(starts.tolist()):
-        seq = ids[: s + 1]
-        for _ in range(K):
-            with torch.no_grad():
-                nxt = target.lm_head(target.model(input_ids=seq[None])[0])[0, -1].argmax()
-            seq = torch.cat([seq, nxt[None]])
-        greedy = seq[s + 1:]
+        greedy = _greedy_continuation(target, ids[: s + 1], K)
         drafts[i, 0] = greedy
         drafts[i, 1, :2] = greedy[:2]
         drafts[i, 2, 1:] = greedy[1:]  # wrong first token: k must be 0
