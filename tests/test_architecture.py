@@ -165,3 +165,28 @@ def test_the_checks_catch_a_circle_an_upward_import_and_a_deferred_one(tmp_path)
     assert find_cycles(graph) == [["ppow_plugin.errors", "ppow_plugin.host.bridge"],
                                   ["ppow_plugin.method.a", "ppow_plugin.method.b"]]
     assert upward_imports(graph) == ["ppow_plugin.errors imports ppow_plugin.host.bridge (layer 3 > 0)"]
+
+
+@pytest.mark.parametrize("old, new", [("trainer", "training.trainer"), ("gen_data", "data.generate"),
+                                      ("eagle_compat", "host.eagle_compat"), ("eval_report", "evaluation.eval_report")])
+def test_module_names_from_before_the_layout_still_import_with_a_warning(old, new):
+    import importlib
+    import sys
+
+    sys.modules.pop(f"ppow_plugin.{old}", None)
+    with pytest.warns(DeprecationWarning, match=f"ppow_plugin.{old} has moved to ppow_plugin.{new}"):
+        module = importlib.import_module(f"ppow_plugin.{old}")
+    assert module is importlib.import_module(f"ppow_plugin.{new}")
+
+
+def test_names_of_the_old_flat_data_and_drafters_modules_forward_with_a_warning():
+    from ppow_plugin import data, drafters
+    from ppow_plugin.data import samples
+    from ppow_plugin.drafters import adapters
+
+    with pytest.warns(DeprecationWarning, match="has moved to ppow_plugin.data.samples.tokenize_conversation"):
+        assert data.tokenize_conversation is samples.tokenize_conversation
+    with pytest.warns(DeprecationWarning):
+        assert drafters.ADAPTERS is adapters.ADAPTERS
+    with pytest.raises(AttributeError):
+        data.no_such_name  # noqa: B018
