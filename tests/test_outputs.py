@@ -164,7 +164,7 @@ def test_run_dir_holding_someone_elses_files_or_the_runs_inputs_is_refused(tmp_p
 
 def hold_lock(run_dir: Path) -> subprocess.Popen:
     """Another process holding `run_dir`'s lock until killed."""
-    code = ("import sys, time; from ppow_plugin import rundir; l = rundir.RunLock(sys.argv[1]).__enter__(); "
+    code = ("import sys, time; from ppow_plugin.training import rundir; l = rundir.RunLock(sys.argv[1]).__enter__(); "
             "print('held', flush=True); time.sleep(600)")
     proc = subprocess.Popen([sys.executable, "-c", code, str(run_dir)], stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline() == "held\n"
