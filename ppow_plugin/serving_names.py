@@ -157,7 +157,8 @@ _ABS_PATH = re.compile(r"(?<![\w.~:/-])/[^\s'\"]*")  # an absolute POSIX path in
 
 def portable(value: Any) -> Any:
     """`value` (a str, or dicts/lists of them) without this machine's absolute paths: a path under the
-    working directory becomes relative to it, any other `.../<its last two parts>`."""
+    working directory becomes relative to it, any other `.../<its last two parts>` (`.../<name>` when the
+    first of them is a top-level dir: `/tmp/x` -> `.../x`)."""
     if isinstance(value, dict):
         return {k: portable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
@@ -169,5 +170,5 @@ def portable(value: Any) -> Any:
         path, cwd = Path(m.group(0)), Path.cwd()
         if path == cwd or cwd in path.parents:
             return path.relative_to(cwd).as_posix() or "."
-        return ".../" + "/".join(path.parts[-2:] if len(path.parts) > 2 else path.parts[-1:])
+        return ".../" + "/".join(path.parts[-2:] if len(path.parts) > 3 else path.parts[-1:])  # never a top dir
     return _ABS_PATH.sub(short, value)
