@@ -294,10 +294,11 @@ def _tau_gate(report: dict[str, Any] | None, path: str | Path | None, drafter: f
     return float(tau)
 
 
-def _target_embeddings(target_dir: str | None, d: formats.Dims) -> torch.Tensor:
-    """`model.embed_tokens.weight` of the target (single or sharded safetensors), for EAGLE-1 host exports."""
+def _target_embeddings(target_dir: str | None, d: formats.Dims, layout: str = "the eagle1 host layout") -> torch.Tensor:
+    """`model.embed_tokens.weight` of the target (single or sharded safetensors), for the layouts whose
+    readers need the drafter's embeddings in its own file (EAGLE-1 host, speculators)."""
     if target_dir is None:
-        raise UserError("this drafter has no embed_tokens.weight and the eagle1 host layout needs it; "
+        raise UserError(f"this drafter has no embed_tokens.weight and {layout} needs it; "
                         "pass --target default|DIR to copy the target's embeddings")
     from safetensors import safe_open
     p = Path(target_dir)
@@ -374,11 +375,15 @@ def _write_eagle3(tmp: Path, drafter: formats.LoadedDrafter, out: _Out) -> None:
 
 def _write_speculators(tmp: Path, drafter: formats.LoadedDrafter, out: _Out) -> None:
     """vLLM speculators layout: nested config.json (host_configs.to_speculators; top-level `dtype`, as the
-    transformers-5-only library reads it) + `layers.0.*` safetensors. `out.verifier` names the target."""
+    transformers-5-only library reads it) + `layers.0.*` safetensors with `embed_tokens.weight` (the
+    target's when the source has none). `out.verifier` names the target."""
     config = host_configs.to_speculators(_eagle3_config(drafter), out.verifier or {})
     _write_json(tmp / "config.json", _with_dtype(config, out, key="dtype"))
-    state = {("layers.0." + k[len("midlayer."):] if k.startswith("midlayer.") else k): v
-             for k, v in _cpu(drafter.state, out.dtype).items()}
+    state = _cpu(drafter.state, out.dtype)
+    if formats.EMBED_KEY not in state:  # the library's own checkpoints carry them; without, 0.9.0 draws them
+        layout = "the speculators layout (the speculators library would draw them at random)"  # (docs/export.md)
+        state[formats.EMBED_KEY] = _target_embeddings(out.target_dir, drafter.dims, layout).to(out.dtype)
+    state = {("layers.0." + k[len("midlayer."):] if k.startswith("midlayer.") else k): v for k, v in state.items()}
     save_file(state, str(tmp / "model.safetensors"))
 
 

@@ -17,6 +17,11 @@ TORCH_VERSION=${TORCH_VERSION:-2.13.0}
 "$VENV/bin/python" -m pip install -q --upgrade pip
 "$VENV/bin/python" -m pip install -q "torch==$TORCH_VERSION"
 "$VENV/bin/python" -m pip install -q "speculators==$SPECULATORS_VERSION" "torch==$TORCH_VERSION"
+# speculators lists torchvision and torchaudio; the registry's wheels of them are CUDA builds that fail to load
+# beside a CPU torch ("operator torchvision::nms does not exist"), and transformers then cannot import
+# PreTrainedModel. Its EAGLE-3 code uses neither, and transformers imports torchvision only when installed.
+"$VENV/bin/python" -m pip uninstall -q -y torchvision torchaudio
+"$VENV/bin/python" -c "from speculators import SpeculatorModel"
 "$VENV/bin/python" - <<'PY'
 import importlib.metadata as md
 print("speculators", md.version("speculators"), "| transformers", md.version("transformers"), "| torch", md.version("torch"))
