@@ -78,19 +78,40 @@ def test_no_exported_file_holds_a_path_of_this_machine(sources: dict, tmp_path: 
         assert meta["config"]["model"]["target"].startswith(".../") and meta["config"]["model"]["target"].endswith("/target")
 
 
+def _smol_target() -> Path:
+    """The prepared SmolLM2 target (the speculators layout copies its embeddings into slim drafters)."""
+    try:
+        return assets.default_target_dir(prepare=False)
+    except UserError:
+        pytest.skip("the default target is not prepared (ppow prepare)")
+
+
 @pytest.mark.parametrize("fmt", ["eagle3", "speculators"])
-def test_committed_drafter_exports_name_the_hub_target(tmp_path: Path, fmt: str,
-                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    """Its ppow_meta.json records /root/.cache/ppow/targets/smollm2-135m-instruct (the training machine):
-    the export names SmolLM2's hub id instead, here and on a machine without that dir (PPOW_CACHE moved)."""
-    monkeypatch.setenv("PPOW_CACHE", str(tmp_path / "empty-cache"))
-    out, _ = export.export(SMOL_E3, tmp_path / "out", fmt)
+def test_committed_drafter_exports_name_the_hub_target(tmp_path: Path, fmt: str) -> None:
+    """Its ppow_meta.json records /root/.cache/ppow/targets/smollm2-135m-instruct (the training machine's
+    prepared target): the export names SmolLM2's hub id, and writes no path of this machine."""
+    out, _ = export.export(SMOL_E3, tmp_path / "out", fmt, target=str(_smol_target()))
     _assert_no_machine_path(out, tmp_path)
     meta = json.loads((out / "ppow_meta.json").read_text())
     assert meta["target"] == SMOL_HUB and "smollm2-135m-instruct" in meta["target_named_by"]
     if fmt == "speculators":
         verifier = json.loads((out / "config.json").read_text())["speculators_config"]["verifier"]
         assert verifier == {"name_or_path": SMOL_HUB, "architectures": ["LlamaForCausalLM"]}
+
+
+def test_target_dir_of_another_machine_is_named_by_its_name(tmp_path: Path) -> None:
+    """The recorded target dir is absent here: named from its last component, checked against the drafter's
+    widths; the speculators layout, which needs the target's embeddings, asks for --target."""
+    src = tmp_path / "src"
+    shutil.copytree(SMOL_E3, src)
+    meta = json.loads((src / "ppow_meta.json").read_text())
+    elsewhere = "/elsewhere/home/.cache/ppow/targets/smollm2-135m-instruct"
+    (src / "ppow_meta.json").write_text(json.dumps(dict(meta, target=elsewhere)))
+    out, _ = export.export(src, tmp_path / "out", "eagle3")
+    assert json.loads((out / "ppow_meta.json").read_text())["target"] == SMOL_HUB
+    assert b"/elsewhere" not in b"".join(f.read_bytes() for f in out.iterdir())
+    with pytest.raises(UserError, match="speculators layout .* pass --target"):
+        export.export(src, tmp_path / "spec", "speculators")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -178,15 +199,17 @@ def _config_dtype(out: Path) -> str:
 
 @pytest.mark.parametrize("fmt", ["eagle3", "speculators"])
 def test_fp16_source_exports_fp16_unless_dtype_says_otherwise(tmp_path: Path, fmt: str) -> None:
-    out, _ = export.export(SMOL_E3, tmp_path / "kept", fmt)
+    target = str(_smol_target()) if fmt == "speculators" else None
+    out, _ = export.export(SMOL_E3, tmp_path / "kept", fmt, target=target)
     assert _dtypes(out) == {torch.float16} and _config_dtype(out) == "float16"
-    src = (SMOL_E3 / "model.safetensors").stat().st_size
-    assert abs((out / "model.safetensors").stat().st_size - src) < 0.01 * src  # 19.7 MB, not 39 MB
+    embed = 49152 * 576 * 2 if fmt == "speculators" else 0  # the target's embeddings, fp16 too
+    src = (SMOL_E3 / "model.safetensors").stat().st_size + embed
+    assert abs((out / "model.safetensors").stat().st_size - src) < 0.01 * src  # 19.7 MB (+ 56.6), not twice
     source = formats.load_drafter(SMOL_E3).state
     again = formats.load_drafter(out).state
     assert all(torch.equal(again[k], v) for k, v in source.items())  # bit for bit
     for flag, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-        cast, _ = export.export(SMOL_E3, tmp_path / flag, fmt, dtype=flag)
+        cast, _ = export.export(SMOL_E3, tmp_path / flag, fmt, dtype=flag, target=target)
         assert _dtypes(cast) == {dtype} and _config_dtype(cast) == str(dtype).removeprefix("torch.")
 
 

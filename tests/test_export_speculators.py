@@ -88,7 +88,7 @@ def test_speculators_library_loads_the_export_and_matches_ttt_unroll(tmp_path: P
     assert result["model_class"] == "Eagle3DraftModel" and result["verifier"] == HUB_ID
     assert result["tensors_loaded_equal"] == result["tensors_stored"] == len(stored)  # every tensor, bit for bit
     assert result["unexpected"] == [] and result["missing"] == [] and result["verifier_owned_finite"]
-    assert result["loaded_dtype"] == "float16"  # config.json's dtype is honoured
+    assert result["loaded_dtype"] == "float16"  # as stored (and as config.json says)
     diffs = {}
     for impl, tol in TOLERANCE.items():
         theirs = load_file(str(tmp_path / f"logits_{impl}.safetensors"))["logits"]
