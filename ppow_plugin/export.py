@@ -239,6 +239,7 @@ def export(source: str | Path, out_dir: str | Path, fmt: str, target: str | None
             drafter.notes.extend(f"{h} would refuse or misread this config: {'; '.join(p)}" for h, p in refused.items())
         meta["files"] = {f.name: sha256_file(f) for f in sorted(tmp.iterdir()) if f.is_file()}
         _write_json(tmp / "ppow_meta.json", meta)
+    serving_names.warn_unnamed(serving)
     return out, drafter
 
 

@@ -91,7 +91,8 @@ def serving_target(verifier: str | None, target_dir: str | None, recorded: Seque
 def for_export(drafter_format: str, dims: Any, meta_src: dict[str, Any], fmt: str,
                verifier: str | None) -> ServingTarget:
     """`serving_target` for `ppow export` (`dims`: the drafter's `formats.Dims`; `meta_src`: what
-    `drafter_source.read_source` found). No name: UserError for `speculators`, one warning line otherwise."""
+    `drafter_source.read_source` found). No name: UserError for `speculators`; the other formats warn
+    (`warn_unnamed`) after writing, so a refused export prints its one error line only."""
     recipe = ((meta_src.get("config") or {}).get("model") or {}).get("target")
     width = dims.hidden if drafter_format == "eagle1" else dims.target_hidden
     found = serving_target(verifier, meta_src.get("target_dir"), (meta_src.get("target_recorded"), recipe),
@@ -99,10 +100,14 @@ def for_export(drafter_format: str, dims: Any, meta_src: dict[str, Any], fmt: st
     if found.name is None and fmt == "speculators":
         raise UserError(f"cannot name the target for the serving machine ({found.how}); pass --verifier NAME, "
                         "the target's Hugging Face id (e.g. meta-llama/Llama-3.1-8B-Instruct) or its path there")
+    return found
+
+
+def warn_unnamed(found: ServingTarget) -> None:
+    """The one warning line of an export that names no target (printed once it is written)."""
     if found.name is None:
         print(f"warning: the export names no target ({found.how}); pass --verifier NAME to record the "
               "target's Hugging Face id in ppow_meta.json", file=sys.stderr)
-    return found
 
 
 def _match(candidate: str, config: dict[str, Any], widths: tuple[int, int]) -> tuple[str, str, str | None] | None:
