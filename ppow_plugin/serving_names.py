@@ -32,8 +32,9 @@ from __future__ import annotations
 import json
 import re
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NamedTuple, Sequence
+from typing import Any, NamedTuple
 
 from ppow_plugin.errors import UserError
 from ppow_plugin.target_arch import KNOWN_CONFIGS
@@ -78,8 +79,8 @@ def serving_target(verifier: str | None, target_dir: str | None, recorded: Seque
         found = _match(candidate, local if candidate == target_dir else {}, widths)
         if found is not None:
             name, how, known = found
-            known_archs = tuple(_json(KNOWN_CONFIGS / known / "config.json").get("architectures") or ()) if known else ()
-            return ServingTarget(name, how, archs or known_archs)
+            known_config = _json(KNOWN_CONFIGS / known / "config.json") if known else {}
+            return ServingTarget(name, how, archs or tuple(known_config.get("architectures") or ()))
         seen.append(Path(candidate).name or candidate)
     earlier = recorded[0] if recorded else None
     if isinstance(earlier, str) and _HUB_ID.fullmatch(earlier) and not Path(earlier).exists():

@@ -13,11 +13,18 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_export import (
+    TINY_HUB_ID,
+    _checkpoint,
+    _eagle3_config,
+    _eagle3_state,
+    _make_target,
+    _module_from_state,
+    _write_dir,
+)
 
 from ppow_plugin import assets, cli, eagle_compat, export, formats, serving_names
 from ppow_plugin.errors import UserError
-from test_export import (TINY_HUB_ID, _checkpoint, _eagle3_config, _eagle3_state, _make_target,
-                         _module_from_state, _write_dir)
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOL_E3 = ROOT / "assets" / "drafters" / "smollm2-135m-eagle3-sft-gen"  # fp16, no embeddings
@@ -75,7 +82,8 @@ def test_no_exported_file_holds_a_path_of_this_machine(sources: dict, tmp_path: 
     meta = json.loads((out / "ppow_meta.json").read_text())
     assert meta["target"] == verifier and meta["source"].startswith(".../")  # tmp_path: outside the cwd
     if origin == "run":  # the recipe's model.target was the absolute tmp path
-        assert meta["config"]["model"]["target"].startswith(".../") and meta["config"]["model"]["target"].endswith("/target")
+        recorded = meta["config"]["model"]["target"]
+        assert recorded.startswith(".../") and recorded.endswith("/target")
 
 
 def _smol_target() -> Path:
@@ -127,7 +135,7 @@ def _target_config_dir(path: Path, known: str, **changes) -> Path:
 
 
 def test_target_names_by_marker_default_cache_and_checked_dir_name(tmp_path: Path) -> None:
-    name = lambda *args: serving_names.serving_target(*args).name  # noqa: E731
+    name = lambda *args: serving_names.serving_target(*args).name
     smol = (576, 49152)
     prepared = tmp_path / "anything"
     prepared.mkdir()
@@ -151,7 +159,7 @@ def test_target_names_by_marker_default_cache_and_checked_dir_name(tmp_path: Pat
 
 def test_target_names_refuse_a_dir_name_whose_sizes_disagree(tmp_path: Path) -> None:
     """Can-fail side: a name alone, or sizes alone, names no family."""
-    name = lambda *args: serving_names.serving_target(*args).name  # noqa: E731
+    name = lambda *args: serving_names.serving_target(*args).name
     fake = _target_config_dir(tmp_path / "qwen3-8b", "qwen3-8b", num_hidden_layers=2)  # a shrunk copy
     assert name(None, str(fake), (), (4096, 151936)) is None
     assert name(None, None, ("/elsewhere/smollm2-135m-instruct",), (64, 256)) is None  # widths disagree

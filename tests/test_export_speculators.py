@@ -81,7 +81,7 @@ def test_speculators_library_loads_the_export_and_matches_ttt_unroll(tmp_path: P
                OMP_NUM_THREADS="1")
     proc = subprocess.run([PYTHON, str(ROOT / "tests" / "speculators_load.py"), str(out),
                            str(tmp_path / "inputs.safetensors"), str(tmp_path / "result.json")],
-                          env=env, capture_output=True, text=True, timeout=600)
+                          env=env, capture_output=True, text=True, timeout=600, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((tmp_path / "result.json").read_text())
     stored = load_file(str(out / "model.safetensors"))
