@@ -23,7 +23,9 @@ from test_export import (
     _write_dir,
 )
 
-from ppow_plugin import assets, cli, eagle_compat, export, formats, serving_names
+from ppow_plugin import cli
+from ppow_plugin.drafters import export, formats
+from ppow_plugin.host import assets, eagle_compat, serving_names
 from ppow_plugin.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -20,7 +20,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from ppow_plugin import assets, drafters, eagle3, export
+from ppow_plugin.drafters import adapters, eagle3, export
+from ppow_plugin.host import assets
 from ppow_plugin.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,7 +75,7 @@ def test_speculators_library_loads_the_export_and_matches_ttt_unroll(tmp_path: P
     assert config["speculators_config"]["verifier"]["name_or_path"] == HUB_ID
     features, next_ids, target = _inputs(target_dir, config)
     save_file({"features": features, "next_ids": next_ids}, str(tmp_path / "inputs.safetensors"))
-    drafter = drafters.load_eagle3_drafter(out, target).eval()  # ppow's reading of the same files, cast to fp32
+    drafter = adapters.load_eagle3_drafter(out, target).eval()  # ppow's reading of the same files, cast to fp32
     with torch.no_grad():
         ours = eagle3.ttt_unroll(drafter, features, next_ids, 1)[0]
     env = dict(os.environ, HF_HUB_CACHE=str(_hub_cache(tmp_path / "hub", target_dir)), HF_HUB_OFFLINE="1",
