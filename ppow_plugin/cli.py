@@ -288,7 +288,8 @@ def _cmd_export(args) -> int:
     _check_out(args, {"SRC": args.source, "--target": outputs.target_input(args.target),
                       "--eval-report": args.eval_report}, flag="output")
     out, drafter = export.export(args.source, args.out, args.format, target=args.target, force=args.force,
-                                 min_tau=args.min_tau, eval_report=args.eval_report)
+                                 min_tau=args.min_tau, eval_report=args.eval_report, verifier=args.verifier,
+                                 dtype=args.dtype)
     print(drafter.describe())
     print(f"exported {args.format} drafter to {out}")
     return 0
@@ -302,6 +303,11 @@ def _add_export_command(sub) -> None:
     sp.add_argument("--format", required=True, choices=["eagle1", "eagle1-compact", "eagle3", "speculators"])
     sp.add_argument("--target", default=None,
                     help="'default' or a target dir (default: the checkpoint's recorded target)")
+    sp.add_argument("--verifier", default=None, metavar="NAME",
+                    help="the target as the serving machine finds it (Hugging Face id, or a path there), written "
+                         "as given (default: the hub id of a known target family; docs/export.md)")
+    sp.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"],
+                    help="dtype of the exported weights (default: the source's)")
     sp.add_argument("--force", action="store_true", help="replace a non-empty out dir; export despite --min-tau")
     sp.add_argument("--min-tau", type=float, default=None, help="refuse when the eval report's tau is lower")
     sp.add_argument("--eval-report", default=None,

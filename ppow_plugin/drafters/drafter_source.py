@@ -60,9 +60,12 @@ def read_source(src: Path, target: str | None) -> tuple[formats.LoadedDrafter, d
         prior = json.loads((src / "ppow_meta.json").read_text()) if (src / "ppow_meta.json").is_file() else {}
     except json.JSONDecodeError:
         prior = {}
+    recorded = prior.get("target") if isinstance(prior.get("target"), str) else None
+    if target_dir is None and recorded and (Path(recorded) / "config.json").is_file():
+        target_dir = recorded  # the trainer's drafter dirs record the target dir; exports record its hub id
     return drafter, {"source": str(src.resolve()), "source_files": {f.name: sha256_file(f) for f in drafter.files},
                      "step": prior.get("step"), "stage": prior.get("stage"), "config": prior.get("config"),
-                     "target_dir": str(target_dir) if target_dir else prior.get("target")}
+                     "target_dir": str(target_dir) if target_dir else None, "target_recorded": recorded}
 
 
 def _newest_checkpoint(run: Path) -> Path:
