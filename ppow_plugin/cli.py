@@ -335,7 +335,7 @@ def _add_plan_command(sub) -> None:
 
 
 def _cmd_data_generate(args) -> int:
-    from ppow_plugin import gen_data  # flags are checked before the heavier imports below
+    from ppow_plugin import gen_data, outputs  # flags are checked before the heavier imports below
     settings = gen_data.GenSettings(args.temperature, args.max_new_tokens, args.max_prompt_len, args.batch_size,
                                     args.shard_size, args.seed)
     settings.check()
@@ -345,21 +345,34 @@ def _cmd_data_generate(args) -> int:
         raise UserError(f"--heldout-fraction ({args.heldout_fraction}) must be in [0, 1)")
     if args.dataset == "jsonl" and not args.path:
         raise UserError("--dataset jsonl needs --path <file.jsonl>")
-    from ppow_plugin import datasets
-    from ppow_plugin.trainer import _resolve_target
-    if args.dataset == "sharegpt":
-        convs, source = datasets.load_sharegpt(), "{}=={}".format(*datasets.SHAREGPT[:2])
-    else:
-        convs, source = datasets.load_jsonl_conversations(args.path), f"jsonl:{args.path}"
-    target = _resolve_target(args.target)
-    prompts = gen_data.first_turn_prompts(convs, args.heldout_fraction, args.seed)
     kinds = [k for k in args.features.split(",") if k] if args.features else []
     if any(k not in ("eagle1", "eagle3") for k in kinds) or len(set(kinds)) != len(kinds):
         raise UserError(f"--features {args.features!r}: give eagle1, eagle3 or eagle1,eagle3")
     if args.feature_max_len < 2:
         raise UserError(f"--feature-max-len ({args.feature_max_len}) must be >= 2 (= data.max_len of the SFT run)")
-    out = gen_data.generate(target, prompts, settings, args.num_prompts, source, args.heldout_fraction,
-                            out_dir=args.out, progress=True, features=kinds, feature_max_len=args.feature_max_len)
+    inputs = {"--target": outputs.target_input(args.target), "--path": args.path}
+    if args.out is not None:  # before any work: someone else's folder, an input, `.`, a file (or under one)
+        outputs.check_generation_dir(args.out, inputs)
+    from ppow_plugin import datasets, rundir
+    from ppow_plugin.trainer import _resolve_target
+    if args.dataset == "sharegpt":
+        convs, source = datasets.load_sharegpt(), "{}=={}".format(*datasets.SHAREGPT[:2])
+    else:
+        convs, source = datasets.load_jsonl_conversations(args.path, "--path "), f"jsonl:{args.path}"
+    target = _resolve_target(args.target, "--target ")
+    prompts = gen_data.first_turn_prompts(convs, args.heldout_fraction, args.seed)
+    out = Path(args.out) if args.out is not None else gen_data.output_dir(target, source, args.heldout_fraction,
+                                                                          settings)
+    with rundir.RunLock(out, "--out", "generate.lock", "ppow data generate") as lock:  # one writer per dir
+        args.on_interrupt = (f"the shards written so far are in {out}; continue with: "
+                             f"{shlex.join(['ppow', *args.argv])}")
+        try:
+            gen_data.generate(target, prompts, settings, args.num_prompts, source, args.heldout_fraction,
+                              out_dir=out, progress=True, features=kinds, feature_max_len=args.feature_max_len)
+        except BaseException:
+            if lock.created is not None and not any(out.glob("shard-?????.npz")):  # nothing made: leave no folder
+                (out / gen_data.PROVENANCE).unlink(missing_ok=True)
+            raise
     print(json.dumps(gen_data.totals(out)))
     print(f"generated data in {out} (train with data.dataset=generated data.path={out})")
     return 0
@@ -447,6 +460,7 @@ _RECIPE_KEYS = ("recipe keys: `ppow validate --print-defaults` lists every key w
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # the command as typed (for resume hints)
     if extra:  # `ppow plan R --gpus 8 data.max_len=1024`: overrides may also follow the flags
         if not hasattr(args, "overrides") or not all(_OVERRIDE.match(e) for e in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")

@@ -106,7 +106,7 @@ def read_prompt_file(path: str | Path, both_turns: bool = False) -> list[EvalPro
         lines = p.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as exc:
         raise UserError(f"--prompts {p} is unreadable ({type(exc).__name__}); pass a UTF-8 JSONL file") from None
-    prompts = []
+    prompts, first_line = [], {}
     for n, line in enumerate(lines, start=1):
         if not line.strip():
             continue
@@ -123,6 +123,11 @@ def read_prompt_file(path: str | Path, both_turns: bool = False) -> list[EvalPro
             prompts.append(EvalPrompt(p.stem, str(obj.get("id", n)), (text,)))
         else:
             raise UserError(f'{p}:{n}: expected {{"turns": ["..."]}} or {{"prompt": "..."}} with non-empty text')
+        pid = prompts[-1].prompt_id
+        if pid in first_line:  # records and the paired statistics of `compare` match prompts by id
+            raise UserError(f"{p}:{n}: id {pid!r} is also the id of line {first_line[pid]}; give every prompt "
+                            "its own id (or leave the ids out: the line number is used)")
+        first_line[pid] = n
     if not prompts:
         raise UserError(f"--prompts {p} has no prompt; write one JSON object per line")
     return prompts

@@ -93,8 +93,10 @@ def resolve_target(target: str | Path) -> Path:
     if str(target) == "default":
         from ppow_plugin import assets
         return assets.default_target_dir(prepare=True)
+    from ppow_plugin import assets
     path = Path(target)
     read_config(path, "--target")
+    assets.require_tokenizer(path, "--target")
     return path
 
 

@@ -31,9 +31,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 import random
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -42,7 +40,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from ppow_plugin import gen_features
+from ppow_plugin import gen_features, integrity
 from ppow_plugin.assets import cache_dir
 from ppow_plugin.data import DataReport, TokenizedSample, format_prompt_messages
 from ppow_plugin.datasets import SHAREGPT, Conversation, Message, split_of
@@ -175,22 +173,25 @@ def generate(target_dir: str | Path, prompts: Sequence[Prompt], settings: GenSet
     Returns:
         The output dir (shards + provenance.json).
     Raises:
-        UserError: bad settings, or no prompt fits in max_prompt_len.
+        UserError: bad settings, fewer eligible prompts than num_prompts, a damaged shard or provenance.json.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     settings.check()
     out = Path(out_dir) if out_dir is not None else output_dir(target_dir, source, heldout_fraction, settings)
     out.mkdir(parents=True, exist_ok=True)
-    for stale in out.glob(".shard-*.tmp"):  # left by a run killed while writing (one writer per dir)
+    for stale in out.glob(".shard-*.tmp"):  # left by a run killed while writing (one writer per dir: the CLI's lock)
         stale.unlink(missing_ok=True)
     tokenizer = AutoTokenizer.from_pretrained(target_dir)
     chosen = eligible_prompts(prompts, tokenizer, settings.max_prompt_len, num_prompts)
     if not chosen:
         raise UserError(f"no prompt fits in --max-prompt-len {settings.max_prompt_len} tokens; raise it")
+    if len(chosen) < num_prompts:  # never capped silently
+        raise UserError(f"--num-prompts {num_prompts} is more prompts than there are ({source} has {len(chosen)} "
+                        f"train-split first turns within --max-prompt-len {settings.max_prompt_len}): pass "
+                        f"--num-prompts {len(chosen)} or fewer")
     prov = _provenance(out, target_dir, source, heldout_fraction, settings)
-    n_shards = -(-len(chosen) // settings.shard_size)
-    todo = [k for k in range(n_shards) if not _shard_path(out, k).is_file()]
+    todo = shards_to_write(out, len(chosen), settings.shard_size)
     if not todo:
         return out
     model = AutoModelForCausalLM.from_pretrained(target_dir, dtype=torch.float32).eval()
@@ -285,29 +286,45 @@ def _shard_path(out: Path, k: int) -> Path:
     return out / f"shard-{k:05d}.npz"
 
 
+def shards_to_write(out: Path, n_prompts: int, shard_size: int) -> list[int]:
+    """The shards a run over the first `n_prompts` eligible prompts still has to write: those absent, and
+    those holding fewer prompts than they must now (the last shard of a smaller earlier run: a larger
+    --num-prompts completes it, so extending a run leaves no gap)."""
+    todo = []
+    for k in range(-(-n_prompts // shard_size)):
+        path = _shard_path(out, k)
+        want = min(shard_size, n_prompts - k * shard_size)
+        if not path.is_file() or len(read_shard(path).index) < want:
+            todo.append(k)
+    return todo
+
+
 def write_shard(out: Path, k: int, shard: Shard) -> Path:
-    """Write shard k atomically (temporary file, then rename): a reader never sees half a shard."""
-    path = _shard_path(out, k)
-    fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{path.name}.", suffix=".tmp")
+    """Write shard k atomically (temporary file, then rename) with its content digest (`integrity`)."""
+    return integrity.save_npz(_shard_path(out, k), {
+        "ids": shard.ids, "offsets": shard.offsets, "prompt_lens": shard.prompt_lens, "index": shard.index,
+        "conversation_ids": shard.conversation_ids, "wall_s": np.float64(shard.wall_s)})
+
+
+def read_shard(path: Path) -> Shard:
+    """One shard, verified (its recorded sha256; older shards: the zip CRC of every array).
+
+    Raises:
+        UserError: the file is damaged (names it and the fix).
+    """
     try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, ids=shard.ids, offsets=shard.offsets, prompt_lens=shard.prompt_lens, index=shard.index,
-                     conversation_ids=shard.conversation_ids, wall_s=np.float64(shard.wall_s))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+        z = integrity.load_npz(path)
+        return Shard(z["ids"], z["offsets"], z["prompt_lens"], z["index"], z["conversation_ids"], float(z["wall_s"]))
+    except (integrity.Damaged, KeyError) as exc:
+        problem = exc if isinstance(exc, integrity.Damaged) else f"no array {exc}"
+        raise UserError(f"generated shard {path} is damaged ({problem}); delete it and rerun the `ppow data "
+                        f"generate` that made {path.parent} (its settings are in {PROVENANCE}) to regenerate "
+                        "it") from None
 
 
 def read_shards(out: str | Path) -> list[Shard]:
-    """All complete shards of a generation dir, in shard order."""
-    shards = []
-    for path in sorted(Path(out).glob("shard-?????.npz")):
-        with np.load(path, allow_pickle=False) as z:
-            shards.append(Shard(z["ids"], z["offsets"], z["prompt_lens"], z["index"], z["conversation_ids"],
-                                float(z["wall_s"])))
-    return shards
+    """All complete shards of a generation dir, in shard order, each verified (`read_shard`)."""
+    return [read_shard(path) for path in sorted(Path(out).glob("shard-?????.npz"))]
 
 
 def totals(out: str | Path) -> dict:
@@ -330,23 +347,38 @@ def _provenance(out: Path, target_dir, source: str, heldout_fraction: float, set
             "heldout_fraction": heldout_fraction, "turns": "first user turn", "settings": settings._asdict(),
             "dtype": "fp32", "torch": torch.__version__, "transformers": transformers.__version__}
     old = out / PROVENANCE
-    if old.is_file():
-        try:
-            before = json.loads(old.read_text())
-        except ValueError:
-            before = {}
+    if old.is_file() or old.is_symlink():
+        before = read_provenance(out)
         same = {k: before.get(k) for k in ("target_sha256", "source", "heldout_fraction", "settings")}
-        if before and same != {k: prov[k] for k in same}:
+        if same != {k: prov[k] for k in same}:
             raise UserError(f"{out} holds generations made with other settings or another target; "
                             "pass another --out or delete it")
+    elif any(out.glob("shard-?????.npz")):
+        raise UserError(f"{out} holds generated shards but no {PROVENANCE}, so the settings they were made with "
+                        "are unknown; restore the file, or pass another --out")
     _write_json(old, prov | {"totals": totals(out)})
     return prov
 
 
+def read_provenance(out: str | Path) -> dict:
+    """A generation dir's provenance.json, verified (its recorded sha256, when it has one).
+
+    Raises:
+        UserError: missing or damaged (names the file and the fix; the shards are not reused without it).
+    """
+    path = Path(out) / PROVENANCE
+    try:
+        return integrity.read_json(path)
+    except FileNotFoundError:
+        raise UserError(f"{out} has no {PROVENANCE}: it is not a `ppow data generate` output dir") from None
+    except integrity.Damaged as exc:
+        raise UserError(f"{path} is damaged ({exc}); it records the settings its shards were made with, so they "
+                        f"cannot be reused or checked: restore the file, or delete {out} and generate "
+                        "again") from None
+
+
 def _write_json(path: Path, blob: dict) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(blob, indent=2) + "\n")
-    os.replace(tmp, path)
+    integrity.write_json(path, blob)
 
 
 # --- reading for training ------------------------------------------------------------------------
@@ -387,6 +419,7 @@ def load_generated(out: str | Path | None, max_len: int, heldout_fraction: float
     """
     if out is None or not (Path(out) / PROVENANCE).is_file():
         raise UserError(f"data.dataset=generated needs data.path=<a `ppow data generate` output dir>, got {out}")
+    read_provenance(out)
     ids, prompt_lens, conv_ids, truncated, empty, leaked = [], [], [], 0, 0, 0
     for s in read_shards(out):
         for i in range(len(s.index)):

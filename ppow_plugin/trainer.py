@@ -501,14 +501,17 @@ def _window_stats(raw_accept, accept, delta, rw, adv, credited, epsilon: float) 
             "credit_frac": float(credited.float().mean())}
 
 
-def _resolve_target(target: str) -> Path:
+def _resolve_target(target: str, name: str = "model.target=") -> Path:
+    """The target directory `target` names ("default" prepares SmolLM2); `name` is how the user gave it
+    ("model.target=" in a recipe, "--target " on the command line)."""
+    from ppow_plugin import assets
     if target == "default":
-        from ppow_plugin import assets
         return assets.default_target_dir(prepare=True)
     p = Path(target)
     if not (p / "config.json").is_file():
-        raise UserError(f"model.target={target} is not a model directory with config.json; "
+        raise UserError(f"{name}{target} is not a model directory with config.json; "
                         "use 'default' or a local HF causal-LM directory")
+    assets.require_tokenizer(p, name.rstrip("= "))
     return p
 
 
