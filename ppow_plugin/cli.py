@@ -54,6 +54,9 @@ def _cmd_validate(args) -> int:
         key, p = bad[0]
         raise UserError(f"{key}={p.value}: {p.path} {p.problem} (relative paths resolve against the current "
                         "directory); fix the path, or pass --no-path-check to check keys and values only")
+    if not args.no_path_check:
+        from ppow_plugin import preflight
+        preflight.check(cfg)  # every check `train` runs before it loads target weights
     note, target = None, paths.get("model.target")
     if target is None or target.problem is None or target_arch.known_config(cfg.model.target):
         arch, note = target_arch.load_target_arch(cfg)
@@ -87,6 +90,8 @@ def _cmd_train(args, stage: str) -> int:
     # someone else's folder or the run's inputs: refused before the lock file is written there (Trainer.setup
     # repeats the check under the lock, with the checkpoints-need-resume rule)
     outputs.check_run_dir(cfg.run.output_dir, outputs.run_inputs(cfg), resume=True)
+    from ppow_plugin import preflight
+    preflight.check(cfg)  # what `validate` checks, before the lock, torch or any weight
     lock = rundir.lock_for_rank(cfg.run.output_dir)  # before torch loads: a second run is refused at once
     with lock or contextlib.nullcontext():
         args.on_interrupt = _resume_hint(args, cfg.run.output_dir)
@@ -355,11 +360,11 @@ def _cmd_data_generate(args) -> int:
         outputs.check_generation_dir(args.out, inputs)
     from ppow_plugin import datasets, rundir
     from ppow_plugin.trainer import _resolve_target
+    target = _resolve_target(args.target, "--target ")
     if args.dataset == "sharegpt":
         convs, source = datasets.load_sharegpt(), "{}=={}".format(*datasets.SHAREGPT[:2])
     else:
         convs, source = datasets.load_jsonl_conversations(args.path, "--path "), f"jsonl:{args.path}"
-    target = _resolve_target(args.target, "--target ")
     prompts = gen_data.first_turn_prompts(convs, args.heldout_fraction, args.seed)
     out = Path(args.out) if args.out is not None else gen_data.output_dir(target, source, args.heldout_fraction,
                                                                           settings)

@@ -96,7 +96,7 @@ def resolve_target(target: str | Path) -> Path:
     from ppow_plugin import assets
     path = Path(target)
     read_config(path, "--target")
-    assets.require_tokenizer(path, "--target")
+    assets.require_tokenizer(path, "--target ")
     return path
 
 

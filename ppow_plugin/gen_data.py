@@ -384,6 +384,27 @@ def _write_json(path: Path, blob: dict) -> None:
 # --- reading for training ------------------------------------------------------------------------
 
 
+def check_generated(out: str | Path | None, key: str = "data.path") -> list[Shard]:
+    """The verified shards of a `ppow data generate` dir (what `ppow validate` and training both read).
+
+    Raises:
+        UserError: not a generation dir (a drafter folder also holds a provenance.json), no shard yet, or a
+            damaged provenance.json or shard (naming the file and the fix).
+    """
+    if out is None or not (Path(out) / PROVENANCE).is_file():
+        raise UserError(f"data.dataset=generated needs {key}=<a `ppow data generate` output dir>, got {out}")
+    prov = read_provenance(out)
+    if not {"settings", "target_sha256", "source"} <= prov.keys():
+        raise UserError(f"{key}={out} is not a `ppow data generate` output dir (its {PROVENANCE} records no "
+                        "generation settings); pass the --out of `ppow data generate`")
+    shards = read_shards(out)
+    if not shards:
+        raise UserError(f"{key}={out} holds no generated shard yet; run (or resume) the `ppow data generate` "
+                        "that writes there")
+    return shards
+
+
+
 class GeneratedSamples(Sequence[TokenizedSample]):
     """Generated conversations as `TokenizedSample`s: prompt tokens masked out, the response (with its
     end-of-turn token when it has one) in the loss mask, cut to `max_len` tokens."""
@@ -417,11 +438,8 @@ def load_generated(out: str | Path | None, max_len: int, heldout_fraction: float
     Raises:
         UserError: no dir, no shard, or no response token within max_len.
     """
-    if out is None or not (Path(out) / PROVENANCE).is_file():
-        raise UserError(f"data.dataset=generated needs data.path=<a `ppow data generate` output dir>, got {out}")
-    read_provenance(out)
     ids, prompt_lens, conv_ids, truncated, empty, leaked = [], [], [], 0, 0, 0
-    for s in read_shards(out):
+    for s in check_generated(out):
         for i in range(len(s.index)):
             if limit is not None and len(ids) + empty + leaked >= limit:
                 break

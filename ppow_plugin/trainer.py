@@ -511,7 +511,7 @@ def _resolve_target(target: str, name: str = "model.target=") -> Path:
     if not (p / "config.json").is_file():
         raise UserError(f"{name}{target} is not a model directory with config.json; "
                         "use 'default' or a local HF causal-LM directory")
-    assets.require_tokenizer(p, name.rstrip("= "))
+    assets.require_tokenizer(p, name)
     return p
 
 
