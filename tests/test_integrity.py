@@ -228,6 +228,11 @@ def test_generate_holds_a_lock_and_ctrl_c_prints_the_resume_command(tiny, tmp_pa
             raise KeyboardInterrupt
         return real(*a, **kw)
 
+    monkeypatch.setattr(gen_data, "generate_shard", lambda *a, **kw: (_ for _ in ()).throw(KeyboardInterrupt))
+    fresh = tmp_path / "new" / "G"  # Ctrl-C before the first shard is written: no folder is left behind
+    assert cli_main(["data", "generate", "--target", str(tiny[0]), "--dataset", "jsonl", "--path", str(tiny[1]),
+                     "--max-new-tokens", "2", "--batch-size", "1", "--num-prompts", "2", "--out", str(fresh)]) == 130
+    assert not (tmp_path / "new").exists()
     monkeypatch.setattr(gen_data, "generate_shard", ctrl_c_in_second_shard)
     argv = ["data", "generate", "--target", str(tiny[0]), "--dataset", "jsonl", "--path", str(tiny[1]),
             "--max-new-tokens", "2", "--batch-size", "1", "--shard-size", "2", "--num-prompts", "4", "--out", str(g)]
