@@ -465,7 +465,8 @@ _RECIPE_KEYS = ("recipe keys: `ppow validate --print-defaults` lists every key w
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    args.argv = list(sys.argv[1:] if argv is None else argv)  # the command as typed (for resume hints)
+    args.argv = tuple(sys.argv[1:] if argv is None else argv)  # the command as typed (resume hints; a tuple:
+    # not a flag value for _refuse_unusable_text)
     if extra:  # `ppow plan R --gpus 8 data.max_len=1024`: overrides may also follow the flags
         if not hasattr(args, "overrides") or not all(_OVERRIDE.match(e) for e in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
