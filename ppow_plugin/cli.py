@@ -195,6 +195,10 @@ def _sim_args(args) -> dict:
     from ppow_plugin import eval_prompts, simulate
     if args.chain is not None and args.chain < 1:
         raise UserError(f"--chain {args.chain}: a chain needs at least 1 draft")
+    if args.prompts and (args.benchmarks is not None or args.num_prompts is not None):
+        given = "--benchmarks" if args.benchmarks is not None else "--num-prompts"
+        raise UserError(f"--prompts {args.prompts} replaces the benchmarks: every line of it is a prompt, so "
+                        f"{given} has nothing to select; drop {given} (or shorten the file)")
     prompts = eval_prompts.read_prompt_file(args.prompts, args.both_turns) if args.prompts else None
     return {"simulate": args.simulate, "prompts": prompts, "per_depth": args.per_depth,
             "sim_tree": simulate.chain(args.chain) if args.chain is not None else None}

@@ -238,6 +238,7 @@ def drafter_format(target_dir: Path, drafter_dir: Path) -> str:
         UserError: an EAGLE-3 dir that is unreadable or does not fit the target, or an EAGLE-1 misfit.
     """
     target_cfg, drafter_cfg = read_config(target_dir, "--target"), read_config(drafter_dir, "--drafter")
+    formats.read_weights(drafter_dir, [])  # missing, unreadable or truncated weights: refused for either family
     looks_eagle3 = ("draft_vocab_size" in drafter_cfg or "target_hidden_size" in drafter_cfg
                     or "LlamaForCausalLMEagle3" in (drafter_cfg.get("architectures") or []))
     try:

@@ -24,6 +24,7 @@ from tiny import make_conversations, make_target
 
 ROOT = Path(__file__).resolve().parents[1]
 D = ROOT / "assets" / "drafters" / "smollm2-135m-eagle1-sft-gen"
+ASSET_CACHE = os.environ.get("PPOW_CACHE")  # where `ppow prepare` put the default target (None: ~/.cache/ppow)
 
 
 @pytest.fixture(scope="module")
@@ -243,6 +244,56 @@ def test_generate_holds_a_lock_and_ctrl_c_prints_the_resume_command(tiny, tmp_pa
     assert indices(g) == [[0, 1]] and not (g / "generate.lock").exists()
     monkeypatch.setattr(gen_data, "generate_shard", real)
     assert cli_main(argv) == 0 and indices(g) == [[0, 1], [2, 3]]  # the printed command continues
+
+
+# ---------------------------------------------------------------------------------------------------
+# messages that name what the user typed; inputs read as given
+
+
+def test_messages_name_the_flag_or_key_the_user_typed(tiny, tmp_path, capsys):
+    refused(capsys, tmp_path, re.escape(f"--path {tmp_path} is a directory; pass one JSONL file (one conversation "
+                                        "per line)"),
+            "data", "generate", "--target", tiny[0], "--dataset", "jsonl", "--path", tmp_path, "--out", tmp_path / "G")
+    refused(capsys, tmp_path, re.escape(f"--path {tmp_path}/none.jsonl is unreadable (FileNotFoundError); pass a "
+                                        "UTF-8 JSONL file"),  # said data.path=
+            "data", "generate", "--target", tiny[0], "--dataset", "jsonl", "--path", tmp_path / "none.jsonl",
+            "--out", tmp_path / "G")
+    recipe = ROOT / "recipes" / "smollm2" / "135M_eagle1_sft.yaml"
+    refused(capsys, tmp_path, re.escape("eval.every_prompts=100 is more prompts than there are (mt_bench has 80): "
+                                        "pass eval.every_prompts=80 or fewer"),  # said --num-prompts 100
+            "validate", recipe, "eval.every_steps=10", "eval.every_prompts=100", "eval.benchmarks=[mt_bench]")
+
+
+def test_prompt_files_dirs_boms_and_flags_they_replace(tmp_path, capsys):
+    from ppow_plugin import eval_prompts
+    p = tmp_path / "p.jsonl"
+    p.write_bytes(b'\xef\xbb\xbf{"prompt": "Hello, who are you?"}\r\n{"prompt": "Write a haiku."}\r\n')
+    assert [q.turns for q in eval_prompts.read_prompt_file(p)] == [("Hello, who are you?",), ("Write a haiku.",)]
+    for flag, value in (("--benchmarks", "mt_bench"), ("--num-prompts", "5")):  # silently ignored before
+        refused(capsys, tmp_path, re.escape(f"--prompts {p} replaces the benchmarks: every line of it is a prompt, "
+                                            f"so {flag} has nothing to select; drop {flag} (or shorten the file)"),
+                "eval", "--drafter", D, "--simulate", "--prompts", p, flag, value, "--out", tmp_path / "E")
+    refused(capsys, tmp_path, re.escape(f"--prompts {tmp_path} is a directory; pass one JSONL file with one "
+                                        '{"prompt": ...} per line'),  # said "does not exist"
+            "eval", "--drafter", D, "--simulate", "--prompts", tmp_path, "--out", tmp_path / "E")
+
+
+def test_compare_checks_every_drafter_before_evaluating_any(tmp_path, capsys, monkeypatch):
+    if ASSET_CACHE is None:
+        monkeypatch.delenv("PPOW_CACHE")
+    else:
+        monkeypatch.setenv("PPOW_CACHE", ASSET_CACHE)
+    from ppow_plugin import assets, evaluate
+    if not (assets.cache_dir() / "targets" / assets.SMOLLM2_135M.name / "config.json").is_file():
+        pytest.skip("the default target is not prepared (`ppow prepare`)")
+    bad = tmp_path / "B"
+    shutil.copytree(D, bad)
+    truncate(bad / "model.safetensors")
+    monkeypatch.setattr(evaluate, "evaluate", lambda *a, **kw: pytest.fail("evaluated before every drafter was checked"))
+    refused(capsys, tmp_path, re.escape(f"{bad}/model.safetensors is unreadable or truncated (") + r".*"
+            + re.escape("); re-export it"),
+            "compare", D, bad, "--names", "a,b", "--simulate", "--benchmarks", "mt_bench", "--num-prompts", "1",
+            "--max-new-tokens", "2", "--out", tmp_path / "C")
 
 
 # ---------------------------------------------------------------------------------------------------
