@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from ppow_plugin import formats
+from ppow_plugin import formats, integrity
 from ppow_plugin.errors import UserError
 
 
@@ -31,11 +31,19 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def write_checkpoint_meta(ckpt: Path, meta: dict) -> Path:
+    """`ckpt/meta.json`: `meta` plus the sha256 of every file in `ckpt`, and its own digest (`integrity`)."""
+    files = {p.relative_to(ckpt).as_posix(): sha256_file(p) for p in sorted(ckpt.rglob("*")) if p.is_file()}
+    return integrity.write_json(ckpt / "meta.json", meta | {"files": files})
+
+
 def checkpoint_problem(ckpt: Path) -> str | None:
-    """None when `ckpt/meta.json` lists files that all exist with their sha256; else what is wrong."""
+    """None when `ckpt/meta.json` is intact and lists files that all exist with their sha256; else what is wrong."""
     try:
-        files = json.loads((ckpt / "meta.json").read_text())["files"]
-    except (OSError, json.JSONDecodeError, KeyError, TypeError):
+        files = integrity.read_json(ckpt / "meta.json")["files"]
+    except integrity.Damaged as exc:
+        return f"meta.json damaged ({exc})"
+    except (OSError, KeyError, TypeError):
         return "meta.json missing or unreadable"
     for rel, digest in files.items():
         if not (ckpt / rel).is_file() or sha256_file(ckpt / rel) != digest:

@@ -160,7 +160,8 @@ def json_digest(blob: Mapping) -> str:
 def write_json(path: str | Path, blob: Mapping) -> Path:
     """Write a JSON object with its digest (key "sha256"), atomically."""
     path = Path(path)
-    body = dict(blob) | {JSON_DIGEST: json_digest(blob)}
+    blob = json.loads(json.dumps(dict(blob)))  # as it will read back (tuples -> lists, int keys -> str)
+    body = blob | {JSON_DIGEST: json_digest(blob)}
     _atomic_write(path, lambda f: f.write((json.dumps(body, indent=2) + "\n").encode()))
     return path
 

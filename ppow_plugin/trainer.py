@@ -403,9 +403,7 @@ class Trainer:
             torch.save(self._trainer_state(), tmp / f"trainer_state_rank{self.dist.rank}.pt")
             distributed.barrier()
             if self.dist.is_main:
-                meta = self._meta() | {"files": {p.relative_to(tmp).as_posix(): export.sha256_file(p)
-                                                 for p in sorted(tmp.rglob("*")) if p.is_file()}}
-                (tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+                drafter_source.write_checkpoint_meta(tmp, self._meta())  # file hashes + its own digest
         except Exception as exc:
             full = is_disk_full(exc, tmp)  # before the partial files are deleted
             shutil.rmtree(tmp, ignore_errors=True)

@@ -378,14 +378,20 @@ def _checkpoint(tmp: Path):
     ckpt = tmp / "checkpoints" / "step-000001"
     ckpt.mkdir(parents=True)
     torch.save({"w": torch.randn(64)}, ckpt / "engine.pt")
-    (ckpt / "meta.json").write_text(json.dumps({"files": {"engine.pt": drafter_source.sha256_file(ckpt / "engine.pt")}}))
+    drafter_source.write_checkpoint_meta(ckpt, {"step": 1, "config": {"optim": {"lr": 0.0003}}})  # as trainer does
     return ckpt / "engine.pt", lambda: drafter_source.checkpoint_problem(ckpt)
+
+
+def _checkpoint_meta(tmp: Path):
+    path, read = _checkpoint(tmp)
+    return path.parent / "meta.json", read
 
 
 # format -> (make one entry, what the program does with a damaged one: "rebuilt" | "refused" | "skipped")
 FORMATS = {"generated shard": (_shard, "refused"), "provenance.json": (_provenance, "refused"),
            "feature-cache entry": (_feature_entry, "rebuilt"), "continuation-cache entry": (_continuation_entry, "rebuilt"),
-           "data-scan cache entry": (_scan_entry, "rebuilt"), "checkpoint file": (_checkpoint, "skipped")}
+           "data-scan cache entry": (_scan_entry, "rebuilt"), "checkpoint file": (_checkpoint, "skipped"),
+           "checkpoint meta.json": (_checkpoint_meta, "skipped")}
 
 
 @pytest.mark.parametrize("fault", [truncate, zero, flip], ids=["truncated", "zeroed", "bit-flipped"])
@@ -409,5 +415,9 @@ def test_every_on_disk_format_is_rebuilt_or_refused_when_damaged(tmp_path, capsy
         assert read() is None  # a miss: the caller recomputes and rewrites the entry
         err = capsys.readouterr().err
         assert err == f"warning: {fmt} {path} is damaged ({err.split('(', 1)[1].rsplit(')', 1)[0]}); rebuilding it\n"
+    elif path.name == "engine.pt":  # "skipped": resume (and export) fall back to the previous checkpoint
+        assert read() == "engine.pt missing or corrupt (hash mismatch)"
+    elif fault is flip:  # "step": 0 instead of 1, still valid JSON: only meta.json's own digest tells
+        assert read() == "meta.json damaged (content differs from the sha256 recorded when it was written)"
     else:
-        assert read() == "engine.pt missing or corrupt (hash mismatch)"  # resume falls back to the previous one
+        assert read().startswith("meta.json damaged (unreadable: JSONDecodeError: ")
