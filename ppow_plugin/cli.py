@@ -362,7 +362,7 @@ def _cmd_data_generate(args) -> int:
     inputs = {"--target": outputs.target_input(args.target), "--path": args.path}
     if args.out is not None:  # before any work: someone else's folder, an input, `.`, a file (or under one)
         outputs.check_generation_dir(args.out, inputs)
-    from ppow_plugin import datasets, rundir
+    from ppow_plugin import datasets, gen_shards, rundir
     from ppow_plugin.trainer import _resolve_target
     target = _resolve_target(args.target, "--target ")
     if args.dataset == "sharegpt":
@@ -380,9 +380,9 @@ def _cmd_data_generate(args) -> int:
                               out_dir=out, progress=True, features=kinds, feature_max_len=args.feature_max_len)
         except BaseException:
             if lock.created is not None and not any(out.glob("shard-?????.npz")):  # nothing made: leave no folder
-                (out / gen_data.PROVENANCE).unlink(missing_ok=True)
+                (out / gen_shards.PROVENANCE).unlink(missing_ok=True)
             raise
-    print(json.dumps(gen_data.totals(out)))
+    print(json.dumps(gen_shards.totals(out)))
     print(f"generated data in {out} (train with data.dataset=generated data.path={out})")
     return 0
 

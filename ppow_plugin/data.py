@@ -241,7 +241,7 @@ def build_training_samples(data_cfg, target_dir: str | Path, progress: bool = Fa
 
     Args:
         data_cfg: `config.DataCfg` (dataset, max_len, num_conversations, heldout_fraction); dataset=generated
-            reads `gen_data.load_generated(data_cfg.path)`.
+            reads `gen_shards.load_generated(data_cfg.path)`.
         target_dir: a converted target directory (its tokenizer and chat template are used).
         progress: show a progress bar for the scan (~13 ms per ShareGPT conversation on 2 CPU cores).
     Returns:
@@ -250,7 +250,8 @@ def build_training_samples(data_cfg, target_dir: str | Path, progress: bool = Fa
     from transformers import AutoTokenizer
 
     if data_cfg.dataset == "generated":  # `ppow data generate` output: token ids, no chat template needed
-        from ppow_plugin.gen_data import default_output_dir, load_generated
+        from ppow_plugin.gen_data import default_output_dir
+        from ppow_plugin.gen_shards import load_generated
         path = data_cfg.path or default_output_dir(target_dir, data_cfg.heldout_fraction)
         return load_generated(path, data_cfg.max_len, data_cfg.heldout_fraction, data_cfg.num_conversations)
     tokenizer = AutoTokenizer.from_pretrained(target_dir)

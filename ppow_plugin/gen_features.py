@@ -110,10 +110,10 @@ def open_sinks(target_dir, kinds: Sequence[str], num_layers: int, max_len: int) 
 
 def store(sinks: FeatureSinks, ids: Sequence[int], prompt_len: int, final: Tensor, layers: Tensor | None) -> None:
     """Write one generated sequence's entry into every sink, at the address of the sample training reads
-    (`gen_data.response_sample`).
+    (`gen_shards.response_sample`).
 
     final: [T, H] final-norm hidden states; layers: [T, 3H] EAGLE-3 features or None; T = len(ids)."""
-    from ppow_plugin.gen_data import response_sample
+    from ppow_plugin.gen_shards import response_sample
     from ppow_plugin.rollout import TargetPass
     sample = response_sample("", ids, prompt_len, sinks.max_len)
     if not sample.loss_mask.any():  # no response token within max_len: training drops this sequence

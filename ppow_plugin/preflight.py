@@ -6,7 +6,7 @@
 So `validate` says "ok" only for a recipe `train` would start on: the target directory has a config and a
 tokenizer, the warm-start drafter is of the recipe's family (an EAGLE-3 drafter with an EAGLE-1 recipe is
 refused here, not after the target has loaded), family-only settings match the family, and generated data
-is a generation dir whose provenance and shards verify (`gen_data.check_generated`), and the τ probe
+is a generation dir whose provenance and shards verify (`gen_shards.check_generated`), and the τ probe
 (`eval.every_steps`) has its `eval.every_prompts` prompts.
 """
 
@@ -31,8 +31,8 @@ def check(cfg) -> None:
     if cfg.model.drafter is not None and Path(cfg.model.drafter).is_dir():
         _check_drafter(cfg, target)
     if cfg.data.dataset == "generated" and cfg.data.path is not None and Path(cfg.data.path).exists():
-        from ppow_plugin import gen_data
-        gen_data.check_generated(cfg.data.path)
+        from ppow_plugin import gen_shards
+        gen_shards.check_generated(cfg.data.path)
     if cfg.eval.every_steps:  # the τ probe's prompts (train reads them after loading the target)
         from ppow_plugin import eval_prompts
         eval_prompts.load_prompts(cfg.eval.benchmarks, cfg.eval.every_prompts, flag="eval.every_prompts=")

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from ppow_plugin import continuations, data, drafter_source, feature_cache, gen_data, integrity
+from ppow_plugin import continuations, data, drafter_source, feature_cache, gen_data, gen_shards, integrity
 from ppow_plugin.cli import main as cli_main
 from ppow_plugin.errors import UserError
 from ppow_plugin.rollout import TargetPass
@@ -69,7 +69,7 @@ def refused(capsys, root: Path, match: str, *argv) -> None:
 
 
 def indices(out: Path) -> list[list[int]]:
-    return [s.index.tolist() for s in gen_data.read_shards(out)]
+    return [s.index.tolist() for s in gen_shards.read_shards(out)]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -83,7 +83,7 @@ def test_extending_a_run_completes_its_partial_last_shard(tiny, tmp_path, capsys
     assert generate(capsys, tiny, g, "--shard-size", "2", "--num-prompts", "6") == (0, "")
     assert indices(g) == [[0, 1], [2, 3], [4, 5]]  # was [0,1] [2] [4,5]: index 3 never generated
     assert generate(capsys, tiny, fresh, "--shard-size", "2", "--num-prompts", "6") == (0, "")
-    assert all(np.array_equal(a.ids, b.ids) for a, b in zip(gen_data.read_shards(g), gen_data.read_shards(fresh)))
+    assert all(np.array_equal(a.ids, b.ids) for a, b in zip(gen_shards.read_shards(g), gen_shards.read_shards(fresh)))
     assert json.loads((g / "provenance.json").read_text())["totals"]["prompts"] == 6
     before = snapshot(g)
     assert generate(capsys, tiny, g, "--shard-size", "2", "--num-prompts", "4") == (0, "")  # fewer: nothing to do
@@ -93,7 +93,7 @@ def test_extending_a_run_completes_its_partial_last_shard(tiny, tmp_path, capsys
 def test_unreadable_or_missing_provenance_is_refused_not_overwritten(tiny, tmp_path, capsys):
     g = tmp_path / "G"
     assert generate(capsys, tiny, g, "--shard-size", "2", "--num-prompts", "2") == (0, "")
-    shard = gen_data.read_shards(g)[0]
+    shard = gen_shards.read_shards(g)[0]
     (g / "provenance.json").write_text("{x")
     refused(capsys, tmp_path, re.escape(f"{g}/provenance.json is damaged (unreadable: JSONDecodeError: ")
             + r".*\); it records the settings its shards were made with, so they cannot be reused or checked: "
@@ -105,7 +105,7 @@ def test_unreadable_or_missing_provenance_is_refused_not_overwritten(tiny, tmp_p
                                         "were made with are unknown; restore the file, or pass another --out"),
             "data", "generate", "--target", tiny[0], "--dataset", "jsonl", "--path", tiny[1],
             "--max-new-tokens", "3", "--batch-size", "1", "--shard-size", "2", "--num-prompts", "4", "--out", g)
-    again = gen_data.read_shards(g)
+    again = gen_shards.read_shards(g)
     assert len(again) == 1 and again[0].index.tolist() == [0, 1]  # the max_new_tokens=2 shard, not reused as 3
     assert np.array_equal(again[0].ids, shard.ids)
 
@@ -124,7 +124,7 @@ def test_damaged_shard_is_refused_by_generate_validate_and_training(tiny, tmp_pa
     recipe.write_text(f"stage: sft\nmodel: {{target: {tiny[0]}}}\ndata: {{dataset: generated, path: {g}}}\n")
     refused(capsys, tmp_path, fix, "validate", recipe)  # said "ok ... valid" before
     with pytest.raises(UserError, match=re.escape(f"generated shard {path} is damaged")):  # what sft/train read
-        gen_data.load_generated(g, max_len=64, heldout_fraction=0.0)
+        gen_shards.load_generated(g, max_len=64, heldout_fraction=0.0)
 
 
 def test_validate_and_train_refuse_what_train_refused_only_after_loading_the_target(tiny, tmp_path, capsys):
@@ -320,17 +320,17 @@ def flip(path: Path) -> None:
 def _shard(tmp: Path) -> tuple[Path, object]:
     out = tmp / "G"
     out.mkdir()
-    shard = gen_data.Shard(np.arange(4000, dtype=np.uint16), np.array([0, 2000, 4000]),
+    shard = gen_shards.Shard(np.arange(4000, dtype=np.uint16), np.array([0, 2000, 4000]),
                            np.array([5, 7], dtype=np.int32), np.array([0, 1]), np.array(["c0", "c1"]), 1.5)
-    gen_data.write_shard(out, 0, shard)
-    gen_data._write_json(out / gen_data.PROVENANCE, {"settings": {"max_new_tokens": 2}, "target_sha256": "ab" * 32,
+    gen_shards.write_shard(out, 0, shard)
+    gen_shards.write_provenance(out, {"settings": {"max_new_tokens": 2}, "target_sha256": "ab" * 32,
                                                      "source": "test", "totals": {"prompts": 2}})
-    return out / "shard-00000.npz", lambda: gen_data.read_shards(out)
+    return out / "shard-00000.npz", lambda: gen_shards.read_shards(out)
 
 
 def _provenance(tmp: Path):
     path, _ = _shard(tmp)
-    return path.parent / gen_data.PROVENANCE, lambda: gen_data.read_provenance(path.parent)
+    return path.parent / gen_shards.PROVENANCE, lambda: gen_shards.read_provenance(path.parent)
 
 
 class Sample:
