@@ -364,11 +364,13 @@ def _cmd_data_generate(args) -> int:
         outputs.check_generation_dir(args.out, inputs)
     from ppow_plugin import datasets, gen_shards, rundir
     from ppow_plugin.trainer import _resolve_target
-    target = _resolve_target(args.target, "--target ")
+    if args.target != "default":  # a path: config and tokenizer checked before the prompts are read
+        _resolve_target(args.target, "--target ")
     if args.dataset == "sharegpt":
         convs, source = datasets.load_sharegpt(), "{}=={}".format(*datasets.SHAREGPT[:2])
     else:
         convs, source = datasets.load_jsonl_conversations(args.path, "--path "), f"jsonl:{args.path}"
+    target = _resolve_target(args.target, "--target ")  # "default": prepared on first use
     prompts = gen_data.first_turn_prompts(convs, args.heldout_fraction, args.seed)
     out = Path(args.out) if args.out is not None else gen_data.output_dir(target, source, args.heldout_fraction,
                                                                           settings)
