@@ -60,7 +60,7 @@ class FeatureCache:
 
     def __init__(self, root: Path, eagle3: bool):
         self.root, self.eagle3 = root, eagle3
-        self.hits = self.misses = self.damaged = 0
+        self.hits = self.misses = 0
 
     @classmethod
     def open(cls, target_dir: str | Path, drafter_type: str, feature_layers: tuple[int, ...] | None,
@@ -97,7 +97,6 @@ class FeatureCache:
         except (integrity.Damaged, KeyError) as exc:  # a damaged entry: say so, recompute it (`put` replaces it)
             integrity.warn_rebuilding("feature-cache entry", path, exc)
             self.misses += 1
-            self.damaged += 1
             return None
         if not same:  # a digest collision cannot happen in practice; a renamed file can
             self.misses += 1
