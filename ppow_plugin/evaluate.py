@@ -238,17 +238,18 @@ def drafter_format(target_dir: Path, drafter_dir: Path) -> str:
         UserError: an EAGLE-3 dir that is unreadable or does not fit the target, or an EAGLE-1 misfit.
     """
     target_cfg, drafter_cfg = read_config(target_dir, "--target"), read_config(drafter_dir, "--drafter")
-    formats.read_weights(drafter_dir, [])  # missing, unreadable or truncated weights: refused for either family
     looks_eagle3 = ("draft_vocab_size" in drafter_cfg or "target_hidden_size" in drafter_cfg
                     or "LlamaForCausalLMEagle3" in (drafter_cfg.get("architectures") or []))
     try:
-        fmt = formats.load_drafter(drafter_dir, target_cfg).format
+        fmt, read = formats.load_drafter(drafter_dir, target_cfg).format, True
     except UserError:
         if looks_eagle3:
             raise
-        fmt = "eagle1"
+        fmt, read = "eagle1", False
     if fmt == "eagle1":
         check_fit(target_cfg, drafter_cfg, str(target_dir), str(drafter_dir))
+    if not read:  # missing, unreadable or truncated weights: refused now, not after other drafters were evaluated
+        formats.read_weights(drafter_dir, [])
     return fmt
 
 
