@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -65,8 +66,10 @@ def read_source(src: Path, target: str | None) -> tuple[formats.LoadedDrafter, d
     target_dir = resolve_target(target) if target is not None else None
     drafter = formats.load_drafter(src, target_config(target_dir) if target_dir else None)
     try:
-        prior = json.loads((src / "ppow_meta.json").read_text()) if (src / "ppow_meta.json").is_file() else {}
-    except json.JSONDecodeError:
+        prior = integrity.read_json(src / "ppow_meta.json") if (src / "ppow_meta.json").is_file() else {}
+    except integrity.Damaged as exc:  # only provenance: the weights were checked above; say what is lost
+        print(f"warning: {src / 'ppow_meta.json'} is damaged ({exc}); the export records no step, stage or "
+              "config from it", file=sys.stderr)
         prior = {}
     return drafter, {"source": str(src.resolve()), "source_files": {f.name: sha256_file(f) for f in drafter.files},
                      "step": prior.get("step"), "stage": prior.get("stage"), "config": prior.get("config"),

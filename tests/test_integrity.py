@@ -421,3 +421,17 @@ def test_every_on_disk_format_is_rebuilt_or_refused_when_damaged(tmp_path, capsy
         assert read() == "meta.json damaged (content differs from the sha256 recorded when it was written)"
     else:
         assert read().startswith("meta.json damaged (unreadable: JSONDecodeError: ")
+
+
+def test_a_damaged_ppow_meta_json_is_said_not_silently_dropped(tmp_path, capsys):
+    """`ppow export` of a drafter dir reads its ppow_meta.json back for the step, stage and config it records."""
+    copy = tmp_path / "D"
+    shutil.copytree(D, copy)
+    _, meta = drafter_source.read_source(copy, None)
+    assert meta["stage"] == "sft" and capsys.readouterr().err == ""
+    truncate(copy / "ppow_meta.json")
+    _, meta = drafter_source.read_source(copy, None)
+    assert meta["stage"] is None
+    err = capsys.readouterr().err
+    assert err.startswith(f"warning: {copy}/ppow_meta.json is damaged (unreadable: JSONDecodeError: ") and err.endswith(
+        "); the export records no step, stage or config from it\n") and err.count("\n") == 1
