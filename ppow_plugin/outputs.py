@@ -30,7 +30,7 @@ RUN_ENTRIES = ("checkpoints", "drafter", "metrics.jsonl", "metrics.jsonl.before-
                "data_report.json", "run.lock", ".drafter.tmp-*", ".drafter.old-*", ".write-probe-*")
 
 
-# What `ppow data generate` writes into its output dir (gen_data.py, cli.py); anything else is someone else's.
+# What `ppow data generate` writes into its output dir (data/generate.py, data/shards.py, cli.py); anything else is someone else's.
 GEN_ENTRIES = ("provenance.json", "shard-?????.npz", ".shard-?????.npz.*.tmp", ".provenance.json.*.tmp",
                "generate.lock")
 
@@ -139,7 +139,7 @@ def target_input(target: str | None) -> str | None:
 def _target_path(target: str) -> str:
     if target != "default":
         return target
-    from ppow_plugin import assets  # stdlib only
+    from ppow_plugin.host import assets  # stdlib only
     return str(assets.cache_dir() / "targets" / assets.SMOLLM2_135M.name)
 
 

@@ -16,10 +16,14 @@ import numpy as np
 import pytest
 import torch
 
-from ppow_plugin import continuations, data, drafter_source, feature_cache, gen_data, gen_shards, integrity
+from ppow_plugin.data import continuations, feature_cache, samples
+from ppow_plugin.data import generate as gen_data  # `generate` below runs the CLI
+from ppow_plugin.data import shards as gen_shards
+from ppow_plugin.drafters import drafter_source
+from ppow_plugin.host import integrity
 from ppow_plugin.cli import main as cli_main
 from ppow_plugin.errors import UserError
-from ppow_plugin.rollout import TargetPass
+from ppow_plugin.method.rollout import TargetPass
 from tiny import make_conversations, make_target
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -155,7 +159,7 @@ def test_a_target_without_a_tokenizer_is_one_line(tiny, tmp_path, capsys):
             "data", "generate", "--target", D, "--num-prompts", "1", "--out", tmp_path / "G")
     refused(capsys, tmp_path, re.escape(f"--target {D} ") + no_tok,
             "eval", "--drafter", D, "--target", D, "--simulate", "--num-prompts", "1", "--out", tmp_path / "E")
-    from ppow_plugin.trainer import _resolve_target  # what sft/train open (after the preflight above)
+    from ppow_plugin.training.trainer import _resolve_target  # what sft/train open (after the preflight above)
     with pytest.raises(UserError, match=re.escape(f"model.target={D} ") + no_tok):
         _resolve_target(str(D))
 
@@ -208,7 +212,7 @@ def test_generate_out_follows_the_output_rules(tiny, tmp_path, capsys, monkeypat
 
 def test_generate_holds_a_lock_and_ctrl_c_prints_the_resume_command(tiny, tmp_path, capsys, monkeypatch):
     g = tmp_path / "G"
-    code = ("import sys, time; from ppow_plugin import rundir; "
+    code = ("import sys, time; from ppow_plugin.training import rundir; "
             "l = rundir.RunLock(sys.argv[1], '--out', 'generate.lock', 'ppow data generate').__enter__(); "
             "print('held', flush=True); time.sleep(600)")
     holder = subprocess.Popen([sys.executable, "-c", code, str(g)], stdout=subprocess.PIPE, text=True)
@@ -265,7 +269,7 @@ def test_messages_name_the_flag_or_key_the_user_typed(tiny, tmp_path, capsys):
 
 
 def test_prompt_files_dirs_boms_and_flags_they_replace(tmp_path, capsys):
-    from ppow_plugin import eval_prompts
+    from ppow_plugin.data import eval_prompts
     p = tmp_path / "p.jsonl"
     p.write_bytes(b'\xef\xbb\xbf{"prompt": "Hello, who are you?"}\r\n{"prompt": "Write a haiku."}\r\n')
     assert [q.turns for q in eval_prompts.read_prompt_file(p)] == [("Hello, who are you?",), ("Write a haiku.",)]
@@ -283,7 +287,8 @@ def test_compare_checks_every_drafter_before_evaluating_any(tmp_path, capsys, mo
         monkeypatch.delenv("PPOW_CACHE")
     else:
         monkeypatch.setenv("PPOW_CACHE", ASSET_CACHE)
-    from ppow_plugin import assets, evaluate
+    from ppow_plugin.evaluation import evaluate
+    from ppow_plugin.host import assets
     if not (assets.cache_dir() / "targets" / assets.SMOLLM2_135M.name / "config.json").is_file():
         pytest.skip("the default target is not prepared (`ppow prepare`)")
     bad = tmp_path / "B"
@@ -353,21 +358,21 @@ def _continuation_entry(tmp: Path):
 
 
 def _scan_entry(tmp: Path):
-    """The data-scan cache of `data._scan_cached` (read returns None when it scanned again)."""
+    """The data-scan cache of `samples._scan_cached` (read returns None when it scanned again)."""
     from transformers import AutoTokenizer
 
-    from ppow_plugin import datasets
+    from ppow_plugin.data import datasets
     target = make_target(tmp / "target", layers=1)
     convs = datasets.load_jsonl_conversations(make_conversations(tmp / "convs.jsonl", n=4))
     tokenizer, scans = AutoTokenizer.from_pretrained(target), []
-    real = data.scan_conversations
+    real = samples.scan_conversations
 
     def read():
-        data.scan_conversations = lambda *a: scans.append(1) or real(*a)
+        samples.scan_conversations = lambda *a: scans.append(1) or real(*a)
         try:
-            used, _ = data._scan_cached(convs, tokenizer, target, 64, False)
+            used, _ = samples._scan_cached(convs, tokenizer, target, 64, False)
         finally:
-            data.scan_conversations = real
+            samples.scan_conversations = real
         return None if len(scans) > 1 else used
 
     read()  # the first call scans and writes the entry
