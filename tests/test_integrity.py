@@ -403,8 +403,9 @@ FORMATS = {"generated shard": (_shard, "refused"), "provenance.json": (_provenan
 @pytest.mark.parametrize("fmt", list(FORMATS))
 def test_every_on_disk_format_is_rebuilt_or_refused_when_damaged(tmp_path, capsys, fmt, fault):
     """Switched off by hand (docs/reliability.md): with `integrity.load_npz`/`load_safetensors`/`read_json`
-    not comparing the digest, the bit-flipped continuation entry, provenance.json and scan entry go red;
-    with their exception handling removed, every truncated/zeroed case ends in a traceback."""
+    not comparing the digest, the bit-flipped continuation entry, provenance.json, scan entry and checkpoint
+    meta.json go red (npz members carry zip CRC-32s as well); with their exception handling removed, every
+    truncated/zeroed case and the bit-flipped npz ones end in a traceback."""
     make, outcome = FORMATS[fmt]
     path, read = make(tmp_path)
     capsys.readouterr()
