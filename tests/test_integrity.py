@@ -158,7 +158,8 @@ def test_a_target_without_a_tokenizer_is_one_line(tiny, tmp_path, capsys):
     refused(capsys, tmp_path, re.escape(f"--target {D} ") + no_tok,
             "data", "generate", "--target", D, "--num-prompts", "1", "--out", tmp_path / "G")
     refused(capsys, tmp_path, re.escape(f"--target {D} ") + no_tok,
-            "eval", "--drafter", D, "--target", D, "--simulate", "--num-prompts", "1", "--out", tmp_path / "E")
+            "eval", "--drafter", D, "--target", D, "--simulate", "--benchmarks", "mt_bench", "--num-prompts", "1",
+            "--out", tmp_path / "E")
     from ppow_plugin.training.trainer import _resolve_target  # what sft/train open (after the preflight above)
     with pytest.raises(UserError, match=re.escape(f"model.target={D} ") + no_tok):
         _resolve_target(str(D))
