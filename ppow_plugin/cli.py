@@ -54,6 +54,9 @@ def _cmd_validate(args) -> int:
         key, p = bad[0]
         raise UserError(f"{key}={p.value}: {p.path} {p.problem} (relative paths resolve against the current "
                         "directory); fix the path, or pass --no-path-check to check keys and values only")
+    if not args.no_path_check:
+        from ppow_plugin.training import preflight
+        preflight.check(cfg)  # every check `train` runs before it loads target weights
     note, target = None, paths.get("model.target")
     if target is None or target.problem is None or target_arch.known_config(cfg.model.target):
         arch, note = target_arch.load_target_arch(cfg)
@@ -88,6 +91,8 @@ def _cmd_train(args, stage: str) -> int:
     # someone else's folder or the run's inputs: refused before the lock file is written there (Trainer.setup
     # repeats the check under the lock, with the checkpoints-need-resume rule)
     outputs.check_run_dir(cfg.run.output_dir, outputs.run_inputs(cfg), resume=True)
+    from ppow_plugin.training import preflight
+    preflight.check(cfg)  # what `validate` checks, before the lock, torch or any weight
     lock = rundir.lock_for_rank(cfg.run.output_dir)  # before torch loads: a second run is refused at once
     with lock or contextlib.nullcontext():
         args.on_interrupt = _resume_hint(args, cfg.run.output_dir)
@@ -193,6 +198,10 @@ def _sim_args(args) -> dict:
     from ppow_plugin.evaluation import simulate
     if args.chain is not None and args.chain < 1:
         raise UserError(f"--chain {args.chain}: a chain needs at least 1 draft")
+    if args.prompts and (args.benchmarks is not None or args.num_prompts is not None):
+        given = "--benchmarks" if args.benchmarks is not None else "--num-prompts"
+        raise UserError(f"--prompts {args.prompts} replaces the benchmarks: every line of it is a prompt, so "
+                        f"{given} has nothing to select; drop {given} (or shorten the file)")
     prompts = eval_prompts.read_prompt_file(args.prompts, args.both_turns) if args.prompts else None
     return {"simulate": args.simulate, "prompts": prompts, "per_depth": args.per_depth,
             "sim_tree": simulate.chain(args.chain) if args.chain is not None else None}
@@ -349,6 +358,7 @@ def _add_plan_command(sub) -> None:
 
 
 def _cmd_data_generate(args) -> int:
+    from ppow_plugin import outputs
     from ppow_plugin.data import generate  # flags are checked before the heavier imports below
     settings = generate.GenSettings(args.temperature, args.max_new_tokens, args.max_prompt_len, args.batch_size,
                                     args.shard_size, args.seed)
@@ -359,22 +369,38 @@ def _cmd_data_generate(args) -> int:
         raise UserError(f"--heldout-fraction ({args.heldout_fraction}) must be in [0, 1)")
     if args.dataset == "jsonl" and not args.path:
         raise UserError("--dataset jsonl needs --path <file.jsonl>")
-    from ppow_plugin.data import datasets
-    from ppow_plugin.training.trainer import _resolve_target
-    if args.dataset == "sharegpt":
-        convs, source = datasets.load_sharegpt(), "{}=={}".format(*datasets.SHAREGPT[:2])
-    else:
-        convs, source = datasets.load_jsonl_conversations(args.path), f"jsonl:{args.path}"
-    target = _resolve_target(args.target)
-    prompts = generate.first_turn_prompts(convs, args.heldout_fraction, args.seed)
     kinds = [k for k in args.features.split(",") if k] if args.features else []
     if any(k not in ("eagle1", "eagle3") for k in kinds) or len(set(kinds)) != len(kinds):
         raise UserError(f"--features {args.features!r}: give eagle1, eagle3 or eagle1,eagle3")
     if args.feature_max_len < 2:
         raise UserError(f"--feature-max-len ({args.feature_max_len}) must be >= 2 (= data.max_len of the SFT run)")
-    out = generate.generate(target, prompts, settings, args.num_prompts, source, args.heldout_fraction,
-                            out_dir=args.out, progress=True, features=kinds, feature_max_len=args.feature_max_len)
-    print(json.dumps(generate.totals(out)))
+    inputs = {"--target": outputs.target_input(args.target), "--path": args.path}
+    if args.out is not None:  # before any work: someone else's folder, an input, `.`, a file (or under one)
+        outputs.check_generation_dir(args.out, inputs)
+    from ppow_plugin.data import datasets, shards
+    from ppow_plugin.training import rundir
+    from ppow_plugin.training.trainer import _resolve_target
+    if args.target != "default":  # a path: config and tokenizer checked before the prompts are read
+        _resolve_target(args.target, "--target ")
+    if args.dataset == "sharegpt":
+        convs, source = datasets.load_sharegpt(), "{}=={}".format(*datasets.SHAREGPT[:2])
+    else:
+        convs, source = datasets.load_jsonl_conversations(args.path, "--path "), f"jsonl:{args.path}"
+    target = _resolve_target(args.target, "--target ")  # "default": prepared on first use
+    prompts = generate.first_turn_prompts(convs, args.heldout_fraction, args.seed)
+    out = Path(args.out) if args.out is not None else generate.output_dir(target, source, args.heldout_fraction,
+                                                                          settings)
+    with rundir.RunLock(out, "--out", "generate.lock", "ppow data generate") as lock:  # one writer per dir
+        args.on_interrupt = (f"the shards written so far are in {out}; continue with: "
+                             f"{shlex.join(['ppow', *args.argv])}")
+        try:
+            generate.generate(target, prompts, settings, args.num_prompts, source, args.heldout_fraction,
+                              out_dir=out, progress=True, features=kinds, feature_max_len=args.feature_max_len)
+        except BaseException:
+            if lock.created is not None and not any(out.glob("shard-?????.npz")):  # nothing made: leave no folder
+                (out / shards.PROVENANCE).unlink(missing_ok=True)
+            raise
+    print(json.dumps(shards.totals(out)))
     print(f"generated data in {out} (train with data.dataset=generated data.path={out})")
     return 0
 
@@ -461,6 +487,8 @@ _RECIPE_KEYS = ("recipe keys: `ppow validate --print-defaults` lists every key w
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
+    args.argv = tuple(sys.argv[1:] if argv is None else argv)  # the command as typed (resume hints; a tuple:
+    # not a flag value for _refuse_unusable_text)
     if extra:  # `ppow plan R --gpus 8 data.max_len=1024`: overrides may also follow the flags
         if not hasattr(args, "overrides") or not all(_OVERRIDE.match(e) for e in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")

@@ -226,7 +226,8 @@ def one_error(capsys, argv) -> str:
 
 
 @pytest.mark.parametrize("flags,message", [
-    (["--tflops", "0"], "--tflops 0.0: must be in (0, 100000] achieved TFLOP/s per device"),
+    (["--tflops", "0"], "--tflops 0.0: must be in [0.001, 100000] achieved TFLOP/s per device"),
+    (["--tflops", "1e-320"], "--tflops 1e-320: must be in [0.001, 100000] achieved TFLOP/s per device"),  # "inf h"
     (["--tflops", "nan"], "--tflops nan: must be a finite number"),
     (["data.max_len=1e3"], "data.max_len must be an integer, got '1e3'"),
     (["--gpu-memory-gb", "-1"], "--gpu-memory-gb -1.0: must be in (0, 100000] GB per device"),

@@ -66,7 +66,8 @@ class Hardware:
                 ("--gpus", self.gpus, 1 <= self.gpus <= 4096, "in [1, 4096] per node"),
                 ("--nodes", self.nodes, 1 <= self.nodes <= 1 << 20, f"in [1, {1 << 20}]"),
                 ("--gpu-memory-gb", self.gpu_memory_gb, 0 < self.gpu_memory_gb <= 1e5, "in (0, 100000] GB per device"),
-                ("--tflops", self.tflops, 0 < self.tflops <= 1e5, "in (0, 100000] achieved TFLOP/s per device")):
+                # from 1 GFLOP/s: a tiny positive value (1e-320) made the time bound "inf h"
+                ("--tflops", self.tflops, 1e-3 <= self.tflops <= 1e5, "in [0.001, 100000] achieved TFLOP/s per device")):
             if not ok:  # "not ok" so nan fails too
                 raise UserError(f"{flag} {value}: must be {rule}")
 

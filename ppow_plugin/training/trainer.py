@@ -292,14 +292,17 @@ class Trainer:
         distributed.shutdown()
 
 
-def _resolve_target(target: str) -> Path:
+def _resolve_target(target: str, name: str = "model.target=") -> Path:
+    """The target directory `target` names ("default" prepares SmolLM2); `name` is how the user gave it
+    ("model.target=" in a recipe, "--target " on the command line)."""
+    from ppow_plugin.host import assets
     if target == "default":
-        from ppow_plugin.host import assets
         return assets.default_target_dir(prepare=True)
     p = Path(target)
     if not (p / "config.json").is_file():
-        raise UserError(f"model.target={target} is not a model directory with config.json; "
+        raise UserError(f"{name}{target} is not a model directory with config.json; "
                         "use 'default' or a local HF causal-LM directory")
+    assets.require_tokenizer(p, name)
     return p
 
 
