@@ -27,6 +27,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
 import re
 import shlex
 import sys
@@ -436,6 +437,11 @@ def build_parser() -> argparse.ArgumentParser:
     for sp in sub.choices.values():
         sp.add_argument("--verbose", action="store_true",
                         help="show every third-party warning and progress bar (hidden by default)")
+    # The deepspeed launcher passes --local_rank=N before the command (`python -m ppow_plugin.cli --local_rank=0
+    # train R`), torch.distributed.launch --local-rank=N; either may also follow it. Same as LOCAL_RANK.
+    for parser, default in ((p, None), *((sp, argparse.SUPPRESS) for sp in sub.choices.values())):
+        parser.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, default=default,
+                            metavar="N", help="this process's GPU on its node, as launchers pass it (= LOCAL_RANK)")
     return p
 
 
@@ -457,6 +463,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.verbose:
         quiet.hide_third_party_noise(progress_bars=args.cmd == "prepare")
     try:
+        _take_local_rank(args)
         _refuse_non_finite(args)
         _refuse_unusable_text(args)
         return args.fn(args)
@@ -467,6 +474,20 @@ def main(argv: list[str] | None = None) -> int:
         hint = getattr(args, "on_interrupt", None)
         print("interrupted" + (f": {hint}" if hint else ""), file=sys.stderr)
         return 130
+
+
+def _take_local_rank(args) -> None:
+    """--local_rank / --local-rank from a launcher becomes LOCAL_RANK, which device resolution reads
+    (`distributed.get_device`); a launcher that sets both must agree."""
+    given = getattr(args, "local_rank", None)
+    if given is None:
+        return
+    if given < 0:
+        raise UserError(f"--local_rank {given}: must be >= 0 (the launcher sets it)")
+    env = os.environ.get("LOCAL_RANK")
+    if env is not None and env != str(given):
+        raise UserError(f"--local_rank {given} but LOCAL_RANK={env}; pass one of them (the launcher sets both)")
+    os.environ["LOCAL_RANK"] = str(given)
 
 
 def _refuse_non_finite(args) -> None:
