@@ -102,17 +102,35 @@ def init_process_group(device: torch.device) -> DistInfo:
     return DistInfo(rank=rank, world_size=world, local_rank=local)
 
 
+def collective_device() -> torch.device:
+    """Where the tensors of this process group's collectives must live: NCCL takes CUDA tensors only (this
+    rank's current GPU, made current by `get_device`); gloo takes CPU tensors. Read from the group at call time,
+    because DeepSpeed starts NCCL by itself even for a single GPU."""
+    if "nccl" in str(torch.distributed.get_backend()).lower():  # "nccl" or a mixed "cpu:gloo,cuda:nccl"
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _group_started() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
 def barrier() -> None:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
+    if not _group_started():
+        return
+    dev = collective_device()
+    if dev.type == "cuda":  # NCCL's barrier otherwise guesses a GPU from the global rank
+        torch.distributed.barrier(device_ids=[dev.index])
+    else:
         torch.distributed.barrier()
 
 
 def all_reduce_mean(values: dict[str, float]) -> dict[str, float]:
-    """Average scalar metrics over ranks (no-op in a single process)."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+    """Average scalar metrics over ranks (no-op in a single process), on the backend's device."""
+    if not _group_started():
         return values
     keys = sorted(values)
-    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=collective_device())
     torch.distributed.all_reduce(t)
     t /= torch.distributed.get_world_size()
     return dict(zip(keys, t.tolist()))
