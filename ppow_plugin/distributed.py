@@ -260,13 +260,36 @@ class Engine:
         self._set_lr()
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """Consolidated trainable-module weights on CPU (gathers ZeRO-3 partitions on every rank)."""
-        if self.ds is not None and self.cfg.dist.zero_stage == 3:
+        """Consolidated drafter weights on CPU, trainable ones from the optimizer's fp32 master weights.
+
+        One rule for every export: a live run's drafter and `ppow export` of its last checkpoint
+        (`consolidate_deepspeed_checkpoint`) both write the fp32 masters, not the bf16 copy the module computes
+        with. engine=torch is fp32 only (Config), so its module is the master. Every rank calls this (ZeRO-3
+        gathers partitions; the masters are all-reduced across the data-parallel group).
+        """
+        if self.ds is None:
+            return _cpu_fp32(self.module.state_dict())
+        if self.cfg.dist.zero_stage == 3:
             import deepspeed  # noqa: F401  (only to reach GatheredParameters; module already imported)
             params = list(self.module.parameters())
             with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-                return _cpu_fp32(self.module.state_dict())
-        return _cpu_fp32(self.module.state_dict())
+                state = _cpu_fp32(self.module.state_dict())
+        else:
+            state = _cpu_fp32(self.module.state_dict())
+        return state | _cpu_fp32(_fp32_masters(self.module))
+
+
+def _fp32_masters(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """DeepSpeed's fp32 master copy of each trainable parameter (ZeRO 1-3, bf16 optimizer), by state-dict name;
+    parameters without one (ZeRO-0 in fp32: the module's weight is the master) are left out."""
+    from deepspeed.utils import safe_get_full_fp32_param
+    masters = {}
+    for name, param in module.named_parameters():
+        if param.requires_grad:
+            master = safe_get_full_fp32_param(param)
+            if master is not None:
+                masters[name] = master
+    return masters
 
 
 def _cpu_fp32(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
