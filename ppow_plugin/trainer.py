@@ -34,7 +34,7 @@ import torch
 
 import ppow_plugin
 from ppow_plugin import (distributed, drafter_source, drafters, eagle_compat, export, feature_cache, losses, outputs,
-                         rewards, rollout, rundir, windowing)
+                         plan, rewards, rollout, rundir, windowing)
 from ppow_plugin.config import Config, config_to_dict
 from ppow_plugin.data import TrainingData, build_training_samples
 from ppow_plugin.errors import DiskFull, UserError, is_disk_full
@@ -94,9 +94,10 @@ class Trainer:
     def _load(self) -> None:
         cfg = self.cfg
         self.target_dir = _resolve_target(cfg.model.target)
-        self.target = eagle_compat.load_host_target(self.target_dir, distributed.DTYPES[cfg.dist.target_dtype])
-        self.target.to(self.device)
-        self.kv = eagle_compat.new_kv_cache(self.target)
+        positions = plan.target_positions(cfg)  # KV cache and rotary tables: what this run reaches, not the context
+        self.target = eagle_compat.load_host_target(self.target_dir, distributed.DTYPES[cfg.dist.target_dtype],
+                                                    self.device, positions)
+        self.kv = eagle_compat.new_kv_cache(self.target, positions)
         self.adapter = drafters.ADAPTERS[cfg.model.drafter_type]  # EAGLE-1 vs EAGLE-3 differences
         samples, self.data_report = build_training_samples(cfg.data, self.target_dir, progress=self.dist.is_main)
         if self.dist.is_main:

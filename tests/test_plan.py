@@ -93,8 +93,20 @@ def test_plan_rows_hand_computed():
     assert rows["target KV cache"] == 2 * 6 * 1 * 4 * (16 + 2 * 3) * 2      # 2·L·kv·hd·(T + G·K)·b
     assert rows["activations: target hidden states"] == 16 * 8 * 6 * 2      # T·H·L·b
     assert rows["activations: logits"] == (22 * 32 + 2 * 22 * 32) * 4      # (S_t·V + 2·S_d·V)·4, S = T + n·G·K
+    assert rows["rotary tables (fp32)"] == (22 + 64) * 4 * 2 * 4            # (P + EAGLE-1 drafter's ctx)·hd·2·4
+    assert rows["rollout graph (drafter windows)"] == 2 * 2 * 2 * 4 * (2 * 16 + 3) * 2  # 2·N_w·heads·hd·Σ(T+j+1)·b
     assert p.total_gb == pytest.approx(sum(p.rows.values()))
     assert p.host_kv_prealloc_gb * plan.GB == 2 * 6 * 1 * 4 * 64 * 2
+
+
+def test_target_positions_are_what_the_trainer_allocates():
+    cfg = Config()
+    cfg.data.max_len, cfg.rollout.group_size, cfg.rollout.window = 100, 8, 5
+    assert plan.target_positions(cfg) == 140  # the prefix plus the G·K tree a verification appends
+    cfg.rollout.verify = "data"
+    assert plan.target_positions(cfg) == 100  # no tree forward
+    assert plan.target_positions(Config(stage="sft", data=cfg.data)) == 100
+    assert plan.rollout_graph_bytes(_tiny_arch(), Config(stage="sft")) == 0
 
 
 def test_sft_eagle3_counts_the_ttt_unroll():
