@@ -85,6 +85,7 @@ def _cmd_train(args, stage: str) -> int:
     if cfg.stage != stage:
         raise UserError(f"{args.recipe} is a stage={cfg.stage} recipe; run `ppow {_STAGE_CMD[cfg.stage]}` "
                         f"or set stage={stage}")
+    _check_device_fits(cfg)
     # someone else's folder or the run's inputs: refused before the lock file is written there (Trainer.setup
     # repeats the check under the lock, with the checkpoints-need-resume rule)
     outputs.check_run_dir(cfg.run.output_dir, outputs.run_inputs(cfg), resume=True)
@@ -96,6 +97,26 @@ def _cmd_train(args, stage: str) -> int:
         out = trainer.main(cfg)
     print(f"drafter written to {out}")
     return 0
+
+
+def _check_device_fits(cfg) -> None:
+    """On a GPU, `ppow plan`'s estimate against this GPU's memory before minutes of loading: a target larger than
+    the GPU is refused, a total larger than it warned about (`plan.check_device_fits`)."""
+    import torch
+    if cfg.dist.device in ("cpu", "mps") or not torch.cuda.is_available():
+        return
+    from ppow_plugin import distributed, plan, target_arch
+    try:
+        arch, _ = target_arch.load_target_arch(cfg)
+    except UserError:
+        return  # no readable config.json: the trainer names the target problem
+    device = distributed.get_device(cfg.dist.device)
+    if device.type != "cuda":
+        return
+    total = torch.cuda.get_device_properties(device).total_memory
+    warning = plan.check_device_fits(cfg, arch, int(os.environ.get("WORLD_SIZE", 1)), total / plan.GB)
+    if warning:
+        print(warning, file=sys.stderr)
 
 
 def _resume_hint(args, run_dir: str) -> str:

@@ -217,6 +217,26 @@ def plan_memory(cfg: Config, a: TargetArch, gpus: int = 1, nodes: int = 1) -> Me
     return MemoryPlan({k: v / GB for k, v in rows.items()}, world, trainable, frozen, n_target, prealloc / GB)
 
 
+def check_device_fits(cfg: Config, a: TargetArch, world: int, device_gb: float) -> str | None:
+    """Before a GPU run loads anything (`ppow sft|train`): the plan for `world` ranks against this device's memory.
+
+    Returns a warning line when the planned total exceeds `device_gb`, else None.
+    Raises:
+        UserError: the frozen target alone is larger than the device (every rank holds all of it).
+    """
+    p = plan_memory(cfg, a, world)
+    target_gb = p.rows["target weights (frozen)"]
+    if target_gb > device_gb:
+        raise UserError(f"the frozen target alone is {target_gb:.1f} GB in {cfg.dist.target_dtype} and every rank holds "
+                        f"all of it, but this GPU has {device_gb:.1f} GB; ppow does not shard the target: use GPUs "
+                        f"with more than {p.total_gb:.0f} GB (`ppow plan` lists the rows)")
+    if p.total_gb > device_gb:
+        return (f"warning: ppow plan estimates {p.total_gb:.1f} GB per device on {world} rank(s), more than this GPU's "
+                f"{device_gb:.1f} GB; expect an out-of-memory error (see `ppow plan <recipe> --gpus {world}` for what "
+                "to shrink)")
+    return None
+
+
 def step_seconds(cfg: Config, a: TargetArch, tflops: float = 200.0) -> float:
     """Compute-only lower bound on seconds per optimizer step per rank at `tflops` achieved TFLOP/s."""
     Hardware(tflops=tflops)
