@@ -483,6 +483,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if not args.verbose:
         quiet.hide_third_party_noise(progress_bars=args.cmd == "prepare")
+    local_rank_before = os.environ.get("LOCAL_RANK")
     try:
         _take_local_rank(args)
         _refuse_non_finite(args)
@@ -495,6 +496,11 @@ def main(argv: list[str] | None = None) -> int:
         hint = getattr(args, "on_interrupt", None)
         print("interrupted" + (f": {hint}" if hint else ""), file=sys.stderr)
         return 130
+    finally:  # --local_rank set LOCAL_RANK for this command only (main() also runs in-process: tests, notebooks)
+        if local_rank_before is None:
+            os.environ.pop("LOCAL_RANK", None)
+        else:
+            os.environ["LOCAL_RANK"] = local_rank_before
 
 
 def _take_local_rank(args) -> None:

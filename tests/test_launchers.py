@@ -36,6 +36,7 @@ def test_local_rank_forms_reach_training(called, argv, local):
     assert cli.main(argv) == 0
     overrides = ["run.max_steps=3"] if "run.max_steps=3" in argv else []
     assert called == [("ppow", "r.yaml", overrides, local)]
+    assert "LOCAL_RANK" not in os.environ  # set for the command only: main() also runs in-process
 
 
 def test_sft_takes_local_rank_too(called):
