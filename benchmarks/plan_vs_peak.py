@@ -34,15 +34,15 @@ HWM = "int(next(l.split()[1] for l in open('/proc/self/status') if l.startswith(
 # one CLI command in this process; writes its peak resident memory (KiB) next to it: over the whole command, and
 # over set-up + training steps alone (read when the first checkpoint starts: the checkpoint and the export then
 # hold 2-3 CPU copies of the drafter's state, host memory that no device plan counts)
-WRAPPER = ("import json, sys\nfrom ppow_plugin import cli, trainer\ncode, seen = 1, {}\n"
+WRAPPER = ("import json, sys\nfrom ppow_plugin import cli\nfrom ppow_plugin.training import trainer\ncode, seen = 1, {}\n"
            "save = trainer.Trainer.save_checkpoint\n"
            f"def first_save(self):\n    seen.setdefault('train_peak_kib', {HWM})\n    return save(self)\n"
            "trainer.Trainer.save_checkpoint = first_save\n"
            "try:\n    code = cli.main(sys.argv[2:])\nfinally:\n"
            f"    json.dump({{'rc': code, 'peak_rss_kib': {HWM}, **seen}}, open(sys.argv[1], 'w'))\nsys.exit(code)\n")
 # the same imports a training process makes, nothing loaded
-BASELINE = ("import json, sys, torch, transformers, tokenizers\nfrom ppow_plugin import cli, trainer, "
-            "eagle_compat, drafters\nimport eagle.model.modeling_llama_kv, eagle.model.cnets\n"
+BASELINE = ("import json, sys, torch, transformers, tokenizers\nfrom ppow_plugin import cli\nfrom ppow_plugin.training import "
+            "trainer\nfrom ppow_plugin.host import eagle_compat\nfrom ppow_plugin.drafters import adapters\nimport eagle.model.modeling_llama_kv, eagle.model.cnets\n"
             f"json.dump({{'peak_rss_kib': {HWM}}}, open(sys.argv[1], 'w'))\n")
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
        "TOKENIZERS_PARALLELISM": "false"}
@@ -64,7 +64,8 @@ def peak_bytes(code: str, args: list[str], work: Path, name: str) -> tuple[int, 
 
 
 def planned_bytes(recipe: str, overrides: list[str], target: Path) -> tuple[float, dict]:
-    from ppow_plugin import plan, target_arch
+    from ppow_plugin.host import target_arch
+    from ppow_plugin.training import plan
     from ppow_plugin.config import load_config
     cfg = load_config(recipe, overrides)
     arch, _ = target_arch.load_target_arch(cfg, str(target))

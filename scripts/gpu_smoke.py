@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -86,7 +87,7 @@ def tokenizer_for(vocab_size: int):
 def host_vs_hf(target: Path, device: str) -> dict:
     from transformers import AutoModelForCausalLM
 
-    from ppow_plugin import eagle_compat
+    from ppow_plugin.host import eagle_compat
     hf = AutoModelForCausalLM.from_pretrained(str(target), dtype=torch.float32).to(device).eval()
     host = eagle_compat.load_host_target(target, torch.float32, torch.device(device), positions=64)
     ids = torch.randint(4, hf.config.vocab_size, (1, 48), generator=torch.Generator().manual_seed(0)).to(device)
@@ -100,9 +101,13 @@ def host_vs_hf(target: Path, device: str) -> dict:
 def cli_stage(name: str, args: list[str], work: Path) -> dict:
     """One `ppow` command in a fresh process; its wall time, exit code, CUDA peak and output tail."""
     stats = work / f"{name}.stats.json"
-    env_py = [sys.executable, "-c", WRAPPER, str(stats), *args]
+    # one process, no launcher: a caller's launcher variables (a pytest process that ran DeepSpeed in-process keeps
+    # its MASTER_PORT, still bound) must not reach DeepSpeed's single-process start-up
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE",
+                                                            "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
     start = time.monotonic()
-    proc = subprocess.run(env_py, cwd=work, capture_output=True, text=True, check=False)
+    proc = subprocess.run([sys.executable, "-c", WRAPPER, str(stats), *args], cwd=work, env=env, capture_output=True,
+                          text=True, check=False)
     seconds = time.monotonic() - start
     rc = json.loads(stats.read_text())["rc"] if stats.exists() else proc.returncode
     out = {"seconds": round(seconds, 1), "rc": rc, "log_tail": (proc.stdout + proc.stderr)[-1500:]}
@@ -116,9 +121,11 @@ def greedy_equal(target: Path, drafter: Path, device: str, tokens: int = 24) -> 
     """EAGLE-3 tree decoding (fp32, greedy) against transformers' greedy decoding on the device."""
     from transformers import AutoModelForCausalLM
 
-    from ppow_plugin import drafters, eagle_compat, tree_decode
+    from ppow_plugin.drafters import adapters
+    from ppow_plugin.evaluation import tree_decode
+    from ppow_plugin.host import eagle_compat
     host = eagle_compat.load_host_target(target, torch.float32, torch.device(device))
-    drafter_model = drafters.load_eagle3_drafter(drafter, host).to(device).eval()
+    drafter_model = adapters.load_eagle3_drafter(drafter, host).to(device).eval()
     hf = AutoModelForCausalLM.from_pretrained(str(target), dtype=torch.float32).to(device).eval()
     ids = torch.randint(8, hf.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(1)).to(device)
     with torch.no_grad():
@@ -132,7 +139,8 @@ def greedy_equal(target: Path, drafter: Path, device: str, tokens: int = 24) -> 
 
 
 def family_checks(name: str, work: Path, rehearsal: bool, device: str, dtype: str) -> dict:
-    from ppow_plugin import plan, target_arch
+    from ppow_plugin.host import target_arch
+    from ppow_plugin.training import plan
     from ppow_plugin.config import load_config
     config_name, sft_recipe, ppow_recipe = FAMILIES[name]
     checks: dict = {}

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from ppow_plugin import patching
+from ppow_plugin.host import patching
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(patching.patch_status().state != "patched",

@@ -9,7 +9,9 @@ import sys
 import pytest
 import torch
 
-from ppow_plugin import cli, distributed, patching, trainer
+from ppow_plugin import cli, distributed
+from ppow_plugin.host import patching
+from ppow_plugin.training import trainer
 from ppow_plugin.errors import UserError
 from tiny import recipe_file
 

@@ -7,7 +7,8 @@ import os
 import pytest
 import torch
 
-from ppow_plugin import eagle_compat, patching, plan
+from ppow_plugin.host import eagle_compat, patching
+from ppow_plugin.training import plan
 from ppow_plugin.config import load_config
 from tiny import make_target, overrides
 
@@ -54,7 +55,7 @@ def test_kv_cache_sized(target_dir):
 
 def test_trainer_allocates_what_the_plan_counts(tmp_path):
     """SFT and PPOW set-ups on the tiny target (512 positions): the cache and rotary rows are P, not 512."""
-    from ppow_plugin import trainer
+    from ppow_plugin.training import trainer
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     sft_drafter = None
     for stage in ("sft", "ppow"):  # PPOW starts from the drafter the SFT set-up exports untrained

@@ -6,7 +6,9 @@ import os
 import pytest
 import torch
 
-from ppow_plugin import cli, formats, patching
+from ppow_plugin import cli
+from ppow_plugin.drafters import formats
+from ppow_plugin.host import patching
 from ppow_plugin.config import load_config
 from ppow_plugin.errors import UserError
 from tiny import run_trainer
