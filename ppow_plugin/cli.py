@@ -27,6 +27,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
 import re
 import shlex
 import sys
@@ -88,6 +89,7 @@ def _cmd_train(args, stage: str) -> int:
     if cfg.stage != stage:
         raise UserError(f"{args.recipe} is a stage={cfg.stage} recipe; run `ppow {_STAGE_CMD[cfg.stage]}` "
                         f"or set stage={stage}")
+    _check_device_fits(cfg)
     # someone else's folder or the run's inputs: refused before the lock file is written there (Trainer.setup
     # repeats the check under the lock, with the checkpoints-need-resume rule)
     outputs.check_run_dir(cfg.run.output_dir, outputs.run_inputs(cfg), resume=True)
@@ -102,6 +104,28 @@ def _cmd_train(args, stage: str) -> int:
         out = trainer.main(cfg)
     print(f"drafter written to {out}")
     return 0
+
+
+def _check_device_fits(cfg) -> None:
+    """On a GPU, `ppow plan`'s estimate against this GPU's memory before minutes of loading: a target larger than
+    the GPU is refused, a total larger than it warned about (`plan.check_device_fits`)."""
+    import torch
+    if cfg.dist.device in ("cpu", "mps") or not torch.cuda.is_available():
+        return
+    from ppow_plugin import distributed
+    from ppow_plugin.host import target_arch
+    from ppow_plugin.training import plan
+    try:
+        arch, _ = target_arch.load_target_arch(cfg)
+    except UserError:
+        return  # no readable config.json: the trainer names the target problem
+    device = distributed.get_device(cfg.dist.device)
+    if device.type != "cuda":
+        return
+    total = torch.cuda.get_device_properties(device).total_memory
+    warning = plan.check_device_fits(cfg, arch, int(os.environ.get("WORLD_SIZE", 1)), total / plan.GB)
+    if warning:
+        print(warning, file=sys.stderr)
 
 
 def _resume_hint(args, run_dir: str) -> str:
@@ -476,6 +500,11 @@ def build_parser() -> argparse.ArgumentParser:
     for sp in sub.choices.values():
         sp.add_argument("--verbose", action="store_true",
                         help="show every third-party warning and progress bar (hidden by default)")
+    # The deepspeed launcher passes --local_rank=N before the command (`python -m ppow_plugin.cli --local_rank=0
+    # train R`), torch.distributed.launch --local-rank=N; either may also follow it. Same as LOCAL_RANK.
+    for parser, default in ((p, None), *((sp, argparse.SUPPRESS) for sp in sub.choices.values())):
+        parser.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, default=default,
+                            metavar="N", help="this process's GPU on its node, as launchers pass it (= LOCAL_RANK)")
     return p
 
 
@@ -498,7 +527,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if not args.verbose:
         quiet.hide_third_party_noise(progress_bars=args.cmd == "prepare")
+    local_rank_before = os.environ.get("LOCAL_RANK")
     try:
+        _take_local_rank(args)
         _refuse_non_finite(args)
         _refuse_unusable_text(args)
         return args.fn(args)
@@ -509,6 +540,25 @@ def main(argv: list[str] | None = None) -> int:
         hint = getattr(args, "on_interrupt", None)
         print("interrupted" + (f": {hint}" if hint else ""), file=sys.stderr)
         return 130
+    finally:  # --local_rank set LOCAL_RANK for this command only (main() also runs in-process: tests, notebooks)
+        if local_rank_before is None:
+            os.environ.pop("LOCAL_RANK", None)
+        else:
+            os.environ["LOCAL_RANK"] = local_rank_before
+
+
+def _take_local_rank(args) -> None:
+    """--local_rank / --local-rank from a launcher becomes LOCAL_RANK, which device resolution reads
+    (`distributed.get_device`); a launcher that sets both must agree."""
+    given = getattr(args, "local_rank", None)
+    if given is None:
+        return
+    if given < 0:
+        raise UserError(f"--local_rank {given}: must be >= 0 (the launcher sets it)")
+    env = os.environ.get("LOCAL_RANK")
+    if env is not None and env != str(given):
+        raise UserError(f"--local_rank {given} but LOCAL_RANK={env}; pass one of them (the launcher sets both)")
+    os.environ["LOCAL_RANK"] = str(given)
 
 
 def _refuse_non_finite(args) -> None:
