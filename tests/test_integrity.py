@@ -24,6 +24,7 @@ from ppow_plugin.host import integrity
 from ppow_plugin.cli import main as cli_main
 from ppow_plugin.errors import UserError
 from ppow_plugin.method.rollout import TargetPass
+from cli_checks import ppow, snapshot
 from tiny import make_conversations, make_target
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,19 +42,6 @@ def tiny(tmp_path_factory):
 def cache(tmp_path, monkeypatch):
     monkeypatch.setenv("PPOW_CACHE", str(tmp_path / "cache"))
     integrity._WARNED.clear()
-
-
-def snapshot(root: Path, skip: Path | None = None) -> dict[str, bytes | None]:
-    paths = sorted(p for p in root.rglob("*") if skip is None or not p.is_relative_to(skip))
-    return {p.relative_to(root).as_posix(): (None if p.is_dir() else p.read_bytes()) for p in paths}
-
-
-def ppow(capsys, *argv) -> tuple[int, str]:
-    """`ppow ...` in this process: exit code and its only `error:` line ("" if none)."""
-    code = cli_main([str(a) for a in argv])
-    lines = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error: ")]
-    assert len(lines) <= 1, lines
-    return code, lines[0] if lines else ""
 
 
 def generate(capsys, tiny, out, *flags) -> tuple[int, str]:

@@ -20,7 +20,7 @@ from tiny import recipe_file
 def called(monkeypatch):
     """`ppow sft|train` with the training itself replaced by a recorder of (stage, recipe, overrides, LOCAL_RANK)."""
     seen = []
-    monkeypatch.setattr(cli, "_cmd_train", lambda args, stage: seen.append(
+    monkeypatch.setattr(cli, "cmd_train", lambda args, stage: seen.append(
         (stage, args.recipe, args.overrides, os.environ.get("LOCAL_RANK"))) or 0)
     monkeypatch.delenv("LOCAL_RANK", raising=False)
     return seen

@@ -124,23 +124,23 @@ def cmd_profile(args) -> int:
     return 0
 
 
+def _out_flags(sp: argparse.ArgumentParser, default: str, holds: str) -> None:
+    sp.add_argument("--out", default=default,
+                    help=f"output dir for {holds} (default: ./{default}); an existing non-empty one needs --force")
+    sp.add_argument("--force", action="store_true", help="replace a non-empty --out dir")
+
+
 def add_eval_commands(sub) -> None:
     """ppow eval | compare | profile (issue 5)."""
     sp = sub.add_parser("eval", help="tau, acceptance and speedup of a drafter vs plain decoding")
     sp.add_argument("--drafter", required=True, help="EAGLE-1 (compact or host layout) or EAGLE-3 drafter dir")
-    sp.add_argument("--out", default="eval-report",
-                    help="output dir for report.json, summary.md and PNGs (default: ./eval-report); an existing "
-                         "non-empty one needs --force")
-    sp.add_argument("--force", action="store_true", help="replace a non-empty --out dir")
+    _out_flags(sp, "eval-report", "report.json, summary.md and PNGs")
     _eval_flags(sp)
     sp.set_defaults(fn=cmd_eval)
     sp = sub.add_parser("compare", help="evaluate several drafters under one protocol")
     sp.add_argument("drafters", nargs="+", help="drafter dirs; the first is the reference")
     sp.add_argument("--names", default=None, help="comma-separated names, one per drafter (default: dir names)")
-    sp.add_argument("--out", default="compare-report",
-                    help="output dir for compare.md, compare.png and one report dir per drafter (default: "
-                         "./compare-report); an existing non-empty one needs --force")
-    sp.add_argument("--force", action="store_true", help="replace a non-empty --out dir")
+    _out_flags(sp, "compare-report", "compare.md, compare.png and one report dir per drafter")
     _eval_flags(sp)
     sp.set_defaults(fn=cmd_compare)
     sp = sub.add_parser("profile", help="measure gamma = drafter step / target step on this machine")

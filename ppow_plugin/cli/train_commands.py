@@ -64,14 +64,14 @@ def cmd_train(args, stage: str) -> int:
     if cfg.stage != stage:
         raise UserError(f"{args.recipe} is a stage={cfg.stage} recipe; run `ppow {_STAGE_CMD[cfg.stage]}` "
                         f"or set stage={stage}")
-    _check_device_fits(cfg)
     # someone else's folder or the run's inputs: refused before the lock file is written there (Trainer.setup
     # repeats the check under the lock, with the checkpoints-need-resume rule)
     outputs.check_run_dir(cfg.run.output_dir, outputs.run_inputs(cfg), resume=True)
-    from ppow_plugin.training import preflight
-    preflight.check(cfg)  # what `validate` checks, before the lock, torch or any weight
     lock = rundir.lock_for_rank(cfg.run.output_dir)  # before torch loads: a second run is refused at once
-    with lock or contextlib.nullcontext():
+    with lock or contextlib.nullcontext():  # on an error below the lock file and the dirs it made are removed
+        from ppow_plugin.training import preflight
+        preflight.check(cfg)  # what `validate` checks, before any weight loads
+        _check_device_fits(cfg)
         args.on_interrupt = _resume_hint(args, cfg.run.output_dir)
         from ppow_plugin.host import eagle_compat
         from ppow_plugin.training import trainer
