@@ -375,7 +375,8 @@ LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "hi
 def llama3_run(tmp_path_factory: pytest.TempPathFactory, world: dict) -> dict:
     """`<run>/drafter` written by the trainer's writer (save_eagle3_dir + Eagle3Config.to_hf_dict, drafters.py)
     and `<run>/checkpoints/step-000003` (engine.pt) holding the same weights."""
-    from ppow_plugin.drafters.eagle3 import Eagle3Config, Eagle3Drafter, build_vocab_map
+    from ppow_plugin.drafters.draft_vocab import build_vocab_map
+    from ppow_plugin.drafters.eagle3 import Eagle3Config, Eagle3Drafter
     base = tmp_path_factory.mktemp("llama3")
     target_dir = base / "target"
     torch.manual_seed(0)

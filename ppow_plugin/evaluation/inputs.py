@@ -57,14 +57,16 @@ def check_fit(target_cfg: dict[str, Any], drafter_cfg: dict[str, Any], target_wh
                         "pass the target the drafter was trained for")
 
 
-def resolve_target(target: str | Path) -> Path:
-    """"default" -> the prepared SmolLM2 target; else a local directory with config.json."""
+def resolve_target(target: str | Path, need_tokenizer: bool = True) -> Path:
+    """"default" -> the prepared SmolLM2 target; else a local directory with config.json (and a tokenizer,
+    unless the caller never reads text: `ppow profile` times random ids)."""
     from ppow_plugin.host import assets
     if str(target) == "default":
         return assets.default_target_dir(prepare=True)
     path = Path(target)
     read_config(path, "--target")
-    assets.require_tokenizer(path, "--target ")
+    if need_tokenizer:
+        assets.require_tokenizer(path, "--target ")
     return path
 
 

@@ -140,7 +140,7 @@ def profile(target_dir: str | Path = "default", drafter_dir: str | Path | None =
     """
     if repeats < 1 or inner < 1 or prefix_len < 2 or not tree_sizes or min(tree_sizes) < 1:
         raise UserError(f"need --repeats >= 1 (got {repeats}), inner >= 1, prefix_len >= 2 and tree sizes >= 1")
-    target_dir = resolve_target(target_dir)
+    target_dir = resolve_target(target_dir, need_tokenizer=False)
     # drafter_format checks the fit (EAGLE-1: sizes; EAGLE-3: sizes and vocabulary maps) with its own messages.
     fmt = "eagle1" if drafter_dir is None else drafter_format(target_dir, Path(drafter_dir))
     rates, rates_source = _acceptance(eval_report)

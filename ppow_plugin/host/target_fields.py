@@ -42,6 +42,7 @@ CONFIG_FIELDS: dict[str, str] = {
     "pad_token_id": "tokenizer ids", "unk_token_id": "tokenizer ids",
     "torch_dtype": "load dtype is ppow's choice", "dtype": "same as torch_dtype",
     "transformers_version": "metadata", "_name_or_path": "metadata", "_model_name_or_path": "metadata",
+    "_hub_id": "ppow metadata in the packaged known configs: the target's Hugging Face id (host/serving_names)",
     "_known_config": "ppow's packaged config-only copies",
     "id2label": "classification heads", "label2id": "classification heads", "problem_type": "classification heads",
     "chunk_size_feed_forward": "unused by Llama", "is_encoder_decoder": "false for decoders",
