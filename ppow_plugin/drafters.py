@@ -24,7 +24,7 @@ EAGLE-3 choices (docs/algorithm.md, "EAGLE-3 path"):
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +34,14 @@ from ppow_plugin import eagle3, eagle_compat, export, formats, losses, rollout
 from ppow_plugin.errors import UserError
 
 StepStats = dict[str, float]
+
+
+class DataPath(NamedTuple):
+    """The drafter's unroll along the data from n starts (`*Adapter.data_path`, dense rollouts)."""
+
+    logits: Tensor  # [n, K, Vd] fp32 with grad; [:, j] drafts x_{s+j+1}
+    sft: Tensor | None  # the SFT loss on the same unroll (None when not asked)
+    sft_stats: StepStats
 
 
 def _target_embed(target: nn.Module) -> Tensor:
@@ -81,8 +89,32 @@ class Eagle1Adapter:
     def to_target_ids(self, drafter, draft_ids: Tensor) -> Tensor:
         return draft_ids
 
+    def to_draft_ids(self, drafter, target_ids: Tensor) -> Tensor:
+        return target_ids
+
     def restrict(self, drafter, target_logits: Tensor) -> Tensor:
         return target_logits
+
+    def data_path(self, drafter, target, dpass, draft_logits, tpass, ids, valid, starts, depth, cfg, sft: bool):
+        """The drafter's `depth`-step chain along the data from each start (`rollout.draft_windows` fed the data
+        tokens, as `multi_step_loss`), and with `sft` the EAGLE-1 SFT loss on the same teacher-forced pass.
+
+        Args:
+            dpass, draft_logits: the teacher-forced pass (with its graph); tpass: the target pass; ids [T];
+            valid [T] bool; starts [n]. Returns: DataPath.
+        """
+        tokens = ids[(starts[:, None] + 1 + torch.arange(depth, device=ids.device)).clamp(max=ids.numel() - 1)]
+        _, _, logits = rollout.draft_windows(drafter, lambda h: _head(target, h), dpass, starts, 1, depth, 1.0,
+                                             tokens=tokens[:, None])
+        if not sft:
+            return DataPath(logits[:, 0], None, {})
+        rows = valid[1:]  # [T-1] row i predicts f_{i+1} and x_{i+2}
+        feats = tpass.features[1:].to(dpass.out_features.dtype)
+        loss, st = losses.eagle1_sft_loss(dpass.out_features[None], feats[None], draft_logits[None],
+                                          tpass.logits[1:][None], rows[None], cfg.sft.feature_weight,
+                                          cfg.sft.token_weight)
+        return DataPath(logits[:, 0], loss, {"sft_feature_loss": float(st.feature_loss),
+                                             "sft_token_loss": float(st.token_loss)})
 
     def sft_loss(self, drafter, target, item: dict, cfg, gen: torch.Generator) -> tuple[Tensor, StepStats]:
         """EAGLE-1 objective: next-feature SmoothL1 + soft CE to the target, on noised input features."""
@@ -202,6 +234,27 @@ class Eagle3Adapter:
 
     def to_target_ids(self, drafter, draft_ids: Tensor) -> Tensor:
         return eagle3.draft_to_target_ids(draft_ids, drafter.d2t)
+
+    def to_draft_ids(self, drafter, target_ids: Tensor) -> Tensor:
+        """Target ids -> draft ids, -1 for ids outside the draft vocabulary (draft ids are ascending target ids)."""
+        index = drafter.t2d.long().cumsum(0) - 1  # [V]
+        return torch.where(drafter.t2d[target_ids], index[target_ids], -1)
+
+    def data_path(self, drafter, target, dpass, draft_logits, tpass, ids, valid, starts, depth, cfg, sft: bool):
+        """The training-time-test unroll along the data (`eagle3.ttt_unroll`, via `ttt_batch`): step j, row s-1 is
+        depth j+1 of the window from s; with `sft` the TTT loss of its first `sft.ttt_steps` steps.
+
+        Args: as `Eagle1Adapter.data_path` (dpass and draft_logits are not read). Returns: DataPath.
+        """
+        steps = max(depth, cfg.sft.ttt_steps) if sft else depth
+        step_logits, probs, masks = ttt_batch(drafter, tpass, ids, valid, steps)
+        logits = torch.stack([step_logits[j][0, starts - 1] for j in range(depth)], 1).float()  # [n, K, Vd]
+        if not sft:
+            return DataPath(logits, None, {})
+        n = cfg.sft.ttt_steps
+        loss, st = losses.ttt_sft_loss(step_logits[:n], probs[:n], masks[:n], cfg.sft.ttt_decay)
+        return DataPath(logits, loss, {"sft_token_loss": float(st.per_step_loss[0]),
+                                       "sft_ttt_last_acc": float(st.per_step_acc[-1])})
 
     def restrict(self, drafter, target_logits: Tensor) -> Tensor:
         """Target logits over the draft vocabulary ([..., V] -> [..., Vd]); softmax renormalises them."""

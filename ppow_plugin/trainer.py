@@ -33,8 +33,8 @@ import numpy as np
 import torch
 
 import ppow_plugin
-from ppow_plugin import (distributed, drafter_source, drafters, eagle_compat, export, feature_cache, losses, outputs,
-                         rewards, rollout, rundir, windowing)
+from ppow_plugin import (dense_step, distributed, drafter_source, drafters, eagle_compat, export, feature_cache, losses,
+                         outputs, rewards, rollout, rundir, windowing)
 from ppow_plugin.config import Config, config_to_dict
 from ppow_plugin.data import TrainingData, build_training_samples
 from ppow_plugin.errors import DiskFull, UserError, is_disk_full
@@ -237,7 +237,7 @@ class Trainer:
         valid[1:-1] = mask[2:]
         tpass = self._target_pass(sample, ids, valid)
         item = {"ids": ids, "valid": valid, "tpass": tpass, "policy": None, "sft_vocab": self.sft_vocab}
-        if self.cfg.stage == "sft":
+        if self.cfg.stage == "sft" or dense_step.uses_data_path(self.cfg):  # the data path: all in the loss
             return item
         drafter_pass = torch.enable_grad if keep_graph else torch.no_grad
         with drafter_pass():
@@ -327,6 +327,9 @@ class Trainer:
         return StepResult(*self.adapter.sft_loss(self.drafter, self.target, item, self.cfg, self.gen))
 
     def _ppow_loss(self, item: dict) -> StepResult:
+        if dense_step.uses_data_path(self.cfg):  # rollout.positions all | N: windows from one unroll along the data
+            return StepResult(*dense_step.data_path_loss(self.adapter, self.drafter, self.target, item, self.cfg,
+                                                         self.gamma, self.gen, self.step))
         cfg, tpass, ids, ro, kept = self.cfg, item["tpass"], item["ids"], item["rollout"], item["policy"]
         if kept is not None:  # the graphs of _prepare's passes (keep_graph)
             dpass, draft_logits = kept.dpass, kept.draft_logits
