@@ -78,6 +78,14 @@ def data_prefix_mask(tokens: Tensor, data: Tensor) -> Tensor:
     return torch.cat([ones, same[..., :-1]], -1).long().cumprod(-1).bool()
 
 
+def rows_on_data(input_ids: Tensor, starts: Tensor, target_tokens: Tensor) -> Tensor:
+    """[n, G, K] bool: the rows `rollout.verify_on_data` holds for these windows (target ids [n, G, K]): inside
+    the sequence, with a drafted prefix that is the data's. The losses may read only these."""
+    data, exists = data_tokens(input_ids, starts, target_tokens.shape[-1])
+    inside = rollout.on_sequence_mask(input_ids.numel(), starts, *target_tokens.shape[1:])
+    return inside & data_prefix_mask(target_tokens, torch.where(exists, data, -1))
+
+
 def draw(logp: Tensor, group_size: int, generator: torch.Generator | None = None) -> Tensor:
     """G independent draws per (start, depth) from softmax-normalised log-probs, by inverse CDF.
 

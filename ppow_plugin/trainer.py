@@ -33,8 +33,8 @@ import numpy as np
 import torch
 
 import ppow_plugin
-from ppow_plugin import (dense_step, distributed, drafter_source, drafters, eagle_compat, export, feature_cache, losses,
-                         outputs, rewards, rollout, rundir, windowing)
+from ppow_plugin import (dense, dense_step, distributed, drafter_source, drafters, eagle_compat, export, feature_cache,
+                         losses, outputs, rewards, rollout, rundir, windowing)
 from ppow_plugin.config import Config, config_to_dict
 from ppow_plugin.data import TrainingData, build_training_samples
 from ppow_plugin.errors import DiskFull, UserError, is_disk_full
@@ -269,6 +269,8 @@ class Trainer:
         drawn, item["redrawn"] = rollout.redraw_flat_groups(  # dynamic sampling (rollout.resample_tries)
             drawn, starts, lambda s: self._draw(ids, tpass.logits, dpass, s, drafter_pass), flat_groups,
             self.cfg.rollout.resample_tries)
+        if self.cfg.rollout.verify == "data":  # row k+1 after an accepted token that is not the data's: not read
+            valid_windows = dense.rows_on_data(ids, starts, self.adapter.to_target_ids(self.drafter, drawn.tokens))
         item["rollout"] = rollout.Rollout(starts, drawn.tokens, drawn.logprobs.detach(), drawn.accept_len,
                                           drawn.target_logits, drawn.target_draft_lp, drawn.target_greedy_lp,
                                           valid_windows)

@@ -98,6 +98,8 @@ def test_dense_windows_equal_draft_windows_verified_on_the_data(setup, family):
         tpass = rollout.target_forward(target, ids[None], kv, feature_layers=layers)
         w, ref_lp, ref, tokens, starts, data = _compare(adapter, drafter, target, ids, tpass, family == "eagle3")
         assert torch.equal(w.accept_len, ref[0])  # k: exactly
+        # the rows today's path may read under verify=data (the trainer's mask) are the dense path's rows
+        assert torch.equal(dense.rows_on_data(ids, starts, adapter.to_target_ids(drafter, tokens)), w.valid_mask)
         assert set(w.accept_len.flatten().tolist()) >= {0, 2, K}
         # every row the losses read (tokens 1..k+1, R_dist's token 1) is a dense row on the data path ...
         inside = rollout.on_sequence_mask(ids.numel(), starts, G, K)

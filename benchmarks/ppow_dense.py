@@ -1,0 +1,162 @@
+"""Cost and gradient signal of PPOW's estimators, on the same sequences, in one run (issue 27).
+
+    PYTHONPATH=. .venv/bin/python benchmarks/ppow_dense.py RECIPE [--sequences 8] [--threads 1] [--json OUT]
+        [--set KEY=VALUE ...]
+
+One trainer (the recipe with `rollout.verify=data`, `data.feature_cache=true`, the plain torch engine, and the
+--set overrides) computes, for each arm and each of the same --sequences sequences, one step's loss and its
+gradient (no optimizer step, so every arm sees the same weights):
+  today      rollout.positions=adaw: `prefixes_per_sequence` ADAW starts x G windows, drafted and verified each
+  dense      rollout.positions=all, loss.estimator=sampled: G windows at every start, from one data-path unroll
+  expected   rollout.positions=all, loss.estimator=expected: the exact expected reward at every start
+  expected+sft  the same with loss.sft_weight=1 (the SFT loss on the same unroll)
+  sft        the recipe's SFT loss (stage=sft) on the cached target pass: a cached SFT step
+Each PPOW arm runs twice: with the recipe's anchors (β·KL, ω·distill) and with the policy term alone
+(kl_beta=0, distill_weight=0). Printed per arm: seconds per sequence (target pass from the cache, the step's
+forward and backward), windows per second (windows whose reward the step uses: n·G sampled, n expected), and
+the gradient's signal-to-noise over the sequences: the mean pairwise cosine of the per-sequence gradients and
+|mean gradient| / mean |gradient| (pure noise: 1/sqrt(sequences)). The cache is filled before timing.
+Also counted, in the today arm: windows whose k-th accepted token is not the data's (the mislabelled row k+1
+that `dense.rows_on_data` masks).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import tempfile
+import time
+
+
+def grad_signal(grads) -> dict:
+    """Mean pairwise cosine and |mean| / mean |g| of per-sequence gradient vectors (a list of [P] tensors)."""
+    import torch
+
+    g = torch.stack(grads).double()  # [S, P]
+    norms = g.norm(dim=1)
+    unit = g / norms.clamp_min(1e-30)[:, None]
+    cos = unit @ unit.T
+    s = g.shape[0]
+    pairwise = (cos.sum() - cos.diagonal().sum()) / (s * (s - 1))
+    return {"mean_pairwise_cosine": float(pairwise), "mean_norm_ratio": float(g.mean(0).norm() / norms.mean()),
+            "noise_ratio": 1 / math.sqrt(s), "mean_grad_norm": float(norms.mean())}
+
+
+def run_arm(tr, samples, name: str, settings: dict) -> dict:
+    """Per-sequence loss + backward under `settings` (dotted cfg fields set on the live config)."""
+    import torch
+
+    saved = {}
+    for key, value in settings.items():
+        section, field = key.split(".") if "." in key else (None, key)
+        obj = getattr(tr.cfg, section) if section else tr.cfg
+        saved[key] = getattr(obj, field)
+        setattr(obj, field, value)
+    params = [p for p in tr.drafter.parameters() if p.requires_grad]
+    grads, seconds, windows, mislabelled, stats = [], 0.0, 0, 0, []
+    try:
+        for sample in samples:
+            start = time.perf_counter()
+            keep = tr.cfg.stage == "ppow" and tr.cfg.rollout.positions == "adaw"
+            item = tr._prepare(sample, keep_graph=keep)
+            result = tr._sft_loss(item) if tr.cfg.stage == "sft" else tr._ppow_loss(item)
+            for p in params:
+                p.grad = None
+            result.loss.backward()
+            seconds += time.perf_counter() - start
+            grads.append(torch.cat([p.grad.flatten() for p in params]).detach().clone())
+            stats.append(result.stats)
+            ro = item.get("rollout")
+            if ro is not None:
+                windows += ro.accept_len.numel()
+                mislabelled += count_mislabelled(item["ids"], ro)
+            else:
+                windows += int(result.stats.get("windows", 0))
+    finally:
+        for key, value in saved.items():
+            section, field = key.split(".") if "." in key else (None, key)
+            setattr(getattr(tr.cfg, section) if section else tr.cfg, field, value)
+    n = len(samples)
+    means = {k: sum(s.get(k, 0.0) for s in stats) / n for k in stats[0] if isinstance(stats[0][k], float)}
+    row = {"arm": name, "settings": {k: str(v) for k, v in settings.items()}, "s_per_sequence": seconds / n,
+           "windows_per_sequence": windows / n, "windows_per_s": windows / seconds, **grad_signal(grads),
+           "stats": means}
+    if mislabelled:
+        row["mislabelled_windows"] = mislabelled
+    print(f"{name:34s} {seconds / n:7.2f} s/seq {windows / seconds:9.1f} windows/s "
+          f"cos {row['mean_pairwise_cosine']:+.4f} ratio {row['mean_norm_ratio']:.3f} "
+          f"(noise {row['noise_ratio']:.3f}) reward {means.get('reward', float('nan')):.3f} "
+          f"k {means.get('accept_len', float('nan')):.3f} greedy k {means.get('greedy_accept_len', float('nan')):.3f}",
+          flush=True)
+    return row
+
+
+def count_mislabelled(ids, ro) -> int:
+    """Windows whose k-th accepted token (k >= 1) is not the data token: row k+1 is then not the draft's."""
+    import torch
+
+    k = ro.accept_len
+    pos = (ro.starts[:, None] + k).clamp(max=ids.numel() - 1)  # index of x_{s+k}
+    token = ro.draft_tokens.gather(-1, (k - 1).clamp(min=0)[..., None])[..., 0]
+    return int(((k >= 1) & (token != ids[pos])).sum()) if torch.is_tensor(k) else 0
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("recipe")
+    ap.add_argument("--sequences", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--set", nargs="*", default=[], help="recipe overrides, KEY=VALUE")
+    ap.add_argument("--json", help="also write the figures here")
+    args = ap.parse_args()
+    if args.sequences < 2:
+        print("error: --sequences must be >= 2 (the signal statistics compare sequences)", file=sys.stderr)
+        return 2
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from ppow_plugin import config, trainer
+
+    with tempfile.TemporaryDirectory(prefix="ppow-dense-") as out:
+        cfg = config.load_config(args.recipe, ["rollout.verify=data", "data.feature_cache=true", "dist.engine=torch",
+                                               *args.set, f"run.output_dir={out}/run"])
+        if cfg.stage != "ppow":
+            print("error: the recipe's stage is not ppow; pass a PPOW recipe", file=sys.stderr)
+            return 2
+        tr = trainer.Trainer(cfg)
+        tr.setup()
+        try:
+            samples = [tr.data.next() for _ in range(args.sequences)]
+            for sample in samples:  # fill the feature cache (a miss runs the target once)
+                tr._target_pass(sample, torch.as_tensor(sample.input_ids, dtype=torch.long, device=tr.device), None)
+            policy_only = {"loss.kl_beta": 0.0, "loss.distill_weight": 0.0}
+            dense = {"rollout.positions": "all", "loss.estimator": "sampled"}
+            expected = {"rollout.positions": "all", "loss.estimator": "expected"}
+            arms = [("today (adaw, sampled)", {}), ("dense sampled (all)", dense), ("expected (all)", expected),
+                    ("expected + sft_weight=1", {**expected, "loss.sft_weight": 1.0}),
+                    ("today, policy term only", policy_only), ("dense sampled, policy term only", {**dense, **policy_only}),
+                    ("expected, policy term only", {**expected, **policy_only}),
+                    ("sft (cached step)", {"stage": "sft"})]
+            rows = [run_arm(tr, samples, name, settings) for name, settings in arms]
+        finally:
+            tr.cleanup()
+    by = {r["arm"]: r for r in rows}
+    sft_s = by["sft (cached step)"]["s_per_sequence"]
+    today = by["today (adaw, sampled)"]["windows_per_s"]
+    summary = {"dense_windows_per_s_over_today": by["dense sampled (all)"]["windows_per_s"] / today,
+               "expected_windows_per_s_over_today": by["expected (all)"]["windows_per_s"] / today,
+               "expected_sft_step_over_cached_sft_step": by["expected + sft_weight=1"]["s_per_sequence"] / sft_s}
+    for k, v in summary.items():
+        print(f"{k}: {v:.2f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"command": " ".join(sys.argv), "sequences": args.sequences, "threads": args.threads,
+                       "arms": rows, "summary": summary}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
