@@ -5,11 +5,12 @@
 
 One trainer (the recipe with `rollout.verify=data`, `data.feature_cache=true`, the plain torch engine, and the
 --set overrides) computes, for each arm and each of the same --sequences sequences, one step's loss and its
-gradient (no optimizer step, so every arm sees the same weights):
+gradient (no optimizer step, so every arm sees the same weights; arms interleaved sequence by sequence):
   today      rollout.positions=adaw: `prefixes_per_sequence` ADAW starts x G windows, drafted and verified each
   dense      rollout.positions=all, loss.estimator=sampled: G windows at every start, from one data-path unroll
   expected   rollout.positions=all, loss.estimator=expected: the exact expected reward at every start
-  expected+sft  the same with loss.sft_weight=1 (the SFT loss on the same unroll)
+  expected+sft  the same with loss.sft_weight=1 (the SFT loss on the same unroll), at every start and at 32
+             starts chosen by ADAW (rollout.positions=32)
   sft        the recipe's SFT loss (stage=sft) on the cached target pass: a cached SFT step
 Each PPOW arm runs twice: with the recipe's anchors (β·KL, ω·distill) and with the policy term alone
 (kl_beta=0, distill_weight=0). Printed per arm: seconds per sequence (target pass from the cache, the step's
@@ -44,20 +45,29 @@ def grad_signal(grads) -> dict:
             "noise_ratio": 1 / math.sqrt(s), "mean_grad_norm": float(norms.mean())}
 
 
-def run_arm(tr, samples, name: str, settings: dict) -> dict:
-    """Per-sequence loss + backward under `settings` (dotted cfg fields set on the live config)."""
-    import torch
+class Arm:
+    """One arm's settings (dotted cfg fields set on the live config while it runs) and what it measured."""
 
-    saved = {}
-    for key, value in settings.items():
-        section, field = key.split(".") if "." in key else (None, key)
-        obj = getattr(tr.cfg, section) if section else tr.cfg
-        saved[key] = getattr(obj, field)
-        setattr(obj, field, value)
-    params = [p for p in tr.drafter.parameters() if p.requires_grad]
-    grads, seconds, windows, mislabelled, stats = [], 0.0, 0, 0, []
-    try:
-        for sample in samples:
+    def __init__(self, name: str, settings: dict):
+        self.name, self.settings = name, settings
+        self.grads, self.seconds, self.windows, self.mislabelled, self.stats = [], 0.0, 0, 0, []
+
+    def _swap(self, cfg, values: dict) -> dict:
+        old = {}
+        for key, value in values.items():
+            section, field = key.split(".") if "." in key else (None, key)
+            obj = getattr(cfg, section) if section else cfg
+            old[key] = getattr(obj, field)
+            setattr(obj, field, value)
+        return old
+
+    def step(self, tr, sample) -> None:
+        """One sequence: the step's loss and backward under this arm's settings (timed), its gradient kept."""
+        import torch
+
+        old = self._swap(tr.cfg, self.settings)
+        try:
+            params = [p for p in tr.drafter.parameters() if p.requires_grad]
             start = time.perf_counter()
             keep = tr.cfg.stage == "ppow" and tr.cfg.rollout.positions == "adaw"
             item = tr._prepare(sample, keep_graph=keep)
@@ -65,32 +75,31 @@ def run_arm(tr, samples, name: str, settings: dict) -> dict:
             for p in params:
                 p.grad = None
             result.loss.backward()
-            seconds += time.perf_counter() - start
-            grads.append(torch.cat([p.grad.flatten() for p in params]).detach().clone())
-            stats.append(result.stats)
+            self.seconds += time.perf_counter() - start
+            self.grads.append(torch.cat([p.grad.flatten() for p in params]).detach().clone())
+            self.stats.append(result.stats)
             ro = item.get("rollout")
             if ro is not None:
-                windows += ro.accept_len.numel()
-                mislabelled += count_mislabelled(item["ids"], ro)
+                self.windows += ro.accept_len.numel()
+                self.mislabelled += count_mislabelled(item["ids"], ro)
             else:
-                windows += int(result.stats.get("windows", 0))
-    finally:
-        for key, value in saved.items():
-            section, field = key.split(".") if "." in key else (None, key)
-            setattr(getattr(tr.cfg, section) if section else tr.cfg, field, value)
-    n = len(samples)
-    means = {k: sum(s.get(k, 0.0) for s in stats) / n for k in stats[0] if isinstance(stats[0][k], float)}
-    row = {"arm": name, "settings": {k: str(v) for k, v in settings.items()}, "s_per_sequence": seconds / n,
-           "windows_per_sequence": windows / n, "windows_per_s": windows / seconds, **grad_signal(grads),
-           "stats": means}
-    if mislabelled:
-        row["mislabelled_windows"] = mislabelled
-    print(f"{name:34s} {seconds / n:7.2f} s/seq {windows / seconds:9.1f} windows/s "
-          f"cos {row['mean_pairwise_cosine']:+.4f} ratio {row['mean_norm_ratio']:.3f} "
-          f"(noise {row['noise_ratio']:.3f}) reward {means.get('reward', float('nan')):.3f} "
-          f"k {means.get('accept_len', float('nan')):.3f} greedy k {means.get('greedy_accept_len', float('nan')):.3f}",
-          flush=True)
-    return row
+                self.windows += int(result.stats.get("windows", 0))
+        finally:
+            self._swap(tr.cfg, old)
+
+    def row(self) -> dict:
+        n = len(self.stats)
+        means = {k: sum(s.get(k, 0.0) for s in self.stats) / n for k in self.stats[0]}
+        row = {"arm": self.name, "settings": {k: str(v) for k, v in self.settings.items()},
+               "s_per_sequence": self.seconds / n, "windows_per_sequence": self.windows / n,
+               "windows_per_s": self.windows / self.seconds, **grad_signal(self.grads), "stats": means,
+               "mislabelled_windows": self.mislabelled}
+        print(f"{self.name:42s} {self.seconds / n:7.2f} s/seq {self.windows / self.seconds:9.1f} windows/s "
+              f"cos {row['mean_pairwise_cosine']:+.4f} ratio {row['mean_norm_ratio']:.3f} "
+              f"(noise {row['noise_ratio']:.3f}) |g| {row['mean_grad_norm']:.3g} "
+              f"reward {means.get('reward', float('nan')):.3f} k {means.get('accept_len', float('nan')):.3f} "
+              f"greedy k {means.get('greedy_accept_len', float('nan')):.3f}", flush=True)
+        return row
 
 
 def count_mislabelled(ids, ro) -> int:
@@ -137,10 +146,17 @@ def main() -> int:
             expected = {"rollout.positions": "all", "loss.estimator": "expected"}
             arms = [("today (adaw, sampled)", {}), ("dense sampled (all)", dense), ("expected (all)", expected),
                     ("expected + sft_weight=1", {**expected, "loss.sft_weight": 1.0}),
+                    ("expected (32 ADAW starts) + sft_weight=1",
+                     {**expected, "rollout.positions": 32, "loss.sft_weight": 1.0}),
                     ("today, policy term only", policy_only), ("dense sampled, policy term only", {**dense, **policy_only}),
                     ("expected, policy term only", {**expected, **policy_only}),
                     ("sft (cached step)", {"stage": "sft"})]
-            rows = [run_arm(tr, samples, name, settings) for name, settings in arms]
+            arms = [Arm(name, settings) for name, settings in arms]
+            for i, sample in enumerate(samples):  # arms interleaved: load changes on the machine hit all alike
+                for arm in arms:
+                    arm.step(tr, sample)
+                print(f"sequence {i + 1}/{len(samples)} done", file=sys.stderr, flush=True)
+            rows = [arm.row() for arm in arms]
         finally:
             tr.cleanup()
     by = {r["arm"]: r for r in rows}
@@ -148,7 +164,9 @@ def main() -> int:
     today = by["today (adaw, sampled)"]["windows_per_s"]
     summary = {"dense_windows_per_s_over_today": by["dense sampled (all)"]["windows_per_s"] / today,
                "expected_windows_per_s_over_today": by["expected (all)"]["windows_per_s"] / today,
-               "expected_sft_step_over_cached_sft_step": by["expected + sft_weight=1"]["s_per_sequence"] / sft_s}
+               "expected_sft_step_over_cached_sft_step": by["expected + sft_weight=1"]["s_per_sequence"] / sft_s,
+               "expected_32_sft_step_over_cached_sft_step":
+                   by["expected (32 ADAW starts) + sft_weight=1"]["s_per_sequence"] / sft_s}
     for k, v in summary.items():
         print(f"{k}: {v:.2f}")
     if args.json:

@@ -104,8 +104,12 @@ class Eagle1Adapter:
             valid [T] bool; starts [n]. Returns: DataPath.
         """
         tokens = ids[(starts[:, None] + 1 + torch.arange(depth, device=ids.device)).clamp(max=ids.numel() - 1)]
-        _, _, logits = rollout.draft_windows(drafter, lambda h: _head(target, h), dpass, starts, 1, depth, 1.0,
-                                             tokens=tokens[:, None])
+        first = [draft_logits[starts - 1]]  # depth 1 is the teacher-forced pass's row s-1: not recomputed
+
+        def head(hidden: Tensor) -> Tensor:
+            return first.pop() if first else _head(target, hidden).float()
+
+        _, _, logits = rollout.draft_windows(drafter, head, dpass, starts, 1, depth, 1.0, tokens=tokens[:, None])
         if not sft:
             return DataPath(logits[:, 0], None, {})
         rows = valid[1:]  # [T-1] row i predicts f_{i+1} and x_{i+2}
