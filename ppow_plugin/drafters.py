@@ -2,9 +2,9 @@
 
     adapter = drafters.ADAPTERS[cfg.model.drafter_type]    # "eagle1" | "eagle3"
 
-The trainer calls the same seven methods for both families (`build`, `target_pass`, `teacher_forced`,
-`draft_windows`, `to_target_ids`, `restrict`, `sft_loss`, `export`), so `Trainer.train()` has no
-family `if`s. EAGLE-1 is the host's `cnets.Model` (features = the target's final hidden states, logits
+The trainer calls the same methods for both families (`build`, `target_pass`, `teacher_forced`,
+`draft_windows`, `to_target_ids`, `restrict`, `sft_loss`, `export`; dense rollouts: `data_path`,
+`to_draft_ids`), so `Trainer.train()` has no family `if`s. EAGLE-1 is the host's `cnets.Model` (features = the target's final hidden states, logits
 through the target's frozen `lm_head`); EAGLE-3 is ours (`eagle3.py`: fused decoder-layer inputs
 (2, L//2, L-3), its own `lm_head` over a draft vocabulary, `d2t`/`t2d` maps).
 

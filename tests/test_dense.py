@@ -123,3 +123,19 @@ def test_dense_windows_equal_draft_windows_verified_on_the_data(setup, family):
         # Can fail: the unroll's depths read one off (depth j's distribution used for depth j+1)
         shifted, ref_lp, *_ = _compare(adapter, drafter, target, ids, tpass, family == "eagle3", shift=1)
         assert not torch.allclose(shifted.logprobs[shifted.valid_mask], ref_lp[shifted.valid_mask], atol=1e-3)
+
+
+def test_a_row_weighted_kl_equals_the_kl_over_the_repeated_rows():
+    g = torch.Generator().manual_seed(0)
+    target, draft = torch.randn(5, 9, generator=g), torch.randn(5, 9, generator=g)
+    counts = torch.tensor([3, 0, 1, 2, 5])  # windows that read each row (`dense.row_weights`)
+    keep = counts > 0
+    weighted, _ = losses.target_kl_loss(target, draft, keep, weights=counts.float())
+    repeated, _ = losses.target_kl_loss(target.repeat_interleave(counts, 0), draft.repeat_interleave(counts, 0),
+                                        torch.ones(int(counts.sum()), dtype=torch.bool))
+    torch.testing.assert_close(weighted, repeated)
+    # Can fail: the plain mean over the rows is another number
+    assert not torch.allclose(losses.target_kl_loss(target, draft, keep)[0], repeated)
+    read = torch.zeros(2, 3, 4, dtype=torch.bool)
+    read[0, :2, 0] = read[1, 2, 1:3] = True
+    assert dense.row_weights(read).tolist() == [[2, 0, 0, 0], [0, 1, 1, 0]]
