@@ -17,6 +17,8 @@ Each PPOW arm runs twice: with the recipe's anchors (β·KL, ω·distill) and wi
 forward and backward), windows per second (windows whose reward the step uses: n·G sampled, n expected), and
 the gradient's signal-to-noise over the sequences: the mean pairwise cosine of the per-sequence gradients and
 |mean gradient| / mean |gradient| (pure noise: 1/sqrt(sequences)). The cache is filled before timing.
+With --draw-noise it runs only the policy-term arms, twice each per sequence, and prints how much two draws
+of the same sequence's gradient agree: sampling noise alone, apart from how much sequences differ.
 Also counted, in the today arm: windows whose k-th accepted token is not the data's (the mislabelled row k+1
 that `dense.rows_on_data` masks).
 """
@@ -119,6 +121,9 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--set", nargs="*", default=[], help="recipe overrides, KEY=VALUE")
     ap.add_argument("--json", help="also write the figures here")
+    ap.add_argument("--draw-noise", action="store_true",
+                    help="instead: the policy term of today, dense sampled and expected twice per sequence (two "
+                         "draws), and the cosine between the two gradients of each sequence (1 = no sampling noise)")
     args = ap.parse_args()
     if args.sequences < 2:
         print("error: --sequences must be >= 2 (the signal statistics compare sequences)", file=sys.stderr)
@@ -151,6 +156,9 @@ def main() -> int:
                     ("today, policy term only", policy_only), ("dense sampled, policy term only", {**dense, **policy_only}),
                     ("expected, policy term only", {**expected, **policy_only}),
                     ("sft (cached step)", {"stage": "sft"})]
+            if args.draw_noise:
+                arms = [(f"{name}, draw {d}", settings) for name, settings in arms if "policy term only" in name
+                        for d in (1, 2)]
             arms = [Arm(name, settings) for name, settings in arms]
             for i, sample in enumerate(samples):  # arms interleaved: load changes on the machine hit all alike
                 for arm in arms:
@@ -159,6 +167,8 @@ def main() -> int:
             rows = [arm.row() for arm in arms]
         finally:
             tr.cleanup()
+    if args.draw_noise:
+        return report_draw_noise(arms, rows, args)
     by = {r["arm"]: r for r in rows}
     sft_s = by["sft (cached step)"]["s_per_sequence"]
     today = by["today (adaw, sampled)"]["windows_per_s"]
@@ -173,6 +183,25 @@ def main() -> int:
         with open(args.json, "w") as f:
             json.dump({"command": " ".join(sys.argv), "sequences": args.sequences, "threads": args.threads,
                        "arms": rows, "summary": summary}, f, indent=1)
+    return 0
+
+
+def report_draw_noise(arms, rows, args) -> int:
+    """Per arm pair (draw 1, draw 2): the mean over sequences of the cosine between the two draws' gradients."""
+    import torch
+
+    pairs = {}
+    for i in range(0, len(arms), 2):
+        a, b = arms[i], arms[i + 1]
+        cos = [float(torch.nn.functional.cosine_similarity(x.double(), y.double(), dim=0))
+               for x, y in zip(a.grads, b.grads)]
+        name = a.name.rsplit(", draw", 1)[0]
+        pairs[name] = {"mean_cosine_between_draws": sum(cos) / len(cos), "per_sequence": cos}
+        print(f"{name:42s} same sequence, two draws: mean cosine {sum(cos) / len(cos):+.4f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"command": " ".join(sys.argv), "sequences": args.sequences, "threads": args.threads,
+                       "arms": rows, "draw_noise": pairs}, f, indent=1)
     return 0
 
 
