@@ -66,7 +66,7 @@ def data_path_loss(adapter, drafter, target, item: dict, cfg, gamma: float, gen:
                              sft=lc.sft_weight > 0)
     data_target, exists = dense.data_tokens(ids, starts, K)
     data_ids = torch.where(exists, adapter.to_draft_ids(drafter, data_target), -1)  # [n, K]
-    to_target = lambda t: adapter.to_target_ids(drafter, t)  # noqa: E731
+    to_target = lambda t: adapter.to_target_ids(drafter, t)
     if lc.estimator == "sampled":
         pol, read, stats = _sampled(path.logits, starts, ids, tpass.logits, data_ids, to_target, cfg, gamma, gen)
     else:

@@ -66,7 +66,7 @@ def _compare(adapter, drafter, target, ids, tpass, layers_eagle3: bool, temperat
         logits = path.logits if shift == 0 else torch.roll(path.logits, shift, dims=1)  # can fail: depth offset
         logp = F.log_softmax(logits / temperature, -1)
         tokens = _windows(logp, data, argmax, torch.Generator().manual_seed(1))
-        to_target = lambda t: adapter.to_target_ids(drafter, t)  # noqa: E731
+        to_target = lambda t: adapter.to_target_ids(drafter, t)
         w = dense.score_windows(logp, tokens, starts, ids, tpass.logits, data, to_target)
 
         class R:  # the rollout fields draft_windows reads
