@@ -17,7 +17,9 @@ import shutil
 import time
 from pathlib import Path
 
-from ppow_plugin import assets, continuations, evaluate
+from ppow_plugin.data import continuations
+from ppow_plugin.evaluation import evaluate, inputs
+from ppow_plugin.host import assets
 
 
 def main() -> None:
@@ -30,7 +32,7 @@ def main() -> None:
     ap.add_argument("--fresh-cache", action="store_true", help="delete this target's continuation cache first")
     ap.add_argument("--out", default=None, help="also write the figures as JSON here")
     args = ap.parse_args()
-    target_dir = evaluate.resolve_target(args.target)
+    target_dir = inputs.resolve_target(args.target)
     if args.fresh_cache:
         shutil.rmtree(assets.cache_dir() / "simulate" / continuations.target_fingerprint(target_dir),
                       ignore_errors=True)

@@ -63,7 +63,7 @@ class Arm:
             setattr(obj, field, value)
         return old
 
-    def step(self, tr, sample) -> None:
+    def step(self, tr, sft_step, sample) -> None:
         """One sequence: the step's loss and backward under this arm's settings (timed), its gradient kept."""
         import torch
 
@@ -72,8 +72,9 @@ class Arm:
             params = [p for p in tr.drafter.parameters() if p.requires_grad]
             start = time.perf_counter()
             keep = tr.cfg.stage == "ppow" and tr.cfg.rollout.positions == "adaw"
-            item = tr._prepare(sample, keep_graph=keep)
-            result = tr._sft_loss(item) if tr.cfg.stage == "sft" else tr._ppow_loss(item)
+            stage = sft_step if tr.cfg.stage == "sft" else tr.stage
+            item = stage.prepare(sample, 0, keep_graph=keep)
+            result = stage.loss(item)
             for p in params:
                 p.grad = None
             result.loss.backward()
@@ -132,7 +133,10 @@ def main() -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    from ppow_plugin import config, trainer
+    from ppow_plugin import config
+    from ppow_plugin.training import trainer
+    from ppow_plugin.training.sft_step import SftStep
+    from ppow_plugin.training.target_passes import sequence_tensors
 
     with tempfile.TemporaryDirectory(prefix="ppow-dense-") as out:
         cfg = config.load_config(args.recipe, ["rollout.verify=data", "data.feature_cache=true", "dist.engine=torch",
@@ -145,7 +149,8 @@ def main() -> int:
         try:
             samples = [tr.data.next() for _ in range(args.sequences)]
             for sample in samples:  # fill the feature cache (a miss runs the target once)
-                tr._target_pass(sample, torch.as_tensor(sample.input_ids, dtype=torch.long, device=tr.device), None)
+                tr.stage.target_passes(tr.drafter, sample, *sequence_tensors(sample, tr.device))
+            sft = SftStep(cfg, tr.adapter, tr.drafter, tr.stage.target_passes, tr.gen, tr.device, None)
             policy_only = {"loss.kl_beta": 0.0, "loss.distill_weight": 0.0}
             dense = {"rollout.positions": "all", "loss.estimator": "sampled"}
             expected = {"rollout.positions": "all", "loss.estimator": "expected"}
@@ -162,7 +167,7 @@ def main() -> int:
             arms = [Arm(name, settings) for name, settings in arms]
             for i, sample in enumerate(samples):  # arms interleaved: load changes on the machine hit all alike
                 for arm in arms:
-                    arm.step(tr, sample)
+                    arm.step(tr, sft, sample)
                 print(f"sequence {i + 1}/{len(samples)} done", file=sys.stderr, flush=True)
             rows = [arm.row() for arm in arms]
         finally:

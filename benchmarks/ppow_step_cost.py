@@ -22,7 +22,7 @@ import time
 
 
 def measure(stage: str, drafter: str | None, sequences: int, max_len: int, recipe: str, out: str) -> dict:
-    from ppow_plugin import trainer
+    from ppow_plugin.training import trainer
     from ppow_plugin.config import load_config
 
     over = [f"stage={stage.split('-')[0]}", f"data.max_len={max_len}", "dist.engine=torch",

@@ -39,7 +39,9 @@ def main() -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    from ppow_plugin import config, rollout, trainer
+    from ppow_plugin import config
+    from ppow_plugin.method import rollout
+    from ppow_plugin.training import ppow_step, target_passes, trainer
 
     seconds: dict[str, float] = collections.defaultdict(float)
     agree = collections.Counter()
@@ -53,8 +55,8 @@ def main() -> int:
             return out
         return wrapper
 
-    def target_pass(self, sample, ids, valid):
-        tpass = timed("target pass over the sequence", original_target_pass)(self, sample, ids, valid)
+    def target_pass(self, drafter, sample, ids, valid):
+        tpass = timed("target pass over the sequence", original_target_pass)(self, drafter, sample, ids, valid)
         if self.cfg.rollout.verify != "data":  # the agreement check, first arm only
             head = self.target.lm_head
             with torch.no_grad():
@@ -73,12 +75,12 @@ def main() -> int:
         agree["windows"] += int(inside.sum())
         return out
 
-    original_target_pass = trainer.Trainer._target_pass
+    original_target_pass = target_passes.TargetPasses.__call__
     original_verify = rollout.verify_windows
     original_on_data = rollout.verify_on_data
-    trainer.Trainer._target_pass = target_pass
+    target_passes.TargetPasses.__call__ = target_pass
     rollout.verify_windows = verify
-    trainer.Trainer._ppow_loss = timed("loss (forward)", trainer.Trainer._ppow_loss)
+    ppow_step.PpowStep.loss = timed("loss (forward)", ppow_step.PpowStep.loss)
     original_step = trainer.Trainer._optimizer_step
     trainer.Trainer._optimizer_step = timed("optimizer step", original_step)
 

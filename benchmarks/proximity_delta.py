@@ -19,7 +19,8 @@ import torch
 
 
 def main() -> None:
-    from ppow_plugin import losses, rewards, trainer
+    from ppow_plugin.method import losses, rewards
+    from ppow_plugin.training import trainer
     from ppow_plugin.config import load_config
 
     ap = argparse.ArgumentParser()
@@ -35,7 +36,7 @@ def main() -> None:
         t.setup()
         whole, first, accept, zero_adv, fired = [], [], [], [], []
         for _ in range(args.sequences):
-            ro = t._prepare(t.data.next())["rollout"]
+            ro = t.stage.prepare(t.data.next(), t.step)["rollout"]
             if ro is None:
                 continue
             args_ = (ro.target_greedy_logprobs, ro.target_draft_logprobs, ro.valid_mask)

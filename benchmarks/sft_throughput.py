@@ -25,7 +25,7 @@ import torch
 
 def build(recipe: str, overrides: list[str], out: str, cached: bool):
     """A set-up Trainer for `recipe` (+ overrides) with the feature cache on or off."""
-    from ppow_plugin import trainer
+    from ppow_plugin.training import trainer
     from ppow_plugin.config import load_config
 
     over = [*overrides, f"data.feature_cache={str(cached).lower()}", "dist.engine=torch", f"run.output_dir={out}",
@@ -46,7 +46,7 @@ def main() -> None:
     over = list(args.overrides)
     if args.data:
         over += ["data.dataset=generated", f"data.path={args.data}"]
-    from ppow_plugin import feature_cache
+    from ppow_plugin.data import feature_cache
 
     with tempfile.TemporaryDirectory() as tmp:
         online = build(args.recipe, over, f"{tmp}/online", False)
@@ -58,7 +58,7 @@ def main() -> None:
         start = time.perf_counter()
         for s in samples:  # fill: one target pass + write per sequence
             ids = torch.as_tensor(s.input_ids)
-            cached._target_pass(s, ids, torch.zeros_like(torch.as_tensor(s.loss_mask)))
+            cached.stage.target_passes(cached.drafter, s, ids, torch.zeros_like(torch.as_tensor(s.loss_mask)))
         fill_s = time.perf_counter() - start
         times, loss = {"online": 0.0, "cached": 0.0}, {"online": [], "cached": []}
         for i, s in enumerate(samples):

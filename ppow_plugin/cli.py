@@ -37,7 +37,7 @@ from ppow_plugin.errors import UserError
 
 
 def _cmd_validate(args) -> int:
-    from ppow_plugin import target_arch
+    from ppow_plugin.host import target_arch
     from ppow_plugin.config import config_to_dict, load_config
     from ppow_plugin.recipe_file import input_paths
     if args.print_defaults:
@@ -78,7 +78,8 @@ def _print_defaults() -> int:
 
 
 def _cmd_train(args, stage: str) -> int:
-    from ppow_plugin import outputs, rundir
+    from ppow_plugin import outputs
+    from ppow_plugin.training import rundir
     from ppow_plugin.config import load_config
     cfg = load_config(args.recipe, args.overrides)
     if cfg.stage != stage:
@@ -90,7 +91,8 @@ def _cmd_train(args, stage: str) -> int:
     lock = rundir.lock_for_rank(cfg.run.output_dir)  # before torch loads: a second run is refused at once
     with lock or contextlib.nullcontext():
         args.on_interrupt = _resume_hint(args, cfg.run.output_dir)
-        from ppow_plugin import eagle_compat, trainer
+        from ppow_plugin.host import eagle_compat
+        from ppow_plugin.training import trainer
         eagle_compat.require_host()
         out = trainer.main(cfg)
     print(f"drafter written to {out}")
@@ -108,7 +110,7 @@ _STAGE_CMD = {"sft": "sft", "ppow": "train"}
 
 
 def _cmd_prepare(args) -> int:
-    from ppow_plugin import assets
+    from ppow_plugin.host import assets
     path = assets.prepare_target(assets.TARGETS[args.target], force=args.force)
     print(f"target ready: {path}")
     if args.target != "smollm2":  # SmolLM2 recipes say model.target=default; the others name a path
@@ -117,7 +119,7 @@ def _cmd_prepare(args) -> int:
 
 
 def _cmd_patch(args) -> int:
-    from ppow_plugin import patching
+    from ppow_plugin.host import patching
     if args.action == "apply":
         applied = patching.apply_patches()
         print("applied: " + ", ".join(applied) if applied else "already patched: nothing to do")
@@ -187,7 +189,8 @@ def _check_out(args, inputs: dict, kind: str = "dir", flag: str = "--out") -> No
 
 def _sim_args(args) -> dict:
     """--simulate / --chain / --prompts as evaluate() keywords (the prompt file is read here: bad lines fail early)."""
-    from ppow_plugin import eval_prompts, simulate
+    from ppow_plugin.data import eval_prompts
+    from ppow_plugin.evaluation import simulate
     if args.chain is not None and args.chain < 1:
         raise UserError(f"--chain {args.chain}: a chain needs at least 1 draft")
     prompts = eval_prompts.read_prompt_file(args.prompts, args.both_turns) if args.prompts else None
@@ -196,7 +199,8 @@ def _sim_args(args) -> dict:
 
 
 def _cmd_eval(args) -> int:
-    from ppow_plugin import eval_report, evaluate, outputs
+    from ppow_plugin import outputs
+    from ppow_plugin.evaluation import eval_report, evaluate
     target, ev = _eval_settings(args)
     _check_out(args, {"--drafter": args.drafter, "--target": outputs.target_input(target), "--recipe": args.recipe,
                       "--prompts": args.prompts})
@@ -209,12 +213,13 @@ def _cmd_eval(args) -> int:
 
 
 def _tree(ev):
-    from ppow_plugin import evaluate
+    from ppow_plugin.evaluation import evaluate
     return evaluate.Eagle3Tree(ev.tree_depth, ev.tree_top_k, ev.tree_total_tokens)
 
 
 def _cmd_compare(args) -> int:
-    from ppow_plugin import eval_report, evaluate, outputs
+    from ppow_plugin import outputs
+    from ppow_plugin.evaluation import eval_report, evaluate
     target, ev = _eval_settings(args)
     _check_out(args, {"--target": outputs.target_input(target), "--recipe": args.recipe,
                       **{f"drafter #{i}": d for i, d in enumerate(args.drafters, 1)}})
@@ -228,7 +233,8 @@ def _cmd_compare(args) -> int:
 
 
 def _cmd_profile(args) -> int:
-    from ppow_plugin import outputs, profile
+    from ppow_plugin import outputs
+    from ppow_plugin.evaluation import profile
     _check_out(args, {"--drafter": args.drafter, "--target": outputs.target_input(args.target),
                       "--eval-report": args.eval_report}, kind="file")
     try:
@@ -277,7 +283,8 @@ def _add_eval_commands(sub) -> None:
 
 
 def _cmd_export(args) -> int:
-    from ppow_plugin import export, outputs
+    from ppow_plugin import outputs
+    from ppow_plugin.drafters import export
     _check_out(args, {"SRC": args.source, "--target": outputs.target_input(args.target),
                       "--eval-report": args.eval_report}, flag="output")
     out, drafter = export.export(args.source, args.out, args.format, target=args.target, force=args.force,
@@ -303,7 +310,8 @@ def _add_export_command(sub) -> None:
 
 
 def _cmd_plan(args) -> int:
-    from ppow_plugin import plan, target_arch
+    from ppow_plugin.host import target_arch
+    from ppow_plugin.training import plan
     from ppow_plugin.config import load_config
     from ppow_plugin.distributed import deepspeed_config
     hw = plan.Hardware(args.gpus, args.nodes, args.gpu_memory_gb, args.tflops)
@@ -326,7 +334,7 @@ def _add_plan_command(sub) -> None:
     sp.add_argument("--nodes", type=int, default=1)
     sp.add_argument("--target-config", default=None,
                     help="target config.json or its dir (default: model.target's, else the packaged known config "
-                         "of the same name, ppow_plugin/known_configs/)")
+                         "of the same name, ppow_plugin/host/known_configs/)")
     sp.add_argument("--target-field", action="append", default=[], metavar="KEY=VALUE",
                     help="set/override a config.json size, e.g. num_hidden_layers=80 (repeatable)")
     sp.add_argument("--gpu-memory-gb", type=float, default=80.0, help="warn above this many GB per device (> 0)")
@@ -335,8 +343,8 @@ def _add_plan_command(sub) -> None:
 
 
 def _cmd_data_generate(args) -> int:
-    from ppow_plugin import gen_data  # flags are checked before the heavier imports below
-    settings = gen_data.GenSettings(args.temperature, args.max_new_tokens, args.max_prompt_len, args.batch_size,
+    from ppow_plugin.data import generate  # flags are checked before the heavier imports below
+    settings = generate.GenSettings(args.temperature, args.max_new_tokens, args.max_prompt_len, args.batch_size,
                                     args.shard_size, args.seed)
     settings.check()
     if args.num_prompts < 1:
@@ -345,22 +353,22 @@ def _cmd_data_generate(args) -> int:
         raise UserError(f"--heldout-fraction ({args.heldout_fraction}) must be in [0, 1)")
     if args.dataset == "jsonl" and not args.path:
         raise UserError("--dataset jsonl needs --path <file.jsonl>")
-    from ppow_plugin import datasets
-    from ppow_plugin.trainer import _resolve_target
+    from ppow_plugin.data import datasets
+    from ppow_plugin.training.trainer import _resolve_target
     if args.dataset == "sharegpt":
         convs, source = datasets.load_sharegpt(), "{}=={}".format(*datasets.SHAREGPT[:2])
     else:
         convs, source = datasets.load_jsonl_conversations(args.path), f"jsonl:{args.path}"
     target = _resolve_target(args.target)
-    prompts = gen_data.first_turn_prompts(convs, args.heldout_fraction, args.seed)
+    prompts = generate.first_turn_prompts(convs, args.heldout_fraction, args.seed)
     kinds = [k for k in args.features.split(",") if k] if args.features else []
     if any(k not in ("eagle1", "eagle3") for k in kinds) or len(set(kinds)) != len(kinds):
         raise UserError(f"--features {args.features!r}: give eagle1, eagle3 or eagle1,eagle3")
     if args.feature_max_len < 2:
         raise UserError(f"--feature-max-len ({args.feature_max_len}) must be >= 2 (= data.max_len of the SFT run)")
-    out = gen_data.generate(target, prompts, settings, args.num_prompts, source, args.heldout_fraction,
+    out = generate.generate(target, prompts, settings, args.num_prompts, source, args.heldout_fraction,
                             out_dir=args.out, progress=True, features=kinds, feature_max_len=args.feature_max_len)
-    print(json.dumps(gen_data.totals(out)))
+    print(json.dumps(generate.totals(out)))
     print(f"generated data in {out} (train with data.dataset=generated data.path={out})")
     return 0
 
@@ -377,7 +385,7 @@ def _add_data_command(sub) -> None:
     g.add_argument("--heldout-fraction", type=float, default=0.02,
                    help="held-out share (never generated from); must match data.heldout_fraction of the training run")
     g.add_argument("--num-prompts", type=int, default=1000, help="prompts to answer (a larger number extends a run)")
-    # = gen_data.GenSettings() defaults (tested): a recipe's `data.path: null` reads the dir they write
+    # = generate.GenSettings() defaults (tested): a recipe's `data.path: null` reads the dir they write
     g.add_argument("--max-new-tokens", type=int, default=160)
     g.add_argument("--max-prompt-len", type=int, default=256, help="skip prompts longer than this many tokens")
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
@@ -395,7 +403,7 @@ def _add_data_command(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ppow_plugin.assets import TARGETS  # stdlib-only module: parsing stays cheap
+    from ppow_plugin.host.assets import TARGETS  # stdlib-only module: parsing stays cheap
 
     import ppow_plugin
 

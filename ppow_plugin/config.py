@@ -157,7 +157,7 @@ class RolloutCfg:
     resample_tries: int = 0
     # window starts: adaw = prefixes_per_sequence starts chosen by ADAW, each drafted and verified on its own;
     # all = every assistant position, N = N starts chosen by ADAW, both from one drafter unroll along the data
-    # (dense rollouts, `dense_step.py`; needs verify=data) [default: adaw]
+    # (dense rollouts, training/dense_step.py; needs verify=data) [default: adaw]
     positions: Literal["adaw", "all"] | int = "adaw"
 
     def __post_init__(self):
@@ -232,7 +232,7 @@ class LossCfg:
     # policy, so a re-score would recompute the same numbers); False re-scores as ppo_epochs > 1 must.
     reuse_sampling_pass: bool = True
     # sampled = G windows per start, group-relative advantages, PPO-clip; expected = the exact expected window
-    # reward on the data path, maximised (no sampling; needs rollout.positions all or N; expected.py) [default]
+    # reward on the data path, maximised (no sampling; needs rollout.positions all or N; method/expected.py) [default]
     estimator: Literal["sampled", "expected"] = "sampled"
     # weight of the SFT loss computed on the same unroll (EAGLE-1: feature regression + soft CE; EAGLE-3: the
     # training-time test); needs rollout.positions all or N; 0 = off

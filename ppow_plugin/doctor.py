@@ -27,7 +27,7 @@ def checks() -> list[tuple[str, bool, str, str]]:
     rows.append(("deepspeed", v is not None, v or "missing (dist.engine=torch still works)",
                  "DS_BUILD_OPS=0 pip install deepspeed==0.19.8"))
 
-    from ppow_plugin import patching
+    from ppow_plugin.host import patching
     try:
         st = patching.patch_status()
         rows.append(("eagle host", st.fully_patched, st.describe(), "ppow patch apply"))
@@ -41,7 +41,7 @@ def checks() -> list[tuple[str, bool, str, str]]:
     if "deepspeed_accelerator" in ds:
         rows.append(("deepspeed accelerator", True, ds["deepspeed_accelerator"], ""))
 
-    from ppow_plugin import assets
+    from ppow_plugin.host import assets
     try:
         path = assets.default_target_dir(prepare=False)
         rows.append(("embedded target", True, str(path), ""))

@@ -107,7 +107,7 @@ def target_input(target: str | None) -> str | None:
 def _target_path(target: str) -> str:
     if target != "default":
         return target
-    from ppow_plugin import assets  # stdlib only
+    from ppow_plugin.host import assets  # stdlib only
     return str(assets.cache_dir() / "targets" / assets.SMOLLM2_135M.name)
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from ppow_plugin import export, formats
+from ppow_plugin.drafters import export, formats
 from ppow_plugin.errors import UserError
 
 

@@ -12,8 +12,8 @@ import zipfile
 
 import pytest
 
-from ppow_plugin import assets
-from ppow_plugin.assets import GGUFTarget, WheelFile
+from ppow_plugin.host import assets
+from ppow_plugin.host.assets import GGUFTarget, WheelFile
 from ppow_plugin.errors import UserError
 
 PARTS = (b"GGUF-part-one|", b"part-two")

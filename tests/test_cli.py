@@ -4,7 +4,8 @@ import shutil
 
 import pytest
 
-from ppow_plugin import cli, patching
+from ppow_plugin import cli
+from ppow_plugin.host import patching
 
 RECIPE = "recipes/smollm2/135M_eagle1_ppow.yaml"
 
@@ -62,7 +63,7 @@ def test_unpatched_host(capsys, monkeypatch, tmp_path):
 
 
 def test_corrupt_gguf(capsys, monkeypatch, tmp_path):
-    from ppow_plugin import assets
+    from ppow_plugin.host import assets
     monkeypatch.setenv("PPOW_CACHE", str(tmp_path))
     wheels = tmp_path / "wheels"
     wheels.mkdir()
@@ -76,7 +77,7 @@ def test_corrupt_gguf(capsys, monkeypatch, tmp_path):
 
 
 def test_prepare_qwen_links_the_recipe_path(capsys, monkeypatch, tmp_path):
-    from ppow_plugin import assets
+    from ppow_plugin.host import assets
     built = tmp_path / "cache" / "targets" / "qwen2.5-coder-0.5b-instruct"
     built.mkdir(parents=True)
     asked = []
@@ -94,7 +95,7 @@ def test_dataset_unreadable(capsys, tmp_path):
     bad = tmp_path / "data.jsonl"
     bad.write_bytes(b"\xff\xfe not utf8")
     from ppow_plugin.config import DataCfg
-    from ppow_plugin.datasets import load_jsonl_conversations
+    from ppow_plugin.data.datasets import load_jsonl_conversations
     from ppow_plugin.errors import UserError
     with pytest.raises(UserError, match="unreadable"):
         load_jsonl_conversations(bad)

@@ -15,7 +15,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from ppow_plugin import assets, cli
+from ppow_plugin import cli
+from ppow_plugin.host import assets
 from ppow_plugin.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -16,8 +16,8 @@ import pytest
 from tokenizers import Regex, Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from ppow_plugin import data, datasets
-from ppow_plugin.datasets import Conversation, Message
+from ppow_plugin.data import datasets, samples, training_set
+from ppow_plugin.data.datasets import Conversation, Message
 from ppow_plugin.errors import UserError
 
 WORDS = ["<unk>", "<pad>", "<|im_start|>", "<|im_end|>", "\n", "system", "user", "assistant",
@@ -63,7 +63,7 @@ def tokens_and_mask(tok, sample) -> list[tuple[str, bool]]:
 
 def test_mask_chatml_with_injected_system_prompt():
     tok = tiny_tokenizer(CHATML)
-    got = tokens_and_mask(tok, data.tokenize_conversation(tok, TWO_ROUNDS, max_len=64))
+    got = tokens_and_mask(tok, samples.tokenize_conversation(tok, TWO_ROUNDS, max_len=64))
     S, E, N = "<|im_start|>", "<|im_end|>", "\n"
     expected = [(S, 0), ("system", 0), (N, 0), ("be", 0), ("nice", 0), (E, 0), (N, 0),
                 (S, 0), ("user", 0), (N, 0), ("hi", 0), (E, 0), (N, 0),
@@ -76,14 +76,14 @@ def test_mask_chatml_with_injected_system_prompt():
 def test_mask_chatml_explicit_system_is_not_masked():
     tok = tiny_tokenizer(CHATML)
     c = conv(("system", "be"), ("user", "hi"), ("assistant", "hello"))
-    got = tokens_and_mask(tok, data.tokenize_conversation(tok, c, max_len=64))
+    got = tokens_and_mask(tok, samples.tokenize_conversation(tok, c, max_len=64))
     assert [t for t, m in got if m] == ["hello", "<|im_end|>"]
     assert [t for t, _ in got][:5] == ["<|im_start|>", "system", "\n", "be", "<|im_end|>"]
 
 
 def test_mask_template_without_assistant_header():
     tok = tiny_tokenizer(INST)
-    got = tokens_and_mask(tok, data.tokenize_conversation(tok, TWO_ROUNDS, max_len=64))
+    got = tokens_and_mask(tok, samples.tokenize_conversation(tok, TWO_ROUNDS, max_len=64))
     expected = [("<s>", 0), ("[INST]", 0), ("hi", 0), ("[/INST]", 0), ("hello", 1), ("there", 1),
                 ("</s>", 1), ("[INST]", 0), ("how", 0), ("are", 0), ("you", 0), ("[/INST]", 0),
                 ("fine", 1), ("thanks", 1), ("</s>", 1)]
@@ -92,22 +92,22 @@ def test_mask_template_without_assistant_header():
 
 def test_truncation_and_empty_mask_is_returned():
     tok = tiny_tokenizer(CHATML)
-    cut = data.tokenize_conversation(tok, TWO_ROUNDS, max_len=18)
+    cut = samples.tokenize_conversation(tok, TWO_ROUNDS, max_len=18)
     assert cut.input_ids.shape == cut.loss_mask.shape == (18,)
     assert cut.loss_mask.tolist()[16:] == [True, True]  # "hello there" survives, its <|im_end|> not
-    empty = data.tokenize_conversation(tok, TWO_ROUNDS, max_len=10)
+    empty = samples.tokenize_conversation(tok, TWO_ROUNDS, max_len=10)
     assert len(empty.input_ids) == 10 and not empty.loss_mask.any()
 
 
 def test_unstable_template_is_rejected():
     tok = tiny_tokenizer(UNSTABLE)
     with pytest.raises(UserError, match="prefix-stable"):
-        data.tokenize_conversation(tok, TWO_ROUNDS, max_len=64)
+        samples.tokenize_conversation(tok, TWO_ROUNDS, max_len=64)
 
 
 def test_format_prompt_is_one_user_turn_plus_generation_prompt():
     tok = tiny_tokenizer(CHATML)
-    ids = data.format_prompt(tok, "how are you")
+    ids = samples.format_prompt(tok, "how are you")
     S, E, N = "<|im_start|>", "<|im_end|>", "\n"
     assert tok.convert_ids_to_tokens(ids) == [S, "system", N, "be", "nice", E, N, S, "user", N,
                                               "how", "are", "you", E, N, S, "assistant", N]
@@ -115,9 +115,9 @@ def test_format_prompt_is_one_user_turn_plus_generation_prompt():
 
 def test_collate_pads_right():
     tok = tiny_tokenizer(CHATML)
-    a = data.tokenize_conversation(tok, TWO_ROUNDS, max_len=20)
-    b = data.tokenize_conversation(tok, TWO_ROUNDS, max_len=17)
-    batch = data.collate([a, b], pad_token_id=tok.pad_token_id)
+    a = samples.tokenize_conversation(tok, TWO_ROUNDS, max_len=20)
+    b = samples.tokenize_conversation(tok, TWO_ROUNDS, max_len=17)
+    batch = samples.collate([a, b], pad_token_id=tok.pad_token_id)
     assert batch.input_ids.shape == (2, 20)
     assert batch.attention_mask.sum(1).tolist() == [20, 17]
     assert batch.input_ids[1, 17:].tolist() == [tok.pad_token_id] * 3
@@ -245,50 +245,50 @@ def many_convs(n: int) -> list[Conversation]:
 
 
 def tokenized(convs, max_len=64):
-    return data.TokenizedConversations(convs, tiny_tokenizer(CHATML), max_len)
+    return samples.TokenizedConversations(convs, tiny_tokenizer(CHATML), max_len)
 
 
-def take_ids(td: data.TrainingData, n: int) -> list[str]:
+def take_ids(td: training_set.TrainingData, n: int) -> list[str]:
     return [td.next().conversation_id for _ in range(n)]
 
 
 def test_training_data_resumes_exactly():
     samples = tokenized(many_convs(7))
-    full = take_ids(data.TrainingData(samples, seed=3), 17)
-    first = data.TrainingData(samples, seed=3)
+    full = take_ids(training_set.TrainingData(samples, seed=3), 17)
+    first = training_set.TrainingData(samples, seed=3)
     head = take_ids(first, 9)
     state = first.state_dict()
     assert state["epoch"] == 1 and state["position"] == 2
-    resumed = data.TrainingData(samples, seed=3)
+    resumed = training_set.TrainingData(samples, seed=3)
     resumed.load_state_dict(json.loads(json.dumps(state)))  # survives a JSON checkpoint
     assert head + take_ids(resumed, 8) == full
     # Epochs differ in order but cover everything; another seed gives another order.
     assert sorted(full[:7]) == sorted(full[7:14]) and full[:7] != full[7:14]
-    assert take_ids(data.TrainingData(samples, seed=4), 7) != full[:7]
-    assert [s.conversation_id for s in islice(data.TrainingData(samples, seed=3), 17)] == full
+    assert take_ids(training_set.TrainingData(samples, seed=4), 7) != full[:7]
+    assert [s.conversation_id for s in islice(training_set.TrainingData(samples, seed=3), 17)] == full
 
 
 def test_training_data_shards_are_disjoint_and_equal():
     samples = tokenized(many_convs(11))
-    ranks = [data.TrainingData(samples, seed=0, rank=r, world_size=3) for r in range(3)]
+    ranks = [training_set.TrainingData(samples, seed=0, rank=r, world_size=3) for r in range(3)]
     orders = [td.epoch_order(0) for td in ranks]
     assert [len(o) for o in orders] == [3, 3, 3]
     assert len(set(sum(orders, []))) == 9
     with pytest.raises(UserError, match="world_size=3"):
-        data.TrainingData(samples, world_size=2).load_state_dict(ranks[0].state_dict())
+        training_set.TrainingData(samples, world_size=2).load_state_dict(ranks[0].state_dict())
     with pytest.raises(ValueError):
-        data.TrainingData(samples, rank=3, world_size=3)
+        training_set.TrainingData(samples, rank=3, world_size=3)
 
 
 def test_training_data_skips_and_counts_empty_samples():
     long_user = conv(("user", " ".join(["hi"] * 30)), ("assistant", "fine"), cid="long_0")
     samples = tokenized([long_user] + many_convs(3), max_len=20)
-    td = data.TrainingData(samples, seed=0)
+    td = training_set.TrainingData(samples, seed=0)
     got = take_ids(td, 6)
     visits = td.epoch + (0 in td.epoch_order(td.epoch)[: td.position])  # long_0 is index 0
     assert "long_0" not in got and td.num_empty == visits >= 1
     with pytest.raises(UserError, match="no training sample"):
-        data.TrainingData(tokenized([long_user], max_len=20)).next()
+        training_set.TrainingData(tokenized([long_user], max_len=20)).next()
 
 
 def test_build_training_samples_uses_train_split(cache, tmp_path):
@@ -299,12 +299,12 @@ def test_build_training_samples_uses_train_split(cache, tmp_path):
     fake_wheel(cache, name, version, {member: json.dumps(records).encode()})
     tiny_tokenizer(CHATML).save_pretrained(tmp_path / "target")
     cfg = SimpleNamespace(dataset="sharegpt", max_len=32, num_conversations=None, heldout_fraction=0.25)
-    samples, report = data.build_training_samples(cfg, tmp_path / "target")
+    samples, report = training_set.build_training_samples(cfg, tmp_path / "target")
     ids = {samples[i].conversation_id for i in range(len(samples))}
     assert ids == {f"r{i}_0" for i in range(40) if datasets.split_of(f"r{i}_0", 0.25) == "train"}
     assert 20 <= len(ids) < 40 and report.conversations == report.used == len(ids)
     cfg.num_conversations = 5
-    assert len(data.build_training_samples(cfg, tmp_path / "target")[0]) == 5
+    assert len(training_set.build_training_samples(cfg, tmp_path / "target")[0]) == 5
     assert samples[0].loss_mask.sum() == 3  # hello there <|im_end|>
 
 
@@ -317,16 +317,16 @@ def test_data_scan_is_cached_and_keyed_by_content(cache, tmp_path, monkeypatch):
         {"from": "human" if m.role == "user" else "gpt", "value": m.content} for m in c.messages]}) + "\n"
         for c in records))
     cfg = SimpleNamespace(dataset="jsonl", path=str(path), max_len=20, num_conversations=None, heldout_fraction=0.0)
-    samples, report = data.build_training_samples(cfg, tmp_path / "target")
+    kept, report = training_set.build_training_samples(cfg, tmp_path / "target")
     assert (report.used, report.empty_mask) == (4, 1) and len(list((cache / "data").glob("scan-*.json"))) == 1
-    real_scan = data.scan_conversations
-    monkeypatch.setattr(data, "scan_conversations", lambda *a, **k: pytest.fail("cached scan not reused"))
-    again, report2 = data.build_training_samples(cfg, tmp_path / "target")
+    real_scan = samples.scan_conversations
+    monkeypatch.setattr(samples, "scan_conversations", lambda *a, **k: pytest.fail("cached scan not reused"))
+    again, report2 = training_set.build_training_samples(cfg, tmp_path / "target")
     assert report2 == report and [again[i].conversation_id for i in range(4)] == \
-        [samples[i].conversation_id for i in range(4)]
-    monkeypatch.setattr(data, "scan_conversations", real_scan)
+        [kept[i].conversation_id for i in range(4)]
+    monkeypatch.setattr(samples, "scan_conversations", real_scan)
     cfg.max_len = 64  # a different key: scanned afresh, the long prompt now fits
-    assert data.build_training_samples(cfg, tmp_path / "target")[1].used == 5
+    assert training_set.build_training_samples(cfg, tmp_path / "target")[1].used == 5
     assert len(list((cache / "data").glob("scan-*.json"))) == 2
 
 
@@ -341,9 +341,9 @@ def test_scan_counts_empty_masks_template_failures_and_truncation():
     long_answer = conv(("user", "hi"), ("assistant", " ".join(["fine"] * 30)), cid="long_1")
     thanks = conv(("user", "hi"), ("assistant", "fine thanks"), cid="picky_0")
     convs = [long_prompt, *many_convs(3), long_answer, thanks]
-    used, report = data.scan_conversations(convs, tiny_tokenizer(PICKY), max_len=20)
+    used, report = samples.scan_conversations(convs, tiny_tokenizer(PICKY), max_len=20)
     assert [c.id for c in used] == ["x0_0", "x1_0", "x2_0", "long_1"]
-    assert report._replace(first_failure="") == data.DataReport(
+    assert report._replace(first_failure="") == samples.DataReport(
         conversations=6, used=4, truncated=2, empty_mask=1, template_failed=1, parse_dropped={}, max_len=20)
     assert report.first_failure.startswith("picky_0: no thanks")
     assert "6 training conversations: 4 used, 2 dropped (empty loss mask within data.max_len=20: 1, " \
@@ -355,11 +355,11 @@ def test_scan_refuses_when_nothing_is_usable():
     thanks = conv(("user", "hi"), ("assistant", "fine thanks"), cid="picky_0")
     with pytest.raises(UserError, match=r"no training conversation has an assistant token within "
                                         r"data.max_len=20 \(1 with an empty loss mask, 1 where"):
-        data.scan_conversations([long_prompt, thanks], tiny_tokenizer(PICKY), max_len=20)
+        samples.scan_conversations([long_prompt, thanks], tiny_tokenizer(PICKY), max_len=20)
     with pytest.raises(UserError, match="chat template failed on all 2 training conversations .first: picky_0"):
-        data.scan_conversations([thanks, thanks], tiny_tokenizer(PICKY), max_len=20)
+        samples.scan_conversations([thanks, thanks], tiny_tokenizer(PICKY), max_len=20)
     with pytest.raises(UserError, match="prefix-stable"):
-        data.scan_conversations([TWO_ROUNDS], tiny_tokenizer(UNSTABLE), max_len=20)
+        samples.scan_conversations([TWO_ROUNDS], tiny_tokenizer(UNSTABLE), max_len=20)
 
 
 # --- real data (slow) ------------------------------------------------------------------------------
@@ -379,21 +379,21 @@ def test_real_datasets_counts():
 def test_real_smollm2_mask():
     from transformers import AutoTokenizer
 
-    from ppow_plugin.assets import default_target_dir
+    from ppow_plugin.host.assets import default_target_dir
 
     tok = AutoTokenizer.from_pretrained(default_target_dir())
-    sample = data.tokenize_conversation(tok, conv(("user", "What is 2+2?"), ("assistant", "It is 4.")), 256)
+    sample = samples.tokenize_conversation(tok, conv(("user", "What is 2+2?"), ("assistant", "It is 4.")), 256)
     masked = tok.decode(sample.input_ids[sample.loss_mask])
     assert masked == "It is 4.<|im_end|>"
     assert tok.decode(sample.input_ids).startswith("<|im_start|>system\n")  # injected default prompt
     stats = Counter()
     for c in datasets.load_sharegpt(limit=200):
-        s = data.tokenize_conversation(tok, c, 2048)
+        s = samples.tokenize_conversation(tok, c, 2048)
         stats["masked"] += int(s.loss_mask.sum())
         stats["tokens"] += len(s.input_ids)
         stats["empty"] += not s.loss_mask.any()
         text = tok.decode(s.input_ids[s.loss_mask])
         assert "<|im_start|>" not in text
     assert stats["empty"] < 20 and 0.3 < stats["masked"] / stats["tokens"] < 0.95
-    prompt = tok.decode(data.format_prompt(tok, "Hi"))
+    prompt = tok.decode(samples.format_prompt(tok, "Hi"))
     assert prompt.endswith("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")

@@ -5,9 +5,9 @@ import json
 import pytest
 import torch
 
-from ppow_plugin import patching
 from ppow_plugin.config import load_config
 from ppow_plugin.errors import UserError
+from ppow_plugin.host import patching
 from tiny import run_trainer
 
 if patching.patch_status().state != "patched":
@@ -19,13 +19,13 @@ FAMILIES = {"eagle1": {}, "eagle3": {"model.drafter_type": "eagle3", "model.draf
 @pytest.fixture(scope="module")
 def generated(tmp_path_factory):
     """A tiny target, an SFT drafter of each family and the target's own answers to train PPOW on."""
-    from ppow_plugin import datasets, gen_data
+    from ppow_plugin.data import datasets, generate
 
     tmp = tmp_path_factory.mktemp("dense")
     drafters = {name: run_trainer(tmp, "sft", **fam, **{"run.max_steps": 2, "run.output_dir": tmp / f"sft-{name}"})[3]
                 for name, fam in FAMILIES.items()}
-    prompts = gen_data.first_turn_prompts(datasets.load_jsonl_conversations(tmp / "convs.jsonl"), 0.0)
-    gen_data.generate(tmp / "target", prompts, gen_data.GenSettings(max_new_tokens=40, batch_size=4),
+    prompts = generate.first_turn_prompts(datasets.load_jsonl_conversations(tmp / "convs.jsonl"), 0.0)
+    generate.generate(tmp / "target", prompts, generate.GenSettings(max_new_tokens=40, batch_size=4),
                       num_prompts=8, source="test", heldout_fraction=0.0, out_dir=tmp / "gen")
     return tmp, drafters
 

@@ -11,7 +11,9 @@ import sys
 
 import pytest
 
-from ppow_plugin import distributed, formats, patching
+from ppow_plugin import distributed
+from ppow_plugin.drafters import formats
+from ppow_plugin.host import patching
 from tiny import recipe_file, wait_for_checkpoint
 
 pytestmark = pytest.mark.distributed

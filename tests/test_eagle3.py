@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import LlamaConfig
 
-from ppow_plugin.eagle3 import (Eagle3Config, Eagle3Drafter, build_vocab_map, causal_mask, draft_label_mask,
+from ppow_plugin.drafters.eagle3 import (Eagle3Config, Eagle3Drafter, build_vocab_map, causal_mask, draft_label_mask,
                                 draft_to_target_ids, feature_layer_ids, map_target_probs_to_draft,
                                 target_features, ttt_mask, ttt_unroll)
 
@@ -193,8 +193,8 @@ def test_llama3_target_gets_a_plain_rope_drafter_that_every_host_rotates_alike()
     the llama3 bands (transformers' llama3 LlamaRotaryEmbedding), its frequencies would differ from every host's."""
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-    from ppow_plugin import host_configs
-    from ppow_plugin.eagle3 import rope_inv_freq
+    from ppow_plugin.host import host_configs
+    from ppow_plugin.drafters.eagle3 import rope_inv_freq
     tc = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=4,
                      num_key_value_heads=2, max_position_embeddings=256, rope_scaling=dict(LLAMA3_ROPE))
     cfg = Eagle3Config.from_target_config(tc, 64)
@@ -219,7 +219,7 @@ def test_unsupported_rope_scaling_is_refused():
 def test_llama3_family_configs_give_a_plain_rope_drafter_config(name):
     from transformers import AutoConfig
 
-    from ppow_plugin.target_arch import KNOWN_CONFIGS
+    from ppow_plugin.host.target_arch import KNOWN_CONFIGS
     tc = AutoConfig.from_pretrained(KNOWN_CONFIGS / name)
     cfg = Eagle3Config.from_target_config(tc, 32000)
     assert cfg.rope_theta == 500000.0 and cfg.to_hf_dict()["rope_scaling"] is None

@@ -14,7 +14,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
-from ppow_plugin import eagle_compat, patching, target_arch
+from ppow_plugin.host import eagle_compat, patching, target_arch
 from ppow_plugin.errors import UserError
 
 if patching.patch_status().state in ("missing", "wrong-version"):
@@ -354,8 +354,8 @@ def test_smollm2_greedy_host_generate_is_lossless(tmp_path: Path) -> None:
     """Real target, random-init EAGLE-1 drafter, MT-Bench first turns: 64 new tokens == HF greedy."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ppow_plugin.assets import default_target_dir
-    from ppow_plugin.datasets import load_mt_bench
+    from ppow_plugin.host.assets import default_target_dir
+    from ppow_plugin.data.datasets import load_mt_bench
 
     target_dir = default_target_dir(prepare=True)
     tokenizer = AutoTokenizer.from_pretrained(target_dir)
@@ -498,7 +498,7 @@ def test_every_real_config_field_is_accounted_for(name: str) -> None:
     `CONFIG_FIELDS`, and every one of these targets passes the host's checks."""
     from transformers import AutoConfig
 
-    from ppow_plugin import target_fields
+    from ppow_plugin.host import target_fields
 
     raw = json.loads((REAL_CONFIGS / name / "config.json").read_text())
     config = AutoConfig.from_pretrained(REAL_CONFIGS / name)

@@ -8,9 +8,13 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from ppow_plugin import cli, datasets, eagle_compat, evaluate, export, formats, patching
+from ppow_plugin import cli
+from ppow_plugin.data import datasets
+from ppow_plugin.drafters import export, formats
+from ppow_plugin.evaluation import evaluate, inputs
+from ppow_plugin.host import eagle_compat, patching
 from ppow_plugin.errors import UserError
-from ppow_plugin.eval_report import (PromptRecord, accept_histogram, acceptance_rates, first_mismatch, summarize,
+from ppow_plugin.evaluation.eval_report import (PromptRecord, accept_histogram, acceptance_rates, first_mismatch, summarize,
                                      truncate_generation)
 
 EOS = 1
@@ -94,9 +98,9 @@ def _llama_cfg(**over) -> dict:
                                            ({"num_key_value_heads": 4}, "num_key_value_heads 4 vs target 2"),
                                            ({"draft_vocab_size": 32}, "EAGLE-3")])
 def test_check_fit_rejects_mismatches(over: dict, message: str) -> None:
-    evaluate.check_fit(_llama_cfg(), _llama_cfg())
+    inputs.check_fit(_llama_cfg(), _llama_cfg())
     with pytest.raises(UserError, match=message):
-        evaluate.check_fit(_llama_cfg(), _llama_cfg(**over))
+        inputs.check_fit(_llama_cfg(), _llama_cfg(**over))
 
 
 # --- end to end on a tiny target -------------------------------------------------------------------

@@ -6,7 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from ppow_plugin import cli, datasets, eval_report, evaluate, patching, trainer
+from ppow_plugin import cli
+from ppow_plugin.data import datasets
+from ppow_plugin.evaluation import eval_report, evaluate
+from ppow_plugin.host import patching
+from ppow_plugin.training import trainer
 from ppow_plugin.config import load_config
 from tiny import make_target, overrides
 

@@ -9,7 +9,7 @@ logits, against the mean policy gradient of G windows per start drawn, verified 
 import torch
 import torch.nn.functional as F
 
-from ppow_plugin import dense, expected, losses, rewards
+from ppow_plugin.method import dense, expected, losses, rewards
 
 V, K, TEMP, GAMMA, ETA, EPS = 7, 3, 0.8, 0.12, 1.0, 3.5
 

@@ -17,7 +17,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from ppow_plugin import cli, distributed, eagle_compat, export, formats, patching
+from ppow_plugin import cli, distributed
+from ppow_plugin.drafters import export, formats
+from ppow_plugin.host import eagle_compat, patching
 from ppow_plugin.config import config_to_dict, load_config
 from ppow_plugin.errors import UserError
 
@@ -368,7 +370,7 @@ LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "hi
 def llama3_run(tmp_path_factory: pytest.TempPathFactory, world: dict) -> dict:
     """`<run>/drafter` written by the trainer's writer (save_eagle3_dir + Eagle3Config.to_hf_dict, drafters.py)
     and `<run>/checkpoints/step-000003` (engine.pt) holding the same weights."""
-    from ppow_plugin.eagle3 import Eagle3Config, Eagle3Drafter, build_vocab_map
+    from ppow_plugin.drafters.eagle3 import Eagle3Config, Eagle3Drafter, build_vocab_map
     base = tmp_path_factory.mktemp("llama3")
     target_dir = base / "target"
     torch.manual_seed(0)
@@ -451,8 +453,8 @@ BROKEN = {
 def _llama31_config() -> tuple[dict, int]:
     from transformers import AutoConfig
 
-    from ppow_plugin.eagle3 import Eagle3Config
-    from ppow_plugin.target_arch import KNOWN_CONFIGS
+    from ppow_plugin.drafters.eagle3 import Eagle3Config
+    from ppow_plugin.host.target_arch import KNOWN_CONFIGS
     tc = AutoConfig.from_pretrained(KNOWN_CONFIGS / "llama-3.1-8b-instruct")
     return Eagle3Config.from_target_config(tc, 32000).to_hf_dict(), tc.num_hidden_layers
 
@@ -462,7 +464,7 @@ def test_llama31_eagle3_config_is_read_as_trained_by_every_host() -> None:
     the drafter's aux layers (2, 16, 29) (SGLang through eagle_config's output-indexed ids)."""
     from eagle.model.configs import EConfig  # eagle-llm's EConfig: the same rope_scaling check as EAGLE main
 
-    from ppow_plugin import host_configs
+    from ppow_plugin.host import host_configs
     config, layers = _llama31_config()
     assert host_configs.host_problems(config) == {"eagle": [], "sglang": [], "vllm": []}
     for host in host_configs.HOSTS:
@@ -473,7 +475,7 @@ def test_llama31_eagle3_config_is_read_as_trained_by_every_host() -> None:
 
 @pytest.mark.parametrize("case", list(BROKEN))
 def test_host_rules_catch_what_each_host_refuses_or_misreads(case: str) -> None:
-    from ppow_plugin import host_configs
+    from ppow_plugin.host import host_configs
     host, change = BROKEN[case]
     config = {k: v for k, v in {**_llama31_config()[0], **change}.items() if v is not None}
     assert host_configs.host_problems(config)[host], case
@@ -484,7 +486,7 @@ def test_host_rules_catch_what_each_host_refuses_or_misreads(case: str) -> None:
 
 
 def test_sglang_reads_eagle_config_ids_as_layer_outputs() -> None:
-    from ppow_plugin import host_configs
+    from ppow_plugin.host import host_configs
     config, layers = _llama31_config()
     unshifted = dict(config, eagle_config={"eagle_aux_hidden_state_layer_ids": [2, 16, 29]})
     assert host_configs.host_aux_layers("sglang", unshifted, layers) == (3, 17, 30)  # one layer late
@@ -492,8 +494,8 @@ def test_sglang_reads_eagle_config_ids_as_layer_outputs() -> None:
 
 
 def test_speculators_round_trip_gives_equal_logits(llama3_run: dict, tmp_path: Path) -> None:
-    from ppow_plugin import host_configs
-    from ppow_plugin.eagle3 import Eagle3Drafter
+    from ppow_plugin.host import host_configs
+    from ppow_plugin.drafters.eagle3 import Eagle3Drafter
     spec, _ = export.export(llama3_run["run"] / "drafter", tmp_path / "spec", "speculators")
     config = json.loads((spec / "config.json").read_text())
     # the fields vLLM's speculators reader requires (validate_speculators_config / update_eagle3)
@@ -573,7 +575,7 @@ def test_output_path_with_dot_dot_components_is_resolved(world: dict, tmp_path: 
 def test_smollm2_shaped_drafter_exports_and_loads_in_host(tmp_path: Path) -> None:
     from transformers import AutoConfig
 
-    from ppow_plugin.assets import default_target_dir
+    from ppow_plugin.host.assets import default_target_dir
 
     target_dir = default_target_dir(prepare=True)
     config = AutoConfig.from_pretrained(target_dir)

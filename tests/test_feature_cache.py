@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from ppow_plugin import feature_cache, patching
-from ppow_plugin.rollout import TargetPass
+from ppow_plugin.data import feature_cache
+from ppow_plugin.host import patching
+from ppow_plugin.method.rollout import TargetPass
 from tiny import make_target, run_trainer
 
 if patching.patch_status().state != "patched":

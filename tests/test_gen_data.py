@@ -6,11 +6,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from ppow_plugin import datasets, gen_data
+from ppow_plugin.data import datasets, generate
 from ppow_plugin.errors import UserError
 from tiny import make_conversations, make_target
 
-SETTINGS = gen_data.GenSettings(max_new_tokens=6, max_prompt_len=64, batch_size=2, shard_size=3)
+SETTINGS = generate.GenSettings(max_new_tokens=6, max_prompt_len=64, batch_size=2, shard_size=3)
 
 
 @pytest.fixture(scope="module")
@@ -18,16 +18,16 @@ def tiny(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("gen")
     target = make_target(tmp / "target", layers=2)
     convs = datasets.load_jsonl_conversations(make_conversations(tmp / "convs.jsonl", n=10))
-    return target, gen_data.first_turn_prompts(convs, heldout_fraction=0.0)
+    return target, generate.first_turn_prompts(convs, heldout_fraction=0.0)
 
 
 def run(target, prompts, out, **kw):
-    return gen_data.generate(target, prompts, SETTINGS, num_prompts=10, source="test", heldout_fraction=0.0,
+    return generate.generate(target, prompts, SETTINGS, num_prompts=10, source="test", heldout_fraction=0.0,
                              out_dir=out, **kw)
 
 
 def flat(out):
-    shards = gen_data.read_shards(out)
+    shards = generate.read_shards(out)
     return np.concatenate([s.index for s in shards]), [s.ids[s.offsets[0]:s.offsets[-1]] for s in shards]
 
 
@@ -35,7 +35,7 @@ def test_killed_run_resumes_without_duplicates_or_gaps(tiny, tmp_path, monkeypat
     target, prompts = tiny
     full = run(target, prompts, tmp_path / "full")
     run(target, prompts, tmp_path / "cut", max_shards=2)  # stopped after two shards
-    real = gen_data.generate_shard
+    real = generate.generate_shard
     calls = []
 
     def die_mid_shard(*a, **kw):  # a kill while the third shard is being generated and written
@@ -44,27 +44,27 @@ def test_killed_run_resumes_without_duplicates_or_gaps(tiny, tmp_path, monkeypat
             raise KeyboardInterrupt
         return real(*a, **kw)
 
-    monkeypatch.setattr(gen_data, "generate_shard", die_mid_shard)
+    monkeypatch.setattr(generate, "generate_shard", die_mid_shard)
     (tmp_path / "cut" / ".shard-00002.npz.x.tmp").write_bytes(b"half a shard")  # what a kill mid-write leaves
     with pytest.raises(KeyboardInterrupt):
         run(target, prompts, tmp_path / "cut")
-    assert len(gen_data.read_shards(tmp_path / "cut")) == 2
+    assert len(generate.read_shards(tmp_path / "cut")) == 2
     run(target, prompts, tmp_path / "cut")  # resume
     index, ids = flat(tmp_path / "cut")
     assert sorted(index.tolist()) == list(range(10)) and len(index) == 10  # no duplicate, no gap
     full_index, full_ids = flat(full)
     assert index.tolist() == full_index.tolist()
     assert all(np.array_equal(a, b) for a, b in zip(ids, full_ids))  # resumed == uninterrupted
-    assert gen_data.totals(tmp_path / "cut")["prompts"] == 10
+    assert generate.totals(tmp_path / "cut")["prompts"] == 10
     assert not list((tmp_path / "cut").glob(".*.tmp"))  # the partial write was cleaned up
 
 
 def test_responses_are_the_targets_greedy_continuation(tiny, tmp_path):
     target, prompts = tiny
     out = run(target, prompts, tmp_path / "g")
-    samples, report = gen_data.load_generated(out, max_len=512, heldout_fraction=0.0)
+    samples, report = generate.load_generated(out, max_len=512, heldout_fraction=0.0)
     assert report.used == len(samples) == 10
-    first4, _ = gen_data.load_generated(out, max_len=512, heldout_fraction=0.0, limit=4)  # data.num_conversations
+    first4, _ = generate.load_generated(out, max_len=512, heldout_fraction=0.0, limit=4)  # data.num_conversations
     assert [s.conversation_id for s in first4] == [samples[i].conversation_id for i in range(4)]
     model = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(target)
@@ -82,7 +82,7 @@ def test_responses_are_the_targets_greedy_continuation(tiny, tmp_path):
 def test_heldout_conversations_are_never_prompts(tiny):
     convs = [datasets.Conversation(f"c{i}", (datasets.Message("user", f"w{i}"), datasets.Message("assistant", "w1")))
              for i in range(200)]
-    prompts = gen_data.first_turn_prompts(convs, heldout_fraction=0.3)
+    prompts = generate.first_turn_prompts(convs, heldout_fraction=0.3)
     assert prompts and all(datasets.split_of(p.conversation_id, 0.3) == "train" for p in prompts)
     assert len(prompts) < 190  # the split removed some
 
@@ -91,10 +91,10 @@ def test_other_settings_refuse_to_mix_into_a_dir(tiny, tmp_path):
     target, prompts = tiny
     run(target, prompts, tmp_path / "g", max_shards=1)
     with pytest.raises(UserError, match="other settings"):
-        gen_data.generate(target, prompts, SETTINGS._replace(max_new_tokens=7), 10, "test", 0.0,
+        generate.generate(target, prompts, SETTINGS._replace(max_new_tokens=7), 10, "test", 0.0,
                           out_dir=tmp_path / "g")
-    key = gen_data.output_dir(target, "test", 0.0, SETTINGS)
-    assert key != gen_data.output_dir(target, "test", 0.0, SETTINGS._replace(temperature=0.7))
+    key = generate.output_dir(target, "test", 0.0, SETTINGS)
+    assert key != generate.output_dir(target, "test", 0.0, SETTINGS._replace(temperature=0.7))
 
 
 @pytest.mark.parametrize("flags, message", [(["--batch-size", "0"], "--batch-size (0) must be >= 1"),
@@ -118,23 +118,24 @@ def test_cli_defaults_are_the_settings_a_null_data_path_reads():
     from ppow_plugin.cli import build_parser
 
     args = build_parser().parse_args(["data", "generate"])
-    assert gen_data.GenSettings(args.temperature, args.max_new_tokens, args.max_prompt_len, args.batch_size,
-                                args.shard_size, args.seed) == gen_data.GenSettings()
+    assert generate.GenSettings(args.temperature, args.max_new_tokens, args.max_prompt_len, args.batch_size,
+                                args.shard_size, args.seed) == generate.GenSettings()
 
 
 def test_features_captured_while_generating_are_the_targets_own_pass(tmp_path, monkeypatch):
     """`--features eagle1,eagle3`: every generated sequence gets the feature-cache entries `ppow sft` would
     have computed (final-norm hidden states; EAGLE-3's three layer inputs), addressed so that training hits
     them, and equal to a one-sequence target pass up to float rounding."""
-    from ppow_plugin import eagle3, feature_cache
+    from ppow_plugin.data import feature_cache
+    from ppow_plugin.drafters import eagle3
     monkeypatch.setenv("PPOW_CACHE", str(tmp_path / "cache"))
     target = make_target(tmp_path / "target", layers=6)  # EAGLE-3 needs >= 5 layers
     convs = datasets.load_jsonl_conversations(make_conversations(tmp_path / "convs.jsonl", n=10))
-    prompts = gen_data.first_turn_prompts(convs, heldout_fraction=0.0)
-    out = gen_data.generate(target, prompts, SETTINGS._replace(batch_size=3), num_prompts=6, source="test",
+    prompts = generate.first_turn_prompts(convs, heldout_fraction=0.0)
+    out = generate.generate(target, prompts, SETTINGS._replace(batch_size=3), num_prompts=6, source="test",
                             heldout_fraction=0.0, out_dir=tmp_path / "g", features=("eagle1", "eagle3"),
                             feature_max_len=512)
-    samples, _ = gen_data.load_generated(out, max_len=512, heldout_fraction=0.0)
+    samples, _ = generate.load_generated(out, max_len=512, heldout_fraction=0.0)
     model = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32).eval()
     layers = eagle3.feature_layer_ids(model.config.num_hidden_layers)
     e1 = feature_cache.FeatureCache.open(target, "eagle1", None, 512)  # exactly as the trainer opens them
@@ -155,6 +156,6 @@ def test_features_captured_while_generating_are_the_targets_own_pass(tmp_path, m
     # ~1.9 away, and a wrong position id for the final step (switched off once) gave 7e-3
     assert worst < 2e-3 < min(shifted)
     assert len(list((tmp_path / "cache" / "features").rglob("*.npz"))) == 2 * len(samples)
-    plain = gen_data.generate(target, prompts, SETTINGS._replace(batch_size=3), num_prompts=6, source="test",
+    plain = generate.generate(target, prompts, SETTINGS._replace(batch_size=3), num_prompts=6, source="test",
                               heldout_fraction=0.0, out_dir=tmp_path / "plain")
-    assert all(np.array_equal(a.ids, b.ids) for a, b in zip(gen_data.read_shards(out), gen_data.read_shards(plain)))
+    assert all(np.array_equal(a.ids, b.ids) for a, b in zip(generate.read_shards(out), generate.read_shards(plain)))

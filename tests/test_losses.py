@@ -1,4 +1,4 @@
-"""Hand-computed tests for ppow_plugin.losses."""
+"""Hand-computed tests for ppow_plugin.method.losses."""
 
 import math
 
@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.testing import assert_close
 
-from ppow_plugin.losses import (
+from ppow_plugin.method.losses import (
     credit_mask,
     distill_loss,
     eagle1_sft_loss,

@@ -19,7 +19,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ppow_plugin import outputs, patching, quiet, rundir, trainer
+from ppow_plugin import outputs, quiet
+from ppow_plugin.host import patching
+from ppow_plugin.training import rundir, trainer
 from ppow_plugin.cli import main as cli_main
 from ppow_plugin.config import Config, config_to_dict, load_config
 from ppow_plugin.errors import UserError

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from ppow_plugin import patching
+from ppow_plugin.host import patching
 from ppow_plugin.errors import UserError
 
 REAL_PACKAGE = patching.find_package_dir()

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from ppow_plugin import plan, target_arch
+from ppow_plugin.host import target_arch
+from ppow_plugin.training import plan
 from ppow_plugin.cli import main
 from ppow_plugin.config import Config, ModelCfg, load_config
 from ppow_plugin.distributed import deepspeed_config
@@ -202,7 +203,7 @@ def test_known_configs_are_package_data():
     import fnmatch
     tomllib = pytest.importorskip("tomllib")  # Python 3.11+
     patterns = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["ppow_plugin"]
-    files = [str(p.relative_to(KNOWN.parent)) for p in KNOWN.glob("*/config.json")]
+    files = [str(p.relative_to(ROOT / "ppow_plugin")) for p in KNOWN.glob("*/config.json")]  # package-relative
     assert len(files) == 8 and KNOWN.parent == Path(target_arch.__file__).parent
     assert all(any(fnmatch.fnmatch(f, pat) for pat in patterns) for f in files), (files, patterns)
     assert not (ROOT / "tests" / "fixtures" / "configs").exists()  # one copy

@@ -7,9 +7,10 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from ppow_plugin import cli, patching
+from ppow_plugin import cli
+from ppow_plugin.host import patching
 from ppow_plugin.errors import UserError
-from ppow_plugin.profile import extend_rates, modelled_speedup, spread
+from ppow_plugin.evaluation.profile import extend_rates, modelled_speedup, spread
 
 
 def test_extend_rates_geometric_past_measured_depth() -> None:
@@ -60,7 +61,7 @@ def test_cli_profile_writes_gamma_and_spread(tiny_target: Path, tmp_path: Path) 
 
 
 def test_profile_rejects_bad_counts_before_loading(tmp_path: Path) -> None:
-    from ppow_plugin.profile import profile
+    from ppow_plugin.evaluation.profile import profile
     with pytest.raises(UserError, match="--repeats"):
         profile(tmp_path, repeats=0)
 
@@ -69,9 +70,9 @@ def test_profile_rejects_bad_counts_before_loading(tmp_path: Path) -> None:
                     reason="eagle-llm 1.2.1 is not installed")
 def test_profile_times_an_eagle3_drafter(tmp_path: Path) -> None:
     """An EAGLE-3 dir (reduced vocabulary) is detected and its own step is timed, not a random EAGLE-1 one."""
-    from ppow_plugin.eagle3 import Eagle3Config, Eagle3Drafter
-    from ppow_plugin.export import save_eagle3_dir
-    from ppow_plugin.profile import profile
+    from ppow_plugin.drafters.eagle3 import Eagle3Config, Eagle3Drafter
+    from ppow_plugin.drafters.export import save_eagle3_dir
+    from ppow_plugin.evaluation.profile import profile
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=6,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, rope_theta=1e5)

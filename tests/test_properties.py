@@ -18,12 +18,13 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ppow_plugin import cli, distributed, plan
+from ppow_plugin import cli, distributed
+from ppow_plugin.training import plan
 from ppow_plugin.config import Config, load_config
 from ppow_plugin.errors import UserError
-from ppow_plugin.losses import group_advantages, policy_loss
-from ppow_plugin.rewards import proximity_reward, speedup_reward
-from ppow_plugin.windowing import select_windows, window_scores
+from ppow_plugin.method.losses import group_advantages, policy_loss
+from ppow_plugin.method.rewards import proximity_reward, speedup_reward
+from ppow_plugin.method.windowing import select_windows, window_scores
 
 FAST = settings(max_examples=50, deadline=None)
 gammas = st.floats(min_value=0.01, max_value=2.0)

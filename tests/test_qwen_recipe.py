@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from ppow_plugin import patching
+from ppow_plugin.host import patching
 
 pytestmark = [
     pytest.mark.slow,
@@ -54,7 +54,7 @@ def _step_seconds(run_dir: Path) -> list[float]:
 
 
 def test_qwen_coder_sft_ppow_eval_lossless(tmp_path: Path) -> None:
-    from ppow_plugin.assets import prepare_qwen_coder
+    from ppow_plugin.host.assets import prepare_qwen_coder
 
     target = str(prepare_qwen_coder())
     sft_dir, ppow_dir, eval_dir = tmp_path / "sft", tmp_path / "ppow", tmp_path / "eval"

@@ -28,7 +28,7 @@ from typing import NamedTuple
 import pytest
 import torch
 
-from ppow_plugin import target_arch
+from ppow_plugin.host import target_arch
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(os.environ.get("PPOW_TEST_REHEARSAL") != "1",
                                                    reason="full-width rehearsal: set PPOW_TEST_REHEARSAL=1")]
@@ -160,12 +160,12 @@ def reload_strictly(fmt: str, out: Path, target: Path) -> None:
     `EaModel` (strict `load_state_dict`); the others through `formats.load_drafter` against the target."""
     from transformers import AutoConfig
 
-    from ppow_plugin import formats
+    from ppow_plugin.drafters import formats
 
     loaded = formats.load_drafter(out, AutoConfig.from_pretrained(target))
     assert loaded.format == ("eagle1" if fmt.startswith("eagle1") else "eagle3"), loaded.format
     if fmt == "eagle1":
-        from ppow_plugin import eagle_compat
+        from ppow_plugin.host import eagle_compat
 
         ea_model = eagle_compat.load_ea_model(target, out)
         assert set(ea_model.ea_layer.state_dict()) == set(torch.load(out / "pytorch_model.bin", weights_only=True))

@@ -14,7 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from ppow_plugin import drafter_source, drafters, eagle_compat, export, formats, patching, trainer
+from ppow_plugin.drafters import adapters, drafter_source, export, formats
+from ppow_plugin.host import eagle_compat, patching
+from ppow_plugin.training import sft_step, trainer
 from ppow_plugin.cli import main as cli_main
 from ppow_plugin.config import load_config
 from ppow_plugin.errors import UserError, is_disk_full
@@ -78,8 +80,8 @@ def test_nonfinite_losses_are_skipped_then_abort(tmp_path, monkeypatch):
     t = trainer.Trainer(load_config(None, overrides(tmp_path, "sft", **{"run.max_bad_steps": 2, "run.max_steps": 5})))
     t.setup()
     before = {k: v.clone() for k, v in t.drafter.state_dict().items()}
-    real = trainer.Trainer._sft_loss
-    monkeypatch.setattr(trainer.Trainer, "_sft_loss",
+    real = sft_step.SftStep.loss
+    monkeypatch.setattr(sft_step.SftStep, "loss",
                         lambda self, item: real(self, item)._replace(loss=torch.tensor(float("nan"))))
     t.cfg.run.max_steps = 2
     t.train()  # two bad steps: skipped, not fatal
@@ -217,7 +219,7 @@ def test_eagle3_reduced_vocabulary_without_d2t_is_refused(tmp_path, capsys):
     from safetensors.torch import save_file
     from transformers import LlamaForCausalLM
     overrides(tmp_path, "sft")
-    d = drafters.new_eagle3(LlamaForCausalLM.from_pretrained(tmp_path / "target"), 48, torch.float32)
+    d = adapters.new_eagle3(LlamaForCausalLM.from_pretrained(tmp_path / "target"), 48, torch.float32)
     src = tmp_path / "e3"
     src.mkdir()
     (src / "config.json").write_text(json.dumps(d.cfg.to_hf_dict()))

@@ -1,4 +1,4 @@
-"""Hand-computed tests for ppow_plugin.rewards (γ = 0.12 numbers from the PPOW method reference)."""
+"""Hand-computed tests for ppow_plugin.method.rewards (γ = 0.12 numbers from the PPOW method reference)."""
 
 import math
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from ppow_plugin.rewards import (
+from ppow_plugin.method.rewards import (
     RewardBreakdown,
     counted_accept_len,
     joint_reward,

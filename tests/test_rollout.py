@@ -5,7 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ppow_plugin import eagle_compat, losses, patching, rollout
+from ppow_plugin.host import eagle_compat, patching
+from ppow_plugin.method import losses, rollout
 from tiny import make_target
 
 if patching.patch_status().state != "patched":
@@ -130,7 +131,7 @@ def test_batched_drafting_matches_sequential_brute_force(tiny):
 
 
 def test_sample_categorical_matches_the_distribution_and_skips_zero_mass():
-    from ppow_plugin.rollout import sample_categorical
+    from ppow_plugin.method.rollout import sample_categorical
     probs = torch.tensor([[0.0, 0.5, 0.0, 0.5], [0.7, 0.0, 0.3, 0.0], [0.0, 0.0, 0.0, 1.0]])
     logp = probs.log().repeat(4000, 1)  # [12000, 4], -inf where p = 0
     draws = sample_categorical(logp, torch.Generator().manual_seed(0)).view(4000, 3)

@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from ppow_plugin import patching
+from ppow_plugin.host import patching
 from tiny import WORDS, run_trainer
 
 if patching.patch_status().state != "patched":
@@ -36,7 +36,7 @@ def test_vocab_rows_covering_the_vocabulary_is_the_full_loss(tmp_path):
 def test_multi_step_adds_a_deeper_loss_that_trains(tmp_path):
     import torch
 
-    from ppow_plugin import drafters
+    from ppow_plugin.drafters import adapters
     from ppow_plugin.config import SFTCfg
 
     base = losses(tmp_path, "base")
@@ -48,11 +48,11 @@ def test_multi_step_adds_a_deeper_loss_that_trains(tmp_path):
     # the extra term has a gradient into the drafter's predicted features (the ones fed back at depth > 1)
     t, *_ = run_trainer(tmp_path, "sft", **{"run.output_dir": tmp_path / "grad", "run.max_steps": 1})
     sample = t.data.next()
-    item = t._prepare(sample)
+    item = t.stage.prepare(sample)
     feats = item["tpass"].features
-    dpass = drafters.rollout.draft_forward(t.drafter, feats, item["ids"])
+    dpass = adapters.rollout.draft_forward(t.drafter, feats, item["ids"])
     cfg = SFTCfg(multi_step=2, multi_step_starts=4)
-    loss, _ = drafters.multi_step_loss(t.drafter, t.target, dpass, item["ids"], item["valid"], item["tpass"].features,
+    loss, _ = adapters.multi_step_loss(t.drafter, t.target, dpass, item["ids"], item["valid"], item["tpass"].features,
                                        cfg, torch.Generator().manual_seed(0))
     grads = torch.autograd.grad(loss, [dpass.out_features], allow_unused=True)
     assert grads[0] is not None and grads[0].abs().sum() > 0

@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from ppow_plugin import eval_prompts, eval_report, intervals, simulate
+from ppow_plugin.data import eval_prompts
+from ppow_plugin.evaluation import eval_report, intervals, simulate
 from ppow_plugin.errors import UserError
-from ppow_plugin.simulate import StaticTree, walk_cycles
+from ppow_plugin.evaluation.simulate import StaticTree, walk_cycles
 
 EOS = 99
 MC_SIM_7B_63 = StaticTree(tuple(map(tuple, [
@@ -98,7 +99,7 @@ def test_true_ranks_with_a_draft_vocabulary():
 
 
 def test_host_tree_is_mc_sim_7b_63():
-    from ppow_plugin import patching
+    from ppow_plugin.host import patching
     if patching.patch_status().state != "patched":
         pytest.skip("the EAGLE host is not installed and patched")
     assert simulate.host_tree() == MC_SIM_7B_63
@@ -154,11 +155,11 @@ def _early_exit_eagle3(target):
     head rows) over a reduced, non-contiguous draft vocabulary (d2t not zero). It accepts rarely (~5 % of
     cycles on SmolLM2: it reads the state before the token it is given), so this family's check covers tree
     construction and the walk more than deep accepted paths; a trained EAGLE-3 drafter would be better."""
-    from ppow_plugin import drafters
+    from ppow_plugin.drafters import adapters
     gen = torch.Generator().manual_seed(0)
     vocab = target.config.vocab_size
     used = torch.cat([torch.arange(12000), 12000 + torch.randperm(vocab - 12000, generator=gen)[:4384]]).sort().values
-    d = drafters.new_eagle3(target, used.numel(), torch.float32)
+    d = adapters.new_eagle3(target, used.numel(), torch.float32)
     t2d = torch.zeros(vocab, dtype=torch.bool)
     t2d[used] = True
     d.set_vocab_map(used - torch.arange(used.numel()), t2d)
@@ -177,7 +178,9 @@ def _early_exit_eagle3(target):
 def real():
     from transformers import AutoTokenizer
 
-    from ppow_plugin import assets, continuations, eagle_compat, evaluate, patching
+    from ppow_plugin.data import continuations
+    from ppow_plugin.evaluation import evaluate
+    from ppow_plugin.host import assets, eagle_compat, patching
     if patching.patch_status().state != "patched":
         pytest.skip("the EAGLE host is not installed and patched")
     target_dir = assets.default_target_dir(prepare=True)
@@ -204,7 +207,7 @@ def test_simulation_equals_decoding_cycle_by_cycle(real, family):
     Tolerance (docs/evaluation.md, "Simulation"): fp32 near-ties may flip a draft or a greedy token, so we
     require >= 95 % of prompts identical and τ within 1 %; the counts we measured are in the docs.
     """
-    from ppow_plugin import tree_decode
+    from ppow_plugin.evaluation import tree_decode
     target, eos = real["target"], real["tok"].eos_token_id
     if family == "eagle1":
         tree, drafter_dir = simulate.host_tree(), Path("assets/drafters/smollm2-135m-eagle1-sft")
@@ -216,7 +219,7 @@ def test_simulation_equals_decoding_cycle_by_cycle(real, family):
     else:
         tree = real["evaluate"].Eagle3Tree(*SMALL_TREE)
         drafter = _early_exit_eagle3(target)
-        kv = __import__("ppow_plugin.eagle_compat", fromlist=["x"]).new_kv_cache(target)
+        kv = __import__("ppow_plugin.host.eagle_compat", fromlist=["x"]).new_kv_cache(target)
         run = lambda ids: tree_decode.generate_eagle3(target, drafter, ids, NEW_TOKENS, 0.0, *tree,  # noqa: E731
                                                       eos_token_id=eos, kv_cache=kv)
         layers, stop = drafter.cfg.feature_layer_ids, "ppow"
@@ -242,7 +245,9 @@ def test_simulation_equals_decoding_cycle_by_cycle(real, family):
 
 
 def _tiny_run(tmp: Path, monkeypatch: pytest.MonkeyPatch, every: int) -> Path:
-    from ppow_plugin import datasets, patching, trainer
+    from ppow_plugin.data import datasets
+    from ppow_plugin.host import patching
+    from ppow_plugin.training import trainer
     from ppow_plugin.config import load_config
     from tiny import overrides
     if patching.patch_status().state != "patched":
@@ -268,7 +273,8 @@ def _sim_taus(run: Path) -> list[float]:
 
 def test_training_logs_simulated_tau_and_tiny_simulation_equals_decoding(tmp_path: Path,
                                                                           monkeypatch: pytest.MonkeyPatch):
-    from ppow_plugin import cli, evaluate
+    from ppow_plugin import cli
+    from ppow_plugin.evaluation import evaluate
     run = _tiny_run(tmp_path, monkeypatch, every=1)
     taus = _sim_taus(run)
     assert len(taus) == 2 and all(1.0 <= x <= 6.0 for x in taus)   # one value per step, in [1, depth + 1]
@@ -310,7 +316,8 @@ def test_an_interrupted_continuation_build_keeps_its_finished_batches(tmp_path: 
                                                                       monkeypatch: pytest.MonkeyPatch):
     """Continuations are stored batch by batch: a build killed in its second batch regenerates only the
     prompts it had not finished, and the resumed entries equal an uninterrupted build's."""
-    from ppow_plugin import continuations, eagle_compat
+    from ppow_plugin.data import continuations
+    from ppow_plugin.host import eagle_compat
     from tiny import make_target
     monkeypatch.setenv("PPOW_CACHE", str(tmp_path / "cache"))
     target_dir = make_target(tmp_path / "target", layers=2)
@@ -339,7 +346,9 @@ def test_topk_by_depth_agrees_with_chain_acceptance_and_drafts_past_a_miss(tmp_p
                                                                           monkeypatch: pytest.MonkeyPatch):
     """Per-depth ranks: their leading top-1 run is exactly the accepted length of a chain, depth 1's top-1
     rate is the chain(1) acceptance, rows keep drafting (forced right) after a miss, and the CLI reports it."""
-    from ppow_plugin import cli, continuations, eagle_compat
+    from ppow_plugin import cli
+    from ppow_plugin.data import continuations
+    from ppow_plugin.host import eagle_compat
     run = _tiny_run(tmp_path, monkeypatch, every=0)
     target = eagle_compat.load_host_target(tmp_path / "target")
     drafter = simulate.load_drafter("eagle1", run / "drafter", target)
@@ -379,7 +388,9 @@ def test_eagle3_depth_ranks_follow_the_training_time_test_chain(tmp_path: Path, 
     every depth, those of the training-time-test chain (`eagle3.ttt_unroll`: the decoder's attention and
     positions). Can fail: the draft vocabulary here is reduced and every draft id differs from its target
     id, and the same chain fed draft ids (the bug this test was written for) drafts other logits."""
-    from ppow_plugin import continuations, drafters, eagle3, eagle_compat, patching
+    from ppow_plugin.data import continuations
+    from ppow_plugin.drafters import adapters, eagle3
+    from ppow_plugin.host import eagle_compat, patching
     from tiny import make_target
     if patching.patch_status().state != "patched":
         pytest.skip("the EAGLE host is not installed and patched")
@@ -394,7 +405,7 @@ def test_eagle3_depth_ranks_follow_the_training_time_test_chain(tmp_path: Path, 
     t2d |= torch.rand(vocab, generator=torch.Generator().manual_seed(0)) < 0.33
     t2d[:3] = False
     used = t2d.nonzero()[:, 0]
-    drafter = drafters.new_eagle3(target, used.numel(), torch.float32)
+    drafter = adapters.new_eagle3(target, used.numel(), torch.float32)
     drafter.set_vocab_map(used - torch.arange(used.numel()), t2d)
     drafter.eval()
     assert drafter.cfg.feature_layer_ids == layers and (drafter.d2t != 0).all()

@@ -5,7 +5,9 @@ import json
 import pytest
 import torch
 
-from ppow_plugin import formats, patching, trainer
+from ppow_plugin.drafters import formats
+from ppow_plugin.host import patching
+from ppow_plugin.training import trainer
 from ppow_plugin.config import load_config
 from tiny import overrides, run_trainer
 
@@ -120,12 +122,12 @@ def test_ppow_verified_on_its_generated_data_trains_as_with_the_tree_and_reads_t
     """rollout.verify=data on the target's own greedy answers: the same k, rewards and losses as the tree
     verification (up to the float noise of a tree forward vs the sequence pass), and with data.feature_cache the
     target does not run at all once the cache is filled (a hit trains exactly as the miss that filled it)."""
-    from ppow_plugin import datasets, gen_data
+    from ppow_plugin.data import datasets, generate
 
     monkeypatch.setenv("PPOW_CACHE", str(tmp_path / "cache"))
     *_, sft_drafter = run(tmp_path, "sft", **family, **{"run.max_steps": 2})
-    prompts = gen_data.first_turn_prompts(datasets.load_jsonl_conversations(tmp_path / "convs.jsonl"), 0.0)
-    gen_data.generate(tmp_path / "target", prompts, gen_data.GenSettings(max_new_tokens=40, batch_size=4),
+    prompts = generate.first_turn_prompts(datasets.load_jsonl_conversations(tmp_path / "convs.jsonl"), 0.0)
+    generate.generate(tmp_path / "target", prompts, generate.GenSettings(max_new_tokens=40, batch_size=4),
                       num_prompts=12, source="test", heldout_fraction=0.0, out_dir=tmp_path / "gen")
     common = {**family, "model.drafter": sft_drafter, "data.dataset": "generated", "data.path": tmp_path / "gen",
               "run.max_steps": 4}

@@ -7,7 +7,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ppow_plugin import drafters, eagle3, export, formats, patching, rollout, trainer
+from ppow_plugin.drafters import adapters, eagle3, export, formats
+from ppow_plugin.host import patching
+from ppow_plugin.method import rollout
+from ppow_plugin.training import ppow_step, trainer
 from ppow_plugin.config import RolloutCfg, load_config
 from tiny import overrides, run_trainer
 
@@ -53,7 +56,7 @@ def test_eagle3_sft_smoke_loss_goes_down(tmp_path):
     # require a clear absolute drop towards it, not a relative one
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.15, losses
     # the draft vocabulary is the 64 most frequent assistant tokens of the training data, and it is reduced
-    counts = drafters.count_loss_tokens(t.data.samples, 2000, t.drafter.cfg.vocab_size)
+    counts = adapters.count_loss_tokens(t.data.samples, 2000, t.drafter.cfg.vocab_size)
     d2t, t2d = eagle3.build_vocab_map(counts, 64)
     assert torch.equal(t.drafter.d2t, d2t) and torch.equal(t.drafter.t2d, t2d) and d2t.any()
 
@@ -67,7 +70,7 @@ def test_eagle3_export_roundtrip_gives_identical_outputs(tmp_path):
     assert loaded.format == "eagle3" and not loaded.notes
     assert set(loaded.state) == set(t.drafter.state_dict())  # exactly the EAGLE-3 keys (+ embeddings)
     assert loaded.state["d2t"].dtype == torch.int64 and loaded.state["t2d"].dtype == torch.bool
-    again = drafters.load_eagle3_drafter(out, t.target)
+    again = adapters.load_eagle3_drafter(out, t.target)
     for k, v in t.drafter.state_dict().items():
         assert torch.equal(v, again.state_dict()[k]), k
     feats = torch.randn(1, 9, 3 * 64)
@@ -148,18 +151,20 @@ def test_reduced_vocab_rollouts_are_verified_as_target_ids(tmp_path, monkeypatch
     t2d = torch.zeros(128, dtype=torch.bool)
     t2d[used] = True
     t.drafter.set_vocab_map(used - torch.arange(28), t2d)
-    t.cfg.stage = "ppow"
+    t.cfg.stage = "ppow"  # the same drafter and target through the PPOW step
+    step = ppow_step.PpowStep(t.cfg, t.adapter, t.drafter, t.target, t.kv, t.stage.target_passes, t.gen, t.device,
+                              t.gamma)
     fed, verified = [], []
     t.drafter.register_forward_pre_hook(lambda m, args: fed.append(args[1].clone()) if args[1].shape[1] == 1 else None)
     real_verify = rollout.verify_windows
     monkeypatch.setattr(rollout, "verify_windows", lambda *a, **k: verified.append(a[4].clone()) or real_verify(*a, **k))
-    item = t._prepare(t.data.next())
+    item = step.prepare(t.data.next())
     ro = item["rollout"]
     assert ro is not None and verified and fed
     assert ro.draft_tokens.max() < 28  # draft vocabulary ids
     assert torch.equal(verified[0], ro.draft_tokens + 100)
     assert all(((f >= 100) & (f < 128)).all() for f in fed)  # window steps embed target ids
-    assert t._ppow_loss(item).loss.isfinite()
+    assert step.loss(item).loss.isfinite()
 
 
 def test_eagle3_draft_windows_match_ttt_unroll(tmp_path):

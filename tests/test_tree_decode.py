@@ -7,9 +7,9 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from ppow_plugin import eagle_compat, patching
-from ppow_plugin.eagle3 import Eagle3Drafter, build_vocab_map, new_eagle3_drafter
-from ppow_plugin.tree_decode import DraftTree, build_tree, generate_eagle3, greedy_accept, sample_accept
+from ppow_plugin.host import eagle_compat, patching
+from ppow_plugin.drafters.eagle3 import Eagle3Drafter, build_vocab_map, new_eagle3_drafter
+from ppow_plugin.evaluation.tree_decode import DraftTree, build_tree, generate_eagle3, greedy_accept, sample_accept
 
 needs_host = pytest.mark.skipif(patching.patch_status().state in ("missing", "wrong-version"),
                                 reason="eagle-llm 1.2.1 is not installed")
@@ -225,9 +225,9 @@ def test_smollm2_greedy_eagle3_is_lossless():
     vocabulary, 3 MT-Bench first turns: 64 new tokens == HF greedy, default EAGLE-3 tree (60/7/10)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ppow_plugin.assets import default_target_dir
-    from ppow_plugin.data import format_prompt
-    from ppow_plugin.datasets import load_mt_bench
+    from ppow_plugin.host.assets import default_target_dir
+    from ppow_plugin.data.samples import format_prompt
+    from ppow_plugin.data.datasets import load_mt_bench
 
     target_dir = default_target_dir(prepare=True)
     tokenizer = AutoTokenizer.from_pretrained(target_dir)

@@ -1,4 +1,4 @@
-"""Hand-computed tests for ppow_plugin.windowing (ADAW)."""
+"""Hand-computed tests for ppow_plugin.method.windowing (ADAW)."""
 
 import math
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from ppow_plugin.windowing import (
+from ppow_plugin.method.windowing import (
     WindowSelection,
     adaw_rule_for_step,
     kl_divergence,

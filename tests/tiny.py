@@ -88,7 +88,7 @@ def recipe_file(tmp: Path, stage: str, engine: str = "torch", **extra) -> Path:
 
 def run_trainer(tmp: Path, stage: str, **extra):
     """Set up and train a tiny run; returns (trainer, drafter state before, target state before, export dir)."""
-    from ppow_plugin import trainer
+    from ppow_plugin.training import trainer
     from ppow_plugin.config import load_config
 
     t = trainer.Trainer(load_config(None, overrides(tmp, stage, **extra)))

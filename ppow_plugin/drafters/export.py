@@ -1,0 +1,351 @@
+"""Drafter export: write exactly what a serving stack loads, atomically, and re-read it before the rename.
+
+    ppow export runs/ppow <out> --format eagle1          # host layout (EaModel, strict load)
+
+The formats (`eagle1`, `eagle1-compact`, `eagle3`, `speculators`) and the strict reader every export is re-read
+with are `formats.py`'s (docs/export.md has the key tables and which engine reads which); where the drafter
+comes from (run, checkpoint, drafter dir; the checkpoint's rebuilt config) is `drafter_source.py`'s; what each
+host makes of an EAGLE-3 config is `host_configs.py`'s. Here: the writers (`save_drafter_dir` for the
+trainer's compact dir, `save_eagle3_dir`, `write_host_eagle1`), `atomic_dir` / `replace_dir`, and
+`ppow export` (`export`) with its optional τ gate on an eval report of the same weights.
+
+Rule: exports go through `atomic_dir` and are re-read before the rename, so a crash or a bad write never
+leaves a half-written or unloadable directory; a full disk is reported as `DiskFull` (one line).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import save_file
+
+from ppow_plugin.drafters import drafter_source, formats
+from ppow_plugin.host import host_configs
+from ppow_plugin.drafters.drafter_source import sha256_file
+from ppow_plugin.errors import DiskFull, UserError, is_disk_full
+
+
+# --------------------------------------------------------------------------------------------------
+# Atomic directories
+
+
+def atomic_dir(out_dir: Path):
+    """Context manager: yields a temp dir beside `out_dir`; renamed over it only on success.
+
+    `out_dir` is resolved first ('.', 'a/..', symlinks); the current directory and its parents are refused
+    (`resolve_out_dir`). Files left in the temp dir get normal read permissions (0666 & ~umask; safetensors
+    writes 0600) before the rename.
+    """
+    return _AtomicDir(resolve_out_dir(out_dir))
+
+
+def resolve_out_dir(out_dir: str | Path) -> Path:
+    """The absolute, resolved output dir. Raises UserError for the current dir or one of its parents (replacing
+    it would delete the directory the command runs in), and for an existing non-directory."""
+    out = Path(out_dir).resolve()
+    if out == Path.cwd().resolve() or out in Path.cwd().resolve().parents:
+        raise UserError(f"output {out_dir} is the current directory or one of its parents ({out}); "
+                        "name a new directory, e.g. ./export")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"output {out_dir} exists and is not a directory; choose another path")
+    return out
+
+
+class _AtomicDir:
+    def __init__(self, out_dir: Path):
+        self.out_dir = out_dir
+
+    def __enter__(self) -> Path:
+        parent = self.out_dir.parent
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UserError(f"cannot create {parent}: {exc.strerror}; choose a writable output directory") from None
+        if not os.access(parent, os.W_OK):
+            raise UserError(f"output directory {parent} is not writable; choose another")
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.tmp-", dir=parent))
+        os.chmod(self.tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700; the export is for others to read
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None:
+            full = is_disk_full(exc, self.tmp)  # before the partial files are deleted
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            if full:
+                kept = "the existing one is unchanged" if self.out_dir.exists() else "nothing was written"
+                raise DiskFull(f"disk full while writing {self.out_dir}; {kept}: free space on that disk "
+                               "or choose another output directory") from None
+            return False
+        for f in self.tmp.rglob("*"):
+            if f.is_file() and not f.is_symlink():
+                os.chmod(f, 0o666 & ~_umask())
+        replace_dir(self.tmp, self.out_dir)
+        return False
+
+
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+def replace_dir(src: Path, dst: Path) -> None:
+    """Rename the complete dir `src` to `dst` (both resolved, see `resolve_out_dir`); an existing `dst` is moved
+    aside first and deleted last."""
+    old = None
+    if dst.exists():
+        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+        os.replace(dst, old)
+    os.replace(src, dst)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def _cpu(state: dict[str, torch.Tensor], dtype: torch.dtype | None = torch.float32) -> dict[str, torch.Tensor]:
+    """Detached contiguous CPU copies; floating tensors cast to `dtype`, int/bool buffers kept."""
+    return {k: (v.detach().to("cpu", dtype) if dtype is not None and v.is_floating_point()
+                else v.detach().to("cpu")).contiguous().clone() for k, v in state.items()}
+
+
+# --------------------------------------------------------------------------------------------------
+# Drafter directories the trainer writes
+
+
+def save_drafter_dir(out_dir: Path, state: dict[str, torch.Tensor], config: dict[str, Any],
+                     meta: dict[str, Any], dtype: torch.dtype = torch.float32) -> Path:
+    """Write a compact drafter dir (no embeddings) atomically; returns `out_dir`."""
+    weights = {k: v for k, v in _cpu(state, dtype).items() if k != formats.EMBED_KEY}
+    with atomic_dir(out_dir) as tmp:
+        _write_json(tmp / "config.json", config)
+        save_file(weights, str(tmp / "model.safetensors"))
+        _write_json(tmp / "ppow_meta.json", dict(meta, weights_sha256=sha256_file(tmp / "model.safetensors")))
+    return Path(out_dir)
+
+
+def save_eagle3_dir(out_dir: Path, state: dict[str, torch.Tensor], config: dict[str, Any],
+                    meta: dict[str, Any]) -> Path:
+    """Write a trained EAGLE-3 drafter as an `eagle3` dir (the `ppow export --format eagle3` writer),
+    checked key by key first and re-read before the rename; `d2t`/`t2d` are written as given."""
+    drafter = formats.validate_drafter("eagle3", config, _cpu(state), where="trained EAGLE-3 drafter")
+    with atomic_dir(out_dir) as tmp:
+        _write_eagle3(tmp, drafter, None)
+        formats.load_drafter(tmp)
+        _write_json(tmp / "ppow_meta.json", dict(meta, format="eagle3",
+                                                 weights_sha256=sha256_file(tmp / "model.safetensors")))
+    return Path(out_dir)
+
+
+def write_host_eagle1(out_dir: Path, state: dict[str, torch.Tensor], config: dict[str, Any],
+                      embed_weight: torch.Tensor, meta: dict[str, Any] | None = None) -> Path:
+    """Write the host's EAGLE-1 layout: config.json + pytorch_model.bin with embeddings (fp32)."""
+    full = _cpu(state)
+    full[formats.EMBED_KEY] = embed_weight.detach().to("cpu", torch.float32).contiguous()
+    with atomic_dir(out_dir) as tmp:
+        _write_json(tmp / "config.json", config)
+        torch.save(full, tmp / "pytorch_model.bin")
+        if meta is not None:
+            _write_json(tmp / "ppow_meta.json", meta)
+    return Path(out_dir)
+
+
+# --------------------------------------------------------------------------------------------------
+# Export
+
+
+def export(source: str | Path, out_dir: str | Path, fmt: str, target: str | None = None, force: bool = False,
+           min_tau: float | None = None,
+           eval_report: str | Path | None = None) -> tuple[Path, formats.LoadedDrafter]:
+    """`ppow export`: a run dir, checkpoint dir or drafter dir -> one serving-ready drafter dir.
+
+    Args:
+        source: `<run>` (newest intact checkpoint), `<run>/checkpoints/step-N`, or a drafter dir.
+        out_dir: created atomically; an existing non-empty dir needs `force`.
+        fmt: one of `formats.FORMATS`.
+        target: "default", a target model dir, or None (a checkpoint's recorded target).
+        force: overwrite `out_dir`, and export even when the tau gate fails.
+        min_tau / eval_report: refuse when the report's tau is below `min_tau` (unless `force`).
+    Returns:
+        (out_dir, the drafter as read from the source).
+    """
+    if fmt not in formats.FORMATS:
+        raise UserError(f"--format must be one of {', '.join(formats.FORMATS)}, got {fmt!r}")
+    src, out = Path(source), resolve_out_dir(out_dir)
+    _check_out_dir(src, out, force)
+    report = _read_report(eval_report, min_tau)
+    drafter, meta_src = drafter_source.read_source(src, target)
+    want = "eagle1" if fmt.startswith("eagle1") else "eagle3"
+    if drafter.format != want:
+        raise UserError(f"{src} holds an {drafter.format} drafter; it can only be exported as "
+                        f"{'eagle3 or speculators' if drafter.format == 'eagle3' else 'eagle1 or eagle1-compact'}")
+    tau = _tau_gate(report, eval_report, drafter, src, min_tau, force)
+    meta = _export_meta(drafter, meta_src, fmt, tau, min_tau, force)
+    with atomic_dir(out) as tmp:
+        _WRITERS[fmt](tmp, drafter, meta_src.get("target_dir"))
+        check = formats.load_drafter(tmp)  # re-read before the rename: never leave an unloadable export
+        if fmt == "eagle1" and formats.EMBED_KEY not in check.state:
+            raise AssertionError("eagle1 export lacks embed_tokens.weight")
+        if want == "eagle3":
+            refused = {h: p for h, p in host_configs.host_problems(check.config).items() if p}
+            meta["host_problems"] = refused
+            drafter.notes.extend(f"{h} would refuse or misread this config: {'; '.join(p)}" for h, p in refused.items())
+        meta["files"] = {f.name: sha256_file(f) for f in sorted(tmp.iterdir()) if f.is_file()}
+        _write_json(tmp / "ppow_meta.json", meta)
+    return out, drafter
+
+
+def _check_out_dir(src: Path, out: Path, force: bool) -> None:
+    """`out` is resolved (`resolve_out_dir`). Refuses a non-empty dir without `force`, and the source or a
+    directory holding it."""
+    if src.exists() and (out == src.resolve() or out in src.resolve().parents):
+        raise UserError(f"output dir {out} would replace the source {src}; choose another output dir")
+    if out.exists() and any(out.iterdir()) and not force:
+        raise UserError(f"output dir {out} exists and is not empty; pass --force to replace it")
+
+
+def _read_report(eval_report: str | Path | None, min_tau: float | None) -> dict[str, Any] | None:
+    """The `ppow eval` report.json, read before any work."""
+    if eval_report is None:
+        if min_tau is not None:
+            raise UserError("--min-tau needs --eval-report <report.json> with the measured tau")
+        return None
+    try:
+        report = json.loads(Path(eval_report).read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"eval report {eval_report} is unreadable ({type(exc).__name__}); "
+                        "pass a `ppow eval` report.json") from None
+    if not isinstance(report, dict):
+        raise UserError(f"eval report {eval_report} is not a `ppow eval` report.json (a JSON object)")
+    return report
+
+
+def _tau_gate(report: dict[str, Any] | None, path: str | Path | None, drafter: formats.LoadedDrafter, src: Path,
+              min_tau: float | None, force: bool) -> float | None:
+    """tau (`stats.overall.tau`) of a report made for exactly these weights; refuse below min_tau (unless force).
+
+    The report must record `settings.drafter_weights_sha256` (`formats.weights_digest` of the drafter it
+    evaluated, written by `ppow eval`) equal to the source's: a report for another drafter, or one too old to
+    say, is refused even with --force (its tau says nothing about this drafter).
+    """
+    if report is None:
+        return None
+    settings = report.get("settings") if isinstance(report.get("settings"), dict) else {}
+    recorded, ours = settings.get("drafter_weights_sha256"), formats.weights_digest(drafter.state)
+    if recorded != ours:
+        why = ("records no drafter weight hash (made by an older ppow eval)" if recorded is None else
+               f"was made for other weights ({settings.get('drafter', 'unknown drafter')}, weights "
+               f"{str(recorded)[:12]}, this source {ours[:12]})")
+        raise UserError(f"eval report {path} {why}; run `ppow eval --drafter {src}` and pass its report.json")
+    overall = (report.get("stats") or {}).get("overall") if isinstance(report.get("stats"), dict) else None
+    tau = overall.get("tau") if isinstance(overall, dict) else None
+    if not isinstance(tau, (int, float)) or isinstance(tau, bool):
+        raise UserError(f"eval report {path} has no numeric stats.overall.tau; pass a `ppow eval` report.json")
+    if min_tau is not None and tau < min_tau and not force:
+        raise UserError(f"measured tau {tau:.3f} is below --min-tau {min_tau:.3f}: not exporting a regressed "
+                        "drafter (pass --force to export anyway)")
+    return float(tau)
+
+
+def _target_embeddings(target_dir: str | None, d: formats.Dims) -> torch.Tensor:
+    """`model.embed_tokens.weight` of the target (single or sharded safetensors), for EAGLE-1 host exports."""
+    if target_dir is None:
+        raise UserError("this drafter has no embed_tokens.weight and the eagle1 host layout needs it; "
+                        "pass --target default|DIR to copy the target's embeddings")
+    from safetensors import safe_open
+    p = Path(target_dir)
+    key = "model.embed_tokens.weight"
+    if (p / "model.safetensors.index.json").is_file():
+        files = [p / json.loads((p / "model.safetensors.index.json").read_text())["weight_map"][key]]
+    else:
+        files = [p / "model.safetensors"]
+    try:
+        with safe_open(str(files[0]), framework="pt") as f:
+            embed = f.get_tensor(key)
+    except (SafetensorError, OSError, KeyError) as exc:
+        raise UserError(f"cannot read {key} from target {p} ({type(exc).__name__}); pass a safetensors target") from None
+    if tuple(embed.shape) != (d.vocab, d.hidden):
+        raise UserError(f"target {p} embeddings are {list(embed.shape)}, drafter needs [{d.vocab}, {d.hidden}]")
+    return embed
+
+
+def _eagle1_config(drafter: formats.LoadedDrafter) -> dict[str, Any]:
+    config = {k: v for k, v in drafter.config.items() if k not in ("draft_vocab_size", "target_hidden_size")}
+    config.setdefault("architectures", ["LlamaForCausalLM"])
+    config.setdefault("model_type", "llama")
+    return config
+
+
+def _write_eagle1(tmp: Path, drafter: formats.LoadedDrafter, target_dir: str | None) -> None:
+    """Host layout: config.json (EConfig fields + "bias") + fp32 pytorch_model.bin with embeddings."""
+    state = _cpu(drafter.state)
+    if formats.EMBED_KEY not in state:
+        state[formats.EMBED_KEY] = _target_embeddings(target_dir, drafter.dims).to(torch.float32).contiguous()
+    _write_json(tmp / "config.json", _eagle1_config(drafter))
+    torch.save(state, tmp / "pytorch_model.bin")
+
+
+def _write_eagle1_compact(tmp: Path, drafter: formats.LoadedDrafter, target_dir: str | None) -> None:
+    _write_json(tmp / "config.json", _eagle1_config(drafter))
+    weights = {k: v for k, v in _cpu(drafter.state).items() if k != formats.EMBED_KEY}
+    save_file(weights, str(tmp / "model.safetensors"))
+
+
+def _eagle3_config(drafter: formats.LoadedDrafter) -> dict[str, Any]:
+    """The drafter's config with the fields every host needs (docs/export.md, "Host config rules")."""
+    d = drafter.dims
+    config = dict(drafter.config, architectures=["LlamaForCausalLMEagle3"], model_type="llama",
+                  num_hidden_layers=1, draft_vocab_size=d.draft_vocab)
+    config.pop("target_hidden_size", None)
+    if d.target_hidden != d.hidden:
+        config["target_hidden_size"] = d.target_hidden
+    ids = config.get("eagle_aux_hidden_state_layer_ids")
+    if ids and "eagle_config" not in config:  # SGLang reads only this one, as layer outputs (host_configs)
+        config["eagle_config"] = {"use_aux_hidden_state": True,
+                                  "eagle_aux_hidden_state_layer_ids": [i - 1 for i in ids]}
+    return config
+
+
+def _write_eagle3(tmp: Path, drafter: formats.LoadedDrafter, target_dir: str | None) -> None:
+    """config.json (Llama + draft_vocab_size [+ target_hidden_size], LlamaForCausalLMEagle3) + safetensors."""
+    _write_json(tmp / "config.json", _eagle3_config(drafter))
+    save_file(_cpu(drafter.state), str(tmp / "model.safetensors"))
+
+
+def _write_speculators(tmp: Path, drafter: formats.LoadedDrafter, target_dir: str | None) -> None:
+    """vLLM speculators layout: nested config.json (host_configs.to_speculators) + `layers.0.*` safetensors."""
+    architectures = []
+    if target_dir is not None and (Path(target_dir) / "config.json").is_file():
+        architectures = json.loads((Path(target_dir) / "config.json").read_text()).get("architectures") or []
+    verifier = {"name_or_path": target_dir, "architectures": architectures}
+    _write_json(tmp / "config.json", host_configs.to_speculators(_eagle3_config(drafter), verifier))
+    state = {("layers.0." + k[len("midlayer."):] if k.startswith("midlayer.") else k): v
+             for k, v in _cpu(drafter.state).items()}
+    save_file(state, str(tmp / "model.safetensors"))
+
+
+_WRITERS = {"eagle1": _write_eagle1, "eagle1-compact": _write_eagle1_compact, "eagle3": _write_eagle3,
+            "speculators": _write_speculators}
+
+
+def _export_meta(drafter: formats.LoadedDrafter, src: dict[str, Any], fmt: str, tau: float | None,
+                 min_tau: float | None, force: bool) -> dict[str, Any]:
+    import ppow_plugin
+    meta = {"plugin_version": ppow_plugin.__version__, "format": fmt, "drafter_type": drafter.format,
+            "exported_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "notes": drafter.notes,
+            "source": src["source"], "source_files_sha256": src["source_files"], "step": src.get("step"),
+            "stage": src.get("stage"), "config": src.get("config"), "target": src.get("target_dir")}
+    if tau is not None:
+        meta["tau"] = tau
+        meta["min_tau"] = min_tau
+        meta["tau_gate"] = "forced" if (min_tau is not None and tau < min_tau) else "passed"
+    return meta

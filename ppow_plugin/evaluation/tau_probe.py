@@ -1,0 +1,74 @@
+"""τ during training: simulated acceptance of the drafter being trained on a fixed held-out prompt slice.
+
+    ppow train recipe.yaml eval.every_steps=50 eval.every_prompts=8
+
+Every `eval.every_steps` optimizer steps (0 = off) the trainer asks `TauProbe.measure` for the simulated
+τ (`simulate.py`, T = 0, `eval.max_new_tokens`, the tree `ppow eval` uses) of its current drafter on the
+first `eval.every_prompts` prompts of each of `eval.benchmarks` (MT-Bench and HumanEval are never trained
+on; ShareGPT prompts come from the held-out split). The value goes to metrics.jsonl as `sim_tau` and to
+the progress bar; `plot` draws τ against the step into the run directory at the end. The greedy
+continuations are built once (cached across runs), so each measurement costs only drafter passes.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+
+from ppow_plugin.data import continuations
+from ppow_plugin.evaluation import evaluate, simulate
+from ppow_plugin.errors import UserError
+
+
+class TauProbe:
+    """Owns the held-out slice and the history of (step, τ); the trainer only calls due/measure/plot."""
+
+    def __init__(self, cfg, target, target_dir: Path, fmt: str, feature_layers):
+        from transformers import AutoTokenizer
+
+        if next(target.parameters()).device.type != "cpu":
+            raise UserError("eval.every_steps simulates on CPU for now; set dist.device=cpu or eval.every_steps=0")
+        ev = cfg.eval
+        self.every, self.fmt, self.target, self.max_new = ev.every_steps, fmt, target, ev.max_new_tokens
+        self.tree = (evaluate.Eagle3Tree(ev.tree_depth, ev.tree_top_k, ev.tree_total_tokens) if fmt == "eagle3"
+                     else simulate.host_tree())
+        tok = AutoTokenizer.from_pretrained(str(target_dir))
+        self.eos = tok.eos_token_id
+        prompts = evaluate.load_prompts(ev.benchmarks, ev.every_prompts)
+        ids = [evaluate._format(tok, p.turns[:1], [])[0].tolist() for p in prompts]
+        self.keys = [(p.benchmark, p.prompt_id) for p in prompts]
+        self.conts, self.build_cost = continuations.load_continuations(
+            target_dir, target, ids, simulate.continuation_length(self.max_new, self.tree), feature_layers)
+        self.history: list[tuple[int, float]] = []
+
+    def due(self, step: int) -> bool:
+        return self.every > 0 and step % self.every == 0
+
+    def measure(self, step: int, drafter: torch.nn.Module) -> float:
+        """Simulated τ of a frozen copy of `drafter` (training state untouched); recorded in the history."""
+        frozen = copy.deepcopy(drafter).eval()
+        with torch.no_grad():
+            records = simulate.simulate_records(self.fmt, frozen, self.target, self.conts, self.keys, self.max_new,
+                                                self.tree, self.eos)
+        tau = sum(r.new_tokens for r in records) / max(1, sum(r.cycles for r in records))
+        self.history.append((step, tau))
+        return tau
+
+    def plot(self, path: Path) -> Path | None:
+        """τ against the optimizer step as a PNG (None when nothing was measured)."""
+        if not self.history:
+            return None
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        fig, ax = plt.subplots(figsize=(5, 3.2))
+        steps, taus = zip(*self.history)
+        ax.plot(steps, taus, marker="o")
+        ax.set(xlabel="optimizer step", ylabel="simulated τ (T = 0)",
+               title=f"held-out slice: {len(self.conts)} prompts, {self.max_new} new tokens")
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        return path
