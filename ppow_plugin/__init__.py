@@ -50,5 +50,20 @@ class _MovedModules(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         pass  # the module at its new home is already executed
 
 
+def _forward_moved_names(package: str, module: str):
+    """A module `__getattr__` for `package`, which took the place of a flat module whose names now live in
+    `package.module`: an old name resolves there, with a DeprecationWarning."""
+
+    def __getattr__(name: str):
+        target = importlib.import_module(f"{package}.{module}")
+        attr = getattr(target, name, None)
+        if name.startswith("__") or attr is None or isinstance(attr, type(sys)):
+            raise AttributeError(f"module {package!r} has no attribute {name!r}")
+        warnings.warn(f"{package}.{name} has moved to {package}.{module}.{name}", DeprecationWarning, stacklevel=2)
+        return attr
+
+    return __getattr__
+
+
 if not any(isinstance(f, _MovedModules) for f in sys.meta_path):
     sys.meta_path.append(_MovedModules())

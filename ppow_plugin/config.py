@@ -280,6 +280,16 @@ class DistCfg:
                  "auto, cpu, cuda, cuda:N or mps")
         _require(self.zero_stage in (0, 1, 2, 3), "dist.zero_stage", self.zero_stage, "0, 1, 2 or 3")
         _require(0 <= self.seed <= SEED_MAX, "dist.seed", self.seed, f"in [0, {SEED_MAX}]")
+        # plain AdamW on bf16 parameters keeps no fp32 master copy: an update below the bf16 spacing of a weight
+        # (most of them at lr 5e-6) rounds away; DeepSpeed's bf16 mode keeps fp32 masters (what export writes)
+        _require(self.engine == "deepspeed" or self.dtype == "fp32", "dist.dtype", self.dtype,
+                 "fp32 with dist.engine=torch (it keeps no fp32 master weights, so small bf16 updates round away); "
+                 "use dist.engine=deepspeed for bf16 (fp32 masters) or dist.dtype=fp32")
+        # ZeRO-0 in bf16 keeps its masters inside DeepSpeed's FP16_Optimizer, where neither the live export nor
+        # `ppow export` of a checkpoint reads them (both would write the bf16 copy); ZeRO-1..3 partitions hold them
+        _require(self.engine == "torch" or self.dtype == "fp32" or self.zero_stage >= 1, "dist.zero_stage",
+                 self.zero_stage, ">= 1 with dist.dtype=bf16 (ZeRO-0 keeps the fp32 master weights where no export "
+                 "reads them); use dist.zero_stage=2")
 
 
 _DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")

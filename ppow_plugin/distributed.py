@@ -28,18 +28,49 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def get_device(name: str = "auto") -> torch.device:
-    """Resolve a device name once at the entry point: auto -> cuda, then mps, then cpu."""
+    """Resolve a device name once at the entry point: auto -> cuda, then mps, then cpu.
+
+    `cuda` (and `auto` with a GPU) means this rank's GPU, `cuda:{LOCAL_RANK}` (0 without a launcher), and
+    `torch.cuda.set_device` is called on it here, before anything is allocated on a GPU: otherwise every
+    rank's target, CUDA context and NCCL communicator land on GPU 0. `cuda:N` pins one GPU (a single
+    process; refused under a launcher with several ranks, where it would pin them all to GPU N).
+    """
     if name == "auto":
         if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            return _this_rank_gpu(None, name)
         if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
     dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"dist.device={name} but no CUDA device is visible; use dist.device=cpu or auto")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"dist.device={name} but no CUDA device is visible; use dist.device=cpu or auto")
+        return _this_rank_gpu(dev.index, name)
     if dev.type == "mps" and not torch.backends.mps.is_available():
         raise UserError(f"dist.device={name} but MPS is not available; use dist.device=cpu or auto")
+    return dev
+
+
+def local_rank() -> int:
+    """This process's rank on its node: LOCAL_RANK as torchrun and the deepspeed launcher set it (0 alone)."""
+    return int(os.environ.get("LOCAL_RANK", 0))
+
+
+def _this_rank_gpu(index: int | None, name: str) -> torch.device:
+    """cuda:`index`, or this rank's GPU when `index` is None; made the current device (`set_device`)."""
+    local, count = local_rank(), torch.cuda.device_count()
+    if index is None:
+        # one visible GPU per process (a scheduler that sets CUDA_VISIBLE_DEVICES per rank): it is this rank's
+        index = 0 if count == 1 else local
+    elif int(os.environ.get("WORLD_SIZE", 1)) > 1 and index != local:
+        raise UserError(f"dist.device={name} pins every rank to GPU {index}; use dist.device=cuda "
+                        f"(each rank takes GPU LOCAL_RANK, here {local})")
+    if index >= count:
+        raise UserError(f"dist.device={name}: this rank wants GPU {index} (LOCAL_RANK={local}) but {count} "
+                        "GPU(s) are visible; start at most one process per visible GPU (--nproc_per_node / "
+                        "--num_gpus) or check CUDA_VISIBLE_DEVICES")
+    dev = torch.device("cuda", index)
+    torch.cuda.set_device(dev)
     return dev
 
 
@@ -64,24 +95,42 @@ def init_process_group(device: torch.device) -> DistInfo:
     """Start torch.distributed only under a launcher (RANK/WORLD_SIZE set); gloo on CPU, nccl on CUDA."""
     world = int(os.environ.get("WORLD_SIZE", 1))
     rank = int(os.environ.get("RANK", 0))
-    local = int(os.environ.get("LOCAL_RANK", 0))
+    local = local_rank()
     if world > 1 and not torch.distributed.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         torch.distributed.init_process_group(backend=backend)
     return DistInfo(rank=rank, world_size=world, local_rank=local)
 
 
+def collective_device() -> torch.device:
+    """Where the tensors of this process group's collectives must live: NCCL takes CUDA tensors only (this
+    rank's current GPU, made current by `get_device`); gloo takes CPU tensors. Read from the group at call time,
+    because DeepSpeed starts NCCL by itself even for a single GPU."""
+    if "nccl" in str(torch.distributed.get_backend()).lower():  # "nccl" or a mixed "cpu:gloo,cuda:nccl"
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _group_started() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
 def barrier() -> None:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
+    if not _group_started():
+        return
+    dev = collective_device()
+    if dev.type == "cuda":  # NCCL's barrier otherwise guesses a GPU from the global rank
+        torch.distributed.barrier(device_ids=[dev.index])
+    else:
         torch.distributed.barrier()
 
 
 def all_reduce_mean(values: dict[str, float]) -> dict[str, float]:
-    """Average scalar metrics over ranks (no-op in a single process)."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+    """Average scalar metrics over ranks (no-op in a single process), on the backend's device."""
+    if not _group_started():
         return values
     keys = sorted(values)
-    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=collective_device())
     torch.distributed.all_reduce(t)
     t /= torch.distributed.get_world_size()
     return dict(zip(keys, t.tolist()))
@@ -211,13 +260,36 @@ class Engine:
         self._set_lr()
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """Consolidated trainable-module weights on CPU (gathers ZeRO-3 partitions on every rank)."""
-        if self.ds is not None and self.cfg.dist.zero_stage == 3:
+        """Consolidated drafter weights on CPU, trainable ones from the optimizer's fp32 master weights.
+
+        One rule for every export: a live run's drafter and `ppow export` of its last checkpoint
+        (`consolidate_deepspeed_checkpoint`) both write the fp32 masters, not the bf16 copy the module computes
+        with. engine=torch is fp32 only (Config), so its module is the master. Every rank calls this (ZeRO-3
+        gathers partitions; the masters are all-reduced across the data-parallel group).
+        """
+        if self.ds is None:
+            return _cpu_fp32(self.module.state_dict())
+        if self.cfg.dist.zero_stage == 3:
             import deepspeed  # noqa: F401  (only to reach GatheredParameters; module already imported)
             params = list(self.module.parameters())
             with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-                return _cpu_fp32(self.module.state_dict())
-        return _cpu_fp32(self.module.state_dict())
+                state = _cpu_fp32(self.module.state_dict())
+        else:
+            state = _cpu_fp32(self.module.state_dict())
+        return state | _cpu_fp32(_fp32_masters(self.module))
+
+
+def _fp32_masters(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """DeepSpeed's fp32 master copy of each trainable parameter (ZeRO 1-3, bf16 optimizer), by state-dict name;
+    parameters without one (ZeRO-0 in fp32: the module's weight is the master) are left out."""
+    from deepspeed.utils import safe_get_full_fp32_param
+    masters = {}
+    for name, param in module.named_parameters():
+        if param.requires_grad:
+            master = safe_get_full_fp32_param(param)
+            if master is not None:
+                masters[name] = master
+    return masters
 
 
 def _cpu_fp32(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

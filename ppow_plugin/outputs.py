@@ -2,6 +2,7 @@
 
     outputs.check_output(args.out, {"--drafter": args.drafter}, args.force, "--out")   # eval, compare, export, profile
     outputs.check_run_dir(cfg)                                                        # sft / train (Trainer.setup)
+    outputs.check_generation_dir(args.out, {"--target": ...})                         # data generate
 
 Rules (docs/reliability.md, "Outputs"):
 1. A replaced output (`ppow eval|compare|export --out`, `ppow profile --out`) that exists and is not empty
@@ -10,7 +11,8 @@ Rules (docs/reliability.md, "Outputs"):
    source, recipe or report the command reads), nor the current directory or a folder above it.
 3. A run directory (`run.output_dir`) is written into, never replaced: a fresh start needs it absent,
    empty or holding only a ppow run's own files, and it must not hold the run's inputs (model.drafter,
-   model.target, data.path, reward.gamma_profile); checkpoints there need `run.resume=true`.
+   model.target, data.path, reward.gamma_profile); checkpoints there need `run.resume=true`. A
+   `ppow data generate` output dir likewise: absent, empty or holding only a generation's files.
 Only stdlib imports, so the CLI can check before torch is loaded.
 """
 
@@ -26,6 +28,11 @@ from ppow_plugin.errors import UserError
 # What a ppow run writes into run.output_dir (rundir.py and trainer.py); anything else is someone else's.
 RUN_ENTRIES = ("checkpoints", "drafter", "metrics.jsonl", "metrics.jsonl.before-resume-*", ".metrics.jsonl.tmp",
                "data_report.json", "run.lock", ".drafter.tmp-*", ".drafter.old-*", ".write-probe-*")
+
+
+# What `ppow data generate` writes into its output dir (data/generate.py, data/shards.py, cli.py); anything else is someone else's.
+GEN_ENTRIES = ("provenance.json", "shard-?????.npz", ".shard-?????.npz.*.tmp", ".provenance.json.*.tmp",
+               "generate.lock")
 
 
 def check_output(out: str | Path, inputs: Mapping[str, str | Path | None], force: bool, flag: str,
@@ -59,6 +66,7 @@ def _check_output(out: str | Path, inputs: Mapping[str, str | Path | None], forc
         raise UserError(f"{flag} {out} is the current directory or one of its parents; replacing it would delete "
                         f"what you are working in: choose a new {'folder' if kind == 'dir' else 'file name'}")
     _refuse_inputs(out, real, inputs, flag)
+    _refuse_under_a_file(out, path, flag)
     if not path.exists() and not path.is_symlink():
         return path
     if kind == "dir" and not path.is_dir():
@@ -70,6 +78,30 @@ def _check_output(out: str | Path, inputs: Mapping[str, str | Path | None], forc
     what = f"is not empty ({_listing(path)})" if kind == "dir" else "exists"
     raise UserError(f"{flag} {out} {what}; pass --force to replace it, or choose a new "
                     f"{'folder' if kind == 'dir' else 'file name'}")
+
+
+def check_generation_dir(out: str | Path, inputs: Mapping[str, str | Path | None], flag: str = "--out") -> Path:
+    """Rules 2-3 for `ppow data generate --out`: a generation dir is extended in place, never replaced, so it
+    must be absent, empty or hold only a generation's own files (`GEN_ENTRIES`), and not be or hold an input.
+
+    Raises:
+        UserError: one line naming the fix.
+    """
+    path = check_output(out, inputs, force=True, flag=flag, kind="dir")  # cwd, inputs, a file, under a file
+    foreign = [p for p in _entries(path) if not any(fnmatch.fnmatchcase(p.name, pat) for pat in GEN_ENTRIES)]
+    if foreign:
+        raise UserError(f"{flag} {out} is not empty and holds no `ppow data generate` output "
+                        f"({_listing(path, foreign)}); choose a new or empty folder")
+    return path
+
+
+def _refuse_under_a_file(out: str | Path, path: Path, flag: str) -> None:
+    """`--out f/sub` with `f` a regular file: say so (the system would say 'Not a directory' later)."""
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise UserError(f"{flag} {out} is under {parent}, which is a file, not a folder; choose another path")
+            return
 
 
 def check_run_dir(out: str | Path, inputs: Mapping[str, str | Path | None], resume: bool) -> None:

@@ -14,7 +14,7 @@ import json
 import sys
 from pathlib import Path
 
-from ppow_plugin.data import datasets, generate
+from ppow_plugin.data import datasets, shards
 
 GENERATED = Path("assets/generated/smollm2-135m-sharegpt-2048")
 
@@ -22,7 +22,7 @@ GENERATED = Path("assets/generated/smollm2-135m-sharegpt-2048")
 def main() -> None:
     out = Path(sys.argv[1])
     n = int(sys.argv[2]) if len(sys.argv) > 2 else 48
-    used = {str(c) for shard in generate.read_shards(GENERATED) for c in shard.conversation_ids}
+    used = {str(c) for shard in shards.read_shards(GENERATED) for c in shard.conversation_ids}
     convs = [c for c in datasets.load_sharegpt() if datasets.split_of(c.id) == "train"]
     picked = []
     for conv in reversed(convs[2048 * 4:]):  # well past anything a recipe reads in file order

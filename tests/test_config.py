@@ -252,8 +252,9 @@ def test_duplicate_key_check_is_what_refuses(tmp_path):
 
 
 def test_validate_prints_absolute_paths_and_refuses_missing_ones(capsys, tmp_path, monkeypatch):
-    (tmp_path / "drafter").mkdir()
-    (tmp_path / "drafter" / "config.json").write_text("{}")
+    (tmp_path / "drafter").mkdir()  # validate reads the drafter as train does (preflight.py): a real one
+    for f in ("config.json", "model.safetensors"):
+        (tmp_path / "drafter" / f).symlink_to(ROOT / "assets" / "drafters" / "smollm2-135m-eagle1-sft" / f)
     (tmp_path / "r.yaml").write_text("stage: ppow\nmodel:\n  drafter: drafter\n")
     monkeypatch.chdir(tmp_path)
     assert cli.main(["validate", "r.yaml"]) == 0

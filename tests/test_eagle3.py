@@ -4,9 +4,10 @@ import pytest
 import torch
 from transformers import LlamaConfig
 
-from ppow_plugin.drafters.eagle3 import (Eagle3Config, Eagle3Drafter, build_vocab_map, causal_mask, draft_label_mask,
-                                draft_to_target_ids, feature_layer_ids, map_target_probs_to_draft,
-                                target_features, ttt_mask, ttt_unroll)
+from ppow_plugin.drafters.draft_vocab import (build_vocab_map, draft_label_mask, draft_to_target_ids,
+                                             map_target_probs_to_draft)
+from ppow_plugin.drafters.eagle3 import (Eagle3Config, Eagle3Drafter, causal_mask, feature_layer_ids, target_features,
+                                         ttt_mask, ttt_unroll)
 
 
 def _target_config(layers: int = 6, vocab: int = 256) -> LlamaConfig:

@@ -27,6 +27,7 @@ if patching.patch_status().state in ("missing", "wrong-version"):
     pytest.skip("eagle-llm 1.2.1 is not installed", allow_module_level=True)
 
 VOCAB, HIDDEN, DRAFT_VOCAB = 256, 64, 48
+TINY_HUB_ID = "test-org/tiny-llama"  # --verifier for the random targets, which no known config names
 
 
 def _make_target(out_dir: Path, hidden: int = HIDDEN) -> LlamaForCausalLM:
@@ -199,15 +200,19 @@ def test_exported_eagle1_loads_in_host_with_every_key(world: dict, tmp_path: Pat
 
 
 def test_compact_to_host_takes_target_embeddings(world: dict, tmp_path: Path) -> None:
-    """From --target, else from the target the dir's ppow_meta.json records; with neither, refused."""
-    compact, _ = export.export(world["runs"][("eagle1", "torch0")], tmp_path / "compact", "eagle1-compact")
-    recorded, _ = export.export(compact, tmp_path / "recorded", "eagle1")
-    meta = json.loads((compact / "ppow_meta.json").read_text())
-    (compact / "ppow_meta.json").write_text(json.dumps(dict(meta, target=None)))
+    """From --target, else from the target dir a trainer's drafter dir records in ppow_meta.json; an export
+    records no dir of this machine (only the target's name), so re-exporting one needs --target."""
+    trained = export.save_drafter_dir(tmp_path / "trained", world["drafter"].state_dict(),
+                                      eagle_compat.eagle1_config_dict(world["target"].config, bias=True),
+                                      {"step": 3, "target": str(world["target_dir"])})
+    recorded, _ = export.export(trained, tmp_path / "recorded", "eagle1")
+    compact, _ = export.export(world["runs"][("eagle1", "torch0")], tmp_path / "compact", "eagle1-compact",
+                               verifier=TINY_HUB_ID)
     with pytest.raises(UserError, match="pass --target"):
         export.export(compact, tmp_path / "host", "eagle1")
     _assert_nothing_written(tmp_path / "host")
     host, _ = export.export(compact, tmp_path / "host", "eagle1", target=str(world["target_dir"]))
+    assert json.loads((host / "ppow_meta.json").read_text())["target"] == TINY_HUB_ID  # the export's name kept
     for out in (host, recorded):
         written = torch.load(out / "pytorch_model.bin", weights_only=True)
         assert torch.equal(written[formats.EMBED_KEY], world["target"].get_input_embeddings().weight)
@@ -409,7 +414,7 @@ def test_eagle3_run_checkpoint_and_drafter_dir_export_identically(llama3_run: di
                                                                   fmt: str) -> None:
     run = llama3_run["run"]
     sources = {"run": run, "checkpoint": run / "checkpoints" / "step-000003", "drafter": run / "drafter"}
-    exports = _exports(sources, tmp_path, fmt)
+    exports = _exports(sources, tmp_path, fmt, verifier=TINY_HUB_ID)
     _assert_identical(exports)
     config = json.loads(exports["run"][0])
     flat = config if fmt == "eagle3" else dict(config["transformer_layer_config"], **config)
@@ -418,7 +423,8 @@ def test_eagle3_run_checkpoint_and_drafter_dir_export_identically(llama3_run: di
     if fmt == "eagle3":
         assert config["eagle_config"]["eagle_aux_hidden_state_layer_ids"] == [1, 2, 2]
     # can fail: the same weights rebuilt against another target (rope_theta 1e5) give another config
-    other = _exports({"checkpoint": sources["checkpoint"]}, tmp_path / "other", fmt, target=str(world["target_dir"]))
+    other = _exports({"checkpoint": sources["checkpoint"]}, tmp_path / "other", fmt, target=str(world["target_dir"]),
+                     verifier=TINY_HUB_ID)
     with pytest.raises(AssertionError):
         _assert_identical({"run": exports["run"], **other})
 
@@ -496,12 +502,13 @@ def test_sglang_reads_eagle_config_ids_as_layer_outputs() -> None:
 def test_speculators_round_trip_gives_equal_logits(llama3_run: dict, tmp_path: Path) -> None:
     from ppow_plugin.host import host_configs
     from ppow_plugin.drafters.eagle3 import Eagle3Drafter
-    spec, _ = export.export(llama3_run["run"] / "drafter", tmp_path / "spec", "speculators")
+    spec, _ = export.export(llama3_run["run"] / "drafter", tmp_path / "spec", "speculators", verifier=TINY_HUB_ID)
     config = json.loads((spec / "config.json").read_text())
     # the fields vLLM's speculators reader requires (validate_speculators_config / update_eagle3)
     assert config["speculators_model_type"] == "eagle3" and config["norm_before_residual"] is False
     assert config["speculators_config"]["proposal_methods"][0]["speculative_tokens"] >= 1
-    assert config["speculators_config"]["verifier"]["name_or_path"] == str(llama3_run["target_dir"])
+    assert config["speculators_config"]["verifier"] == {"name_or_path": TINY_HUB_ID,
+                                                        "architectures": ["LlamaForCausalLM"]}
     assert any(k.startswith("layers.0.") for k in load_file(str(spec / "model.safetensors")))
     view = host_configs.vllm_speculators_view(config)  # what vLLM makes of it: accepted, same aux layers
     assert host_configs.host_problems(view)["vllm"] == [] and host_configs.host_aux_layers("vllm", view, 6) == (2, 3, 3)
@@ -523,7 +530,7 @@ def test_speculators_round_trip_gives_equal_logits(llama3_run: dict, tmp_path: P
                                            ({"transformer_layer_config": None}, "without a transformer_layer_config")])
 def test_speculators_configs_ppow_cannot_compute_are_refused(llama3_run: dict, tmp_path: Path, change: dict,
                                                              match: str) -> None:
-    spec, _ = export.export(llama3_run["run"] / "drafter", tmp_path / "spec", "speculators")
+    spec, _ = export.export(llama3_run["run"] / "drafter", tmp_path / "spec", "speculators", verifier=TINY_HUB_ID)
     config = json.loads((spec / "config.json").read_text())
     (spec / "config.json").write_text(json.dumps(dict(config, **change)))
     with pytest.raises(UserError, match=match + ".*"):

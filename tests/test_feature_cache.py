@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ppow_plugin.data import feature_cache
-from ppow_plugin.host import patching
+from ppow_plugin.host import integrity, patching
 from ppow_plugin.method.rollout import TargetPass
 from tiny import make_target, run_trainer
 
@@ -44,11 +44,10 @@ def test_sft_from_cache_equals_online(tmp_path, drafter_type):
 
     # the cache is what the cached run reads: features in reversed order give a different loss (not a
     # rescaling: EAGLE-3's RMSNorm would undo it)
-    for path in (tmp_path / "cache" / "features").rglob("*.npz"):
-        with np.load(path) as z:
-            arrays = dict(z)
+    for path in (tmp_path / "cache" / "features").rglob("*.npz"):  # rewritten with a matching digest
+        arrays = integrity.load_npz(path)
         arrays["features"] = np.ascontiguousarray(arrays["features"][::-1])
-        np.savez(path, **arrays)
+        integrity.save_npz(path, arrays)
     run_trainer(tmp_path, "sft", **kw, **{"data.feature_cache": True, "run.output_dir": tmp_path / "reversed"})
     flipped, _ = losses(tmp_path, "reversed")
     gap, noise = np.abs(np.subtract(flipped, online)).max(), np.abs(np.subtract(cached, online)).max()

@@ -7,6 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ppow_plugin.data import datasets, generate
+from ppow_plugin.data import shards as gen_shards
 from ppow_plugin.errors import UserError
 from tiny import make_conversations, make_target
 
@@ -27,7 +28,7 @@ def run(target, prompts, out, **kw):
 
 
 def flat(out):
-    shards = generate.read_shards(out)
+    shards = gen_shards.read_shards(out)
     return np.concatenate([s.index for s in shards]), [s.ids[s.offsets[0]:s.offsets[-1]] for s in shards]
 
 
@@ -48,23 +49,23 @@ def test_killed_run_resumes_without_duplicates_or_gaps(tiny, tmp_path, monkeypat
     (tmp_path / "cut" / ".shard-00002.npz.x.tmp").write_bytes(b"half a shard")  # what a kill mid-write leaves
     with pytest.raises(KeyboardInterrupt):
         run(target, prompts, tmp_path / "cut")
-    assert len(generate.read_shards(tmp_path / "cut")) == 2
+    assert len(gen_shards.read_shards(tmp_path / "cut")) == 2
     run(target, prompts, tmp_path / "cut")  # resume
     index, ids = flat(tmp_path / "cut")
     assert sorted(index.tolist()) == list(range(10)) and len(index) == 10  # no duplicate, no gap
     full_index, full_ids = flat(full)
     assert index.tolist() == full_index.tolist()
     assert all(np.array_equal(a, b) for a, b in zip(ids, full_ids))  # resumed == uninterrupted
-    assert generate.totals(tmp_path / "cut")["prompts"] == 10
+    assert gen_shards.totals(tmp_path / "cut")["prompts"] == 10
     assert not list((tmp_path / "cut").glob(".*.tmp"))  # the partial write was cleaned up
 
 
 def test_responses_are_the_targets_greedy_continuation(tiny, tmp_path):
     target, prompts = tiny
     out = run(target, prompts, tmp_path / "g")
-    samples, report = generate.load_generated(out, max_len=512, heldout_fraction=0.0)
+    samples, report = gen_shards.load_generated(out, max_len=512, heldout_fraction=0.0)
     assert report.used == len(samples) == 10
-    first4, _ = generate.load_generated(out, max_len=512, heldout_fraction=0.0, limit=4)  # data.num_conversations
+    first4, _ = gen_shards.load_generated(out, max_len=512, heldout_fraction=0.0, limit=4)  # data.num_conversations
     assert [s.conversation_id for s in first4] == [samples[i].conversation_id for i in range(4)]
     model = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(target)
@@ -135,7 +136,7 @@ def test_features_captured_while_generating_are_the_targets_own_pass(tmp_path, m
     out = generate.generate(target, prompts, SETTINGS._replace(batch_size=3), num_prompts=6, source="test",
                             heldout_fraction=0.0, out_dir=tmp_path / "g", features=("eagle1", "eagle3"),
                             feature_max_len=512)
-    samples, _ = generate.load_generated(out, max_len=512, heldout_fraction=0.0)
+    samples, _ = gen_shards.load_generated(out, max_len=512, heldout_fraction=0.0)
     model = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32).eval()
     layers = eagle3.feature_layer_ids(model.config.num_hidden_layers)
     e1 = feature_cache.FeatureCache.open(target, "eagle1", None, 512)  # exactly as the trainer opens them
@@ -158,4 +159,4 @@ def test_features_captured_while_generating_are_the_targets_own_pass(tmp_path, m
     assert len(list((tmp_path / "cache" / "features").rglob("*.npz"))) == 2 * len(samples)
     plain = generate.generate(target, prompts, SETTINGS._replace(batch_size=3), num_prompts=6, source="test",
                               heldout_fraction=0.0, out_dir=tmp_path / "plain")
-    assert all(np.array_equal(a.ids, b.ids) for a, b in zip(generate.read_shards(out), generate.read_shards(plain)))
+    assert all(np.array_equal(a.ids, b.ids) for a, b in zip(gen_shards.read_shards(out), gen_shards.read_shards(plain)))

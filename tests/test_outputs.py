@@ -25,24 +25,11 @@ from ppow_plugin.training import rundir, trainer
 from ppow_plugin.cli import main as cli_main
 from ppow_plugin.config import Config, config_to_dict, load_config
 from ppow_plugin.errors import UserError
+from cli_checks import ppow, snapshot
 from tiny import overrides, recipe_file, wait_for_checkpoint
 
 needs_host = pytest.mark.skipif(patching.patch_status().state != "patched",
                                 reason="the EAGLE host is not installed and patched (`ppow patch apply`)")
-
-
-def snapshot(root: Path, skip: Path | None = None) -> dict[str, bytes | None]:
-    """Every path under `root` (outside `skip`) with its bytes (None for a directory)."""
-    paths = sorted(p for p in root.rglob("*") if skip is None or not p.is_relative_to(skip))
-    return {p.relative_to(root).as_posix(): (None if p.is_dir() else p.read_bytes()) for p in paths}
-
-
-def ppow(capsys, *argv) -> tuple[int, str]:
-    """`ppow ...` in this process: exit code and its only `error:` line ("" if none)."""
-    code = cli_main([str(a) for a in argv])
-    lines = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error: ")]
-    assert len(lines) <= 1, lines
-    return code, lines[0] if lines else ""
 
 
 def refused_unchanged(capsys, root: Path, match: str, *argv) -> None:
@@ -164,7 +151,7 @@ def test_run_dir_holding_someone_elses_files_or_the_runs_inputs_is_refused(tmp_p
 
 def hold_lock(run_dir: Path) -> subprocess.Popen:
     """Another process holding `run_dir`'s lock until killed."""
-    code = ("import sys, time; from ppow_plugin import rundir; l = rundir.RunLock(sys.argv[1]).__enter__(); "
+    code = ("import sys, time; from ppow_plugin.training import rundir; l = rundir.RunLock(sys.argv[1]).__enter__(); "
             "print('held', flush=True); time.sleep(600)")
     proc = subprocess.Popen([sys.executable, "-c", code, str(run_dir)], stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline() == "held\n"

@@ -94,8 +94,20 @@ def test_plan_rows_hand_computed():
     assert rows["target KV cache"] == 2 * 6 * 1 * 4 * (16 + 2 * 3) * 2      # 2·L·kv·hd·(T + G·K)·b
     assert rows["activations: target hidden states"] == 16 * 8 * 6 * 2      # T·H·L·b
     assert rows["activations: logits"] == (22 * 32 + 2 * 22 * 32) * 4      # (S_t·V + 2·S_d·V)·4, S = T + n·G·K
+    assert rows["rotary tables (fp32)"] == (22 + 64) * 4 * 2 * 4            # (P + EAGLE-1 drafter's ctx)·hd·2·4
+    assert rows["rollout graph (drafter windows)"] == 2 * 2 * 2 * 4 * (2 * 16 + 3) * 2  # 2·N_w·heads·hd·Σ(T+j+1)·b
     assert p.total_gb == pytest.approx(sum(p.rows.values()))
     assert p.host_kv_prealloc_gb * plan.GB == 2 * 6 * 1 * 4 * 64 * 2
+
+
+def test_target_positions_are_what_the_trainer_allocates():
+    cfg = Config()
+    cfg.data.max_len, cfg.rollout.group_size, cfg.rollout.window = 100, 8, 5
+    assert plan.target_positions(cfg) == 140  # the prefix plus the G·K tree a verification appends
+    cfg.rollout.verify = "data"
+    assert plan.target_positions(cfg) == 100  # no tree forward
+    assert plan.target_positions(Config(stage="sft", data=cfg.data)) == 100
+    assert plan.rollout_graph_bytes(_tiny_arch(), Config(stage="sft")) == 0
 
 
 def test_sft_eagle3_counts_the_ttt_unroll():
@@ -226,7 +238,8 @@ def one_error(capsys, argv) -> str:
 
 
 @pytest.mark.parametrize("flags,message", [
-    (["--tflops", "0"], "--tflops 0.0: must be in (0, 100000] achieved TFLOP/s per device"),
+    (["--tflops", "0"], "--tflops 0.0: must be in [0.001, 100000] achieved TFLOP/s per device"),
+    (["--tflops", "1e-320"], "--tflops 1e-320: must be in [0.001, 100000] achieved TFLOP/s per device"),  # "inf h"
     (["--tflops", "nan"], "--tflops nan: must be a finite number"),
     (["data.max_len=1e3"], "data.max_len must be an integer, got '1e3'"),
     (["--gpu-memory-gb", "-1"], "--gpu-memory-gb -1.0: must be in (0, 100000] GB per device"),
@@ -268,3 +281,47 @@ def test_bad_target_config_files(content, message, capsys, tmp_path):
     recipe = str(ROOT / "recipes/llama3/8B_eagle3_ppow.yaml")
     assert message in one_error(capsys, ["plan", recipe, "--target-config", str(tmp_path)])
     assert message in one_error(capsys, ["plan", recipe, f"model.target={tmp_path}"])  # the recipe's own target
+
+
+# -- a GPU run checks the plan against its GPU before loading anything (issue 26) -------------------------
+
+
+@pytest.fixture
+def gpu80(monkeypatch):
+    """One mocked 80 GB GPU per rank; `trainer.main` replaced by a recorder (nothing is loaded)."""
+    import types
+
+    import torch
+
+    from ppow_plugin.training import trainer
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: None)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: types.SimpleNamespace(total_memory=80e9))
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    trained = []
+    monkeypatch.setattr(trainer, "main", lambda cfg: trained.append(cfg.run.output_dir) or Path(cfg.run.output_dir))
+    return trained
+
+
+def test_a_target_larger_than_the_gpu_is_refused_before_loading(gpu80, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", str(ROOT / "recipes/llama3/70B_eagle3_ppow.yaml"), f"run.output_dir={out}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: the frozen target alone is 141.1 GB in bf16") and "80.0 GB" in err[-1]
+    assert gpu80 == [] and not out.exists()
+
+
+def test_a_plan_larger_than_the_gpu_is_warned_about(gpu80, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "8")  # under a launcher; this process is rank 0
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    qwen = ROOT / "recipes/qwen3/32B_eagle3_ppow.yaml"
+    assert main(["train", str(qwen), f"run.output_dir={tmp_path / 'a'}"]) == 0
+    assert "warning: ppow plan estimates 89.0 GB per device on 8 rank(s), more than this GPU's 80.0 GB" in \
+        capsys.readouterr().err
+    assert main(["train", str(qwen), f"run.output_dir={tmp_path / 'b'}", "rollout.prefixes_per_sequence=1"]) == 0
+    assert "warning" not in capsys.readouterr().err  # 77.5 GB: fits
+    assert main(["train", str(ROOT / "recipes/llama3/70B_eagle3_ppow.yaml"), "dist.device=cpu",
+                 f"run.output_dir={tmp_path / 'c'}"]) == 0  # not a GPU run: nothing to check
+    assert len(gpu80) == 3

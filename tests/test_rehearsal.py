@@ -28,7 +28,7 @@ from typing import NamedTuple
 import pytest
 import torch
 
-from ppow_plugin.host import target_arch
+from ppow_plugin.host import serving_names, target_arch
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(os.environ.get("PPOW_TEST_REHEARSAL") != "1",
                                                    reason="full-width rehearsal: set PPOW_TEST_REHEARSAL=1")]
@@ -201,8 +201,8 @@ def test_recipe_family_rehearsal(name: str, tmp_path: Path) -> None:
     assert [p["mismatch_at"] for p in report["prompts"]] == [None, None]  # EAGLE == HF greedy, token for token
     for fmt in family.formats:
         out = work / f"export-{fmt}"
-        run_stage(f"export-{fmt}", ["export", str(work / "ppow"), str(out), "--format", fmt,
-                                    "--target", str(target)], work, timings)
+        run_stage(f"export-{fmt}", ["export", str(work / "ppow"), str(out), "--format", fmt, "--target", str(target),
+                                    "--verifier", serving_names.hub_id(family.config)], work, timings)
         start = time.monotonic()
         reload_strictly(fmt, out, target)
         timings[f"reload-{fmt}"] = {"seconds": round(time.monotonic() - start, 1)}

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ppow_plugin.drafters import adapters, eagle3, export, formats
+from ppow_plugin.drafters import adapters, draft_vocab, eagle3, export, formats
 from ppow_plugin.host import patching
 from ppow_plugin.method import rollout
 from ppow_plugin.training import ppow_step, trainer
@@ -57,7 +57,7 @@ def test_eagle3_sft_smoke_loss_goes_down(tmp_path):
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.15, losses
     # the draft vocabulary is the 64 most frequent assistant tokens of the training data, and it is reduced
     counts = adapters.count_loss_tokens(t.data.samples, 2000, t.drafter.cfg.vocab_size)
-    d2t, t2d = eagle3.build_vocab_map(counts, 64)
+    d2t, t2d = draft_vocab.build_vocab_map(counts, 64)
     assert torch.equal(t.drafter.d2t, d2t) and torch.equal(t.drafter.t2d, t2d) and d2t.any()
 
 

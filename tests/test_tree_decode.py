@@ -8,7 +8,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from ppow_plugin.host import eagle_compat, patching
-from ppow_plugin.drafters.eagle3 import Eagle3Drafter, build_vocab_map, new_eagle3_drafter
+from ppow_plugin.drafters.draft_vocab import build_vocab_map
+from ppow_plugin.drafters.eagle3 import Eagle3Drafter, new_eagle3_drafter
 from ppow_plugin.evaluation.tree_decode import DraftTree, build_tree, generate_eagle3, greedy_accept, sample_accept
 
 needs_host = pytest.mark.skipif(patching.patch_status().state in ("missing", "wrong-version"),

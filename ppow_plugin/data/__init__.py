@@ -6,14 +6,6 @@ May import: `ppow_plugin.drafters`, `ppow_plugin.method`, `ppow_plugin.host` and
 """
 
 
-def __getattr__(name: str):
-    """`ppow_plugin.data.<name>` for the names of the flat module `ppow_plugin/data.py` that became `samples`."""
-    import importlib
-    import warnings
+from ppow_plugin import _forward_moved_names
 
-    module = importlib.import_module(f"{__name__}.samples")
-    attr = getattr(module, name, None)
-    if name.startswith("__") or attr is None or isinstance(attr, type(importlib)):
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    warnings.warn(f"{__name__}.{name} has moved to {__name__}.samples.{name}", DeprecationWarning, stacklevel=2)
-    return attr
+__getattr__ = _forward_moved_names(__name__, "samples")  # the names of the flat `data.py` of earlier versions

@@ -12,7 +12,8 @@ template) this module makes:
 
 Both are cached under `cache_dir()/simulate/<target fingerprint>/`, one entry per prompt, keyed by the
 prompt ids (so by the prompt text, the chat template and the tokenizer), the length and, for features,
-the feature layers. The fingerprint reads the target's config and the size, head and tail of every weight
+the feature layers. Each entry records the sha256 of its tensors; a damaged one is rebuilt with one
+`warning:` line naming it (`integrity`). The fingerprint reads the target's config and the size, head and tail of every weight
 file. Entries are written atomically (temporary file + rename), so concurrent runs at worst redo work.
 
 Where this can differ from a real decode: the continuation is generated with other kernels and batch
@@ -25,7 +26,6 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
-import os
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -34,7 +34,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from ppow_plugin.host import assets
+from ppow_plugin.host import assets, integrity
 from ppow_plugin.method import rollout
 
 CACHE_FORMAT = 1
@@ -71,18 +71,17 @@ def _feature_kind(feature_layers: Sequence[int] | None) -> str:
 
 
 def _save(tensors: dict[str, Tensor], path: Path) -> None:
-    from safetensors.torch import save_file
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
-    os.replace(tmp, path)
+    integrity.save_safetensors(path, tensors)  # atomic, with the content digest `_load` checks
 
 
 def _load(path: Path) -> dict[str, Tensor] | None:
-    from safetensors.torch import load_file
+    """A cache entry, verified; None when absent or damaged (then rebuilt, with one `warning:` line)."""
     try:
-        return load_file(str(path)) if path.is_file() else None
-    except (OSError, ValueError, RuntimeError):  # a damaged entry is rebuilt
+        return integrity.load_safetensors(path)
+    except FileNotFoundError:
+        return None
+    except integrity.Damaged as exc:
+        integrity.warn_rebuilding("continuation-cache entry", path, exc)
         return None
 
 

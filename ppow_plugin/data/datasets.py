@@ -251,24 +251,26 @@ def split_of(conversation_id: str, heldout_fraction: float = DEFAULT_HELDOUT_FRA
 # --- your own JSONL --------------------------------------------------------------------------------
 
 
-def load_jsonl_conversations(path: str | Path | None) -> list[Conversation]:
+def load_jsonl_conversations(path: str | Path | None, name: str = "data.path=") -> list[Conversation]:
     """Your own data: one ShareGPT-style record per line ({"id", "conversations": [{"from", "value"}]}).
 
     Records that do not form a user-first, alternating conversation are dropped (counted in the error
-    when nothing is left).
+    when nothing is left). `name`: how the user gave the path ("data.path=", "--path ").
     """
-    return parse_jsonl_conversations(path)[0]
+    return parse_jsonl_conversations(path, name)[0]
 
 
-def parse_jsonl_conversations(path: str | Path | None) -> tuple[list[Conversation], Counter]:
+def parse_jsonl_conversations(path: str | Path | None, name: str = "data.path=") -> tuple[list[Conversation], Counter]:
     """`load_jsonl_conversations` plus the Counter of kept/dropped reasons."""
     if path is None:
         raise UserError("data.dataset=jsonl needs data.path=<file.jsonl>")
     p = Path(path)
+    if p.is_dir():
+        raise UserError(f"{name}{p} is a directory; pass one JSONL file (one conversation per line)")
     try:
-        lines = p.read_text(encoding="utf-8").splitlines()
+        lines = p.read_text(encoding="utf-8-sig").splitlines()  # -sig: a leading UTF-8 BOM is not data
     except (OSError, UnicodeDecodeError) as exc:
-        raise UserError(f"data.path={p} is unreadable ({type(exc).__name__}); pass a UTF-8 JSONL file") from None
+        raise UserError(f"{name}{p} is unreadable ({type(exc).__name__}); pass a UTF-8 JSONL file") from None
     kept, stats = [], Counter()
     for n, line in enumerate(lines, 1):
         if not line.strip():

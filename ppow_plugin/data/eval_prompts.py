@@ -68,21 +68,24 @@ def resolve_benchmarks(spec: str | Sequence[str]) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def load_prompts(benchmarks: Sequence[str], num_prompts: int, both_turns: bool = False) -> list[EvalPrompt]:
+def load_prompts(benchmarks: Sequence[str], num_prompts: int, both_turns: bool = False,
+                 flag: str = "--num-prompts ") -> list[EvalPrompt]:
     """The first `num_prompts` prompts of each benchmark, in benchmark order.
 
+    flag: how the user set num_prompts, for the messages ("--num-prompts ", or "eval.every_prompts=" for
+        training's τ probe).
     Raises:
         UserError: num_prompts < 1, more than a benchmark has (never capped silently), or the set is empty.
     """
     if num_prompts < 1:
-        raise UserError(f"--num-prompts {num_prompts} selects no prompt; pass a positive number")
+        raise UserError(f"{flag}{num_prompts} selects no prompt; pass a positive number")
     chosen = {name: BENCHMARKS[name](num_prompts, both_turns) for name in resolve_benchmarks(benchmarks)}
     short = {name: len(got) for name, got in chosen.items() if len(got) < num_prompts}
-    fixes = [f"pass --num-prompts {min(short.values())} or fewer"] if short and min(short.values()) > 0 else []
+    fixes = [f"pass {flag}{min(short.values())} or fewer"] if short and min(short.values()) > 0 else []
     fixes += [f"leave out {', '.join(short)}"] if short and len(short) < len(chosen) else []
     if fixes:
         have = ", ".join(f"{name} has {n}" for name, n in short.items())
-        raise UserError(f"--num-prompts {num_prompts} is more prompts than there are ({have}): {' or '.join(fixes)}")
+        raise UserError(f"{flag}{num_prompts} is more prompts than there are ({have}): {' or '.join(fixes)}")
     prompts = [p for got in chosen.values() for p in got]
     if not prompts:
         raise UserError(f"benchmarks {', '.join(benchmarks)} gave no prompt; check the datasets (ppow doctor)")
@@ -100,13 +103,15 @@ def read_prompt_file(path: str | Path, both_turns: bool = False) -> list[EvalPro
             of strings or a "prompt" string (the message names the line number).
     """
     p = Path(path)
+    if p.is_dir():
+        raise UserError(f"--prompts {p} is a directory; pass one JSONL file with one {{\"prompt\": ...}} per line")
     if not p.is_file():
         raise UserError(f"--prompts {p} does not exist; pass a JSONL file with one {{\"prompt\": ...}} per line")
     try:
-        lines = p.read_text(encoding="utf-8").splitlines()
+        lines = p.read_text(encoding="utf-8-sig").splitlines()  # a leading BOM is not data; CRLF ends lines too
     except (OSError, UnicodeDecodeError) as exc:
         raise UserError(f"--prompts {p} is unreadable ({type(exc).__name__}); pass a UTF-8 JSONL file") from None
-    prompts = []
+    prompts, first_line = [], {}
     for n, line in enumerate(lines, start=1):
         if not line.strip():
             continue
@@ -123,6 +128,11 @@ def read_prompt_file(path: str | Path, both_turns: bool = False) -> list[EvalPro
             prompts.append(EvalPrompt(p.stem, str(obj.get("id", n)), (text,)))
         else:
             raise UserError(f'{p}:{n}: expected {{"turns": ["..."]}} or {{"prompt": "..."}} with non-empty text')
+        pid = prompts[-1].prompt_id
+        if pid in first_line:  # records and the paired statistics of `compare` match prompts by id
+            raise UserError(f"{p}:{n}: id {pid!r} is also the id of line {first_line[pid]}; give every prompt "
+                            "its own id (or leave the ids out: the line number is used)")
+        first_line[pid] = n
     if not prompts:
         raise UserError(f"--prompts {p} has no prompt; write one JSON object per line")
     return prompts

@@ -8,7 +8,8 @@
 costs what online SFT costs plus a write, later epochs run no target layer at all (EAGLE-1/2's `ge_data`
 idea, filled lazily instead of in a separate pass). Online SFT (`data.feature_cache: false`) is unchanged.
 
-What one entry stores (`<cache>/features/<key>/<aa>/<digest>.npz`, uncompressed):
+What one entry stores (`<cache>/features/<key>/<aa>/<digest>.npz`, uncompressed, with the sha256 of its
+content, `integrity.save_npz`; a damaged entry is rebuilt with one `warning:` line naming it):
     input_ids [T] int32, loss_mask [T] bool   the sequence, so an entry is checked against its sample
     features  [T, F] fp16                     what the drafter reads: EAGLE-1 the final-norm hidden state
                                               (F = H); EAGLE-3 the three fused decoder-layer inputs (F = 3H)
@@ -27,16 +28,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from ppow_plugin.host.assets import cache_dir
-from ppow_plugin.host.assets import target_fingerprint
+from ppow_plugin.host import integrity
+from ppow_plugin.host.assets import cache_dir, target_fingerprint
 from ppow_plugin.method.rollout import TargetPass
 
 FEATURE_FORMAT = 1
@@ -86,12 +85,16 @@ class FeatureCache:
         ids, mask = sample.input_ids, sample.loss_mask
         path = self._path(sample_digest(ids, mask))
         try:
-            with np.load(path, allow_pickle=False) as z:
-                same = (np.array_equal(z["input_ids"], np.asarray(ids))
-                        and np.array_equal(z["loss_mask"], np.asarray(mask)))
-                features = torch.from_numpy(z["features"])
-                hidden = torch.from_numpy(z["hidden"]) if self.eagle3 else features
-        except (OSError, ValueError, KeyError):  # missing, or a damaged file: recompute it
+            z = integrity.load_npz(path, require_digest=True)
+            same = (np.array_equal(z["input_ids"], np.asarray(ids))
+                    and np.array_equal(z["loss_mask"], np.asarray(mask)))
+            features = torch.from_numpy(z["features"])
+            hidden = torch.from_numpy(z["hidden"]) if self.eagle3 else features
+        except FileNotFoundError:
+            self.misses += 1
+            return None
+        except (integrity.Damaged, KeyError) as exc:  # a damaged entry: say so, recompute it (`put` replaces it)
+            integrity.warn_rebuilding("feature-cache entry", path, exc)
             self.misses += 1
             return None
         if not same:  # a digest collision cannot happen in practice; a renamed file can
@@ -109,15 +112,7 @@ class FeatureCache:
                   "features": tpass.features.detach().to("cpu", torch.float16).numpy()}
         if self.eagle3:
             arrays["hidden"] = tpass.hidden.detach().to("cpu", torch.float16).numpy()
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, **arrays)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        return integrity.save_npz(path, arrays)  # atomic, with the digest `get` checks
 
     def stats(self) -> dict[str, int]:
         return {"feature_cache_hits": self.hits, "feature_cache_misses": self.misses}

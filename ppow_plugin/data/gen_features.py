@@ -111,7 +111,7 @@ def open_sinks(target_dir, kinds: Sequence[str], num_layers: int, max_len: int) 
 
 def store(sinks: FeatureSinks, ids: Sequence[int], prompt_len: int, final: Tensor, layers: Tensor | None) -> None:
     """Write one generated sequence's entry into every sink, at the address of the sample training reads
-    (`gen_data.response_sample`).
+    (`samples.response_sample`).
 
     final: [T, H] final-norm hidden states; layers: [T, 3H] EAGLE-3 features or None; T = len(ids)."""
     from ppow_plugin.data.samples import response_sample

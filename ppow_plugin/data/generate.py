@@ -1,7 +1,7 @@
 """Target-generated training data: the target answers the training prompts itself (`ppow data generate`).
 
     out = generate(target_dir, prompts, GenSettings(max_new_tokens=160), num_prompts=20000, source="sharegpt")
-    samples, report = load_generated(out, max_len=512)   # TokenizedSample per response, prompt masked out
+    samples, report = shards.load_generated(out, max_len=512)   # TokenizedSample per response, prompt masked
 
 The drafter then learns what the target actually says, not what another model wrote (EAGLE-3, SpecForge
 and speculators all regenerate their data this way). Prompts are the first user turns of the *training*
@@ -18,12 +18,16 @@ Choices:
    multi-turn chat would be incoherent; regenerating turn by turn is also sequential per conversation
    (no batching across turns). The evaluations (MT-Bench first turns, HumanEval) are single-turn too.
 2. Shards are the resumable unit: shard k always holds the same prompts (the eligible prompts in a fixed
-   seeded order), is written to a temporary file and renamed in, and is skipped when present. A killed
-   run therefore resumes with neither duplicates nor gaps; a larger `num_prompts` appends shards.
+   seeded order), is written to a temporary file and renamed in, and is skipped when present and full. A
+   killed run therefore resumes with neither duplicates nor gaps; a larger `num_prompts` completes the
+   last shard of the smaller run (regenerated whole) and appends shards.
 3. Batched HF `generate` over prompts sorted by length within a shard (less left padding); fp32; greedy
    by default (temperature > 0 samples, seeded per shard). Batched greedy can differ from one-at-a-time
    greedy at near-ties; both are the target's own output.
 4. Exact duplicate prompts and prompts longer than `max_prompt_len` tokens are skipped (not counted).
+5. Nothing is reused unchecked: every shard records the sha256 of its arrays and provenance.json its own
+   (`integrity`); a damaged one, or shards without a provenance, are refused with one error line naming
+   the file and the fix. A run asking for more prompts than are eligible is refused with the count.
 """
 
 from __future__ import annotations
@@ -31,9 +35,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 import random
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -42,15 +44,15 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from ppow_plugin.data import gen_features
-from ppow_plugin.host.assets import cache_dir
-from ppow_plugin.data.samples import DataReport, TokenizedSample, format_prompt_messages, response_sample  # noqa: F401
-from ppow_plugin.host.assets import target_fingerprint  # noqa: F401  (generate.target_fingerprint)
+from ppow_plugin.data import gen_features, shards
 from ppow_plugin.data.datasets import SHAREGPT, Conversation, Message, split_of
+from ppow_plugin.data.samples import format_prompt_messages
+from ppow_plugin.data.shards import PROVENANCE, Shard
+from ppow_plugin.host.assets import cache_dir
+from ppow_plugin.host.assets import target_fingerprint  # noqa: F401  (generate.target_fingerprint)
 from ppow_plugin.errors import UserError
 
 GEN_FORMAT = 1
-PROVENANCE = "provenance.json"
 
 
 class GenSettings(NamedTuple):
@@ -72,17 +74,6 @@ class GenSettings(NamedTuple):
 class Prompt(NamedTuple):
     conversation_id: str
     messages: tuple[Message, ...]  # optional system turn + the first user turn
-
-
-class Shard(NamedTuple):
-    """One shard's generations (all arrays over its n prompts)."""
-
-    ids: np.ndarray  # [sum of lengths] uint16 | int32: prompt + response tokens, concatenated
-    offsets: np.ndarray  # [n+1] int64: sequence i is ids[offsets[i]:offsets[i+1]]
-    prompt_lens: np.ndarray  # [n] int32: tokens before the response
-    index: np.ndarray  # [n] int64: position in the eligible prompt order
-    conversation_ids: np.ndarray  # [n] str
-    wall_s: float
 
 
 # --- prompts -------------------------------------------------------------------------------------
@@ -155,22 +146,25 @@ def generate(target_dir: str | Path, prompts: Sequence[Prompt], settings: GenSet
     Returns:
         The output dir (shards + provenance.json).
     Raises:
-        UserError: bad settings, or no prompt fits in max_prompt_len.
+        UserError: bad settings, fewer eligible prompts than num_prompts, a damaged shard or provenance.json.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     settings.check()
     out = Path(out_dir) if out_dir is not None else output_dir(target_dir, source, heldout_fraction, settings)
     out.mkdir(parents=True, exist_ok=True)
-    for stale in out.glob(".shard-*.tmp"):  # left by a run killed while writing (one writer per dir)
+    for stale in out.glob(".shard-*.tmp"):  # left by a run killed while writing (one writer per dir: the CLI's lock)
         stale.unlink(missing_ok=True)
     tokenizer = AutoTokenizer.from_pretrained(target_dir)
     chosen = eligible_prompts(prompts, tokenizer, settings.max_prompt_len, num_prompts)
     if not chosen:
         raise UserError(f"no prompt fits in --max-prompt-len {settings.max_prompt_len} tokens; raise it")
+    if len(chosen) < num_prompts:  # never capped silently
+        raise UserError(f"--num-prompts {num_prompts} is more prompts than there are ({source} has {len(chosen)} "
+                        f"train-split first turns within --max-prompt-len {settings.max_prompt_len}): pass "
+                        f"--num-prompts {len(chosen)} or fewer")
     prov = _provenance(out, target_dir, source, heldout_fraction, settings)
-    n_shards = -(-len(chosen) // settings.shard_size)
-    todo = [k for k in range(n_shards) if not _shard_path(out, k).is_file()]
+    todo = shards.shards_to_write(out, len(chosen), settings.shard_size)
     if not todo:
         return out
     model = AutoModelForCausalLM.from_pretrained(target_dir, dtype=torch.float32).eval()
@@ -185,10 +179,10 @@ def generate(target_dir: str | Path, prompts: Sequence[Prompt], settings: GenSet
         shard = generate_shard(model, part, range(k * settings.shard_size, k * settings.shard_size + len(part)),
                                settings, eos, pad, seed=settings.seed * 1_000_003 + k,
                                vocab_size=model.config.vocab_size, sinks=sinks)
-        write_shard(out, k, shard)
-        _write_json(out / PROVENANCE, prov | {"totals": totals(out)})
+        shards.write_shard(out, k, shard)
+        shards.write_provenance(out, prov | {"totals": shards.totals(out)})
         if progress:
-            t = totals(out)
+            t = shards.totals(out)
             tqdm.write(f"shard {k}: {len(part)} prompts, {t['response_tokens']} response tokens so far, "
                        f"{t['response_tokens_per_s']:.0f} tokens/s")
     return out
@@ -258,51 +252,6 @@ def _eos_ids(model, tokenizer) -> list[int]:
     return eos
 
 
-# --- shard files ---------------------------------------------------------------------------------
-
-
-def _shard_path(out: Path, k: int) -> Path:
-    return out / f"shard-{k:05d}.npz"
-
-
-def write_shard(out: Path, k: int, shard: Shard) -> Path:
-    """Write shard k atomically (temporary file, then rename): a reader never sees half a shard."""
-    path = _shard_path(out, k)
-    fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, ids=shard.ids, offsets=shard.offsets, prompt_lens=shard.prompt_lens, index=shard.index,
-                     conversation_ids=shard.conversation_ids, wall_s=np.float64(shard.wall_s))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def read_shards(out: str | Path) -> list[Shard]:
-    """All complete shards of a generation dir, in shard order."""
-    shards = []
-    for path in sorted(Path(out).glob("shard-?????.npz")):
-        with np.load(path, allow_pickle=False) as z:
-            shards.append(Shard(z["ids"], z["offsets"], z["prompt_lens"], z["index"], z["conversation_ids"],
-                                float(z["wall_s"])))
-    return shards
-
-
-def totals(out: str | Path) -> dict:
-    """Prompts, tokens and wall time summed over the complete shards."""
-    shards = read_shards(out)
-    prompts = sum(len(s.index) for s in shards)
-    prompt_tokens = sum(int(s.prompt_lens.sum()) for s in shards)
-    tokens = sum(int(s.offsets[-1]) for s in shards)
-    wall = sum(s.wall_s for s in shards)
-    return {"shards": len(shards), "prompts": prompts, "prompt_tokens": prompt_tokens,
-            "response_tokens": tokens - prompt_tokens, "wall_s": round(wall, 1),
-            "response_tokens_per_s": (tokens - prompt_tokens) / wall if wall else 0.0,
-            "torch_threads": torch.get_num_threads()}
-
-
 def _provenance(out: Path, target_dir, source: str, heldout_fraction: float, settings: GenSettings) -> dict:
     import transformers
     prov = {"format": GEN_FORMAT, "target": str(Path(target_dir).resolve()),
@@ -310,75 +259,14 @@ def _provenance(out: Path, target_dir, source: str, heldout_fraction: float, set
             "heldout_fraction": heldout_fraction, "turns": "first user turn", "settings": settings._asdict(),
             "dtype": "fp32", "torch": torch.__version__, "transformers": transformers.__version__}
     old = out / PROVENANCE
-    if old.is_file():
-        try:
-            before = json.loads(old.read_text())
-        except ValueError:
-            before = {}
+    if old.is_file() or old.is_symlink():
+        before = shards.read_provenance(out)
         same = {k: before.get(k) for k in ("target_sha256", "source", "heldout_fraction", "settings")}
-        if before and same != {k: prov[k] for k in same}:
+        if same != {k: prov[k] for k in same}:
             raise UserError(f"{out} holds generations made with other settings or another target; "
                             "pass another --out or delete it")
-    _write_json(old, prov | {"totals": totals(out)})
+    elif any(out.glob("shard-?????.npz")):
+        raise UserError(f"{out} holds generated shards but no {PROVENANCE}, so the settings they were made with "
+                        "are unknown; restore the file, or pass another --out")
+    shards.write_provenance(out, prov | {"totals": shards.totals(out)})
     return prov
-
-
-def _write_json(path: Path, blob: dict) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(blob, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
-# --- reading for training ------------------------------------------------------------------------
-
-
-class GeneratedSamples(Sequence[TokenizedSample]):
-    """Generated conversations as `TokenizedSample`s: prompt tokens masked out, the response (with its
-    end-of-turn token when it has one) in the loss mask, cut to `max_len` tokens."""
-
-    def __init__(self, ids: list[np.ndarray], prompt_lens: list[int], conversation_ids: list[str], max_len: int):
-        self.ids, self.prompt_lens, self.conversation_ids, self.max_len = ids, prompt_lens, conversation_ids, max_len
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def __getitem__(self, i):  # int -> TokenizedSample
-        return response_sample(self.conversation_ids[i], self.ids[i], self.prompt_lens[i], self.max_len)
-
-
-def load_generated(out: str | Path | None, max_len: int, heldout_fraction: float, limit: int | None = None
-                   ) -> tuple[GeneratedSamples, DataReport]:
-    """The generated samples of a `generate` dir, for `data.dataset=generated` (`data.path` = the dir).
-
-    Samples of conversations in the held-out split under `heldout_fraction` are dropped (they can only
-    be there if the data was generated with a smaller held-out fraction). `limit` (data.num_conversations)
-    keeps the first N sequences in shard order, so a training run can resume on the same data while the
-    generation goes on appending shards.
-
-    Raises:
-        UserError: no dir, no shard, or no response token within max_len.
-    """
-    if out is None or not (Path(out) / PROVENANCE).is_file():
-        raise UserError(f"data.dataset=generated needs data.path=<a `ppow data generate` output dir>, got {out}")
-    ids, prompt_lens, conv_ids, truncated, empty, leaked = [], [], [], 0, 0, 0
-    for s in read_shards(out):
-        for i in range(len(s.index)):
-            if limit is not None and len(ids) + empty + leaked >= limit:
-                break
-            if split_of(str(s.conversation_ids[i]), heldout_fraction) != "train":
-                leaked += 1
-                continue
-            seq = s.ids[s.offsets[i]:s.offsets[i + 1]]
-            truncated += len(seq) > max_len
-            if int(s.prompt_lens[i]) >= min(len(seq), max_len):
-                empty += 1
-                continue
-            ids.append(seq)
-            prompt_lens.append(int(s.prompt_lens[i]))
-            conv_ids.append(str(s.conversation_ids[i]))
-    total = len(ids) + empty + leaked
-    if not ids:
-        raise UserError(f"{out} holds no generated response within data.max_len={max_len} ({total} sequences); "
-                        "run `ppow data generate` or raise data.max_len")
-    report = DataReport(total, len(ids), truncated, empty, 0, {"heldout_split": leaked} if leaked else {}, max_len)
-    return GeneratedSamples(ids, prompt_lens, conv_ids, max_len), report

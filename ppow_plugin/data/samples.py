@@ -15,7 +15,6 @@ the run; only when none is left is it an error.
 import hashlib
 import json
 import logging
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
@@ -24,8 +23,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ppow_plugin.host.assets import cache_dir
 from ppow_plugin.data.datasets import Conversation, Message
+from ppow_plugin.host import integrity
+from ppow_plugin.host.assets import cache_dir
 from ppow_plugin.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -217,18 +217,16 @@ def _scan_cached(convs: Sequence[Conversation], tokenizer, target_dir: Path, max
     path = cache_dir() / "data" / f"scan-{h.hexdigest()[:24]}.json"
     if path.is_file():
         try:
-            blob = json.loads(path.read_text())
+            blob = integrity.read_json(path)
             return [convs[i] for i in blob["used"]], DataReport(**blob["report"])
-        except (ValueError, KeyError, TypeError, IndexError):
-            pass  # unreadable: scan again and overwrite
+        except (integrity.Damaged, KeyError, TypeError, IndexError) as exc:  # scan again and overwrite
+            integrity.warn_rebuilding("data-scan cache entry", path, exc)
     used, report = scan_conversations(convs, tokenizer, max_len, progress)
     kept = {id(c) for c in used}
     blob = {"used": [i for i, c in enumerate(convs) if id(c) in kept], "report": report._asdict()}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(blob))
-        os.replace(tmp, path)  # atomic: concurrent ranks write the same content
+        integrity.write_json(path, blob)  # atomic (concurrent ranks write the same content), with its digest
     except OSError as exc:  # a cache is an optimisation: never fail a run over it
         log.warning("could not cache the data scan in %s: %s", path, exc)
     return used, report

@@ -15,7 +15,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from ppow_plugin.data.datasets import load_sharegpt, parse_jsonl_conversations, split_of
-from ppow_plugin.data.generate import default_output_dir, load_generated
+from ppow_plugin.data.generate import default_output_dir
+from ppow_plugin.data.shards import load_generated
 from ppow_plugin.data.samples import DataReport, TokenizedConversations, TokenizedSample, _scan_cached
 from ppow_plugin.errors import UserError
 
@@ -26,7 +27,7 @@ def build_training_samples(data_cfg, target_dir: str | Path, progress: bool = Fa
 
     Args:
         data_cfg: `config.DataCfg` (dataset, max_len, num_conversations, heldout_fraction); dataset=generated
-            reads `generate.load_generated(data_cfg.path)`.
+            reads `shards.load_generated(data_cfg.path)`.
         target_dir: a converted target directory (its tokenizer and chat template are used).
         progress: show a progress bar for the scan (~13 ms per ShareGPT conversation on 2 CPU cores).
     Returns:

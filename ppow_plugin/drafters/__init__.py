@@ -6,14 +6,6 @@ May import: `ppow_plugin.host`, `ppow_plugin.method` and the top-level base modu
 """
 
 
-def __getattr__(name: str):
-    """`ppow_plugin.drafters.<name>` for the names of the flat module `ppow_plugin/drafters.py` that became `adapters`."""
-    import importlib
-    import warnings
+from ppow_plugin import _forward_moved_names
 
-    module = importlib.import_module(f"{__name__}.adapters")
-    attr = getattr(module, name, None)
-    if name.startswith("__") or attr is None or isinstance(attr, type(importlib)):
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    warnings.warn(f"{__name__}.{name} has moved to {__name__}.adapters.{name}", DeprecationWarning, stacklevel=2)
-    return attr
+__getattr__ = _forward_moved_names(__name__, "adapters")  # the names of the flat `drafters.py` of earlier versions

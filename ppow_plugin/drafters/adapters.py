@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ppow_plugin.drafters import eagle3, export, formats
+from ppow_plugin.drafters import draft_vocab, eagle3, export, formats
 from ppow_plugin.host import eagle_compat
 from ppow_plugin.method import losses, rollout
 from ppow_plugin.errors import UserError
@@ -219,7 +219,7 @@ class Eagle3Adapter:
         drafter = new_eagle3(target, cfg.model.draft_vocab_size, dtype)
         if drafter.cfg.draft_vocab_size < drafter.cfg.vocab_size:
             counts = count_loss_tokens(samples, cfg.model.draft_vocab_samples, drafter.cfg.vocab_size)
-            drafter.set_vocab_map(*eagle3.build_vocab_map(counts, drafter.cfg.draft_vocab_size))
+            drafter.set_vocab_map(*draft_vocab.build_vocab_map(counts, drafter.cfg.draft_vocab_size))
         return drafter
 
     def target_pass(self, drafter, target, ids: Tensor, kv) -> rollout.TargetPass:
@@ -239,7 +239,7 @@ class Eagle3Adapter:
                                      greedy_members=r.greedy_members)
 
     def to_target_ids(self, drafter, draft_ids: Tensor) -> Tensor:
-        return eagle3.draft_to_target_ids(draft_ids, drafter.d2t)
+        return draft_vocab.draft_to_target_ids(draft_ids, drafter.d2t)
 
     def to_draft_ids(self, drafter, target_ids: Tensor) -> Tensor:
         """Target ids -> draft ids, -1 for ids outside the draft vocabulary (draft ids are ascending target ids)."""
@@ -306,8 +306,8 @@ def ttt_batch(drafter, tpass: rollout.TargetPass, ids: Tensor, valid: Tensor, st
     for k in range(steps):
         tl = tpass.logits[1 + k:]  # [T-1-k, V]: row i predicts x_{i+2+k}
         pad = t - tl.shape[0]
-        probs.append(F.pad(eagle3.map_target_probs_to_draft(tl, drafter.t2d), (0, 0, 0, pad))[None])
-        masks.append(F.pad(valid[1 + k:] & eagle3.draft_label_mask(tl, drafter.t2d), (0, pad))[None])
+        probs.append(F.pad(draft_vocab.map_target_probs_to_draft(tl, drafter.t2d), (0, 0, 0, pad))[None])
+        masks.append(F.pad(valid[1 + k:] & draft_vocab.draft_label_mask(tl, drafter.t2d), (0, pad))[None])
     return step_logits, probs, masks
 
 

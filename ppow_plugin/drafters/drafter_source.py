@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ppow_plugin.drafters import formats
+from ppow_plugin.host import integrity
 from ppow_plugin.errors import UserError
 
 
@@ -31,11 +33,19 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def write_checkpoint_meta(ckpt: Path, meta: dict) -> Path:
+    """`ckpt/meta.json`: `meta` plus the sha256 of every file in `ckpt`, and its own digest (`integrity`)."""
+    files = {p.relative_to(ckpt).as_posix(): sha256_file(p) for p in sorted(ckpt.rglob("*")) if p.is_file()}
+    return integrity.write_json(ckpt / "meta.json", meta | {"files": files})
+
+
 def checkpoint_problem(ckpt: Path) -> str | None:
-    """None when `ckpt/meta.json` lists files that all exist with their sha256; else what is wrong."""
+    """None when `ckpt/meta.json` is intact and lists files that all exist with their sha256; else what is wrong."""
     try:
-        files = json.loads((ckpt / "meta.json").read_text())["files"]
-    except (OSError, json.JSONDecodeError, KeyError, TypeError):
+        files = integrity.read_json(ckpt / "meta.json")["files"]
+    except integrity.Damaged as exc:
+        return f"meta.json damaged ({exc})"
+    except (OSError, KeyError, TypeError):
         return "meta.json missing or unreadable"
     for rel, digest in files.items():
         if not (ckpt / rel).is_file() or sha256_file(ckpt / rel) != digest:
@@ -57,12 +67,17 @@ def read_source(src: Path, target: str | None) -> tuple[formats.LoadedDrafter, d
     target_dir = resolve_target(target) if target is not None else None
     drafter = formats.load_drafter(src, target_config(target_dir) if target_dir else None)
     try:
-        prior = json.loads((src / "ppow_meta.json").read_text()) if (src / "ppow_meta.json").is_file() else {}
-    except json.JSONDecodeError:
+        prior = integrity.read_json(src / "ppow_meta.json") if (src / "ppow_meta.json").is_file() else {}
+    except integrity.Damaged as exc:  # only provenance: the weights were checked above; say what is lost
+        print(f"warning: {src / 'ppow_meta.json'} is damaged ({exc}); the export records no step, stage or "
+              "config from it", file=sys.stderr)
         prior = {}
+    recorded = prior.get("target") if isinstance(prior.get("target"), str) else None
+    if target_dir is None and recorded and (Path(recorded) / "config.json").is_file():
+        target_dir = recorded  # the trainer's drafter dirs record the target dir; exports record its hub id
     return drafter, {"source": str(src.resolve()), "source_files": {f.name: sha256_file(f) for f in drafter.files},
                      "step": prior.get("step"), "stage": prior.get("stage"), "config": prior.get("config"),
-                     "target_dir": str(target_dir) if target_dir else prior.get("target")}
+                     "target_dir": str(target_dir) if target_dir else None, "target_recorded": recorded}
 
 
 def _newest_checkpoint(run: Path) -> Path:

@@ -21,7 +21,7 @@ Where we depart from / fill gaps in the reference code:
      and refuses a `llama3` `rope_scaling`, SGLang and vLLM build whatever config.json says, so plain RoPE
      is the one rotation every host computes the same (EAGLE's released Llama-3.1 EAGLE-3 drafters do the
      same; docs/export.md, "Host config rules"). Other target scalings (yarn, linear, ...) raise.
-  2. `map_target_probs_to_draft` renormalises over the draft vocabulary by default, as EAGLE-3's training
+  2. `draft_vocab.map_target_probs_to_draft` renormalises over the draft vocabulary by default, as EAGLE-3's training
      code does (softmax of the restricted target logits); `renormalize=False` gives the raw mass.
   3. Attention masks are always explicit booleans (True = may attend); there is no implicit causal
      mask once a mask is passed, so tree and training-time-test layouts are just masks.
@@ -150,55 +150,6 @@ def target_features(hidden_states: Sequence[Tensor], layer_ids: Sequence[int]) -
     return torch.cat([hidden_states[i] for i in layer_ids], dim=-1)
 
 
-def draft_to_target_ids(draft_ids: Tensor, d2t: Tensor) -> Tensor:
-    """Map draft-vocabulary ids to target ids: target = draft + d2t[draft]. Any shape, int64."""
-    return draft_ids + d2t[draft_ids]
-
-
-def build_vocab_map(token_counts: Tensor, draft_vocab_size: int) -> tuple[Tensor, Tensor]:
-    """The reduced draft vocabulary: the `draft_vocab_size` most frequent target ids, in ascending order.
-
-    Ties in count keep the lower target id (stable sort), so the map is deterministic.
-
-    Args:
-        token_counts: [V] counts of target ids (e.g. over loss-masked training tokens).
-        draft_vocab_size: Vd, 1 <= Vd <= V.
-    Returns:
-        d2t: [Vd] int64 with used[i] = i + d2t[i]; t2d: [V] bool, True for ids in the draft vocabulary.
-    """
-    vocab = token_counts.numel()
-    if not 1 <= draft_vocab_size <= vocab:
-        raise ValueError(f"draft_vocab_size ({draft_vocab_size}) must be in [1, {vocab}]")
-    order = torch.sort(-token_counts.double(), stable=True).indices
-    used = order[:draft_vocab_size].sort().values.long()  # [Vd] ascending target ids
-    d2t = used - torch.arange(draft_vocab_size, dtype=torch.long, device=used.device)
-    t2d = torch.zeros(vocab, dtype=torch.bool, device=used.device)
-    t2d[used] = True
-    return d2t, t2d
-
-
-def map_target_probs_to_draft(target_logits: Tensor, t2d: Tensor, renormalize: bool = True) -> Tensor:
-    """Target distribution over the draft vocabulary (soft labels for TTT).
-
-    Args:
-        target_logits: [..., V] target logits.
-        t2d: [V] bool draft-vocabulary membership (draft order = ascending target id).
-        renormalize: True (EAGLE-3): softmax of the restricted logits, sums to 1. False: the full-vocab
-            probabilities of the draft ids, summing to the draft vocabulary's mass (<= 1).
-    Returns:
-        [..., Vd] float32 probabilities.
-    """
-    logits = target_logits.float()
-    if renormalize:
-        return torch.softmax(logits[..., t2d], dim=-1)
-    return torch.softmax(logits, dim=-1)[..., t2d]
-
-
-def draft_label_mask(target_logits: Tensor, t2d: Tensor) -> Tensor:
-    """[...] bool: the target's argmax is in the draft vocabulary (EAGLE-3 drops other positions from TTT)."""
-    return t2d[target_logits.argmax(-1)]
-
-
 # ----------------------------------------------------------------------------------------------
 # Modules
 
@@ -322,7 +273,7 @@ class Eagle3Drafter(nn.Module):
         self.register_buffer("t2d", torch.arange(cfg.vocab_size) < cfg.draft_vocab_size)
 
     def set_vocab_map(self, d2t: Tensor, t2d: Tensor) -> None:
-        """Install a `build_vocab_map` result (shapes must match the config)."""
+        """Install a `draft_vocab.build_vocab_map` result (shapes must match the config)."""
         if d2t.shape != self.d2t.shape or t2d.shape != self.t2d.shape:
             raise ValueError(f"vocab map shapes {tuple(d2t.shape)}, {tuple(t2d.shape)} != "
                              f"{tuple(self.d2t.shape)}, {tuple(self.t2d.shape)}")
@@ -419,7 +370,7 @@ def new_eagle3_drafter(target: nn.Module, draft_vocab_size: int | None = None,
 
 
 __all__ = [
-    "DraftKV", "TARGET_ROPE_TYPES", "Eagle3Config", "Eagle3Drafter", "build_vocab_map", "causal_mask", "draft_label_mask",
-    "draft_to_target_ids", "feature_layer_ids", "map_target_probs_to_draft", "new_eagle3_drafter", "rope_inv_freq",
+    "DraftKV", "TARGET_ROPE_TYPES", "Eagle3Config", "Eagle3Drafter", "causal_mask", "feature_layer_ids",
+    "new_eagle3_drafter", "rope_inv_freq",
     "target_features", "ttt_mask", "ttt_unroll",
 ]

@@ -5,12 +5,15 @@
 The formats (`eagle1`, `eagle1-compact`, `eagle3`, `speculators`) and the strict reader every export is re-read
 with are `formats.py`'s (docs/export.md has the key tables and which engine reads which); where the drafter
 comes from (run, checkpoint, drafter dir; the checkpoint's rebuilt config) is `drafter_source.py`'s; what each
-host makes of an EAGLE-3 config is `host_configs.py`'s. Here: the writers (`save_drafter_dir` for the
+host makes of an EAGLE-3 config is `host_configs.py`'s; which target an export names (never a path of this
+machine) is `serving_names.py`'s. Here: the writers (`save_drafter_dir` for the
 trainer's compact dir, `save_eagle3_dir`, `write_host_eagle1`), `atomic_dir` / `replace_dir`, and
 `ppow export` (`export`) with its optional τ gate on an eval report of the same weights.
 
 Rule: exports go through `atomic_dir` and are re-read before the rename, so a crash or a bad write never
 leaves a half-written or unloadable directory; a full disk is reported as `DiskFull` (one line).
+Exports keep the source's floating dtype (the one most weights have) unless `--dtype` says otherwise, and
+config.json records it (`torch_dtype`; `dtype` in the speculators layout).
 """
 from __future__ import annotations
 
@@ -20,15 +23,15 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from ppow_plugin.drafters import drafter_source, formats
-from ppow_plugin.host import host_configs
 from ppow_plugin.drafters.drafter_source import sha256_file
+from ppow_plugin.host import host_configs, serving_names
 from ppow_plugin.errors import DiskFull, UserError, is_disk_full
 
 
@@ -112,6 +115,31 @@ def _write_json(path: Path, obj: Any) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # `ppow export --dtype`
+
+
+class _Out(NamedTuple):
+    """What an export writes besides the drafter: where the target's embeddings are read from (this machine),
+    the dtype of the floating weights, and the speculators `verifier` (the target as the server finds it)."""
+    target_dir: str | None = None
+    dtype: torch.dtype = torch.float32
+    verifier: dict[str, Any] | None = None
+    record_dtype: bool = False  # write `torch_dtype` / `dtype` into config.json (exports; not the trainer's dirs)
+
+
+def source_dtype(state: dict[str, torch.Tensor]) -> torch.dtype:
+    """The dtype holding most floating elements of `state` (fp32 when it has none)."""
+    counts: dict[torch.dtype, int] = {}
+    for v in state.values():
+        if v.is_floating_point():
+            counts[v.dtype] = counts.get(v.dtype, 0) + v.numel()
+    return max(counts, key=counts.get) if counts else torch.float32
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
 def _cpu(state: dict[str, torch.Tensor], dtype: torch.dtype | None = torch.float32) -> dict[str, torch.Tensor]:
     """Detached contiguous CPU copies; floating tensors cast to `dtype`, int/bool buffers kept."""
     return {k: (v.detach().to("cpu", dtype) if dtype is not None and v.is_floating_point()
@@ -139,7 +167,7 @@ def save_eagle3_dir(out_dir: Path, state: dict[str, torch.Tensor], config: dict[
     checked key by key first and re-read before the rename; `d2t`/`t2d` are written as given."""
     drafter = formats.validate_drafter("eagle3", config, _cpu(state), where="trained EAGLE-3 drafter")
     with atomic_dir(out_dir) as tmp:
-        _write_eagle3(tmp, drafter, None)
+        _write_eagle3(tmp, drafter, _Out())
         formats.load_drafter(tmp)
         _write_json(tmp / "ppow_meta.json", dict(meta, format="eagle3",
                                                  weights_sha256=sha256_file(tmp / "model.safetensors")))
@@ -164,8 +192,8 @@ def write_host_eagle1(out_dir: Path, state: dict[str, torch.Tensor], config: dic
 
 
 def export(source: str | Path, out_dir: str | Path, fmt: str, target: str | None = None, force: bool = False,
-           min_tau: float | None = None,
-           eval_report: str | Path | None = None) -> tuple[Path, formats.LoadedDrafter]:
+           min_tau: float | None = None, eval_report: str | Path | None = None, verifier: str | None = None,
+           dtype: str | None = None) -> tuple[Path, formats.LoadedDrafter]:
     """`ppow export`: a run dir, checkpoint dir or drafter dir -> one serving-ready drafter dir.
 
     Args:
@@ -175,11 +203,18 @@ def export(source: str | Path, out_dir: str | Path, fmt: str, target: str | None
         target: "default", a target model dir, or None (a checkpoint's recorded target).
         force: overwrite `out_dir`, and export even when the tau gate fails.
         min_tau / eval_report: refuse when the report's tau is below `min_tau` (unless `force`).
+        verifier: the target's name on the serving machine (hub id or path), written as given; None: the
+            hub id of the target's family (`serving_names`), else refused for speculators, warned otherwise.
+        dtype: "fp32" | "fp16" | "bf16" for the floating weights; None keeps the source's.
     Returns:
         (out_dir, the drafter as read from the source).
     """
     if fmt not in formats.FORMATS:
         raise UserError(f"--format must be one of {', '.join(formats.FORMATS)}, got {fmt!r}")
+    if dtype is not None and dtype not in DTYPES:
+        raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if verifier is not None and not verifier.strip():
+        raise UserError("--verifier is empty; pass the target's Hugging Face id or its path on the serving machine")
     src, out = Path(source), resolve_out_dir(out_dir)
     _check_out_dir(src, out, force)
     report = _read_report(eval_report, min_tau)
@@ -189,9 +224,13 @@ def export(source: str | Path, out_dir: str | Path, fmt: str, target: str | None
         raise UserError(f"{src} holds an {drafter.format} drafter; it can only be exported as "
                         f"{'eagle3 or speculators' if drafter.format == 'eagle3' else 'eagle1 or eagle1-compact'}")
     tau = _tau_gate(report, eval_report, drafter, src, min_tau, force)
+    serving = serving_names.for_export(drafter.format, drafter.dims, meta_src, fmt, verifier)
     meta = _export_meta(drafter, meta_src, fmt, tau, min_tau, force)
+    plan = _Out(meta_src.get("target_dir"), DTYPES[dtype] if dtype else source_dtype(drafter.state),
+                {"name_or_path": serving.name, "architectures": list(serving.architectures)}, record_dtype=True)
+    meta.update(target=serving.name, target_named_by=serving.how, dtype=_dtype_name(plan.dtype))
     with atomic_dir(out) as tmp:
-        _WRITERS[fmt](tmp, drafter, meta_src.get("target_dir"))
+        _WRITERS[fmt](tmp, drafter, plan)
         check = formats.load_drafter(tmp)  # re-read before the rename: never leave an unloadable export
         if fmt == "eagle1" and formats.EMBED_KEY not in check.state:
             raise AssertionError("eagle1 export lacks embed_tokens.weight")
@@ -201,6 +240,7 @@ def export(source: str | Path, out_dir: str | Path, fmt: str, target: str | None
             drafter.notes.extend(f"{h} would refuse or misread this config: {'; '.join(p)}" for h, p in refused.items())
         meta["files"] = {f.name: sha256_file(f) for f in sorted(tmp.iterdir()) if f.is_file()}
         _write_json(tmp / "ppow_meta.json", meta)
+    serving_names.warn_unnamed(serving)
     return out, drafter
 
 
@@ -256,10 +296,11 @@ def _tau_gate(report: dict[str, Any] | None, path: str | Path | None, drafter: f
     return float(tau)
 
 
-def _target_embeddings(target_dir: str | None, d: formats.Dims) -> torch.Tensor:
-    """`model.embed_tokens.weight` of the target (single or sharded safetensors), for EAGLE-1 host exports."""
+def _target_embeddings(target_dir: str | None, d: formats.Dims, layout: str = "the eagle1 host layout") -> torch.Tensor:
+    """`model.embed_tokens.weight` of the target (single or sharded safetensors), for the layouts whose
+    readers need the drafter's embeddings in its own file (EAGLE-1 host, speculators)."""
     if target_dir is None:
-        raise UserError("this drafter has no embed_tokens.weight and the eagle1 host layout needs it; "
+        raise UserError(f"this drafter has no embed_tokens.weight and {layout} needs it; "
                         "pass --target default|DIR to copy the target's embeddings")
     from safetensors import safe_open
     p = Path(target_dir)
@@ -278,33 +319,46 @@ def _target_embeddings(target_dir: str | None, d: formats.Dims) -> torch.Tensor:
     return embed
 
 
+# Fields a source config.json may carry that say something about the machine or the weights it was saved
+# from, not about this export: dropped, and the dtype written anew (`_with_dtype`).
+_SOURCE_ONLY = ("_name_or_path", "name_or_path", "torch_dtype", "dtype")
+
+
+def _with_dtype(config: dict[str, Any], out: _Out, key: str = "torch_dtype") -> dict[str, Any]:
+    """`config` plus the weights' dtype under `key` (`torch_dtype`: read by transformers 4 and 5, so by
+    EAGLE, SGLang and vLLM), when the export records it."""
+    return dict(config, **{key: _dtype_name(out.dtype)}) if out.record_dtype else config
+
+
 def _eagle1_config(drafter: formats.LoadedDrafter) -> dict[str, Any]:
-    config = {k: v for k, v in drafter.config.items() if k not in ("draft_vocab_size", "target_hidden_size")}
+    config = {k: v for k, v in drafter.config.items()
+              if k not in ("draft_vocab_size", "target_hidden_size", *_SOURCE_ONLY)}
     config.setdefault("architectures", ["LlamaForCausalLM"])
     config.setdefault("model_type", "llama")
     return config
 
 
-def _write_eagle1(tmp: Path, drafter: formats.LoadedDrafter, target_dir: str | None) -> None:
-    """Host layout: config.json (EConfig fields + "bias") + fp32 pytorch_model.bin with embeddings."""
-    state = _cpu(drafter.state)
+def _write_eagle1(tmp: Path, drafter: formats.LoadedDrafter, out: _Out) -> None:
+    """Host layout: config.json (EConfig fields + "bias") + pytorch_model.bin with embeddings."""
+    state = _cpu(drafter.state, out.dtype)
     if formats.EMBED_KEY not in state:
-        state[formats.EMBED_KEY] = _target_embeddings(target_dir, drafter.dims).to(torch.float32).contiguous()
-    _write_json(tmp / "config.json", _eagle1_config(drafter))
+        state[formats.EMBED_KEY] = _target_embeddings(out.target_dir, drafter.dims).to(out.dtype).contiguous()
+    _write_json(tmp / "config.json", _with_dtype(_eagle1_config(drafter), out))
     torch.save(state, tmp / "pytorch_model.bin")
 
 
-def _write_eagle1_compact(tmp: Path, drafter: formats.LoadedDrafter, target_dir: str | None) -> None:
-    _write_json(tmp / "config.json", _eagle1_config(drafter))
-    weights = {k: v for k, v in _cpu(drafter.state).items() if k != formats.EMBED_KEY}
+def _write_eagle1_compact(tmp: Path, drafter: formats.LoadedDrafter, out: _Out) -> None:
+    _write_json(tmp / "config.json", _with_dtype(_eagle1_config(drafter), out))
+    weights = {k: v for k, v in _cpu(drafter.state, out.dtype).items() if k != formats.EMBED_KEY}
     save_file(weights, str(tmp / "model.safetensors"))
 
 
 def _eagle3_config(drafter: formats.LoadedDrafter) -> dict[str, Any]:
     """The drafter's config with the fields every host needs (docs/export.md, "Host config rules")."""
     d = drafter.dims
-    config = dict(drafter.config, architectures=["LlamaForCausalLMEagle3"], model_type="llama",
-                  num_hidden_layers=1, draft_vocab_size=d.draft_vocab)
+    config = dict({k: v for k, v in drafter.config.items() if k not in _SOURCE_ONLY},
+                  architectures=["LlamaForCausalLMEagle3"], model_type="llama", num_hidden_layers=1,
+                  draft_vocab_size=d.draft_vocab)
     config.pop("target_hidden_size", None)
     if d.target_hidden != d.hidden:
         config["target_hidden_size"] = d.target_hidden
@@ -315,21 +369,23 @@ def _eagle3_config(drafter: formats.LoadedDrafter) -> dict[str, Any]:
     return config
 
 
-def _write_eagle3(tmp: Path, drafter: formats.LoadedDrafter, target_dir: str | None) -> None:
+def _write_eagle3(tmp: Path, drafter: formats.LoadedDrafter, out: _Out) -> None:
     """config.json (Llama + draft_vocab_size [+ target_hidden_size], LlamaForCausalLMEagle3) + safetensors."""
-    _write_json(tmp / "config.json", _eagle3_config(drafter))
-    save_file(_cpu(drafter.state), str(tmp / "model.safetensors"))
+    _write_json(tmp / "config.json", _with_dtype(_eagle3_config(drafter), out))
+    save_file(_cpu(drafter.state, out.dtype), str(tmp / "model.safetensors"))
 
 
-def _write_speculators(tmp: Path, drafter: formats.LoadedDrafter, target_dir: str | None) -> None:
-    """vLLM speculators layout: nested config.json (host_configs.to_speculators) + `layers.0.*` safetensors."""
-    architectures = []
-    if target_dir is not None and (Path(target_dir) / "config.json").is_file():
-        architectures = json.loads((Path(target_dir) / "config.json").read_text()).get("architectures") or []
-    verifier = {"name_or_path": target_dir, "architectures": architectures}
-    _write_json(tmp / "config.json", host_configs.to_speculators(_eagle3_config(drafter), verifier))
-    state = {("layers.0." + k[len("midlayer."):] if k.startswith("midlayer.") else k): v
-             for k, v in _cpu(drafter.state).items()}
+def _write_speculators(tmp: Path, drafter: formats.LoadedDrafter, out: _Out) -> None:
+    """vLLM speculators layout: nested config.json (host_configs.to_speculators; top-level `dtype`, as the
+    transformers-5-only library reads it) + `layers.0.*` safetensors with `embed_tokens.weight` (the
+    target's when the source has none). `out.verifier` names the target."""
+    config = host_configs.to_speculators(_eagle3_config(drafter), out.verifier or {})
+    _write_json(tmp / "config.json", _with_dtype(config, out, key="dtype"))
+    state = _cpu(drafter.state, out.dtype)
+    if formats.EMBED_KEY not in state:  # the library's own checkpoints carry them; without, 0.9.0 draws them
+        layout = "the speculators layout (the speculators library would draw them at random)"  # (docs/export.md)
+        state[formats.EMBED_KEY] = _target_embeddings(out.target_dir, drafter.dims, layout).to(out.dtype)
+    state = {("layers.0." + k[len("midlayer."):] if k.startswith("midlayer.") else k): v for k, v in state.items()}
     save_file(state, str(tmp / "model.safetensors"))
 
 
@@ -340,12 +396,14 @@ _WRITERS = {"eagle1": _write_eagle1, "eagle1-compact": _write_eagle1_compact, "e
 def _export_meta(drafter: formats.LoadedDrafter, src: dict[str, Any], fmt: str, tau: float | None,
                  min_tau: float | None, force: bool) -> dict[str, Any]:
     import ppow_plugin
+    portable = serving_names.portable  # ppow_meta.json names no path of this machine
     meta = {"plugin_version": ppow_plugin.__version__, "format": fmt, "drafter_type": drafter.format,
-            "exported_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "notes": drafter.notes,
-            "source": src["source"], "source_files_sha256": src["source_files"], "step": src.get("step"),
-            "stage": src.get("stage"), "config": src.get("config"), "target": src.get("target_dir")}
+            "exported_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "notes": portable(drafter.notes),
+            "source": portable(src["source"]), "source_files_sha256": src["source_files"], "step": src.get("step"),
+            "stage": src.get("stage"), "config": portable(src.get("config"))}
     if tau is not None:
         meta["tau"] = tau
         meta["min_tau"] = min_tau
         meta["tau_gate"] = "forced" if (min_tau is not None and tau < min_tau) else "passed"
     return meta
+

@@ -297,6 +297,8 @@ def paired_tau_changes(reports: dict[str, EvalReport]) -> dict[str, dict[str, in
         if name == ref_name:
             continue
         mine = {(r.benchmark, r.prompt_id): r for r in rep.records}
+        if len(mine) != len(rep.records) or len({(r.benchmark, r.prompt_id) for r in ref.records}) != len(ref.records):
+            raise ValueError("paired statistics need one record per (benchmark, prompt id); the reports repeat one")
         pairs = [(r, mine[(r.benchmark, r.prompt_id)]) for r in ref.records if (r.benchmark, r.prompt_id) in mine]
         out[name] = {}
         for bench in ref.stats:

@@ -59,11 +59,12 @@ def check_fit(target_cfg: dict[str, Any], drafter_cfg: dict[str, Any], target_wh
 
 def resolve_target(target: str | Path) -> Path:
     """"default" -> the prepared SmolLM2 target; else a local directory with config.json."""
+    from ppow_plugin.host import assets
     if str(target) == "default":
-        from ppow_plugin.host import assets
         return assets.default_target_dir(prepare=True)
     path = Path(target)
     read_config(path, "--target")
+    assets.require_tokenizer(path, "--target ")
     return path
 
 
@@ -91,13 +92,15 @@ def drafter_format(target_dir: Path, drafter_dir: Path) -> str:
     looks_eagle3 = ("draft_vocab_size" in drafter_cfg or "target_hidden_size" in drafter_cfg
                     or "LlamaForCausalLMEagle3" in (drafter_cfg.get("architectures") or []))
     try:
-        fmt = formats.load_drafter(drafter_dir, target_cfg).format
+        fmt, read = formats.load_drafter(drafter_dir, target_cfg).format, True
     except UserError:
         if looks_eagle3:
             raise
-        fmt = "eagle1"
+        fmt, read = "eagle1", False
     if fmt == "eagle1":
         check_fit(target_cfg, drafter_cfg, str(target_dir), str(drafter_dir))
+    if not read:  # missing, unreadable or truncated weights: refused now, not after other drafters were evaluated
+        formats.read_weights(drafter_dir, [])
     return fmt
 
 

@@ -36,7 +36,7 @@ class TauProbe:
                      else simulate.host_tree())
         tok = AutoTokenizer.from_pretrained(str(target_dir))
         self.eos = tok.eos_token_id
-        prompts = evaluate.load_prompts(ev.benchmarks, ev.every_prompts)
+        prompts = evaluate.load_prompts(ev.benchmarks, ev.every_prompts, flag="eval.every_prompts=")
         ids = [evaluate._format(tok, p.turns[:1], [])[0].tolist() for p in prompts]
         self.keys = [(p.benchmark, p.prompt_id) for p in prompts]
         self.conts, self.build_cost = continuations.load_continuations(

@@ -34,7 +34,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ppow_plugin.host import eagle_compat
-from ppow_plugin.drafters.eagle3 import DraftKV, Eagle3Drafter, draft_to_target_ids, target_features
+from ppow_plugin.drafters.draft_vocab import draft_to_target_ids
+from ppow_plugin.drafters.eagle3 import DraftKV, Eagle3Drafter, target_features
 
 
 class DraftTree(NamedTuple):

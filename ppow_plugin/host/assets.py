@@ -314,3 +314,20 @@ def link_target(target_dir: Path, link_dir: Path = RECIPE_TARGETS_DIR) -> Path:
     tmp.symlink_to(target_dir.resolve(), target_is_directory=True)
     os.replace(tmp, link)  # atomic: a reader sees the old link or the new one
     return link
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model", "vocab.txt")
+
+
+def require_tokenizer(target_dir: str | Path, name: str) -> None:
+    """Refuse a target directory without tokenizer files (transformers would raise a long ValueError about
+    sentencepiece/tiktoken); `name` is how the user gave it ("--target ", "model.target=").
+
+    Raises:
+        UserError: none of `TOKENIZER_FILES` is there.
+    """
+    p = Path(target_dir)
+    if not any((p / f).is_file() for f in TOKENIZER_FILES):
+        drafter = " (it is a drafter: pass the target it drafts for)" if (p / "ppow_meta.json").is_file() else ""
+        raise UserError(f"{name}{target_dir} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}){drafter}; "
+                        "pass a model directory with its tokenizer, or 'default'")

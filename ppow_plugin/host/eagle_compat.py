@@ -42,11 +42,13 @@ Host facts the rest of ppow relies on (eagle-llm 1.2.1):
   tau = new_tokens / cycles. `new_tokens` can overshoot `max_new_tokens` by up to tree depth + 1.
 - The target KV cache is preallocated for `max_position_embeddings` positions (SmolLM2: 8192 x 30 layers,
   ~380 MB in fp32; Qwen2.5-Coder-0.5B: 32768 x 24 layers x 2 KV heads, ~800 MB) on the first `eagenerate`
-  call and reused afterwards.
+  call and reused afterwards; its rotary tables likewise, one pair per layer. Training sizes both to what a
+  run reaches (`new_kv_cache(target, positions)`, `load_host_target(..., positions=)`, `plan.target_positions`).
 """
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -91,21 +93,34 @@ def _host_config(path: str | Path) -> Any:
     return LlamaConfig.from_dict(config_dict)
 
 
-def fix_rotary_caches(model: nn.Module) -> int:
+def fix_rotary_caches(model: nn.Module, positions: int | None = None) -> int:
     """Recompute every host rotary module's `inv_freq` and cos/sin caches, in fp32, on the model's device.
 
     A fresh instance of the same host class computes the values, so the formula (and any linear/dynamic/
-    llama3 scaling) stays the host's. Returns how many rotary modules were fixed.
+    llama3 scaling) stays the host's. The tables keep `positions` rows (None: max_position_embeddings) and are
+    shared by every module with the same settings: the host builds one pair per layer at full context (Llama-3.1-
+    8B: 32 x 134 MB in fp32). A longer sequence still runs: the host regrows a module's table on demand (same
+    values). Call it on the model's final device (`.to()` copies each module's buffers, undoing the sharing).
+    Returns how many rotary modules were fixed.
     """
     device = next(model.parameters()).device
+    shared: dict[tuple, nn.Module] = {}
     fixed = 0
     for module in model.modules():
         if not (hasattr(module, "inv_freq") and hasattr(module, "_set_cos_sin_cache")):
             continue
         extra = {name: getattr(module, name) for name in _ROTARY_SCALING_ARGS if hasattr(module, name)}
-        fresh = type(module)(module.dim, module.max_position_embeddings, module.base, device=device, **extra)
+        key = (type(module), module.dim, module.max_position_embeddings, module.base, tuple(sorted(extra.items())))
+        if key not in shared:
+            fresh = type(module)(module.dim, module.max_position_embeddings, module.base, device=device, **extra)
+            rows = fresh.max_seq_len_cached if positions is None else min(positions, fresh.max_seq_len_cached)
+            fresh.cos_cached = fresh.cos_cached[:, :, :rows].clone()  # [1, 1, rows, head_dim] fp32
+            fresh.sin_cached = fresh.sin_cached[:, :, :rows].clone()
+            fresh.max_seq_len_cached = rows
+            shared[key] = fresh
+        fresh = shared[key]
         module.inv_freq = fresh.inv_freq          # assignment to a registered buffer keeps it a buffer
-        module.cos_cached = fresh.cos_cached      # [1, 1, max_pos, head_dim] fp32
+        module.cos_cached = fresh.cos_cached
         module.sin_cached = fresh.sin_cached
         module.max_seq_len_cached = fresh.max_seq_len_cached
         fixed += 1
@@ -133,12 +148,15 @@ def _freeze_for_inference(model: nn.Module) -> nn.Module:
     return model
 
 
-def load_host_target(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
+def load_host_target(path: str | Path, dtype: torch.dtype = torch.float32, device: torch.device | None = None,
+                     positions: int | None = None) -> nn.Module:
     """Load a local HF Llama, Qwen2 or Qwen3 directory as the host's KV-cache Llama
     (`modeling_llama_kv.LlamaForCausalLM`).
 
-    The returned model is in eval mode, frozen, with rotary caches fixed. Its `model(...)` accepts the
-    host's preallocated `past_key_values` (see `initialize_past_key_values`).
+    The returned model is in eval mode, frozen, on `device` (None: CPU), with rotary caches fixed for
+    `positions` rows (None: the full context; `fix_rotary_caches`). Its `model(...)` accepts the host's
+    preallocated `past_key_values` (see `new_kv_cache`). On a GPU the weights are loaded straight there when
+    accelerate is installed (no full CPU copy per rank).
 
     Raises:
         UserError: the host is missing/unpatched, or the target is not a supported architecture.
@@ -148,9 +166,13 @@ def load_host_target(path: str | Path, dtype: torch.dtype = torch.float32) -> nn
     from eagle.model.modeling_llama_kv import LlamaForCausalLM as HostLlama
 
     _adapt_host_classes()
-    model = HostLlama.from_pretrained(str(path), config=_host_config(path), dtype=dtype)
+    direct = device is not None and device.type != "cpu" and importlib.util.find_spec("accelerate") is not None
+    model = HostLlama.from_pretrained(str(path), config=_host_config(path), dtype=dtype,
+                                      **({"device_map": {"": str(device)}} if direct else {}))
     _check_loaded_target(model, path)
-    fix_rotary_caches(model)
+    if device is not None:
+        model.to(device)  # also the buffers built outside the checkpoint; a no-op where already there
+    fix_rotary_caches(model, positions)
     return _freeze_for_inference(model)
 
 
@@ -325,10 +347,18 @@ def evaluate_posterior(*args: Any, **kwargs: Any) -> tuple[Tensor, Tensor | int,
     return host_fn(*args, **kwargs)
 
 
-def new_kv_cache(target: nn.Module) -> list[list[Any]]:
+def new_kv_cache(target: nn.Module, positions: int | None = None) -> list[list[Any]]:
     """A fresh host KV cache for `target`: per layer [key KVCache, value KVCache], length 0, preallocated
-    for `max_position_embeddings` positions. Pass it as `target.model(..., past_key_values=kv)`."""
-    return initialize_past_key_values(target)[0]
+    for `positions` positions (None: `max_position_embeddings`, the host's own size; Llama-3.1-8B in bf16:
+    17 GB). Pass it as `target.model(..., past_key_values=kv)`; a forward past `positions` raises."""
+    if positions is None:
+        return initialize_past_key_values(target)[0]
+    full = target.config.max_position_embeddings
+    target.config.max_position_embeddings = min(positions, full)  # the only thing the host sizes it by
+    try:
+        return initialize_past_key_values(target)[0]
+    finally:
+        target.config.max_position_embeddings = full
 
 
 def reset_kv(kv: list[list[Any]]) -> None:

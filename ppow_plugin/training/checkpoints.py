@@ -7,7 +7,6 @@ every file's sha256), the newest `run.keep_last` kept, and resume from the newes
 
 from __future__ import annotations
 
-import json
 import shutil
 import sys
 from collections.abc import Callable
@@ -39,9 +38,7 @@ def save(run_dir: Path, step: int, engine: distributed.Engine, trainer_state: di
         torch.save(trainer_state, tmp / f"trainer_state_rank{dist.rank}.pt")
         distributed.barrier()
         if dist.is_main:
-            blob = meta() | {"files": {p.relative_to(tmp).as_posix(): export.sha256_file(p)
-                                       for p in sorted(tmp.rglob("*")) if p.is_file()}}
-            (tmp / "meta.json").write_text(json.dumps(blob, indent=2, sort_keys=True) + "\n")
+            drafter_source.write_checkpoint_meta(tmp, meta())  # every file's sha256 + meta.json's own
     except Exception as exc:
         full = is_disk_full(exc, tmp)  # before the partial files are deleted
         shutil.rmtree(tmp, ignore_errors=True)

@@ -13,7 +13,12 @@ Every number is an *estimate* in GB (1 GB = 1e9 bytes) per device, with N = gpus
                                                                (÷N under ZeRO-1/2/3)
   frozen embeddings     V·H·b                                  (the drafter's own copy; no grads, no states)
   frozen target         P_t·b_t                                (replicated on every rank)
-  target KV cache       2·L·kv·hd·(T + n·G·K)·mb·b_t           (T = data.max_len prefix + the G·K tree)
+  target KV cache       2·L·kv·hd·P·b_t                        (P = target_positions: T + the G·K tree;
+                                                               one batch-1 cache, sequences run one at a time)
+  rotary tables         P·hd·2·4 (target, one shared fp32 cos/sin pair) + EAGLE-1 drafter: ctx·hd·2·4
+  rollout graph         2·N_w·heads·hd·b·((K−1)·T + K(K−1)/2)  (PPOW: the drafter's K−1 cached steps over
+                                                               N_w = n·G windows keep their head-repeated
+                                                               K and V [N_w, heads, T+j, hd] for backward)
   activations           mb·T·H·L·b_t                           (teacher-forced target pass, hidden states)
                       + mb·(S_t·V + 2·S_d·V_d)·4               (fp32 logits: target P, drafter Q and its grad)
 
@@ -32,7 +37,8 @@ Parameter counts (Llama-style decoder layer = attention + SwiGLU MLP + RMSNorms)
   EAGLE-3  fc (3H_t->H) + one decoder layer whose q/k/v read 2H + hidden_norm + norm + lm_head [V_d, H].
 Not counted: CUDA context and allocator slack (typically 1-3 GB), DeepSpeed communication buckets, the
 drafter's own small layer activations. The EAGLE-1 PyPI host preallocates its KV cache for
-`max_position_embeddings` positions; `host_kv_prealloc_gb` reports that separately.
+`max_position_embeddings` positions; training sizes it to P instead (`eagle_compat.new_kv_cache`), and
+`host_kv_prealloc_gb` reports what `ppow eval` (host generation, `tree_decode`) still takes.
 """
 
 from __future__ import annotations
@@ -66,7 +72,8 @@ class Hardware:
                 ("--gpus", self.gpus, 1 <= self.gpus <= 4096, "in [1, 4096] per node"),
                 ("--nodes", self.nodes, 1 <= self.nodes <= 1 << 20, f"in [1, {1 << 20}]"),
                 ("--gpu-memory-gb", self.gpu_memory_gb, 0 < self.gpu_memory_gb <= 1e5, "in (0, 100000] GB per device"),
-                ("--tflops", self.tflops, 0 < self.tflops <= 1e5, "in (0, 100000] achieved TFLOP/s per device")):
+                # from 1 GFLOP/s: a tiny positive value (1e-320) made the time bound "inf h"
+                ("--tflops", self.tflops, 1e-3 <= self.tflops <= 1e5, "in [0.001, 100000] achieved TFLOP/s per device")):
             if not ok:  # "not ok" so nan fails too
                 raise UserError(f"{flag} {value}: must be {rule}")
 
@@ -128,6 +135,33 @@ def kv_cache_bytes(a: TargetArch, positions: int, micro_batch: int, dtype: str) 
     return 2 * a.num_layers * a.num_kv_heads * a.head_dim * positions * micro_batch * DTYPE_BYTES[dtype]
 
 
+def target_positions(cfg: Config) -> int:
+    """Positions the training target's KV cache and rotary tables must hold: data.max_len, plus the G·K tree
+    that a tree verification appends after a prefix s <= T - 1 (s + 1 + G·K <= T + G·K; PPOW with
+    rollout.verify greedy or sampling). `Trainer` allocates exactly this."""
+    tree = cfg.rollout.group_size * cfg.rollout.window if cfg.stage == "ppow" and cfg.rollout.verify != "data" else 0
+    return cfg.data.max_len + tree
+
+
+def rotary_bytes(a: TargetArch, cfg: Config) -> int:
+    """fp32 cos/sin tables: the target's, P rows shared by its layers (`eagle_compat.fix_rotary_caches`), plus
+    the host EAGLE-1 drafter's at full context (EAGLE-3 computes its rotary on the fly)."""
+    drafter_rows = a.max_position_embeddings if cfg.model.drafter_type == "eagle1" else 0
+    return (target_positions(cfg) + drafter_rows) * a.head_dim * 2 * 4
+
+
+def rollout_graph_bytes(a: TargetArch, cfg: Config) -> int:
+    """PPOW: what the drafter's window rollout keeps for backward, per sequence. Step j (0..K-2) attends the
+    T-position prefix plus j+1 drafted positions with K and V repeated to every head, [N_w, heads, T+j+1, hd]
+    each, N_w = n·G windows; the logits are in `activation_bytes`."""
+    if cfg.stage != "ppow":
+        return 0
+    r, t = cfg.rollout, cfg.data.max_len
+    n_w, steps = r.prefixes_per_sequence * r.group_size, r.window - 1
+    attended = steps * t + steps * (steps + 1) // 2
+    return 2 * n_w * a.num_heads * a.head_dim * attended * DTYPE_BYTES[cfg.dist.dtype]
+
+
 def scored_positions(cfg: Config) -> tuple[int, int]:
     """(target positions, drafter positions) whose logits a micro-step holds, per sequence."""
     t = cfg.data.max_len
@@ -166,7 +200,6 @@ def plan_memory(cfg: Config, a: TargetArch, gpus: int = 1, nodes: int = 1) -> Me
     world = gpus * nodes
     trainable, frozen = drafter_params(a, cfg.model.drafter_type, cfg.model.draft_vocab_size, cfg.model.drafter_bias)
     z = zero_bytes(trainable, cfg.dist.dtype, cfg.dist.zero_stage, world)
-    positions = cfg.data.max_len + (cfg.rollout.group_size * cfg.rollout.window if cfg.stage == "ppow" else 0)
     act = activation_bytes(a, cfg)
     n_target = target_params(a)
     rows = {
@@ -175,12 +208,34 @@ def plan_memory(cfg: Config, a: TargetArch, gpus: int = 1, nodes: int = 1) -> Me
         "optimizer states (AdamW)": z["optimizer"],
         "drafter embeddings (frozen)": frozen * DTYPE_BYTES[cfg.dist.dtype],
         "target weights (frozen)": n_target * DTYPE_BYTES[cfg.dist.target_dtype],
-        "target KV cache": kv_cache_bytes(a, positions, cfg.data.micro_batch, cfg.dist.target_dtype),
+        "target KV cache": kv_cache_bytes(a, target_positions(cfg), 1, cfg.dist.target_dtype),
+        "rotary tables (fp32)": rotary_bytes(a, cfg),
         "activations: target hidden states": act["hidden"],
         "activations: logits": act["logits"],
+        "rollout graph (drafter windows)": rollout_graph_bytes(a, cfg),
     }
     prealloc = kv_cache_bytes(a, a.max_position_embeddings, 1, cfg.dist.target_dtype)
     return MemoryPlan({k: v / GB for k, v in rows.items()}, world, trainable, frozen, n_target, prealloc / GB)
+
+
+def check_device_fits(cfg: Config, a: TargetArch, world: int, device_gb: float) -> str | None:
+    """Before a GPU run loads anything (`ppow sft|train`): the plan for `world` ranks against this device's memory.
+
+    Returns a warning line when the planned total exceeds `device_gb`, else None.
+    Raises:
+        UserError: the frozen target alone is larger than the device (every rank holds all of it).
+    """
+    p = plan_memory(cfg, a, world)
+    target_gb = p.rows["target weights (frozen)"]
+    if target_gb > device_gb:
+        raise UserError(f"the frozen target alone is {target_gb:.1f} GB in {cfg.dist.target_dtype} and every rank holds "
+                        f"all of it, but this GPU has {device_gb:.1f} GB; ppow does not shard the target: use GPUs "
+                        f"with more than {p.total_gb:.0f} GB (`ppow plan` lists the rows)")
+    if p.total_gb > device_gb:
+        return (f"warning: ppow plan estimates {p.total_gb:.1f} GB per device on {world} rank(s), more than this GPU's "
+                f"{device_gb:.1f} GB; expect an out-of-memory error (see `ppow plan <recipe> --gpus {world}` for what "
+                "to shrink)")
+    return None
 
 
 def step_seconds(cfg: Config, a: TargetArch, tflops: float = 200.0) -> float:
@@ -226,8 +281,18 @@ def format_plan(cfg: Config, a: TargetArch, p: MemoryPlan, ds_config: dict[str, 
     if p.total_gb > gpu_memory_gb:
         lines.append(f"WARNING: {p.total_gb:.1f} GB per device does not fit in {gpu_memory_gb:g} GB; "
                      "use more ranks with a higher dist.zero_stage, a smaller data.max_len, or bigger GPUs")
+    target_gb = p.rows["target weights (frozen)"]
+    if target_gb > gpu_memory_gb:
+        lines.append(f"REFUSED: the frozen target alone is {target_gb:.1f} GB and every rank holds all of it; ppow does "
+                     "not shard the target yet (no ZeRO-3 inference partitioning or tensor parallelism): use devices "
+                     f"with more than {p.total_gb:.0f} GB, or a smaller target")
+    host_rotary = a.num_layers * a.max_position_embeddings * a.head_dim * 2 * 4 / GB
+    lines.append(f"rotary tables: {p.rows['rotary tables (fp32)']:.4f} GB (the target's one fp32 pair of "
+                 f"{target_positions(cfg)} rows, shared by its {a.num_layers} layers; the host alone builds one "
+                 f"pair per layer at {a.max_position_embeddings} positions: {host_rotary:.2f} GB)")
     kv_needed = p.rows["target KV cache"]
     if p.host_kv_prealloc_gb > kv_needed + 1.0:
-        lines.append(f"NOTE: the EAGLE-1 host preallocates KV for max_position_embeddings={a.max_position_embeddings} "
-                     f"positions: {p.host_kv_prealloc_gb:.1f} GB instead of {kv_needed:.2f} GB")
+        lines.append(f"NOTE: training sizes the target KV cache to {target_positions(cfg)} positions ({kv_needed:.2f} "
+                     f"GB); `ppow eval` still preallocates max_position_embeddings={a.max_position_embeddings}: "
+                     f"{p.host_kv_prealloc_gb:.1f} GB")
     return "\n".join(lines)

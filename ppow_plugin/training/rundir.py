@@ -41,9 +41,11 @@ class RunLock:
         UserError: another live process holds the lock (its PID is named), or `run_dir` is not writable.
     """
 
-    def __init__(self, run_dir: str | Path):
+    def __init__(self, run_dir: str | Path, flag: str = "run.output_dir", lock_name: str = LOCK_NAME,
+                 command: str = "ppow run"):
         self.run_dir = Path(run_dir)
-        self.path = self.run_dir / LOCK_NAME
+        self.flag, self.command = flag, command  # how the user named the dir; what else may hold it
+        self.path = self.run_dir / lock_name
         self.fd: int | None = None
         self.created: Path | None = None
 
@@ -55,7 +57,7 @@ class RunLock:
                 self.fd = self._try_lock()
         except OSError as exc:
             remove_created_dirs(self.run_dir, self.created)
-            raise UserError(f"run.output_dir {self.run_dir} is not writable ({exc.strerror}); "
+            raise UserError(f"{self.flag} {self.run_dir} is not writable ({exc.strerror}); "
                             "choose another") from None
         os.ftruncate(self.fd, 0)
         os.write(self.fd, f"{os.getpid()}\n".encode())
@@ -71,8 +73,8 @@ class RunLock:
             os.close(fd)
             if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
                 raise
-            raise UserError(f"run.output_dir {self.run_dir} is in use by another ppow run (pid {holder}); wait "
-                            "for it to finish (or stop it), or choose another run.output_dir") from None
+            raise UserError(f"{self.flag} {self.run_dir} is in use by another {self.command} (pid {holder}); wait "
+                            f"for it to finish (or stop it), or choose another {self.flag}") from None
         try:  # the previous holder unlinks the file before releasing: then ours is an orphan inode
             same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
         except FileNotFoundError:

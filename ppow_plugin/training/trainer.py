@@ -38,7 +38,7 @@ from ppow_plugin.data.training_set import TrainingData, build_training_samples
 from ppow_plugin.drafters import adapters
 from ppow_plugin.errors import DiskFull, UserError, is_disk_full
 from ppow_plugin.host import eagle_compat
-from ppow_plugin.training import checkpoints, rundir
+from ppow_plugin.training import checkpoints, plan, rundir
 from ppow_plugin.training.ppow_step import PpowStep
 from ppow_plugin.training.sft_step import SftStep
 from ppow_plugin.training.target_passes import TargetPasses
@@ -84,9 +84,10 @@ class Trainer:
     def _load(self) -> None:
         cfg = self.cfg
         self.target_dir = _resolve_target(cfg.model.target)
-        self.target = eagle_compat.load_host_target(self.target_dir, distributed.DTYPES[cfg.dist.target_dtype])
-        self.target.to(self.device)
-        self.kv = eagle_compat.new_kv_cache(self.target)
+        positions = plan.target_positions(cfg)  # KV cache and rotary tables: what this run reaches, not the context
+        self.target = eagle_compat.load_host_target(self.target_dir, distributed.DTYPES[cfg.dist.target_dtype],
+                                                    self.device, positions)
+        self.kv = eagle_compat.new_kv_cache(self.target, positions)
         self.adapter = adapters.ADAPTERS[cfg.model.drafter_type]  # EAGLE-1 vs EAGLE-3 differences
         samples, self.data_report = build_training_samples(cfg.data, self.target_dir, progress=self.dist.is_main)
         if self.dist.is_main:
@@ -292,14 +293,17 @@ class Trainer:
         distributed.shutdown()
 
 
-def _resolve_target(target: str) -> Path:
+def _resolve_target(target: str, name: str = "model.target=") -> Path:
+    """The target directory `target` names ("default" prepares SmolLM2); `name` is how the user gave it
+    ("model.target=" in a recipe, "--target " on the command line)."""
+    from ppow_plugin.host import assets
     if target == "default":
-        from ppow_plugin.host import assets
         return assets.default_target_dir(prepare=True)
     p = Path(target)
     if not (p / "config.json").is_file():
-        raise UserError(f"model.target={target} is not a model directory with config.json; "
+        raise UserError(f"{name}{target} is not a model directory with config.json; "
                         "use 'default' or a local HF causal-LM directory")
+    assets.require_tokenizer(p, name)
     return p
 
 
