@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from ppow_plugin.drafters import adapters as drafters
-from ppow_plugin.drafters import eagle3
+from ppow_plugin.drafters import draft_vocab
 from ppow_plugin.host import eagle_compat, patching
 from ppow_plugin.method import dense, losses, rollout
 from tiny import make_target
@@ -92,7 +92,7 @@ def test_dense_windows_equal_draft_windows_verified_on_the_data(setup, family):
         drafter = drafters.new_eagle3(target, 100, torch.float32).eval()
         counts = torch.bincount(answer, minlength=128).float() * 10 + torch.rand(128)
         counts[answer[12]] = 0  # one data token the drafter cannot draw
-        drafter.set_vocab_map(*eagle3.build_vocab_map(counts, 100))
+        drafter.set_vocab_map(*draft_vocab.build_vocab_map(counts, 100))
     layers = drafter.cfg.feature_layer_ids if family == "eagle3" else None
     exact = family == "eagle1"  # EAGLE-3's unroll (ttt_unroll) batches differently from draft_windows
     for ids in (answer, noisy):
