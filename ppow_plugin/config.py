@@ -155,8 +155,14 @@ class RolloutCfg:
     # dynamic sampling: redraw (up to this many times) the windows of a prefix whose group rewards are all equal;
     # each redraw costs a drafting pass and a tree verification of those prefixes; 0 = off [default]
     resample_tries: int = 0
+    # window starts: adaw = prefixes_per_sequence starts chosen by ADAW, each drafted and verified on its own;
+    # all = every assistant position, N = N starts chosen by ADAW, both from one drafter unroll along the data
+    # (dense rollouts, training/dense_step.py; needs verify=data) [default: adaw]
+    positions: Literal["adaw", "all"] | int = "adaw"
 
     def __post_init__(self):
+        if isinstance(self.positions, int):
+            _require(self.positions >= 1, "rollout.positions", self.positions, "adaw, all or a count >= 1")
         _require(self.group_size >= 2, "rollout.group_size", self.group_size,
                  ">= 2 to compute group-relative advantages")
         _require(self.window >= 1, "rollout.window", self.window, ">= 1")
@@ -225,12 +231,19 @@ class LossCfg:
     # ppo_epochs = 1: keep the graph of the sampling pass and update through it (the policy equals the sampling
     # policy, so a re-score would recompute the same numbers); False re-scores as ppo_epochs > 1 must.
     reuse_sampling_pass: bool = True
+    # sampled = G windows per start, group-relative advantages, PPO-clip; expected = the exact expected window
+    # reward on the data path, maximised (no sampling; needs rollout.positions all or N; method/expected.py) [default]
+    estimator: Literal["sampled", "expected"] = "sampled"
+    # weight of the SFT loss computed on the same unroll (EAGLE-1: feature regression + soft CE; EAGLE-3: the
+    # training-time test); needs rollout.positions all or N; 0 = off
+    sft_weight: float = 0.0
 
     def __post_init__(self):
         _require(0 < self.clip_eps < 1, "loss.clip_eps", self.clip_eps, "in (0, 1)")
         _require(self.kl_beta >= 0, "loss.kl_beta", self.kl_beta, ">= 0")
         _require(self.distill_weight >= 0, "loss.distill_weight", self.distill_weight, ">= 0")
         _require(self.ppo_epochs >= 1, "loss.ppo_epochs", self.ppo_epochs, ">= 1")
+        _require(self.sft_weight >= 0, "loss.sft_weight", self.sft_weight, ">= 0")
 
 
 @dataclass
@@ -358,9 +371,25 @@ class Config:
             _require(self.reward.delta_positions == 1, "reward.delta_positions", self.reward.delta_positions,
                      "1 for rollout.verify=data (later rows are the data's, not the draft's)")
         if self.stage == "ppow":
+            self._check_data_path()
             _require(not self.data.feature_cache or self.rollout.verify == "data", "data.feature_cache",
                      self.data.feature_cache, "false for PPOW unless rollout.verify=data (a tree verification "
                      "needs the target's KV cache of the sequence)")
+
+    def _check_data_path(self) -> None:
+        """rollout.positions all | N (dense rollouts), loss.estimator=expected and loss.sft_weight need each other."""
+        r, lc = self.rollout, self.loss
+        if r.positions == "adaw":
+            _require(lc.estimator == "sampled", "loss.estimator", lc.estimator,
+                     "sampled unless rollout.positions is all or N (the expected reward reads the data-path unroll)")
+            _require(lc.sft_weight == 0, "loss.sft_weight", lc.sft_weight,
+                     "0 unless rollout.positions is all or N (it is computed on the data-path unroll)")
+            return
+        rule = f"for rollout.positions={r.positions} (windows drawn from one unroll along the data)"
+        _require(r.verify == "data", "rollout.verify", r.verify, f"data {rule}")
+        _require(r.greedy_members == 0, "rollout.greedy_members", r.greedy_members, f"0 {rule}")
+        _require(r.resample_tries == 0, "rollout.resample_tries", r.resample_tries, f"0 {rule}")
+        _require(lc.ppo_epochs == 1, "loss.ppo_epochs", lc.ppo_epochs, f"1 {rule}")
 
 
 # ----------------------------------------------------------------------------------------------

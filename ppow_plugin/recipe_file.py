@@ -175,12 +175,14 @@ def _coerce(tp: Any, value: Any, name: str) -> Any:
         if value is None and type(None) in args:
             return None
         errors = []
-        for arg in (a for a in args if a is not type(None)):
+        arms = [a for a in args if a is not type(None)]
+        for arg in arms:
             try:
                 return _coerce(arg, value, name)
             except UserError as exc:
                 errors.append(str(exc))
-        raise UserError(errors[0])
+        # the error of the arm of the value's own type when there is one (2**63 for `Literal[...] | int`: the int's)
+        raise UserError(next((e for a, e in zip(arms, errors) if a is type(value)), errors[0]))
     if origin is Literal:
         if value not in args:
             close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)

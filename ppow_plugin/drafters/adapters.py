@@ -2,9 +2,9 @@
 
     adapter = drafters.ADAPTERS[cfg.model.drafter_type]    # "eagle1" | "eagle3"
 
-The trainer calls the same seven methods for both families (`build`, `target_pass`, `teacher_forced`,
-`draft_windows`, `to_target_ids`, `restrict`, `sft_loss`, `export`), so `Trainer.train()` has no
-family `if`s. EAGLE-1 is the host's `cnets.Model` (features = the target's final hidden states, logits
+The trainer calls the same methods for both families (`build`, `target_pass`, `teacher_forced`,
+`draft_windows`, `to_target_ids`, `restrict`, `sft_loss`, `export`; dense rollouts: `data_path`,
+`to_draft_ids`), so `Trainer.train()` has no family `if`s. EAGLE-1 is the host's `cnets.Model` (features = the target's final hidden states, logits
 through the target's frozen `lm_head`); EAGLE-3 is ours (`eagle3.py`: fused decoder-layer inputs
 (2, L//2, L-3), its own `lm_head` over a draft vocabulary, `d2t`/`t2d` maps).
 
@@ -24,7 +24,7 @@ EAGLE-3 choices (docs/algorithm.md, "EAGLE-3 path"):
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +36,14 @@ from ppow_plugin.method import losses, rollout
 from ppow_plugin.errors import UserError
 
 StepStats = dict[str, float]
+
+
+class DataPath(NamedTuple):
+    """The drafter's unroll along the data from n starts (`*Adapter.data_path`, dense rollouts)."""
+
+    logits: Tensor  # [n, K, Vd] fp32 with grad; [:, j] drafts x_{s+j+1}
+    sft: Tensor | None  # the SFT loss on the same unroll (None when not asked)
+    sft_stats: StepStats
 
 
 def _target_embed(target: nn.Module) -> Tensor:
@@ -83,8 +91,36 @@ class Eagle1Adapter:
     def to_target_ids(self, drafter, draft_ids: Tensor) -> Tensor:
         return draft_ids
 
+    def to_draft_ids(self, drafter, target_ids: Tensor) -> Tensor:
+        return target_ids
+
     def restrict(self, drafter, target_logits: Tensor) -> Tensor:
         return target_logits
+
+    def data_path(self, drafter, target, dpass, draft_logits, tpass, ids, valid, starts, depth, cfg, sft: bool):
+        """The drafter's `depth`-step chain along the data from each start (`rollout.draft_windows` fed the data
+        tokens, as `multi_step_loss`), and with `sft` the EAGLE-1 SFT loss on the same teacher-forced pass.
+
+        Args:
+            dpass, draft_logits: the teacher-forced pass (with its graph); tpass: the target pass; ids [T];
+            valid [T] bool; starts [n]. Returns: DataPath.
+        """
+        tokens = ids[(starts[:, None] + 1 + torch.arange(depth, device=ids.device)).clamp(max=ids.numel() - 1)]
+        first = [draft_logits[starts - 1]]  # depth 1 is the teacher-forced pass's row s-1: not recomputed
+
+        def head(hidden: Tensor) -> Tensor:
+            return first.pop() if first else _head(target, hidden).float()
+
+        _, _, logits = rollout.draft_windows(drafter, head, dpass, starts, 1, depth, 1.0, tokens=tokens[:, None])
+        if not sft:
+            return DataPath(logits[:, 0], None, {})
+        rows = valid[1:]  # [T-1] row i predicts f_{i+1} and x_{i+2}
+        feats = tpass.features[1:].to(dpass.out_features.dtype)
+        loss, st = losses.eagle1_sft_loss(dpass.out_features[None], feats[None], draft_logits[None],
+                                          tpass.logits[1:][None], rows[None], cfg.sft.feature_weight,
+                                          cfg.sft.token_weight)
+        return DataPath(logits[:, 0], loss, {"sft_feature_loss": float(st.feature_loss),
+                                             "sft_token_loss": float(st.token_loss)})
 
     def sft_loss(self, drafter, target, item: dict, cfg, gen: torch.Generator) -> tuple[Tensor, StepStats]:
         """EAGLE-1 objective: next-feature SmoothL1 + soft CE to the target, on noised input features."""
@@ -204,6 +240,27 @@ class Eagle3Adapter:
 
     def to_target_ids(self, drafter, draft_ids: Tensor) -> Tensor:
         return draft_vocab.draft_to_target_ids(draft_ids, drafter.d2t)
+
+    def to_draft_ids(self, drafter, target_ids: Tensor) -> Tensor:
+        """Target ids -> draft ids, -1 for ids outside the draft vocabulary (draft ids are ascending target ids)."""
+        index = drafter.t2d.long().cumsum(0) - 1  # [V]
+        return torch.where(drafter.t2d[target_ids], index[target_ids], -1)
+
+    def data_path(self, drafter, target, dpass, draft_logits, tpass, ids, valid, starts, depth, cfg, sft: bool):
+        """The training-time-test unroll along the data (`eagle3.ttt_unroll`, via `ttt_batch`): step j, row s-1 is
+        depth j+1 of the window from s; with `sft` the TTT loss of its first `sft.ttt_steps` steps.
+
+        Args: as `Eagle1Adapter.data_path` (dpass and draft_logits are not read). Returns: DataPath.
+        """
+        steps = max(depth, cfg.sft.ttt_steps) if sft else depth
+        step_logits, probs, masks = ttt_batch(drafter, tpass, ids, valid, steps)
+        logits = torch.stack([step_logits[j][0, starts - 1] for j in range(depth)], 1).float()  # [n, K, Vd]
+        if not sft:
+            return DataPath(logits, None, {})
+        n = cfg.sft.ttt_steps
+        loss, st = losses.ttt_sft_loss(step_logits[:n], probs[:n], masks[:n], cfg.sft.ttt_decay)
+        return DataPath(logits, loss, {"sft_token_loss": float(st.per_step_loss[0]),
+                                       "sft_ttt_last_acc": float(st.per_step_acc[-1])})
 
     def restrict(self, drafter, target_logits: Tensor) -> Tensor:
         """Target logits over the draft vocabulary ([..., V] -> [..., Vd]); softmax renormalises them."""

@@ -240,8 +240,9 @@ def target_kl_loss(
     draft_logits: Tensor,
     valid_mask: Tensor,
     direction: Literal["forward", "reverse"] = "forward",
+    weights: Tensor | None = None,
 ) -> tuple[Tensor, KLStats]:
-    """KL penalty anchored to the frozen target, masked mean over positions.
+    """KL penalty anchored to the frozen target, masked (weighted) mean over positions.
 
     "forward" = KL(P_target ‖ Q_draft) (default; mass-covering), "reverse" = KL(Q_draft ‖ P_target).
     The target side is detached.
@@ -251,6 +252,8 @@ def target_kl_loss(
         draft_logits: drafter logits on the same vocabulary, with gradient. Shape (N, V).
         valid_mask: True for positions that count. Shape (N,), bool.
         direction: "forward" or "reverse".
+        weights: None, or per-position weights >= 0, shape (N,): the mean becomes Σ w·KL / Σ w over valid
+            positions (a row shared by several windows counts once per window: `dense.row_weights`).
     Returns:
         (scalar loss, KLStats).
     Raises:
@@ -260,7 +263,11 @@ def target_kl_loss(
         raise ValueError(f"direction {direction!r} must be 'forward' or 'reverse'")
     target, draft = _valid_rows(valid_mask, target_logits.detach(), draft_logits)
     kl = kl_divergence(target, draft) if direction == "forward" else kl_divergence(draft, target)
-    loss = kl.sum() / max(kl.shape[0], 1)
+    if weights is None:
+        loss = kl.sum() / max(kl.shape[0], 1)
+    else:
+        w = weights.detach().float().reshape(-1)[valid_mask.reshape(-1)]
+        loss = (w * kl).sum() / w.sum().clamp_min(1e-12)
     kl_max = kl.detach().max() if kl.numel() else kl.new_zeros(())
     return loss, KLStats(kl_mean=loss.detach(), kl_max=kl_max)
 

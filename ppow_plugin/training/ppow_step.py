@@ -18,7 +18,8 @@ import torch
 
 from ppow_plugin import distributed
 from ppow_plugin.config import Config
-from ppow_plugin.method import losses, rewards, rollout, windowing
+from ppow_plugin.method import dense, losses, rewards, rollout, windowing
+from ppow_plugin.training import dense_step
 from ppow_plugin.training.sft_step import StepResult
 from ppow_plugin.training.target_passes import TargetPasses, sequence_tensors
 
@@ -48,7 +49,9 @@ class PpowStep:
         cfg = self.cfg
         ids, valid = sequence_tensors(sample, self.device)
         tpass = self.target_passes(self.drafter, sample, ids, valid)
-        item = {"ids": ids, "valid": valid, "tpass": tpass, "policy": None, "sft_vocab": None}
+        item = {"ids": ids, "valid": valid, "tpass": tpass, "policy": None, "sft_vocab": None, "step": step}
+        if dense_step.uses_data_path(cfg):  # rollout.positions all | N: the data-path unroll, all in `loss`
+            return item
         drafter_pass = torch.enable_grad if keep_graph else torch.no_grad
         with drafter_pass():
             feats = tpass.features.to(distributed.DTYPES[cfg.dist.dtype])
@@ -79,6 +82,8 @@ class PpowStep:
         drawn, item["redrawn"] = rollout.redraw_flat_groups(  # dynamic sampling (rollout.resample_tries)
             drawn, starts, lambda s: self._draw(ids, tpass.logits, dpass, s, drafter_pass), flat_groups,
             cfg.rollout.resample_tries)
+        if cfg.rollout.verify == "data":  # row k+1 after an accepted token that is not the data's: not read
+            valid_windows = dense.rows_on_data(ids, starts, self.adapter.to_target_ids(self.drafter, drawn.tokens))
         item["rollout"] = rollout.Rollout(starts, drawn.tokens, drawn.logprobs.detach(), drawn.accept_len,
                                           drawn.target_logits, drawn.target_draft_lp, drawn.target_greedy_lp,
                                           valid_windows)
@@ -112,6 +117,9 @@ class PpowStep:
 
     def loss(self, item: dict) -> StepResult:
         """Clipped group-relative policy loss + β·KL(target‖drafter) on the windows + ω·distillation."""
+        if dense_step.uses_data_path(self.cfg):  # rollout.positions all | N: windows from one unroll along the data
+            return StepResult(*dense_step.data_path_loss(self.adapter, self.drafter, self.target, item, self.cfg,
+                                                         self.gamma, self.gen, item["step"]))
         cfg, tpass, ids, ro, kept = self.cfg, item["tpass"], item["ids"], item["rollout"], item["policy"]
         if kept is not None:  # the graphs of prepare's passes (keep_graph)
             dpass, draft_logits = kept.dpass, kept.draft_logits

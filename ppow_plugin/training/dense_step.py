@@ -1,0 +1,143 @@
+"""PPOW's loss from one drafter unroll along the data (`rollout.positions: all | N`, issue 27).
+
+    loss, stats = dense_step.data_path_loss(adapter, drafter, target, item, cfg, gamma, gen, step)
+
+The trainer calls this instead of its rollout path when `uses_data_path(cfg)`. One step: the teacher-forced
+pass (ADAW scores when `positions: N`, the distillation term), the drafter's K-step unroll along the data
+from every chosen start (`adapter.data_path`), then either
+- `loss.estimator: sampled`: G windows per start drawn from the unroll's distributions and verified on the
+  data (`dense.sampled_windows`), fed to the same rewards, group advantages, credit masks and PPO loss as
+  the rollout path; or
+- `loss.estimator: expected`: the exact expected reward of a window from each start (`expected.py`),
+  maximised: loss = −mean_s E[R](s);
+plus β·KL(P_target ‖ Q) on the rows the losses read (each data-path row weighted by how many windows read
+it, or by the probability that one does), ω·distillation, and `loss.sft_weight`·(the SFT loss on the same
+unroll). Config requires `rollout.verify: data` (the target's own answers), so no tree verification runs.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ppow_plugin import distributed
+from ppow_plugin.method import dense, expected, losses, rewards, windowing
+
+
+def uses_data_path(cfg) -> bool:
+    """True when PPOW's windows come from the data-path unroll rather than per-start rollouts."""
+    return cfg.stage == "ppow" and cfg.rollout.positions != "adaw"
+
+
+def choose_starts(cfg, valid: Tensor, target_logits: Tensor, draft_logits: Tensor, gen: torch.Generator,
+                  step: int) -> tuple[Tensor, dict]:
+    """Window starts: every valid position (`positions: all`) or N of them chosen by ADAW (`positions: N`).
+
+    Args:
+        valid: [T] bool; target_logits, draft_logits: [T-1, Vd] teacher-forced (row i predicts x_{i+2}).
+    Returns:
+        (starts [n] int64 ascending, ADAW score summary or {}).
+    """
+    if cfg.rollout.positions == "all":
+        return dense.valid_starts(valid), {}
+    with torch.no_grad():
+        pos = windowing.position_scores(target_logits[None], draft_logits.detach()[None])[0]
+        pos_scores = torch.cat([pos.new_zeros(1), pos])  # [T], index = position
+        scores = windowing.window_scores(pos_scores[None], valid[None], cfg.rollout.window)
+        rule = windowing.adaw_rule_for_step(step, cfg.windowing.warmup_steps, cfg.windowing.rule)
+        sel = windowing.select_windows(scores, cfg.rollout.positions, rule, gen, cfg.windowing.temperature)
+    starts = sel.starts[0][sel.valid_mask[0]]
+    return starts[starts >= 1].sort().values, windowing.score_summary(scores, torch.isfinite(scores))
+
+
+def data_path_loss(adapter, drafter, target, item: dict, cfg, gamma: float, gen: torch.Generator,
+                   step: int) -> tuple[Tensor, dict[str, float]]:
+    """The PPOW loss of one sequence (`item` from `PpowStep.prepare`: ids, valid, tpass, step) from its data-path unroll."""
+    tpass, ids, valid = item["tpass"], item["ids"], item["valid"]
+    feats = tpass.features.to(distributed.DTYPES[cfg.dist.dtype])
+    dpass, draft_logits = adapter.teacher_forced(drafter, target, feats, ids)  # with grad
+    target_logits = adapter.restrict(drafter, tpass.logits[1:])  # [T-1, Vd]
+    distill, _ = losses.distill_loss(target_logits, draft_logits, valid[1:])
+    starts, score = choose_starts(cfg, valid, target_logits, draft_logits, gen, step)
+    if starts.numel() == 0:  # no assistant position to draft from: distillation only
+        return cfg.loss.distill_weight * distill, {"distill": float(distill.detach())}
+    K, lc = cfg.rollout.window, cfg.loss
+    path = adapter.data_path(drafter, target, dpass, draft_logits, tpass, ids, valid, starts, K, cfg,
+                             sft=lc.sft_weight > 0)
+    data_target, exists = dense.data_tokens(ids, starts, K)
+    data_ids = torch.where(exists, adapter.to_draft_ids(drafter, data_target), -1)  # [n, K]
+    to_target = lambda t: adapter.to_target_ids(drafter, t)
+    if lc.estimator == "sampled":
+        pol, read, stats = _sampled(path.logits, starts, ids, tpass.logits, data_ids, to_target, cfg, gamma, gen)
+    else:
+        pol, read, stats = _expected(path.logits, starts, ids, tpass.logits, data_ids, adapter, drafter, cfg, gamma)
+    kl = _read_rows_kl(adapter, drafter, tpass.logits, path.logits, starts, read, lc.kl_direction)
+    loss = pol + lc.kl_beta * kl + lc.distill_weight * distill
+    if path.sft is not None:
+        loss = loss + lc.sft_weight * path.sft
+        stats.update(sft_loss=float(path.sft.detach()), **path.sft_stats)
+    greedy_k = dense.greedy_accept_len(path.logits, starts, ids, tpass.logits, to_target)
+    stats.update(loss=float(loss.detach()), policy_loss=float(pol.detach()), kl=float(kl.detach()),
+                 distill=float(distill.detach()), starts=float(starts.numel()),
+                 greedy_accept_len=float(rewards.counted_accept_len(greedy_k, cfg.reward.accept_cap).float().mean()),
+                 window_score_mean=score.get("mean", float("nan")))
+    return loss, stats
+
+
+def window_rewards(accept_len: Tensor, greedy_lp: Tensor, draft_lp: Tensor, valid: Tensor, cfg, gamma: float):
+    """-> (k as decoding counts it [n, G], Δ [n, G], RewardBreakdown): `Trainer._window_rewards`'s rule."""
+    rc = cfg.reward
+    accept = rewards.counted_accept_len(accept_len, rc.accept_cap)
+    delta = rewards.proximity_delta(greedy_lp, draft_lp, valid, rc.delta_positions)
+    return accept, delta, rewards.joint_reward(accept, delta, gamma, rc.eta, rc.epsilon, rc.speedup_weight,
+                                               rc.proximity_weight)
+
+
+def _sampled(logits, starts, ids, seq_logits, data_ids, to_target, cfg, gamma, gen):
+    """Dense sampled windows -> (policy loss, [n, K] KL row weights, stats)."""
+    r, lc, rc = cfg.rollout, cfg.loss, cfg.reward
+    w = dense.sampled_windows(logits, starts, ids, seq_logits, data_ids, r.group_size, r.temperature, to_target, gen)
+    accept, delta, rw = window_rewards(w.accept_len, w.target_greedy_lp, w.target_draft_lp, w.valid_mask, cfg, gamma)
+    adv = losses.group_advantages(rw.total, scale=lc.advantage_scale)
+    delta_len = rc.delta_positions or r.window
+    credited = losses.credit_mask(accept, w.valid_mask, lc.credit, delta_len, rc.accept_cap, adv)
+    pol, pst = losses.policy_loss(w.logprobs, w.logprobs.detach(), adv, credited, lc.clip_eps, lc.ratio_mode)
+    read = dense.row_weights(losses.credit_mask(accept, w.valid_mask, lc.kl_positions, delta_len, rc.accept_cap))
+    rejected = accept == 0
+    fires = rejected & (delta < rc.epsilon)
+    stats = {"reward": float(rw.total.mean()), "r_speedup": float(rw.speedup.mean()),
+             "r_proximity": float(rw.proximity.mean()), "accept_len": float(accept.float().mean()),
+             "zero_adv_frac": float((adv == 0).all(dim=1).float().mean()),
+             "r_dist_rate": float(fires.sum() / rejected.sum().clamp_min(1)),
+             "credit_frac": float(credited.float().mean()), "clip_frac": float(pst.clip_fraction),
+             "windows": float(accept.numel())}
+    return pol, read, stats
+
+
+def _expected(logits, starts, ids, seq_logits, data_ids, adapter, drafter, cfg, gamma):
+    """Exact expected reward -> (−mean E[R], [n, K] KL row weights P(row read), stats)."""
+    rc, K = cfg.reward, logits.shape[1]
+    last = ids.numel() - 1
+    pos = starts[:, None] + torch.arange(K, device=ids.device)  # [n, K] the target row judging depth j
+    greedy = torch.where(pos <= last, adapter.to_draft_ids(drafter, seq_logits.argmax(-1)[pos.clamp(max=last)]), -1)
+    vocab_ids = adapter.to_target_ids(drafter, torch.arange(logits.shape[-1], device=ids.device))
+    near = expected.near_first_mask(seq_logits[starts], vocab_ids, rc.epsilon)
+    logp = F.log_softmax(logits.float() / cfg.rollout.temperature, -1)
+    ex = expected.expected_reward(logp, data_ids, greedy, near, gamma, rc.eta, rc.accept_cap, rc.speedup_weight,
+                                  rc.proximity_weight)
+    stats = {"reward": float(ex.total.detach().mean()), "r_speedup": float(ex.speedup.detach().mean()),
+             "r_proximity": float(ex.proximity.detach().mean()),
+             "accept_len": float(ex.reach.detach().sum(1).mean()), "windows": float(starts.numel())}
+    return -ex.total.mean(), ex.read, stats
+
+
+def _read_rows_kl(adapter, drafter, seq_logits, logits, starts, read, direction) -> Tensor:
+    """KL to the target on the data-path rows the losses read, each weighted by `read` ([n, K], 0 = unread)."""
+    K, V = logits.shape[1], logits.shape[-1]
+    pos = (starts[:, None] + torch.arange(K, device=starts.device)).reshape(-1)
+    keep = read.reshape(-1) > 0
+    rows = adapter.restrict(drafter, seq_logits[pos[keep]])  # [m, Vd]
+    kl, _ = losses.target_kl_loss(rows, logits.reshape(-1, V)[keep], torch.ones_like(keep[keep]), direction,
+                                  weights=read.reshape(-1)[keep])
+    return kl
