@@ -27,32 +27,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
-from ppow_plugin.errors import UserError
-from ppow_plugin.recipe_file import DuplicateKey, build, parse_yaml, read_recipe
+from ppow_plugin.recipe_file import apply_override, build, read_recipe, require, require_text
 
 Dtype = Literal["fp32", "bf16"]
 T_MIN, T_MAX = 0.01, 100.0  # sampling temperatures: logits / T must stay finite in float32
 T_RULE = f"in [{T_MIN}, {T_MAX:g}]"
 SEED_MAX = 2**32 - 1  # NumPy's seed range, the narrowest of the three RNGs we seed
 MAX_LEN_MAX = 1 << 20  # tokens; beyond any target's context
-
-
-def _require(ok: bool, name: str, value: Any, rule: str) -> None:
-    """The one-line ValueError of a broken invariant: `name (value) must be rule`.
-
-    Written as "ok" (not "bad") so that nan, for which every comparison is False, always fails.
-    """
-    if not ok:
-        raise ValueError(f"{name} ({value!r}) must be {rule}")
-
-
-def _require_text(value: str | None, name: str, what: str, optional: bool = True) -> None:
-    """Strings that name something (paths, devices) are not empty; None is allowed when optional."""
-    if value is None and optional:
-        return
-    _require(bool(value and value.strip()), name, value, what)
 
 
 @dataclass
@@ -65,14 +46,14 @@ class ModelCfg:
     draft_vocab_samples: int = 2000  # fresh EAGLE-3: count loss-masked tokens of the first N samples
 
     def __post_init__(self):
-        _require_text(self.target, "model.target", "'default' or a model directory", optional=False)
-        _require_text(self.drafter, "model.drafter", "a drafter directory, or null for a fresh drafter")
+        require_text(self.target, "model.target", "'default' or a model directory", optional=False)
+        require_text(self.drafter, "model.drafter", "a drafter directory, or null for a fresh drafter")
         if self.draft_vocab_size is not None:
-            _require(self.draft_vocab_size >= 1, "model.draft_vocab_size", self.draft_vocab_size,
+            require(self.draft_vocab_size >= 1, "model.draft_vocab_size", self.draft_vocab_size,
                      ">= 1 (or null = full)")
-            _require(self.drafter_type == "eagle3", "model.draft_vocab_size", self.draft_vocab_size,
+            require(self.drafter_type == "eagle3", "model.draft_vocab_size", self.draft_vocab_size,
                      "null for drafter_type=eagle1 (a reduced vocabulary is EAGLE-3 only)")
-        _require(self.draft_vocab_samples >= 1, "model.draft_vocab_samples", self.draft_vocab_samples, ">= 1")
+        require(self.draft_vocab_samples >= 1, "model.draft_vocab_samples", self.draft_vocab_samples, ">= 1")
 
 
 @dataclass
@@ -92,19 +73,19 @@ class DataCfg:
     feature_cache: bool = False
 
     def __post_init__(self):
-        _require_text(self.path, "data.path", "a .jsonl file or generated dir, or null")
+        require_text(self.path, "data.path", "a .jsonl file or generated dir, or null")
         if self.dataset == "jsonl":
-            _require(self.path is not None, "data.path", self.path,
+            require(self.path is not None, "data.path", self.path,
                      "set for data.dataset=jsonl (data.path=<file.jsonl>)")
         elif self.dataset == "sharegpt":
-            _require(self.path is None, "data.path", self.path,
+            require(self.path is None, "data.path", self.path,
                      "null for data.dataset=sharegpt (the bundled set); use data.dataset=jsonl to train on the file")
-        _require(16 <= self.max_len <= MAX_LEN_MAX, "data.max_len", self.max_len, f"in [16, {MAX_LEN_MAX}]")
+        require(16 <= self.max_len <= MAX_LEN_MAX, "data.max_len", self.max_len, f"in [16, {MAX_LEN_MAX}]")
         if self.num_conversations is not None:
-            _require(self.num_conversations >= 1, "data.num_conversations", self.num_conversations,
+            require(self.num_conversations >= 1, "data.num_conversations", self.num_conversations,
                      ">= 1 (or null = all)")
-        _require(0.0 <= self.heldout_fraction < 1.0, "data.heldout_fraction", self.heldout_fraction, "in [0, 1)")
-        _require(self.micro_batch >= 1, "data.micro_batch", self.micro_batch, ">= 1")
+        require(0.0 <= self.heldout_fraction < 1.0, "data.heldout_fraction", self.heldout_fraction, "in [0, 1)")
+        require(self.micro_batch >= 1, "data.micro_batch", self.micro_batch, ">= 1")
 
 
 @dataclass
@@ -125,17 +106,17 @@ class SFTCfg:
     # feature_weight/token_weight are the EAGLE-1 objective's; EAGLE-3 trains on the TTT soft CE alone
 
     def __post_init__(self):
-        _require(self.feature_weight >= 0, "sft.feature_weight", self.feature_weight, ">= 0")
-        _require(self.token_weight >= 0, "sft.token_weight", self.token_weight, ">= 0")
+        require(self.feature_weight >= 0, "sft.feature_weight", self.feature_weight, ">= 0")
+        require(self.token_weight >= 0, "sft.token_weight", self.token_weight, ">= 0")
         if self.feature_weight == 0 and self.token_weight == 0:
             raise ValueError("sft.feature_weight and sft.token_weight are both 0: nothing to train")
-        _require(self.feature_noise >= 0, "sft.feature_noise", self.feature_noise, ">= 0")
-        _require(self.ttt_steps >= 1, "sft.ttt_steps", self.ttt_steps, ">= 1")
-        _require(0 < self.ttt_decay <= 1, "sft.ttt_decay", self.ttt_decay, "in (0, 1]")
-        _require(self.vocab_rows is None or self.vocab_rows >= 1, "sft.vocab_rows", self.vocab_rows,
+        require(self.feature_noise >= 0, "sft.feature_noise", self.feature_noise, ">= 0")
+        require(self.ttt_steps >= 1, "sft.ttt_steps", self.ttt_steps, ">= 1")
+        require(0 < self.ttt_decay <= 1, "sft.ttt_decay", self.ttt_decay, "in (0, 1]")
+        require(self.vocab_rows is None or self.vocab_rows >= 1, "sft.vocab_rows", self.vocab_rows,
                  ">= 1 (or null = full vocabulary)")
-        _require(self.multi_step >= 0, "sft.multi_step", self.multi_step, ">= 0 (0 = off)")
-        _require(self.multi_step_starts >= 1, "sft.multi_step_starts", self.multi_step_starts, ">= 1")
+        require(self.multi_step >= 0, "sft.multi_step", self.multi_step, ">= 0 (0 = off)")
+        require(self.multi_step_starts >= 1, "sft.multi_step_starts", self.multi_step_starts, ">= 1")
 
 
 @dataclass
@@ -162,17 +143,17 @@ class RolloutCfg:
 
     def __post_init__(self):
         if isinstance(self.positions, int):
-            _require(self.positions >= 1, "rollout.positions", self.positions, "adaw, all or a count >= 1")
-        _require(self.group_size >= 2, "rollout.group_size", self.group_size,
+            require(self.positions >= 1, "rollout.positions", self.positions, "adaw, all or a count >= 1")
+        require(self.group_size >= 2, "rollout.group_size", self.group_size,
                  ">= 2 to compute group-relative advantages")
-        _require(self.window >= 1, "rollout.window", self.window, ">= 1")
-        _require(self.prefixes_per_sequence >= 1, "rollout.prefixes_per_sequence", self.prefixes_per_sequence, ">= 1")
-        _require(T_MIN <= self.temperature <= T_MAX, "rollout.temperature", self.temperature, T_RULE)
-        _require(T_MIN <= self.verify_temperature <= T_MAX, "rollout.verify_temperature", self.verify_temperature,
+        require(self.window >= 1, "rollout.window", self.window, ">= 1")
+        require(self.prefixes_per_sequence >= 1, "rollout.prefixes_per_sequence", self.prefixes_per_sequence, ">= 1")
+        require(T_MIN <= self.temperature <= T_MAX, "rollout.temperature", self.temperature, T_RULE)
+        require(T_MIN <= self.verify_temperature <= T_MAX, "rollout.verify_temperature", self.verify_temperature,
                  T_RULE)
-        _require(self.greedy_members in (0, 1), "rollout.greedy_members", self.greedy_members,
+        require(self.greedy_members in (0, 1), "rollout.greedy_members", self.greedy_members,
                  "0 or 1: a second greedy window would repeat the first")
-        _require(self.resample_tries >= 0, "rollout.resample_tries", self.resample_tries, ">= 0 (0 = no redraws)")
+        require(self.resample_tries >= 0, "rollout.resample_tries", self.resample_tries, ">= 0 (0 = no redraws)")
 
 
 @dataclass
@@ -182,8 +163,8 @@ class WindowingCfg:
     temperature: float = 1.0  # for rule=sample: p ∝ score^(1/temperature)
 
     def __post_init__(self):
-        _require(self.warmup_steps >= 0, "windowing.warmup_steps", self.warmup_steps, ">= 0")
-        _require(T_MIN <= self.temperature <= T_MAX, "windowing.temperature", self.temperature, T_RULE)
+        require(self.warmup_steps >= 0, "windowing.warmup_steps", self.warmup_steps, ">= 0")
+        require(T_MIN <= self.temperature <= T_MAX, "windowing.temperature", self.temperature, T_RULE)
 
 
 @dataclass
@@ -200,17 +181,17 @@ class RewardCfg:
     proximity_weight: float = 1.0  # 0 disables R_dist (ablation)
 
     def __post_init__(self):
-        _require(0 <= self.gamma <= 10, "reward.gamma", self.gamma, "in [0, 10] (drafter step / target step)")
-        _require_text(self.gamma_profile, "reward.gamma_profile", "a `ppow profile` JSON, or null")
-        _require(self.eta >= 0, "reward.eta", self.eta, ">= 0")
-        _require(self.epsilon > 0, "reward.epsilon", self.epsilon, "> 0")
+        require(0 <= self.gamma <= 10, "reward.gamma", self.gamma, "in [0, 10] (drafter step / target step)")
+        require_text(self.gamma_profile, "reward.gamma_profile", "a `ppow profile` JSON, or null")
+        require(self.eta >= 0, "reward.eta", self.eta, ">= 0")
+        require(self.epsilon > 0, "reward.epsilon", self.epsilon, "> 0")
         if self.delta_positions is not None:
-            _require(self.delta_positions >= 1, "reward.delta_positions", self.delta_positions,
+            require(self.delta_positions >= 1, "reward.delta_positions", self.delta_positions,
                      ">= 1 (or null = the window)")
         if self.accept_cap is not None:
-            _require(self.accept_cap >= 1, "reward.accept_cap", self.accept_cap, ">= 1 (or null = rollout.window)")
-        _require(self.speedup_weight >= 0, "reward.speedup_weight", self.speedup_weight, ">= 0")
-        _require(self.proximity_weight >= 0, "reward.proximity_weight", self.proximity_weight, ">= 0")
+            require(self.accept_cap >= 1, "reward.accept_cap", self.accept_cap, ">= 1 (or null = rollout.window)")
+        require(self.speedup_weight >= 0, "reward.speedup_weight", self.speedup_weight, ">= 0")
+        require(self.proximity_weight >= 0, "reward.proximity_weight", self.proximity_weight, ">= 0")
         if self.speedup_weight == 0 and self.proximity_weight == 0:
             raise ValueError("reward.speedup_weight and reward.proximity_weight are both 0: every reward is 0")
 
@@ -239,11 +220,11 @@ class LossCfg:
     sft_weight: float = 0.0
 
     def __post_init__(self):
-        _require(0 < self.clip_eps < 1, "loss.clip_eps", self.clip_eps, "in (0, 1)")
-        _require(self.kl_beta >= 0, "loss.kl_beta", self.kl_beta, ">= 0")
-        _require(self.distill_weight >= 0, "loss.distill_weight", self.distill_weight, ">= 0")
-        _require(self.ppo_epochs >= 1, "loss.ppo_epochs", self.ppo_epochs, ">= 1")
-        _require(self.sft_weight >= 0, "loss.sft_weight", self.sft_weight, ">= 0")
+        require(0 < self.clip_eps < 1, "loss.clip_eps", self.clip_eps, "in (0, 1)")
+        require(self.kl_beta >= 0, "loss.kl_beta", self.kl_beta, ">= 0")
+        require(self.distill_weight >= 0, "loss.distill_weight", self.distill_weight, ">= 0")
+        require(self.ppo_epochs >= 1, "loss.ppo_epochs", self.ppo_epochs, ">= 1")
+        require(self.sft_weight >= 0, "loss.sft_weight", self.sft_weight, ">= 0")
 
 
 @dataclass
@@ -257,13 +238,13 @@ class OptimCfg:
     grad_accum: int = 1  # micro-steps per optimizer step
 
     def __post_init__(self):
-        _require(0 < self.lr <= 1, "optim.lr", self.lr, "in (0, 1]")
-        _require(0 <= self.weight_decay <= 1, "optim.weight_decay", self.weight_decay, "in [0, 1]")
-        _require(all(0 <= b < 1 for b in self.betas), "optim.betas", list(self.betas),
+        require(0 < self.lr <= 1, "optim.lr", self.lr, "in (0, 1]")
+        require(0 <= self.weight_decay <= 1, "optim.weight_decay", self.weight_decay, "in [0, 1]")
+        require(all(0 <= b < 1 for b in self.betas), "optim.betas", list(self.betas),
                  "two numbers in [0, 1), e.g. [0.9, 0.95]")
-        _require(self.warmup_steps >= 0, "optim.warmup_steps", self.warmup_steps, ">= 0")
-        _require(self.grad_clip > 0, "optim.grad_clip", self.grad_clip, "> 0 (max gradient norm)")
-        _require(self.grad_accum >= 1, "optim.grad_accum", self.grad_accum, ">= 1")
+        require(self.warmup_steps >= 0, "optim.warmup_steps", self.warmup_steps, ">= 0")
+        require(self.grad_clip > 0, "optim.grad_clip", self.grad_clip, "> 0 (max gradient norm)")
+        require(self.grad_accum >= 1, "optim.grad_accum", self.grad_accum, ">= 1")
 
 
 @dataclass
@@ -276,18 +257,18 @@ class DistCfg:
     seed: int = 0
 
     def __post_init__(self):
-        _require(_DEVICE.fullmatch(self.device) is not None, "dist.device", self.device,
+        require(_DEVICE.fullmatch(self.device) is not None, "dist.device", self.device,
                  "auto, cpu, cuda, cuda:N or mps")
-        _require(self.zero_stage in (0, 1, 2, 3), "dist.zero_stage", self.zero_stage, "0, 1, 2 or 3")
-        _require(0 <= self.seed <= SEED_MAX, "dist.seed", self.seed, f"in [0, {SEED_MAX}]")
+        require(self.zero_stage in (0, 1, 2, 3), "dist.zero_stage", self.zero_stage, "0, 1, 2 or 3")
+        require(0 <= self.seed <= SEED_MAX, "dist.seed", self.seed, f"in [0, {SEED_MAX}]")
         # plain AdamW on bf16 parameters keeps no fp32 master copy: an update below the bf16 spacing of a weight
         # (most of them at lr 5e-6) rounds away; DeepSpeed's bf16 mode keeps fp32 masters (what export writes)
-        _require(self.engine == "deepspeed" or self.dtype == "fp32", "dist.dtype", self.dtype,
+        require(self.engine == "deepspeed" or self.dtype == "fp32", "dist.dtype", self.dtype,
                  "fp32 with dist.engine=torch (it keeps no fp32 master weights, so small bf16 updates round away); "
                  "use dist.engine=deepspeed for bf16 (fp32 masters) or dist.dtype=fp32")
         # ZeRO-0 in bf16 keeps its masters inside DeepSpeed's FP16_Optimizer, where neither the live export nor
         # `ppow export` of a checkpoint reads them (both would write the bf16 copy); ZeRO-1..3 partitions hold them
-        _require(self.engine == "torch" or self.dtype == "fp32" or self.zero_stage >= 1, "dist.zero_stage",
+        require(self.engine == "torch" or self.dtype == "fp32" or self.zero_stage >= 1, "dist.zero_stage",
                  self.zero_stage, ">= 1 with dist.dtype=bf16 (ZeRO-0 keeps the fp32 master weights where no export "
                  "reads them); use dist.zero_stage=2")
 
@@ -307,13 +288,13 @@ class RunCfg:
     max_bad_steps: int = 10  # non-finite loss/grad steps skipped before aborting
 
     def __post_init__(self):
-        _require_text(self.output_dir, "run.output_dir", "a directory for the run (e.g. runs/my-run)", optional=False)
-        _require(self.max_steps >= 1, "run.max_steps", self.max_steps, ">= 1")
+        require_text(self.output_dir, "run.output_dir", "a directory for the run (e.g. runs/my-run)", optional=False)
+        require(self.max_steps >= 1, "run.max_steps", self.max_steps, ">= 1")
         if self.max_minutes is not None:
-            _require(self.max_minutes > 0, "run.max_minutes", self.max_minutes, "> 0 (or null = no time limit)")
+            require(self.max_minutes > 0, "run.max_minutes", self.max_minutes, "> 0 (or null = no time limit)")
         for name in ("log_every", "save_every", "keep_last"):
-            _require(getattr(self, name) >= 1, f"run.{name}", getattr(self, name), ">= 1")
-        _require(self.max_bad_steps >= 0, "run.max_bad_steps", self.max_bad_steps, ">= 0")
+            require(getattr(self, name) >= 1, f"run.{name}", getattr(self, name), ">= 1")
+        require(self.max_bad_steps >= 0, "run.max_bad_steps", self.max_bad_steps, ">= 0")
 
 
 @dataclass
@@ -334,14 +315,14 @@ class EvalCfg:
     every_prompts: int = 8
 
     def __post_init__(self):
-        _require(len(self.benchmarks) > 0 and all(b.strip() for b in self.benchmarks), "eval.benchmarks",
+        require(len(self.benchmarks) > 0 and all(b.strip() for b in self.benchmarks), "eval.benchmarks",
                  self.benchmarks, "a non-empty list, e.g. [mt_bench, humaneval, sharegpt]")
         for name in ("num_prompts", "max_new_tokens", "tree_depth", "tree_top_k", "tree_total_tokens", "every_prompts"):
-            _require(getattr(self, name) >= 1, f"eval.{name}", getattr(self, name), ">= 1")
-        _require(self.temperature == 0 or T_MIN <= self.temperature <= T_MAX, "eval.temperature", self.temperature,
+            require(getattr(self, name) >= 1, f"eval.{name}", getattr(self, name), ">= 1")
+        require(self.temperature == 0 or T_MIN <= self.temperature <= T_MAX, "eval.temperature", self.temperature,
                  f"0 (greedy) or {T_RULE}")
-        _require(0 <= self.seed <= SEED_MAX, "eval.seed", self.seed, f"in [0, {SEED_MAX}]")
-        _require(self.every_steps >= 0, "eval.every_steps", self.every_steps, ">= 0 (0 = off)")
+        require(0 <= self.seed <= SEED_MAX, "eval.seed", self.seed, f"in [0, {SEED_MAX}]")
+        require(self.every_steps >= 0, "eval.every_steps", self.every_steps, ">= 0 (0 = off)")
 
 
 @dataclass
@@ -361,18 +342,18 @@ class Config:
 
     def __post_init__(self):  # invariants across sections
         if self.reward.delta_positions is not None:
-            _require(self.reward.delta_positions <= self.rollout.window, "reward.delta_positions",
+            require(self.reward.delta_positions <= self.rollout.window, "reward.delta_positions",
                      self.reward.delta_positions, f"<= rollout.window ({self.rollout.window})")
         if self.stage == "ppow" and self.rollout.verify == "data":  # the losses may read window rows 1..k+1 only
-            _require(self.data.dataset == "generated", "data.dataset", self.data.dataset,
+            require(self.data.dataset == "generated", "data.dataset", self.data.dataset,
                      "generated for rollout.verify=data (the target's own answers: its choices are the data)")
-            _require(self.loss.kl_positions == "accepted_prefix", "loss.kl_positions", self.loss.kl_positions,
+            require(self.loss.kl_positions == "accepted_prefix", "loss.kl_positions", self.loss.kl_positions,
                      "accepted_prefix for rollout.verify=data (later rows are the data's, not the draft's)")
-            _require(self.reward.delta_positions == 1, "reward.delta_positions", self.reward.delta_positions,
+            require(self.reward.delta_positions == 1, "reward.delta_positions", self.reward.delta_positions,
                      "1 for rollout.verify=data (later rows are the data's, not the draft's)")
         if self.stage == "ppow":
             self._check_data_path()
-            _require(not self.data.feature_cache or self.rollout.verify == "data", "data.feature_cache",
+            require(not self.data.feature_cache or self.rollout.verify == "data", "data.feature_cache",
                      self.data.feature_cache, "false for PPOW unless rollout.verify=data (a tree verification "
                      "needs the target's KV cache of the sequence)")
 
@@ -380,16 +361,16 @@ class Config:
         """rollout.positions all | N (dense rollouts), loss.estimator=expected and loss.sft_weight need each other."""
         r, lc = self.rollout, self.loss
         if r.positions == "adaw":
-            _require(lc.estimator == "sampled", "loss.estimator", lc.estimator,
+            require(lc.estimator == "sampled", "loss.estimator", lc.estimator,
                      "sampled unless rollout.positions is all or N (the expected reward reads the data-path unroll)")
-            _require(lc.sft_weight == 0, "loss.sft_weight", lc.sft_weight,
+            require(lc.sft_weight == 0, "loss.sft_weight", lc.sft_weight,
                      "0 unless rollout.positions is all or N (it is computed on the data-path unroll)")
             return
         rule = f"for rollout.positions={r.positions} (windows drawn from one unroll along the data)"
-        _require(r.verify == "data", "rollout.verify", r.verify, f"data {rule}")
-        _require(r.greedy_members == 0, "rollout.greedy_members", r.greedy_members, f"0 {rule}")
-        _require(r.resample_tries == 0, "rollout.resample_tries", r.resample_tries, f"0 {rule}")
-        _require(lc.ppo_epochs == 1, "loss.ppo_epochs", lc.ppo_epochs, f"1 {rule}")
+        require(r.verify == "data", "rollout.verify", r.verify, f"data {rule}")
+        require(r.greedy_members == 0, "rollout.greedy_members", r.greedy_members, f"0 {rule}")
+        require(r.resample_tries == 0, "rollout.resample_tries", r.resample_tries, f"0 {rule}")
+        require(lc.ppo_epochs == 1, "loss.ppo_epochs", lc.ppo_epochs, f"1 {rule}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -405,7 +386,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     """
     raw = read_recipe(Path(path)) if path is not None else {}
     for item in overrides or []:
-        _apply_override(raw, item)
+        apply_override(raw, item)
     return build(Config, raw, prefix="")
 
 
@@ -420,22 +401,3 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
             return {k: conv(x) for k, x in v.items()}
         return v
     return conv(dataclasses.asdict(cfg))
-
-
-def _apply_override(raw: dict, item: str) -> None:
-    if "=" not in item:
-        raise UserError(f"override {item!r} must look like section.field=value")
-    key, _, text = item.partition("=")
-    parts = key.strip().split(".")
-    try:
-        value = parse_yaml(text) if text.strip() else ""
-    except (yaml.YAMLError, DuplicateKey):
-        value = text
-    node = raw
-    for part in parts[:-1]:
-        if node.get(part) is None:  # absent, or an empty `section:` in the YAML
-            node[part] = {}
-        node = node[part]
-        if not isinstance(node, dict):
-            raise UserError(f"override {item!r}: {part} is not a section")
-    node[parts[-1]] = value

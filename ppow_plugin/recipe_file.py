@@ -229,3 +229,43 @@ def _coerce(tp: Any, value: Any, name: str) -> Any:
             raise UserError(f"{name} must be a string, got {value!r}")
         return value
     raise TypeError(f"config field {name} has unsupported type {tp}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Invariants and overrides (used by config)
+
+
+def require(ok: bool, name: str, value: Any, rule: str) -> None:
+    """The one-line ValueError of a broken invariant: `name (value) must be rule`.
+
+    Written as "ok" (not "bad") so that nan, for which every comparison is False, always fails.
+    """
+    if not ok:
+        raise ValueError(f"{name} ({value!r}) must be {rule}")
+
+
+def require_text(value: str | None, name: str, what: str, optional: bool = True) -> None:
+    """Strings that name something (paths, devices) are not empty; None is allowed when optional."""
+    if value is None and optional:
+        return
+    require(bool(value and value.strip()), name, value, what)
+
+
+def apply_override(raw: dict, item: str) -> None:
+    """A dotted `section.field=value` override into the raw recipe dict (value parsed as a YAML scalar)."""
+    if "=" not in item:
+        raise UserError(f"override {item!r} must look like section.field=value")
+    key, _, text = item.partition("=")
+    parts = key.strip().split(".")
+    try:
+        value = parse_yaml(text) if text.strip() else ""
+    except (yaml.YAMLError, DuplicateKey):
+        value = text
+    node = raw
+    for part in parts[:-1]:
+        if node.get(part) is None:  # absent, or an empty `section:` in the YAML
+            node[part] = {}
+        node = node[part]
+        if not isinstance(node, dict):
+            raise UserError(f"override {item!r}: {part} is not a section")
+    node[parts[-1]] = value
