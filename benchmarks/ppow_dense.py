@@ -184,10 +184,7 @@ def main() -> int:
                    by["expected (32 ADAW starts) + sft_weight=1"]["s_per_sequence"] / sft_s}
     for k, v in summary.items():
         print(f"{k}: {v:.2f}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"command": " ".join(sys.argv), "sequences": args.sequences, "threads": args.threads,
-                       "arms": rows, "summary": summary}, f, indent=1)
+    _write_json(args, rows, summary=summary)
     return 0
 
 
@@ -203,11 +200,15 @@ def report_draw_noise(arms, rows, args) -> int:
         name = a.name.rsplit(", draw", 1)[0]
         pairs[name] = {"mean_cosine_between_draws": sum(cos) / len(cos), "per_sequence": cos}
         print(f"{name:42s} same sequence, two draws: mean cosine {sum(cos) / len(cos):+.4f}")
+    _write_json(args, rows, draw_noise=pairs)
+    return 0
+
+
+def _write_json(args, rows, **results) -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"command": " ".join(sys.argv), "sequences": args.sequences, "threads": args.threads,
-                       "arms": rows, "draw_noise": pairs}, f, indent=1)
-    return 0
+                       "arms": rows, **results}, f, indent=1)
 
 
 if __name__ == "__main__":

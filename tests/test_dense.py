@@ -9,21 +9,12 @@ from ppow_plugin.drafters import adapters as drafters
 from ppow_plugin.drafters import draft_vocab
 from ppow_plugin.host import eagle_compat, patching
 from ppow_plugin.method import dense, losses, rollout
-from tiny import make_target
+from tiny import greedy_continuation, make_target
 
 if patching.patch_status().state != "patched":
     pytest.skip("the EAGLE host is not installed and patched (`ppow patch apply`)", allow_module_level=True)
 
 K, G = 4, 6
-
-
-def _greedy_continuation(target, prefix: torch.Tensor, n: int) -> torch.Tensor:
-    seq = prefix
-    for _ in range(n):
-        with torch.no_grad():
-            nxt = target.lm_head(target.model(input_ids=seq[None])[0])[0, -1].argmax()
-        seq = torch.cat([seq, nxt[None]])
-    return seq[prefix.numel():]
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +25,7 @@ def setup(tmp_path_factory):
     g = torch.Generator().manual_seed(0)
     target.lm_head.weight = torch.nn.Parameter(torch.randn(target.lm_head.weight.shape, generator=g))
     prompt = torch.randint(4, 120, (8,), generator=torch.Generator().manual_seed(5))
-    answer = torch.cat([prompt, _greedy_continuation(target, prompt, 16)])
+    answer = torch.cat([prompt, greedy_continuation(target, prompt, 16)])
     noisy = answer.clone()
     noisy[[13, 19]] = (noisy[[13, 19]] + 7) % 120 + 4
     return target, answer, noisy

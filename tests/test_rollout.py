@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from ppow_plugin.host import eagle_compat, patching
 from ppow_plugin.method import losses, rollout
-from tiny import make_target
+from tiny import greedy_continuation, make_target
 
 if patching.patch_status().state != "patched":
     pytest.skip("the EAGLE host is not installed and patched (`ppow patch apply`)", allow_module_level=True)
@@ -80,7 +80,7 @@ def test_batched_tree_verification_matches_brute_force(tiny):
     drafts = torch.randint(4, 120, (3, G, K), generator=g)
     # Make some windows (partly) the target's own greedy continuation so k covers 0..K.
     for i, s in enumerate(starts.tolist()):
-        greedy = _greedy_continuation(target, ids[: s + 1], K)
+        greedy = greedy_continuation(target, ids[: s + 1], K)
         drafts[i, 0] = greedy
         drafts[i, 1, :2] = greedy[:2]
         drafts[i, 2, 1:] = greedy[1:]  # wrong first token: k must be 0
@@ -295,16 +295,6 @@ def test_verification_leaves_the_cache_as_the_sequence_so_windows_can_be_verifie
     assert not torch.allclose(corrupted[1], first[1][1:])
 
 
-def _greedy_continuation(target, prefix: torch.Tensor, n: int) -> torch.Tensor:
-    """[n] the target's greedy tokens after `prefix`, one full forward each (no cache)."""
-    seq = prefix
-    for _ in range(n):
-        with torch.no_grad():
-            nxt = target.lm_head(target.model(input_ids=seq[None])[0])[0, -1].argmax()
-        seq = torch.cat([seq, nxt[None]])
-    return seq[prefix.numel():]
-
-
 def test_verification_on_the_data_equals_the_tree_on_the_targets_own_greedy_answer(tmp_path):
     target = eagle_compat.load_host_target(make_target(tmp_path, layers=4, seed=3), torch.float32)
     # An untied random head: the tied tiny target's greedy answer repeats one token, which would hide a
@@ -313,7 +303,7 @@ def test_verification_on_the_data_equals_the_tree_on_the_targets_own_greedy_answ
     target.lm_head.weight = torch.nn.Parameter(torch.randn(target.lm_head.weight.shape, generator=g))
     g = torch.Generator().manual_seed(5)
     prompt = torch.randint(4, 120, (8,), generator=g)
-    answer = _greedy_continuation(target, prompt, 18)
+    answer = greedy_continuation(target, prompt, 18)
     assert len(set(answer.tolist())) >= 6
     ids = torch.cat([prompt, answer])  # T = 26, an answer as `gen_data` writes it
     starts, G, K = torch.tensor([7, 12, 16, 20]), 5, 5  # s + K <= T - 1: every window inside the data
@@ -348,7 +338,7 @@ def test_verification_on_the_data_equals_the_tree_on_the_targets_own_greedy_answ
 
     # A window that runs past the sequence's end stops there; the positions past it are no window positions.
     last = torch.tensor([ids.numel() - 3])
-    end = torch.cat([ids[-2:], _greedy_continuation(target, ids, 3)])[None, None]  # [1, 1, 5]
+    end = torch.cat([ids[-2:], greedy_continuation(target, ids, 3)])[None, None]  # [1, 1, 5]
     assert rollout.verify_on_data(ids, tpass.logits, last, end)[0].item() == 3
     assert rollout.on_sequence_mask(ids.numel(), last, 1, K)[0, 0].tolist() == [True, True, True, False, False]
 

@@ -110,3 +110,13 @@ def wait_for_checkpoint(proc, ckpt_dir: Path, step: int, log: Path | None = None
             raise AssertionError(f"exited {proc.returncode} before {target.name}: {detail[-3000:]}")
         assert time.time() < deadline, f"no {target.name} within {timeout} s"
         time.sleep(0.05)
+
+
+def greedy_continuation(target, prefix: torch.Tensor, n: int) -> torch.Tensor:
+    """[n] the target's greedy tokens after `prefix`, one full forward each (no cache)."""
+    seq = prefix
+    for _ in range(n):
+        with torch.no_grad():
+            nxt = target.lm_head(target.model(input_ids=seq[None])[0])[0, -1].argmax()
+        seq = torch.cat([seq, nxt[None]])
+    return seq[prefix.numel():]
