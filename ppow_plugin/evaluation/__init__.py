@@ -1,4 +1,5 @@
-"""Evaluation: tree decoding on the host target (`tree_decode`), real decoding and tau (`evaluate`), the
+"""Evaluation: the target and drafter an evaluation reads, checked to fit (`inputs`), tree decoding on the
+host target (`tree_decode`), real decoding and tau (`evaluate`), the
 exact simulation of decoding from cached continuations (`simulate`), per-prompt records and reports
 (`eval_report`), paired bootstrap intervals (`intervals`), drafter cost gamma (`profile`) and the in-training
 tau probe (`tau_probe`).
