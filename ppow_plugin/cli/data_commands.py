@@ -33,13 +33,13 @@ def cmd_data_generate(args) -> int:
     from ppow_plugin.data import datasets, shards
     from ppow_plugin.training import rundir
     from ppow_plugin.training.trainer import _resolve_target
-    if args.target != "default":  # a path: config and tokenizer checked before the prompts are read
-        _resolve_target(args.target, "--target ")
+    # a path: config and tokenizer checked before the prompts are read; "default" is prepared after them
+    target = _resolve_target(args.target, "--target ") if args.target != "default" else None
     if args.dataset == "sharegpt":
         convs, source = datasets.load_sharegpt(), "{}=={}".format(*datasets.SHAREGPT[:2])
     else:
         convs, source = datasets.load_jsonl_conversations(args.path, "--path "), f"jsonl:{args.path}"
-    target = _resolve_target(args.target, "--target ")  # "default": prepared on first use
+    target = target or _resolve_target(args.target, "--target ")  # "default": prepared on first use
     prompts = generate.first_turn_prompts(convs, args.heldout_fraction, args.seed)
     out = Path(args.out) if args.out is not None else generate.output_dir(target, source, args.heldout_fraction,
                                                                           settings)
