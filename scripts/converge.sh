@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# Issue 28, step 1: is a start converged? Continue its SFT for a fixed budget, then compare start and
+# continued drafter with paired intervals on the tuning prompts, MT-Bench and HumanEval.
+#
+#   scripts/converge.sh START_DRAFTER_DIR eagle1|eagle3 OUT        # DRY=1 only validates and prints
+#
+# Budget: STEPS steps (default: what 60 uncontended minutes gave when the start itself was trained:
+# 14 400 for EAGLE-1, 2 420 for EAGLE-3, docs/results.md §1b and §1c). A step budget, not a wall-time
+# one, so that other work on the machine cannot make the start look converged by starving its run;
+# the run's wall time is in OUT/sft/metrics.jsonl. The recipe's SFT loss, lr 5e-5 constant (what the
+# -long drafters were trained with), one torch thread (THREADS), the committed generated answers.
+# Resumable: rerun the same command; training resumes from its newest checkpoint, finished
+# evaluations are kept (OUT/cmp-*/compare.md).
+# Evaluation: `ppow compare --simulate START OUT/sft/drafter`, T = 0, 128 new tokens, on the 48 tuning
+# prompts (scripts/dev_prompts.py), MT-Bench 80 and HumanEval 164; paired 95 % intervals in compare.md
+# and each report's JSON. "Converged" (issue 28): gain < +1 % with an interval covering 0.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+START=${1:?usage: scripts/converge.sh START_DRAFTER_DIR eagle1|eagle3 OUT}
+FAMILY=${2:?family: eagle1 or eagle3}
+OUT=${3:?OUT: the output dir}
+PY=${PY:-.venv/bin/python}
+THREADS=${THREADS:-1}
+export OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS
+DATA=assets/generated/smollm2-135m-sharegpt-2048
+RECIPE=recipes/smollm2/135M_${FAMILY}_sft_generated.yaml
+case $FAMILY in
+  eagle1) STEPS=${STEPS:-14400}; SAVE=1200
+          EXTRA="sft.vocab_rows=4096" ;;
+  eagle3) STEPS=${STEPS:-2420}; SAVE=242
+          EXTRA="sft.ttt_steps=4 model.draft_vocab_size=null data.num_conversations=2048" ;;
+  *) echo "error: family must be eagle1 or eagle3, not '$FAMILY'" >&2; exit 2 ;;
+esac
+ppow() { $PY -m ppow_plugin.cli "$@"; }
+ARGS="model.drafter=$START data.path=$DATA optim.lr=5.0e-5 optim.schedule=constant optim.warmup_steps=0
+      run.max_steps=$STEPS run.max_minutes=600 run.save_every=$SAVE run.output_dir=$OUT/sft
+      eval.benchmarks=[sharegpt] eval.every_steps=1000000 $EXTRA"
+ppow validate "$RECIPE" $ARGS > /dev/null
+[ "${DRY:-0}" = 1 ] && { echo "DRY=1: config valid: ppow sft $RECIPE" $ARGS; exit 0; }
+mkdir -p "$OUT"
+[ -f "$OUT/dev-prompts.jsonl" ] || $PY scripts/dev_prompts.py "$OUT/dev-prompts.jsonl" 48
+
+if [ ! -f "$OUT/sft/drafter/model.safetensors" ]; then
+  resume=""; ls "$OUT"/sft/checkpoints/step-* > /dev/null 2>&1 && resume="run.resume=true"
+  echo "+ ppow sft $RECIPE" $ARGS $resume
+  ppow sft "$RECIPE" $ARGS $resume
+fi
+
+cmp() {  # cmp NAME compare-args...
+  local name=$1; shift
+  [ -f "$OUT/cmp-$name/compare.md" ] && return 0
+  echo "+ ppow compare --simulate $START $OUT/sft/drafter --names start,cont-sft $*"
+  ppow compare --simulate "$START" "$OUT/sft/drafter" --names start,cont-sft --max-new-tokens 128 \
+    --out "$OUT/cmp-$name" --force "$@"
+}
+cmp tuning48 --prompts "$OUT/dev-prompts.jsonl"
+cmp mt_bench80 --benchmarks mt_bench --num-prompts 80
+cmp humaneval164 --benchmarks humaneval --num-prompts 164
+for f in "$OUT"/cmp-*/compare.md; do echo "== $f"; cat "$f"; done
