@@ -1,6 +1,6 @@
 """Simulated vs real evaluation: the same drafter and prompts through `ppow eval` and `ppow eval --simulate`.
 
-    python benchmarks/eval_speed.py --drafter assets/drafters/smollm2-135m-eagle1-sft --num-prompts 80 \
+    python benchmarks/eval_speed.py --drafter assets/drafters/smollm2-135m-eagle1-sft-gen --num-prompts 80 \
         --max-new-tokens 128 [--benchmarks mt_bench] [--out eval_speed.json]
 
 Prints: the one-time cost of building the greedy-continuation cache (generation + target features), the wall
@@ -24,7 +24,7 @@ from ppow_plugin.host import assets
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--drafter", default="assets/drafters/smollm2-135m-eagle1-sft")
+    ap.add_argument("--drafter", default="assets/drafters/smollm2-135m-eagle1-sft-gen")
     ap.add_argument("--target", default="default")
     ap.add_argument("--benchmarks", default="mt_bench")
     ap.add_argument("--num-prompts", type=int, default=80)

@@ -50,7 +50,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sequences", type=int, default=6)
     ap.add_argument("--max-len", type=int, default=384)
-    ap.add_argument("--drafter", default="assets/drafters/smollm2-135m-eagle1-sft")
+    ap.add_argument("--drafter", default="assets/drafters/smollm2-135m-eagle1-sft-gen")
     ap.add_argument("--recipe", default="recipes/smollm2/135M_eagle1_ppow.yaml")
     ap.add_argument("--child", nargs=2, metavar=("STAGE", "OUT"))
     args = ap.parse_args()

@@ -25,7 +25,7 @@ def main() -> None:
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--sequences", type=int, default=8)
-    ap.add_argument("--drafter", default="assets/drafters/smollm2-135m-eagle1-sft")
+    ap.add_argument("--drafter", default="assets/drafters/smollm2-135m-eagle1-sft-gen")
     ap.add_argument("--recipe", default="recipes/smollm2/135M_eagle1_ppow.yaml")
     ap.add_argument("overrides", nargs="*", help="dotted recipe overrides, e.g. rollout.greedy_members=0")
     args = ap.parse_args()

@@ -10,6 +10,10 @@ cd "$(dirname "$0")/.."
 BIN=.venv/bin
 OUT=runs/results
 SFT=assets/drafters/smollm2-135m-eagle1-sft
+if [ ! -f "$SFT/model.safetensors" ]; then  # retired from the tree (issue 26): weights in git history
+  echo "error: $SFT is retired; restore its weights with: $(grep -m1 '^ *git checkout' "$SFT/RETIRED.md" | sed 's/^ *//')" >&2
+  exit 2
+fi
 MIN=${PPOW_MINUTES:-12}
 PROMPTS=${PROMPTS:-10}
 TOKENS=${TOKENS:-64}

@@ -9,6 +9,10 @@ cd "$(dirname "$0")/.."
 BIN=.venv/bin
 OUT=runs/results
 SFT1=assets/drafters/smollm2-135m-eagle1-sft
+if [ ! -f "$SFT1/model.safetensors" ]; then  # retired from the tree (issue 26): weights in git history
+  echo "error: $SFT1 is retired; restore its weights with: $(grep -m1 '^ *git checkout' "$SFT1/RETIRED.md" | sed 's/^ *//')" >&2
+  exit 2
+fi
 TOKENS=${EVAL80_TOKENS:-32}
 mkdir -p "$OUT"
 # HEAVY_LOCK=<file>: take this flock around each step (to queue with other heavy jobs on a shared machine).

@@ -254,7 +254,7 @@ def test_duplicate_key_check_is_what_refuses(tmp_path):
 def test_validate_prints_absolute_paths_and_refuses_missing_ones(capsys, tmp_path, monkeypatch):
     (tmp_path / "drafter").mkdir()  # validate reads the drafter as train does (preflight.py): a real one
     for f in ("config.json", "model.safetensors"):
-        (tmp_path / "drafter" / f).symlink_to(ROOT / "assets" / "drafters" / "smollm2-135m-eagle1-sft" / f)
+        (tmp_path / "drafter" / f).symlink_to(ROOT / "assets" / "drafters" / "smollm2-135m-eagle1-sft-gen" / f)
     (tmp_path / "r.yaml").write_text("stage: ppow\nmodel:\n  drafter: drafter\n")
     monkeypatch.chdir(tmp_path)
     assert cli.main(["validate", "r.yaml"]) == 0
@@ -281,7 +281,7 @@ def test_validate_prints_absolute_paths_and_refuses_missing_ones(capsys, tmp_pat
 ])
 def test_validate_checks_each_input_path(override, message, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    drafter, data = ROOT / "assets/drafters/smollm2-135m-eagle1-sft", ROOT / "assets/generated/smollm2-135m-sharegpt-2048"
+    drafter, data = ROOT / "assets/drafters/smollm2-135m-eagle1-sft-gen", ROOT / "assets/generated/smollm2-135m-sharegpt-2048"
     line = one_error(capsys, ["validate", PPOW, f"model.drafter={drafter}", f"data.path={data}", *override.split()])
     assert line.startswith("error: " + message.format(cwd=tmp_path))
     assert tree(tmp_path) == set()

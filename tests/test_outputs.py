@@ -386,7 +386,7 @@ def test_train_prints_at_most_two_lines_before_the_progress_bar(tmp_path):
 def test_paths_the_system_cannot_take_are_one_line_errors(tmp_path, capsys, monkeypatch):
     """Found by the CLI fuzz: a NUL byte in a path and a name longer than the OS allows were tracebacks."""
     monkeypatch.chdir(tmp_path)
-    drafter = Path(__file__).resolve().parents[1] / "assets" / "drafters" / "smollm2-135m-eagle1-sft"
+    drafter = Path(__file__).resolve().parents[1] / "assets" / "drafters" / "smollm2-135m-eagle1-sft-gen"
     refused_unchanged(capsys, tmp_path, r"--drafter contains a NUL byte; pass a real value",
                       "eval", "--drafter", "a\x00b", "--out", "o")
     refused_unchanged(capsys, tmp_path, r"out: a name in it is longer than the system allows \(255 bytes\); pass a shorter one",

@@ -132,7 +132,7 @@ def test_policy_loss_is_finite(seed, shape, clip_eps, mode, pad_prob):
 
 ROOT = Path(__file__).parents[1]
 RECIPE = str(ROOT / "recipes/smollm2/135M_eagle1_ppow.yaml")
-DRAFTER = str(ROOT / "assets/drafters/smollm2-135m-eagle1-sft")
+DRAFTER = str(ROOT / "assets/drafters/smollm2-135m-eagle1-sft-gen")
 # ~0.2 s an example on 2 busy cores; PPOW_FUZZ_EXAMPLES=2000 for a longer hunt
 FUZZ = settings(max_examples=int(os.environ.get("PPOW_FUZZ_EXAMPLES", 120)), deadline=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture])

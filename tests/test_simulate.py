@@ -210,7 +210,7 @@ def test_simulation_equals_decoding_cycle_by_cycle(real, family):
     from ppow_plugin.evaluation import tree_decode
     target, eos = real["target"], real["tok"].eos_token_id
     if family == "eagle1":
-        tree, drafter_dir = simulate.host_tree(), Path("assets/drafters/smollm2-135m-eagle1-sft")
+        tree, drafter_dir = simulate.host_tree(), Path("assets/drafters/smollm2-135m-eagle1-sft-gen")
         drafter = simulate.load_drafter("eagle1", drafter_dir, target)
         scratch = tempfile.TemporaryDirectory()
         decode = real["evaluate"]._load_decoders(real["dir"], drafter_dir, Path(scratch.name))

@@ -23,7 +23,7 @@ def cmd_validate(args) -> int:
     cfg = load_config(args.recipe, args.overrides)
     if cfg.stage == "ppow" and cfg.model.drafter is None:
         raise UserError("stage=ppow starts from a drafter: set model.drafter=<drafter dir> "
-                        "(e.g. assets/drafters/smollm2-135m-eagle1-sft), or use stage=sft to train one")
+                        "(e.g. assets/drafters/smollm2-135m-eagle1-sft-gen), or use stage=sft to train one")
     paths = input_paths(cfg)
     bad = [(key, p) for key, p in paths.items() if p.problem]
     if bad and not args.no_path_check:

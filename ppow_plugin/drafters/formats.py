@@ -111,6 +111,11 @@ def read_weights(p: Path, notes: list[str]) -> tuple[dict[str, torch.Tensor], li
         if not name.endswith(".index.json"):
             return _load_one(p / name), [p / name]
         return _read_sharded(p / name)
+    retired = p / "RETIRED.md"  # a committed drafter whose weights live in git history only: say how to restore
+    if retired.is_file():
+        restore = next((ln.strip() for ln in retired.read_text().splitlines() if ln.strip().startswith("git ")), "")
+        raise UserError(f"drafter dir {p} is retired (its weights are out of the tree, see {retired}); restore "
+                        f"them with: {restore or 'the command in ' + str(retired)}")
     raise UserError(f"drafter dir {p} has no model.safetensors, pytorch_model.bin or shard index")
 
 

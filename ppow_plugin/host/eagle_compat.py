@@ -369,7 +369,8 @@ def reset_kv(kv: list[list[Any]]) -> None:
 
 
 def load_drafter_weights(drafter: nn.Module, state: dict[str, Tensor]) -> None:
-    """Strictly load an EAGLE-1 state dict into a `new_eagle1_drafter`, as the host loader would.
+    """Strictly load an EAGLE-1 state dict into a `new_eagle1_drafter`, as the host loader would; floating
+    weights are cast to the drafter's dtype (an fp16 slim dir loads into an fp32 drafter).
 
     Raises:
         UserError: the key sets differ (names the first few), e.g. `fc.bias` vs the config's "bias".
@@ -379,7 +380,9 @@ def load_drafter_weights(drafter: nn.Module, state: dict[str, Tensor]) -> None:
         missing, unexpected = sorted(expected - given)[:4], sorted(given - expected)[:4]
         raise UserError(f"drafter weights do not match an EAGLE-1 drafter of this shape (missing {missing}, "
                         f"unexpected {unexpected}); check the drafter's config.json \"bias\" and target")
-    drafter.load_state_dict(state, strict=True)
+    ref = drafter.state_dict()  # committed drafters are stored fp16: upcast to the drafter's (training) dtype
+    drafter.load_state_dict({k: v.to(ref[k].dtype) if v.is_floating_point() else v for k, v in state.items()},
+                            strict=True)
 
 
 def require_host() -> None:

@@ -24,7 +24,7 @@ def check(cfg) -> None:
     target = _target_dir(cfg.model.target)
     if cfg.stage == "ppow" and cfg.model.drafter is None:
         raise UserError("stage=ppow starts from a drafter: set model.drafter=<drafter dir> "
-                        "(e.g. assets/drafters/smollm2-135m-eagle1-sft), or use stage=sft to train one")
+                        "(e.g. assets/drafters/smollm2-135m-eagle1-sft-gen), or use stage=sft to train one")
     if cfg.sft.vocab_rows is not None and cfg.stage == "sft" and cfg.model.drafter_type != "eagle1":
         raise UserError("sft.vocab_rows is for EAGLE-1 drafters; EAGLE-3 has its own draft vocabulary "
                         "(model.draft_vocab_size): unset sft.vocab_rows")

@@ -153,7 +153,7 @@ class Trainer:
         cfg = self.cfg
         if cfg.model.drafter is None and cfg.stage == "ppow":
             raise UserError("PPOW needs a supervised drafter to start from: set model.drafter "
-                            "(e.g. the committed assets/drafters/smollm2-135m-eagle1-sft)")
+                            "(e.g. the committed assets/drafters/smollm2-135m-eagle1-sft-gen)")
         drafter = self.adapter.build(cfg, self.target, samples, distributed.DTYPES[cfg.dist.dtype])
         return drafter.to(self.device)
 
