@@ -12,7 +12,7 @@
 #   export PYTHONPATH=$PWD/OUT/site:/tmp/ppow-site:$PWD
 #
 #   bash scripts/gpu_prepare.sh [OUT]
-# Not yet exercised on the GPU machine (issue 26: no GPU was lent); the smoke check that would use it is not built.
+# Not yet exercised on the GPU machine (issue 26: no GPU was lent); scripts/gpu_smoke.py is what uses it (docs/gpu.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-.gpu-wheels}
@@ -27,9 +27,10 @@ DS_BUILD_OPS=0 "$PY" -m pip wheel --quiet --no-deps --no-build-isolation -w "$OU
 "$PY" -m pip install --quiet --no-deps --target "$OUT/site" eagle-llm==1.2.1
 PYTHONPATH="$PWD/$OUT/site:$PWD" "$PY" -m ppow_plugin.cli patch apply
 PYTHONPATH="$PWD/$OUT/site:$PWD" "$PY" -c "
-import ppow_plugin.patching as p, sys
+import ppow_plugin.host.patching as p, sys
 s = p.patch_status()
 assert s.state == 'patched' and str(s.package_dir).startswith('$PWD/$OUT/site'), s
 "
+find "$OUT" -name __pycache__ -prune -exec rm -rf {} +  # 0.8 MB the GPU machine rebuilds: it travels (64 MiB a call)
 ls -l "$OUT/wheels"
 du -sh "$OUT"

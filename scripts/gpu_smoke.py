@@ -10,11 +10,22 @@ allow; full vocabulary and rope) it checks, each stage a CLI command in its own 
   sft          `ppow sft` 2 steps, DeepSpeed ZeRO-2 (bf16 on the GPU), a checkpoint each step; the device memory
                peak against `ppow plan`'s figure for the same shape (ratio printed, not judged)
   resume       the same run to step 3 with run.resume=true: resumed from step 2
-  ppow         `ppow train` 1 step from that drafter (verification on the target's KV cache)
+  ppow         `ppow train` 1 step from that drafter (verification on the target's KV cache), started through
+               torchrun (`python -m torch.distributed.run --standalone --nproc_per_node 1`, LOCAL_RANK set);
+               its device memory peak against `ppow plan`'s figure (judged on CUDA: within PLAN_BAND)
+  parity       one PPOW step in fp32 (dist.engine=torch) on the CPU and on the device, on the same windows: the
+               CPU's prepared step (target pass, windows, rollouts, verification) moved to the device, where the
+               loss and the drafter's gradient are computed again; |loss_cpu - loss_dev| <= LOSS_TOL * max(1,
+               |loss_cpu|) and cosine(grad_cpu, grad_dev) >= GRAD_COS. Recorded, not judged: the device's own
+               target pass against the CPU's (max |diff| of the features) and its verification of the CPU's
+               windows (share of accept lengths equal; greedy near-ties may flip a few)
+  profile      `ppow profile` of the exported drafter against the target (gamma; the profile still times on the
+               CPU in fp32 until evaluation runs on the device)
   export       `ppow export --format eagle3`, a strict reload, and greedy tree decoding (fp32) token-equal to
                transformers' greedy decoding of the same prompt (the first mismatch reported, not hidden)
-A failed check is recorded with its message and the script exits 1; the report is written either way.
-Not covered yet (docs/gpu.md): PPOW CPU-vs-GPU on the same windows, `ppow profile`, torchrun/deepspeed launchers.
+A failed check is recorded with its message and the script exits 1; the report is written either way. The
+rehearsal compares the CPU with itself (the parity check then only proves the plumbing) and has no CUDA peak
+to judge. Not covered yet (docs/gpu.md): the `deepspeed` launcher, more than one GPU.
 """
 
 from __future__ import annotations
@@ -37,6 +48,8 @@ sys.path.insert(0, str(ROOT / "tests"))
 FAMILIES = {"llama-3.1-8b": ("llama-3.1-8b-instruct", "recipes/llama3/8B_eagle3_sft.yaml",
                              "recipes/llama3/8B_eagle3_ppow.yaml"),
             "qwen3-8b": ("qwen3-8b", "recipes/qwen3/8B_eagle3_sft.yaml", "recipes/qwen3/8B_eagle3_ppow.yaml")}
+LOSS_TOL, GRAD_COS = 1e-3, 0.999  # parity: fp32 on both sides (TF32 matmuls off, torch's default)
+PLAN_BAND = (0.75, 1.33)  # plan / measured CUDA peak of the ppow stage (the plan leaves out the CUDA context)
 # one CLI command; writes its exit code and its device memory peak (CUDA) next to it
 WRAPPER = ("import json, sys, torch\nfrom ppow_plugin import cli\ncode = 1\n"
            "try:\n    code = cli.main(sys.argv[2:])\nfinally:\n"
@@ -98,19 +111,22 @@ def host_vs_hf(target: Path, device: str) -> dict:
     return {"max_abs_logit_diff": diff}
 
 
-def cli_stage(name: str, args: list[str], work: Path) -> dict:
-    """One `ppow` command in a fresh process; its wall time, exit code, CUDA peak and output tail."""
-    stats = work / f"{name}.stats.json"
+def cli_stage(name: str, args: list[str], work: Path, launcher: list[str] | None = None) -> dict:
+    """One `ppow` command in a fresh process (through `launcher`, e.g. torchrun, when given); its wall time,
+    exit code, CUDA peak and output tail."""
+    stats, wrapper = work / f"{name}.stats.json", work / "ppow_wrapper.py"
+    wrapper.write_text(WRAPPER)
     # one process, no launcher: a caller's launcher variables (a pytest process that ran DeepSpeed in-process keeps
     # its MASTER_PORT, still bound) must not reach DeepSpeed's single-process start-up
     env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE",
                                                             "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
     start = time.monotonic()
-    proc = subprocess.run([sys.executable, "-c", WRAPPER, str(stats), *args], cwd=work, env=env, capture_output=True,
-                          text=True, check=False)
+    proc = subprocess.run([*(launcher or [sys.executable]), str(wrapper), str(stats), *args], cwd=work, env=env,
+                          capture_output=True, text=True, check=False)
     seconds = time.monotonic() - start
     rc = json.loads(stats.read_text())["rc"] if stats.exists() else proc.returncode
-    out = {"seconds": round(seconds, 1), "rc": rc, "log_tail": (proc.stdout + proc.stderr)[-1500:]}
+    out = {"seconds": round(seconds, 1), "rc": rc, "launcher": " ".join(launcher or ["python"]),
+           "log_tail": (proc.stdout + proc.stderr)[-1500:]}
     if stats.exists() and json.loads(stats.read_text())["cuda_peak_bytes"] is not None:
         out["cuda_peak_gb"] = round(json.loads(stats.read_text())["cuda_peak_bytes"] / 1e9, 3)
     assert rc == 0, f"{name} exited {rc}: {out['log_tail'][-600:]}"
@@ -138,10 +154,94 @@ def greedy_equal(target: Path, drafter: Path, device: str, tokens: int = 24) -> 
     return {"tokens": tokens, "cycles": out.cycles, "tau": round(out.new_tokens / out.cycles, 3)}
 
 
-def family_checks(name: str, work: Path, rehearsal: bool, device: str, dtype: str) -> dict:
+def _to(obj, device):
+    """Tensors of a prepared step (dicts, named tuples, tuples) on `device`."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    if isinstance(obj, tuple):
+        moved = [_to(v, device) for v in obj]
+        return type(obj)(*moved) if hasattr(obj, "_fields") else tuple(moved)
+    return obj
+
+
+def _loss_and_grads(t, item) -> tuple[float, list[torch.Tensor]]:
+    t.drafter.zero_grad(set_to_none=True)
+    result = t.stage.loss(item)
+    result.loss.backward()
+    grads = [p.grad.detach().to("cpu", torch.float64) for p in t.drafter.parameters() if p.grad is not None]
+    return float(result.loss.detach()), grads
+
+
+def ppow_parity(recipe: Path, overrides: dict, work: Path, device: str) -> dict:
+    """One PPOW step, fp32, CPU against `device` on the CPU's windows (module docstring: the tolerances)."""
+    from ppow_plugin.config import load_config
+    from ppow_plugin.method import rollout
+    from ppow_plugin.training import trainer
+    runs = {}
+    for where, dev in (("cpu", "cpu"), ("device", device)):
+        cfg = load_config(recipe, [f"{k}={v}" for k, v in {**overrides, "dist.device": dev, "dist.dtype": "fp32",
+                                                            "dist.target_dtype": "fp32", "dist.engine": "torch",
+                                                            "dist.zero_stage": 0, "rollout.resample_tries": 0,
+                                                            "run.output_dir": work / f"parity-{where}"}.items()])
+        runs[where] = trainer.Trainer(cfg)
+        runs[where].setup()
+    cpu, dev = runs["cpu"], runs["device"]
+    sample = cpu.data.next()
+    item = cpu.stage.prepare(sample, step=0)
+    assert item["rollout"] is not None, "the CPU step selected no window"
+    moved = _to(item, dev.device)
+    out = compare_steps(*_loss_and_grads(cpu, item), *_loss_and_grads(dev, moved))
+    with torch.no_grad():  # the device's own target pass and verification of the same windows
+        tpass = dev.stage.target_passes(dev.drafter, sample, moved["ids"], moved["valid"])
+        ro, r = moved["rollout"], dev.cfg.rollout
+        verified = rollout.verify_windows(dev.target, dev.kv, moved["ids"], ro.starts,
+                                          dev.adapter.to_target_ids(dev.drafter, ro.draft_tokens), r.verify,
+                                          r.verify_temperature, rollout.proposal_logprobs(ro.old_logprobs,
+                                                                                          r.greedy_members), dev.gen)
+    out.update(windows=list(ro.draft_tokens.shape),
+               feature_max_abs_diff=float((tpass.features.float().cpu() - item["tpass"].features.float()).abs().max()),
+               accept_len_equal_share=float((verified[0].cpu() == item["rollout"].accept_len).float().mean()))
+    del runs, cpu, dev, moved
+    ok, error = out.pop("ok"), out.pop("error")
+    assert ok, error
+    return out
+
+
+def compare_steps(loss_cpu: float, grads_cpu: list[torch.Tensor], loss_dev: float,
+                  grads_dev: list[torch.Tensor]) -> dict:
+    """Loss and gradient of the same step on two devices against LOSS_TOL and GRAD_COS; "ok" and "error" say."""
+    dot = sum(float((a * b).sum()) for a, b in zip(grads_cpu, grads_dev, strict=True))
+    norms = [sum(float((g.double() * g.double()).sum()) for g in gs) ** 0.5 for gs in (grads_cpu, grads_dev)]
+    cosine = dot / max(norms[0] * norms[1], 1e-300)
+    errors = ([f"loss differs: {loss_cpu} (CPU) vs {loss_dev} (device), more than {LOSS_TOL} x max(1, |loss|)"]
+              if abs(loss_cpu - loss_dev) > LOSS_TOL * max(1.0, abs(loss_cpu)) else [])
+    errors += [f"gradient cosine {cosine:.6f} < {GRAD_COS}"] if cosine < GRAD_COS else []
+    return {"ok": not errors, "error": "; ".join(errors), "loss_cpu": loss_cpu, "loss_device": loss_dev,
+            "loss_tol": LOSS_TOL, "grad_cosine": cosine, "grad_cosine_min": GRAD_COS, "grad_norm_cpu": norms[0],
+            "grad_norm_device": norms[1]}
+
+
+def planned_gb(recipe: Path, overrides: dict) -> float:
+    from ppow_plugin.config import load_config
     from ppow_plugin.host import target_arch
     from ppow_plugin.training import plan
-    from ppow_plugin.config import load_config
+    cfg = load_config(recipe, [f"{k}={v}" for k, v in overrides.items()])
+    return plan.plan_memory(cfg, target_arch.load_target_arch(cfg)[0]).total_gb
+
+
+def with_plan(out: dict, planned: float, judge: bool) -> dict:
+    """The stage's CUDA peak next to the plan's figure; `judge`: outside PLAN_BAND fails the check."""
+    out["plan_gb"] = round(planned, 3)
+    if "cuda_peak_gb" in out:
+        out["plan_over_peak"] = ratio = round(planned / out["cuda_peak_gb"], 3)
+        assert not judge or PLAN_BAND[0] <= ratio <= PLAN_BAND[1], \
+            f"plan {planned:.2f} GB vs CUDA peak {out['cuda_peak_gb']} GB: ratio {ratio} outside {PLAN_BAND}"
+    return out
+
+
+def family_checks(name: str, work: Path, rehearsal: bool, device: str, dtype: str) -> dict:
     config_name, sft_recipe, ppow_recipe = FAMILIES[name]
     checks: dict = {}
 
@@ -165,14 +265,9 @@ def family_checks(name: str, work: Path, rehearsal: bool, device: str, dtype: st
     kv = lambda d: [f"{k}={v}" for k, v in d.items()]  # noqa: E731
     sft = {**common, "sft.ttt_steps": 2, "model.drafter": "null", "run.output_dir": work / "sft"}
 
-    def sft_stage():
+    def sft_stage():  # the peak printed next to the plan, not judged (the ppow stage's is)
         out = cli_stage("sft", ["sft", str(ROOT / sft_recipe), *kv({**sft, "run.max_steps": 2})], work)
-        cfg = load_config(ROOT / sft_recipe, kv({**sft, "run.max_steps": 2}))
-        planned = plan.plan_memory(cfg, target_arch.load_target_arch(cfg)[0]).total_gb
-        out["plan_gb"] = round(planned, 3)
-        if "cuda_peak_gb" in out:
-            out["plan_over_peak"] = round(planned / out["cuda_peak_gb"], 3)
-        return out
+        return with_plan(out, planned_gb(ROOT / sft_recipe, {**sft, "run.max_steps": 2}), judge=False)
 
     if check("sft", sft_stage):
         def resume():
@@ -184,12 +279,19 @@ def family_checks(name: str, work: Path, rehearsal: bool, device: str, dtype: st
         ppow = {**common, "model.drafter": work / "sft" / "drafter", "run.output_dir": work / "ppow",
                 "rollout.group_size": 2, "rollout.window": 3, "rollout.prefixes_per_sequence": 1,
                 "windowing.warmup_steps": 1, "run.max_steps": 1}
-        check("ppow", lambda: cli_stage("ppow", ["train", str(ROOT / ppow_recipe), *kv(ppow)], work))
+        torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1"]
+        check("ppow", lambda: with_plan(cli_stage("ppow", ["train", str(ROOT / ppow_recipe), *kv(ppow)], work,
+                                                  torchrun), planned_gb(ROOT / ppow_recipe, ppow), judge=True))
+        check("parity", lambda: ppow_parity(ROOT / ppow_recipe, ppow, work, device))
 
         def export():
             out = cli_stage("export", ["export", str(work / "sft"), str(work / "eagle3"), "--format", "eagle3"], work)
             return {**out, **greedy_equal(target, work / "eagle3", device)}
-        check("export", export)
+        if check("export", export):
+            check("profile", lambda: cli_stage("profile", [
+                "profile", "--target", str(target), "--drafter", str(work / "eagle3"), "--repeats", "2",
+                "--tree-sizes", "1,8", "--prefix-len", "32", "--out", str(work / "profile.json")], work)
+                | {"gamma": json.loads((work / "profile.json").read_text())["gamma"]})
     return checks
 
 
