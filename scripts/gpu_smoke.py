@@ -3,8 +3,8 @@
     python scripts/gpu_smoke.py --out $OUT/gpu_smoke.json              # GPU: real width, bf16 training
     python scripts/gpu_smoke.py --rehearsal --out /tmp/gpu_smoke.json  # CPU: width / 16, vocabulary 512, fp32
 
-On the GPU machine first install what `bash scripts/gpu_prepare.sh` prepared here (its header says how). Per
-family (Llama-3.1-8B's and Qwen3-8B's packaged configs, 5 decoder layers: the fewest EAGLE-3's feature layers
+On the GPU machine run it through `bash scripts/gpu_smoke.sh $OUT/gpu_smoke.json`, which installs first what
+`bash scripts/gpu_prepare.sh` prepared here (docs/gpu.md, "Smoke check"). Per family (Llama-3.1-8B's and Qwen3-8B's packaged configs, 5 decoder layers: the fewest EAGLE-3's feature layers
 allow; full vocabulary and rope) it checks, each stage a CLI command in its own process:
   host_vs_hf   the host KV Llama's logits against transformers' on the device, fp32 (max |diff| <= 1e-3)
   sft          `ppow sft` 2 steps, DeepSpeed ZeRO-2 (bf16 on the GPU), a checkpoint each step; the device memory
@@ -19,8 +19,8 @@ allow; full vocabulary and rope) it checks, each stage a CLI command in its own 
                |loss_cpu|) and cosine(grad_cpu, grad_dev) >= GRAD_COS. Recorded, not judged: the device's own
                target pass against the CPU's (max |diff| of the features) and its verification of the CPU's
                windows (share of accept lengths equal; greedy near-ties may flip a few)
-  profile      `ppow profile` of the exported drafter against the target (gamma; the profile still times on the
-               CPU in fp32 until evaluation runs on the device)
+  profile      `ppow profile` of the exported drafter against the target (gamma, and the device it timed on:
+               `ppow profile` picks CUDA when present, fp32)
   export       `ppow export --format eagle3`, a strict reload, and greedy tree decoding (fp32) token-equal to
                transformers' greedy decoding of the same prompt (the first mismatch reported, not hidden)
 A failed check is recorded with its message and the script exits 1; the report is written either way. The
@@ -241,9 +241,15 @@ def with_plan(out: dict, planned: float, judge: bool) -> dict:
     return out
 
 
-def family_checks(name: str, work: Path, rehearsal: bool, device: str, dtype: str) -> dict:
+def _profiled(path: Path) -> dict:
+    prof = json.loads(path.read_text())
+    return {"gamma": prof["gamma"], "profile_device": (prof.get("settings") or {}).get("device")}
+
+
+def family_checks(name: str, work: Path, rehearsal: bool, device: str, dtype: str, checks: dict,
+                  save=lambda: None) -> dict:
+    """Fills `checks` one check at a time, calling `save` after each (a report killed at a limit keeps them)."""
     config_name, sft_recipe, ppow_recipe = FAMILIES[name]
-    checks: dict = {}
 
     def check(key, fn):
         try:
@@ -251,6 +257,7 @@ def family_checks(name: str, work: Path, rehearsal: bool, device: str, dtype: st
         except Exception as exc:  # recorded, then the next check runs
             checks[key] = {"ok": False, "error": f"{type(exc).__name__}: {exc}"[:2000],
                            "traceback": traceback.format_exc()[-1500:]}
+        save()
         return checks[key]["ok"]
 
     target = work / "target"
@@ -291,7 +298,7 @@ def family_checks(name: str, work: Path, rehearsal: bool, device: str, dtype: st
             check("profile", lambda: cli_stage("profile", [
                 "profile", "--target", str(target), "--drafter", str(work / "eagle3"), "--repeats", "2",
                 "--tree-sizes", "1,8", "--prefix-len", "32", "--out", str(work / "profile.json")], work)
-                | {"gamma": json.loads((work / "profile.json").read_text())["gamma"]})
+                | _profiled(work / "profile.json"))
     return checks
 
 
@@ -304,20 +311,29 @@ def main() -> int:
     if not args.rehearsal and not torch.cuda.is_available():
         print("error: no CUDA device visible; pass --rehearsal for the CPU form", file=sys.stderr)
         return 2
+    unknown = [n for n in args.families.split(",") if n not in FAMILIES]
+    if unknown:
+        print(f"error: --families {','.join(unknown)}: not a family; choose from {','.join(FAMILIES)}", file=sys.stderr)
+        return 2
     device, dtype = ("cpu", "fp32") if args.rehearsal else ("cuda", "bf16")
     import transformers
     report = {"machine": torch.cuda.get_device_name(0) if device == "cuda" else platform.processor() or "cpu",
               "device": device, "dtype": dtype, "torch": torch.__version__, "transformers": transformers.__version__,
               "python": platform.python_version(), "families": {}}
     start = time.monotonic()
+
+    def save(done: bool = False) -> None:  # after every check: a command killed at its limit keeps what ran
+        report.update(seconds=round(time.monotonic() - start, 1), finished=done,
+                      ok=done and all(c["ok"] for fam in report["families"].values() for c in fam.values()))
+        Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
+
     for name in args.families.split(","):
         with tempfile.TemporaryDirectory(prefix=f"gpu-smoke-{name}-") as tmp:
-            report["families"][name] = family_checks(name, Path(tmp), args.rehearsal, device, dtype)
+            family_checks(name, Path(tmp), args.rehearsal, device, dtype, report["families"].setdefault(name, {}),
+                          save)
             if device == "cuda":
                 torch.cuda.empty_cache()
-    report["seconds"] = round(time.monotonic() - start, 1)
-    report["ok"] = all(c["ok"] for fam in report["families"].values() for c in fam.values())
-    Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
+    save(done=True)
     print(json.dumps({name: {k: c["ok"] for k, c in fam.items()} for name, fam in report["families"].items()}))
     print(f"report written to {args.out}: {'ok' if report['ok'] else 'FAILED'} in {report['seconds']} s")
     return 0 if report["ok"] else 1
