@@ -73,9 +73,8 @@ for run in $RUNS; do
   extra=$(overrides "$run")
   [ "$run" = cst ] && extra=$cst_extra
   [ "$run" = gamma_prof ] && extra=reward.gamma=0.12  # the profile JSON does not exist yet; its field is checked below
-  echo "+ ppow validate $(recipe_of "$run") $(common "$run") $extra run.output_dir=$OUT/$run"
-  ppow validate "$(recipe_of "$run")" $(common "$run") $extra "run.output_dir=$OUT/$run" > /dev/null
-done
+  echo "$(recipe_of "$run") $(common "$run") $extra run.output_dir=$OUT/$run"
+done | validate_all
 [ "${DRY:-0}" = 1 ] && { echo "DRY=1: configs valid, nothing run"; exit 0; }
 mkdir -p "$OUT"
 

@@ -25,10 +25,13 @@ from ppow_plugin.evaluation import intervals
 
 
 def load(dirs: list[Path]) -> dict[str, dict[tuple[str, str], dict]]:
-    """{drafter name: {(benchmark, prompt id): record}} over the compare dirs (subdir = drafter name)."""
+    """{drafter name: {(benchmark, prompt id): record}} over the compare dirs (subdir = drafter name), in the
+    order of each compare.json (else by name)."""
     out: dict[str, dict[tuple[str, str], dict]] = {}
     for d in dirs:
-        for rep in sorted(d.glob("*/report.json")):
+        cmp = d / "compare.json"  # its drafters in the compare's order (the reference first)
+        names = list(json.loads(cmp.read_text())["drafters"]) if cmp.exists() else []
+        for rep in sorted(d.glob("*/report.json"), key=lambda p: (names + [p.parent.name]).index(p.parent.name)):
             records = {(r["benchmark"], r["prompt_id"]): r for r in json.loads(rep.read_text())["prompts"]}
             mine = out.setdefault(rep.parent.name, {})
             for key, r in records.items():
