@@ -64,15 +64,26 @@
 #  T = 1 is not run here (issue 28 asks for it or a documented reason; docs/results.md §7 has the method).
 #
 # Cost on this 2-core machine, JOBS=2 THREADS=1 (the τ probe's time is on top of MINUTES):
-#  training: 11 arms (4 main + 4 ablations + 3 gen) x 60 min / 2 = 5.5 h per family, plus the probes
-#    (EAGLE-1 ~0.2 s, EAGLE-3 ~6 s per prompt: 6 x 16 prompts = ~20 s / ~10 min per arm).
-#  evaluation: a simulated compare costs about 10 s of start-up plus, per prompt and drafter, 0.7 s
-#    (EAGLE-1) / 6.6 s (EAGLE-3), measured on 5 MT-Bench prompts, one thread, with two training runs on
-#    the two cores (`ppow compare --simulate <sft-gen> <sft-gen-long> --benchmarks mt_bench --num-prompts 5
-#    --max-new-tokens 128`: 17.9 s / 86.7 s). Simulations here: 9 drafters x 492 prompts (3 benchmarks +
-#    tuning) + 4 x 492 + 5 on the tuning prompts twice = ~6 900 prompt-drafters: EAGLE-1 ~1.4 h,
-#    EAGLE-3 ~12.6 h of one thread, /2 with JOBS=2, plus --per-depth on MT-Bench (~doubles that compare)
-#    and 60 real decodings (minutes). In all: EAGLE-1 ~6.5 h, EAGLE-3 ~12.5 h wall on the two cores.
+#  training: 11 arms (4 main, then 4 ablations + 3 gen_) x 60 min, 2 at a time: 6 rounds = 6 h per family
+#    (arms 1-4 first, so that BEST is known after 2 h); the τ probes add
+#    6 x 16 prompts per arm: ~1 min (EAGLE-1), ~11 min (EAGLE-3) per arm, ~0.1 h / ~1 h in all.
+#  evaluation: measured (2026-12-07, one thread, the two cores already busy with two training runs, load ~7):
+#    `ppow compare --simulate assets/drafters/smollm2-135m-<f>-sft-gen assets/drafters/smollm2-135m-<f>-sft-gen-long
+#    --names gen,long --benchmarks mt_bench --num-prompts 5 --max-new-tokens 128 --temperature 0 --recipe
+#    recipes/smollm2/135M_<f>_ppow.yaml` (cached target continuations), twice each: EAGLE-1 23.0 / 17.9 s wall,
+#    0.66-0.85 s per prompt and drafter + ~11 s start-up; EAGLE-3 86.7 / 155.3 s, 5.9-17.3 s per prompt and
+#    drafter (7.0 s in the first run; docs/results.md §3: ~5 s uncontended).
+#    Simulations: (9 drafters x 444 benchmark prompts) + (4 x 444) + 3 tuning compares (5 + 5 + 4 drafters x 48)
+#    = 6 444 prompt-drafters, plus --per-depth on MT-Bench for 13 drafters x 80 prompts (~+3 s a prompt for
+#    EAGLE-1 and ~+1 simulation's time for EAGLE-3, docs/results.md §1b, §1c). One thread: EAGLE-1 ~2 h,
+#    EAGLE-3 ~14.5 h at 7 s (~25 h at 12 s); JOBS=2: ~1 h / ~7-12 h. Real decoding of 3 drafters x 20 prompts
+#    (not measured here): minutes (EAGLE-1) to ~0.5 h (EAGLE-3).
+#  In all, on two free cores: EAGLE-1 ~7.5 h, EAGLE-3 ~15-20 h; the EAGLE-3 evaluation is the largest single
+#    cost (fewer ShareGPT prompts for the ablations would be the first thing to cut, BENCHES/RUNS).
+# Curves (scripts/curves.py CURVES) the metrics provide: reward, greedy_accept_len (greedy-window k at the
+# training positions, not held-out ones), sim_tau (τ probe), zero_adv_frac, r_dist_rate, clip_frac (sampled
+# arms; the expected arm logs reward, greedy_accept_len only); SFT arms: top1_acc, multi_step_last_acc,
+# ttt_last_acc. Gradient signal-to-noise is not logged by training (benchmarks/ppow_dense.py measures it).
 # Step rates used to space the τ probe and checkpoints (steps per training hour, one thread on a shared
 # machine; estimates from docs/results.md §1b, §1c, §4, docs/algorithm.md's 15-min dense checks):
 #  EAGLE-1 cst 14400, deep_sft 2000, PPOW dense 400; EAGLE-3 cst 2420, deep_sft 1200, PPOW dense 200.
@@ -178,8 +189,8 @@ group() {  # group START_NAME START ARM...: "START,OUT/ARM/drafter,... START_NAM
 cmp_dirs=""
 compare() { cmp_dirs="$cmp_dirs $1"; queue compare_into "$@"; }  # compare DIR ...: compare_into, JOBS at a time
 
-# 1. Arms 1-4 and the gen_ arms, JOBS at a time; then BEST on the tuning prompts.
-train_all $(only "$MAIN $GEN")
+# 1. Arms 1-4, JOBS at a time; then BEST on the tuning prompts.
+train_all $(only "$MAIN")
 main=$(only "$MAIN")
 [ -n "$main" ] && compare_into "$OUT/tuning-main" $(group start "$START" $main) $SIMARGS \
   --prompts "$OUT/dev-prompts.jsonl"
@@ -192,8 +203,8 @@ BEST=${BEST:-dense}
 echo "$BEST" > "$OUT/best.txt"
 for a in $(only "$ABLATIONS"); do echo "  $a: ppow $(arm "$a" "$BEST")"; done
 
-# 2. The ablations of BEST.
-train_all $(only "$ABLATIONS")
+# 2. The ablations of BEST and the gen_ arms.
+train_all $(only "$ABLATIONS $GEN")
 abl=$(only "$ABLATIONS")
 [ -n "$abl" ] && compare "$OUT/tuning-ablations" $(group start "$START" $abl) $SIMARGS --prompts "$OUT/dev-prompts.jsonl"
 
