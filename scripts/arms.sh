@@ -56,7 +56,8 @@
 #    and the gen_ arms into OUT/gen-sim-<bench>.
 #  - the tuning prompts: OUT/tuning-main (START + arms 1-4; picks BEST), OUT/tuning-ablations, OUT/gen-tuning.
 #  - against arm 1: scripts/paired.py table --reference cst over all compares -> OUT/vs-cst.md (and
-#    OUT/vs-gen_cst.md); against the start -> OUT/vs-start.md (OUT/vs-gen_start.md).
+#    OUT/vs-gen_cst.md); against the start -> OUT/vs-start.md (OUT/vs-gen_start.md); the per-depth table of
+#    all arms -> OUT/per-depth.md (OUT/gen-per-depth.md).
 #  - real decoding (`ppow compare` without --simulate, T = 0) of START, cst and BEST on the first REAL prompts
 #    of MT-Bench and HumanEval (2 x 10 = 20), OUT/real-t0; `scripts/paired.py agree` checks 0 mismatches and
 #    cycles identical to the simulation.
@@ -125,7 +126,7 @@ for arm in $RUNS; do
 done
 
 # every_steps: PROBES τ probes (and 12 checkpoints) over MINUTES at the arm's step rate.
-every() { local n=$(( $1 * MIN / 60 / $2 )); echo $(( n < 1 ? 1 : n )); }
+every() { awk -v r="$1" -v m="$MIN" -v p="$2" 'BEGIN { n = int(r * m / 60 / p); print (n < 1 ? 1 : n) }'; }
 schedule() {  # schedule RATE: the probe and checkpoint overrides
   echo "eval.benchmarks=[sharegpt] eval.every_prompts=16 eval.max_new_tokens=128" \
        "eval.every_steps=$(every "$1" "$PROBES") run.save_every=$(every "$1" 12)"
@@ -233,6 +234,10 @@ tables() {  # tables START_NAME ARM1_NAME COMPARE_DIR...
 }
 [ -n "$conv" ] && tables start cst "$OUT"/sim-*/ "$OUT"/tuning-*/
 [ -n "$gen" ] && tables gen_start gen_cst "$OUT"/gen-sim-*/ "$OUT/gen-tuning/"
+pd=${PER_DEPTH:-mt_bench}  # one per-depth table per group
+[ -n "$conv" ] && [ -d "$OUT/sim-$pd" ] && $PY scripts/paired.py depths "$OUT/sim-$pd" --out "$OUT/per-depth.md" > /dev/null
+[ -n "$gen" ] && [ -d "$OUT/gen-sim-$pd" ] &&
+  $PY scripts/paired.py depths "$OUT/gen-sim-$pd" --out "$OUT/gen-per-depth.md" > /dev/null
 
 # 5. Real decoding at T = 0 on REAL x 2 prompts: 0 mismatches, cycles identical to the simulation.
 real=$(only "cst $BEST")
@@ -245,4 +250,4 @@ fi
 # 6. Curves: one JSON and one PNG per arm.
 arms=""; for a in $RUNS; do arms="$arms $OUT/$a"; done
 $PY scripts/curves.py $arms --per-run "$OUT/curves" --json "$OUT/curves/quarters.json"
-cat "$OUT"/*vs-*.md
+cat "$OUT"/vs-*.md "$OUT"/*per-depth.md

@@ -2,6 +2,7 @@
 
     python scripts/paired.py table --reference cst --out OUT/vs-cst.md CMP_DIR [CMP_DIR ...]
     python scripts/paired.py agree REAL_CMP_DIR SIM_CMP_DIR [SIM_CMP_DIR ...]
+    python scripts/paired.py depths CMP_DIR            # a compare run with --per-depth: one table, all drafters
 
 `ppow compare` gives each drafter's τ change against its first drafter only. Issue 28 also wants every
 arm against continued SFT (arm 1), and the drafters of one table may come from several compares (the
@@ -12,6 +13,8 @@ benchmark, τ of every drafter and its change against --reference with a paired 
 have the same records on the prompts both hold (it is the same drafter simulated twice: checked).
 `agree`: for every drafter of a real-decoding compare, its T = 0 mismatches and whether each prompt's
 cycles equal the simulation's (the same drafter name in SIM_CMP_DIR); exit 1 on any difference.
+`depths`: the top-1 / top-3 acceptance per draft depth of every drafter of a `--per-depth` compare (each
+report.json's settings.topk_by_depth), in one table.
 """
 
 from __future__ import annotations
@@ -81,6 +84,24 @@ def agree(real: dict[str, dict[tuple[str, str], dict]], sim: dict[str, dict[tupl
     return lines
 
 
+def depths(cmp_dir: Path) -> str:
+    names = list(json.loads((cmp_dir / "compare.json").read_text())["drafters"])
+    rows, depth = [], 0
+    for name in names:
+        by = json.loads((cmp_dir / name / "report.json").read_text())["settings"].get("topk_by_depth")
+        if by is None:
+            raise SystemExit(f"error: {cmp_dir / name}/report.json has no per-depth figures (run with --per-depth)")
+        depth = by["depth"]
+        for bench, st in by["benchmarks"].items():
+            if bench != "overall" or len(by["benchmarks"]) > 2:
+                rows.append(f"| {name} | {bench} | {st['roots']} | "
+                            + " | ".join(f"{a:.2f} / {b:.2f}" for a, b in zip(st["top1"], st["top3"])) + " |")
+    head = ["Top-1 / top-3 acceptance at each draft depth (`--per-depth`)", "",
+            "| drafter | benchmark | roots | " + " | ".join(f"depth {i + 1}" for i in range(depth)) + " |",
+            "|---|---|---|" + "---|" * depth]
+    return "\n".join(head + rows) + "\n"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -91,7 +112,16 @@ def main() -> None:
     a = sub.add_parser("agree")
     a.add_argument("real", type=Path)
     a.add_argument("sim", nargs="+", type=Path)
+    d = sub.add_parser("depths")
+    d.add_argument("dir", type=Path)
+    d.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
+    if args.cmd == "depths":
+        text = depths(args.dir)
+        print(text)
+        if args.out:
+            args.out.write_text(text)
+        return
     if args.cmd == "table":
         text = table(load(args.dirs), args.reference)
         print(text)

@@ -138,3 +138,15 @@ def test_paired_table_against_any_drafter_and_the_real_check(tmp_path):
     lines = paired.agree(paired.load([real]), reports)
     assert lines[0].startswith("ok start: 2 prompts, 0 T = 0 mismatches, cycles equal to the simulation on 2 / 2")
     assert lines[1].startswith("DIFF cst: 1 prompts, 1 T = 0 mismatches, cycles equal to the simulation on 0 / 1")
+
+    by = {"depth": 2, "benchmarks": {"mt_bench": {"roots": 9, "top1": [0.5, 0.25], "top3": [0.75, 0.5]},
+                                     "overall": {"roots": 9, "top1": [0.5, 0.25], "top3": [0.75, 0.5]}}}
+    rep = json.loads((a / "cst" / "report.json").read_text())
+    (a / "cst" / "report.json").write_text(json.dumps({**rep, "settings": {"topk_by_depth": by}}))
+    with pytest.raises(SystemExit, match="no per-depth figures"):  # start's report has none
+        paired.depths(a)
+    (a / "start" / "report.json").write_text(json.dumps({**rep, "settings": {"topk_by_depth": by}}))
+    assert paired.depths(a).splitlines()[2:] == ["| drafter | benchmark | roots | depth 1 | depth 2 |",
+                                                 "|---|---|---|---|---|",
+                                                 "| start | mt_bench | 9 | 0.50 / 0.75 | 0.25 / 0.50 |",
+                                                 "| cst | mt_bench | 9 | 0.50 / 0.75 | 0.25 / 0.50 |"]
