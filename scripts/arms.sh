@@ -58,8 +58,8 @@
 #  - against arm 1: scripts/paired.py table --reference cst over all compares -> OUT/vs-cst.md (and
 #    OUT/vs-gen_cst.md); against the start -> OUT/vs-start.md (OUT/vs-gen_start.md); the per-depth table of
 #    all arms -> OUT/per-depth.md (OUT/gen-per-depth.md).
-#  - real decoding (`ppow compare` without --simulate, T = 0) of START, cst and BEST on the first REAL prompts
-#    of MT-Bench and HumanEval (2 x 10 = 20), OUT/real-t0; `scripts/paired.py agree` checks 0 mismatches and
+#  - real decoding (`ppow compare` without --simulate, T = 0) of START and BEST on the first REAL prompts of
+#    MT-Bench and HumanEval (2 x 10 = 20), OUT/real-t0; `scripts/paired.py agree` checks 0 mismatches and
 #    cycles identical to the simulation.
 #  - curves: `scripts/curves.py OUT/<arm>... --per-run OUT/curves` (one JSON and one PNG per arm).
 #  T = 1 is not run here (issue 28 asks for it or a documented reason; docs/results.md §7 has the method).
@@ -77,9 +77,10 @@
 #    Simulations: (9 drafters x 444 benchmark prompts) + (4 x 444) + 3 tuning compares (5 + 5 + 4 drafters x 48)
 #    = 6 444 prompt-drafters, plus --per-depth on MT-Bench for 13 drafters x 80 prompts (~+3 s a prompt for
 #    EAGLE-1 and ~+1 simulation's time for EAGLE-3, docs/results.md §1b, §1c). One thread: EAGLE-1 ~2 h,
-#    EAGLE-3 ~14.5 h at 7 s (~25 h at 12 s); JOBS=2: ~1 h / ~7-12 h. Real decoding of 3 drafters x 20 prompts
-#    (not measured here): minutes (EAGLE-1) to ~0.5 h (EAGLE-3).
-#  In all, on two free cores: EAGLE-1 ~7.5 h, EAGLE-3 ~15-20 h; the EAGLE-3 evaluation is the largest single
+#    EAGLE-3 ~14.5 h at 7 s (~25 h at 12 s); JOBS=2: ~1 h / ~7-12 h. Real decoding, 2 drafters x 20 prompts:
+#    EAGLE-1 ~95 s per prompt and drafter (measured in a 2-prompt smoke run of this script, load ~6),
+#    ~1 h; EAGLE-3 ~45 s a prompt on two threads (docs/results.md §6), ~0.5-1 h.
+#  In all, on two free cores: EAGLE-1 ~8.5 h, EAGLE-3 ~15-21 h; the EAGLE-3 evaluation is the largest single
 #    cost (fewer ShareGPT prompts for the ablations would be the first thing to cut, BENCHES/RUNS).
 # Curves (scripts/curves.py CURVES) the metrics provide: reward, greedy_accept_len (greedy-window k at the
 # training positions, not held-out ones), sim_tau (τ probe), zero_adv_frac, r_dist_rate, clip_frac (sampled
@@ -240,7 +241,7 @@ pd=${PER_DEPTH:-mt_bench}  # one per-depth table per group
   $PY scripts/paired.py depths "$OUT/gen-sim-$pd" --out "$OUT/gen-per-depth.md" > /dev/null
 
 # 5. Real decoding at T = 0 on REAL x 2 prompts: 0 mismatches, cycles identical to the simulation.
-real=$(only "cst $BEST")
+real=$(only "$BEST")
 if [ "${REAL:-10}" != 0 ] && [ -n "$real" ]; then
   compare_into "$OUT/real-t0" $(group start "$START" $real) --temperature 0 --max-new-tokens 128 --recipe "$PPOW_RECIPE" \
     --benchmarks mt_bench,humaneval --num-prompts "${REAL:-10}"
