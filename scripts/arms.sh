@@ -245,10 +245,11 @@ real=$(only "$BEST")
 if [ "${REAL:-10}" != 0 ] && [ -n "$real" ]; then
   compare_into "$OUT/real-t0" $(group start "$START" $real) --temperature 0 --max-new-tokens 128 --recipe "$PPOW_RECIPE" \
     --benchmarks mt_bench,humaneval --num-prompts "${REAL:-10}"
-  $PY scripts/paired.py agree "$OUT/real-t0" "$OUT"/sim-*/ | tee "$OUT/real-t0-agree.txt"
+  $PY scripts/paired.py agree "$OUT/real-t0" "$OUT"/sim-*/ | tee "$OUT/real-t0-agree.txt" || disagree=1
 fi
 
 # 6. Curves: one JSON and one PNG per arm.
 arms=""; for a in $RUNS; do arms="$arms $OUT/$a"; done
 $PY scripts/curves.py $arms --per-run "$OUT/curves" --json "$OUT/curves/quarters.json"
 cat "$OUT"/vs-*.md "$OUT"/*per-depth.md
+[ -z "${disagree:-}" ] || { echo "error: real decoding and simulation disagree: $OUT/real-t0-agree.txt" >&2; exit 1; }
