@@ -91,9 +91,8 @@
 #  EAGLE-1 cst 14400, deep_sft 2000, PPOW dense 400; EAGLE-3 cst 2420, deep_sft 1200, PPOW dense 200.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-START=${1:?usage: scripts/arms.sh START eagle1|eagle3 OUT}
-FAMILY=${2:?family: eagle1 or eagle3}
-OUT=${3:?OUT: the output dir}
+[ $# = 3 ] || { echo "usage: scripts/arms.sh START_DRAFTER_DIR eagle1|eagle3 OUT   (DRY=1: validate only)" >&2; exit 2; }
+START=$1 FAMILY=$2 OUT=$3
 PY=${PY:-.venv/bin/python}
 MIN=${MINUTES:-60}
 JOBS=${JOBS:-2}
