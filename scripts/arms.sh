@@ -24,7 +24,8 @@
 #        TUNING   tuning prompts (48; scripts/dev_prompts.py)  REAL  prompts per benchmark, real decoding (10)
 #
 # Arms (the recipe of each family; START unless gen_; every arm: model.drafter, run.max_minutes, the τ probe
-# on 16 held-out ShareGPT prompts, eval.every_steps; data = the committed 2048 generated answers):
+# on 16 held-out ShareGPT prompts, eval.every_steps; data = the committed 2048 generated answers). The probe's
+# prompts are the first 16 of the ShareGPT evaluation set: a training curve only, nothing is chosen by it.
 #  1 cst        continued SFT: recipes/smollm2/135M_<f>_sft_generated.yaml, optim.lr=CST_LR constant, no warm-up,
 #               the start's own SFT loss (EAGLE-1 sft.vocab_rows=4096; EAGLE-3 sft.ttt_steps=4, its 8192 draft
 #               vocabulary): exactly converge.sh's run. Controls: "does more of the same training still help".
