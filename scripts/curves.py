@@ -1,9 +1,17 @@
 """Training curves of runs, in numbers: the mean of each logged metric over consecutive quarters of a run.
 
     python scripts/curves.py RUN_DIR [RUN_DIR ...] [--keys reward,accept_len,...] [--parts 4] [--json OUT]
+    python scripts/curves.py RUN_DIR [RUN_DIR ...] --per-run DIR     # + DIR/<run>.json and DIR/<run>.png
+    python scripts/curves.py --minutes-left MINUTES --upto STEP RUN_DIR   # what a resumed run has left
 
 Reads each run's metrics.jsonl (every logged step; `sim_tau` rows are the τ probe's) and prints one markdown
 table per run: rows = metrics, columns = the parts of the run by step, plus the τ probe's values by step.
+`--per-run` writes, per run, the issue-28 curves the metrics hold (CURVES: sampled reward, greedy-window k,
+τ probe, zero-advantage share, R_dist rate, clip fraction, gradient signal-to-noise, and the SFT arms'
+top-1) against training minutes, in JSON (every logged value, the quarters, and which curves the run did
+not log) and one PNG. Training minutes: a resumed run's metrics.jsonl holds one segment per start, each
+with its own clock (`elapsed_s` restarts, `probe_s` is the τ probe's time so far); `training_minutes`
+adds them up without the probe's time, which is also how `run.max_minutes` counts.
 """
 
 from __future__ import annotations
@@ -13,6 +21,21 @@ import json
 from pathlib import Path
 
 PPOW_KEYS = "reward,accept_len,zero_accept_frac,zero_adv_frac,r_dist_rate,kl,distill,clip_frac"
+# issue 28's curves: metrics.jsonl key -> what it is. Read defensively: a run logs only some of them
+# (SFT arms: no reward; the expected estimator: no groups, so no zero_adv_frac, r_dist_rate or clip_frac).
+CURVES = {
+    "reward": "sampled (or expected) window reward",
+    "greedy_accept_len": "greedy-window k (training positions)",
+    "sim_tau": "τ probe (held-out prompts)",
+    "zero_adv_frac": "groups with all-zero advantage",
+    "r_dist_rate": "R_dist rate (k = 0 windows)",
+    "clip_frac": "PPO clip fraction",
+    "grad_snr": "gradient signal-to-noise",
+    "accept_len": "window k (sampled)",
+    "top1_acc": "SFT top-1 (depth 1)",
+    "multi_step_last_acc": "SFT top-1, deepest multi-step depth",
+    "ttt_last_acc": "SFT top-1, last TTT step",
+}
 
 
 def quarters(rows: list[dict], key: str, parts: int) -> list[float | None]:
@@ -28,8 +51,81 @@ def quarters(rows: list[dict], key: str, parts: int) -> list[float | None]:
     return out
 
 
+def read_rows(run: Path) -> list[dict]:
+    """The complete rows of RUN/metrics.jsonl (a torn last line, as a killed run may leave, is skipped)."""
+    rows = []
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+def training_minutes(rows: list[dict]) -> list[float]:
+    """Cumulative training minutes at each row, over the run's segments (a new segment starts where
+    `elapsed_s` goes down: the trainer's clock restarts at every start), without the τ probe's time."""
+    out, done, last_e, last_t, probe = [], 0.0, None, 0.0, 0.0
+    for r in rows:
+        e = float(r.get("elapsed_s", 0.0))
+        if last_e is not None and e < last_e:  # a restart: bank the previous segment's training time
+            done, probe = done + last_t, 0.0
+        t = e - probe  # elapsed_s is taken before this row's probe, probe_s after it
+        probe = float(r.get("probe_s", probe))
+        last_e, last_t = e, t
+        out.append((done + t) / 60)
+    return out
+
+
+def minutes_left(run: Path, minutes: float, upto: int) -> float:
+    """Training minutes a run resumed from its step-`upto` checkpoint has left of `minutes` (>= 0.05, so that
+    a run stopped between its last checkpoint and its export still takes a step and exports)."""
+    rows = [r for r in read_rows(run) if r.get("step", 0) <= upto] if (run / "metrics.jsonl").exists() else []
+    used = training_minutes(rows)[-1] if rows else 0.0
+    return max(minutes - used, 0.05)
+
+
+def curves(run: Path, parts: int) -> dict:
+    """Issue 28's curves of one run: {key: [[step, training minutes, value], ...]}, the quarters, the absent."""
+    rows = read_rows(run)
+    mins = training_minutes(rows)
+    series = {k: [[r.get("step"), round(m, 3), r[k]] for r, m in zip(rows, mins) if k in r] for k in CURVES}
+    return {"run": str(run), "steps": max((r.get("step", 0) for r in rows), default=0),
+            "training_minutes": round(mins[-1], 2) if mins else 0.0,
+            "curves": {k: {"what": CURVES[k], "points": v, "parts": quarters(rows, k, parts)}
+                       for k, v in series.items() if v},
+            "absent": [k for k, v in series.items() if not v]}
+
+
+def plot_curves(c: dict, path: Path) -> None:
+    """One PNG: a panel per logged curve against training minutes (a moving mean over ~2 % of the run)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    keys = list(c["curves"])
+    cols = 3
+    rows = max(1, -(-len(keys) // cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3 * rows), squeeze=False)
+    for ax, key in zip(axes.flat, keys):
+        pts = c["curves"][key]["points"]
+        x, y = [p[1] for p in pts], [p[2] for p in pts]
+        ax.plot(x, y, ".-" if key == "sim_tau" or len(y) < 50 else "-", lw=0.5, ms=3, alpha=0.5)
+        w = max(1, len(y) // 50)
+        if w > 1:
+            ax.plot(x[w - 1:], [sum(y[i - w + 1:i + 1]) / w for i in range(w - 1, len(y))], lw=1.5)
+        ax.set_title(c["curves"][key]["what"], fontsize=9)
+        ax.set_xlabel("training minutes", fontsize=8)
+    for ax in list(axes.flat)[len(keys):]:
+        ax.axis("off")
+    fig.suptitle(f"{c['run']}: {c['steps']} steps, {c['training_minutes']:.0f} min; not logged: "
+                 + (", ".join(c["absent"]) or "none"), fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
 def summarize(run: Path, keys: list[str], parts: int) -> dict:
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    rows = read_rows(run)
     steps = [r["step"] for r in rows if "step" in r]
     return {"run": str(run), "steps": max(steps) if steps else 0,
             "elapsed_s": max((r.get("elapsed_s", 0.0) for r in rows), default=0.0),
@@ -55,7 +151,23 @@ def main() -> None:
     ap.add_argument("--keys", default=PPOW_KEYS)
     ap.add_argument("--parts", type=int, default=4)
     ap.add_argument("--json", default=None, help="also write the summaries here")
+    ap.add_argument("--per-run", type=Path, default=None, help="write DIR/<run name>.json and .png per run")
+    ap.add_argument("--minutes-left", type=float, default=None, help="print the training minutes left of this many")
+    ap.add_argument("--upto", type=int, default=None, help="with --minutes-left: the checkpoint step resumed from")
     args = ap.parse_args()
+    if args.minutes_left is not None:
+        if args.upto is None or len(args.runs) != 1:
+            ap.error("--minutes-left needs --upto STEP and one RUN_DIR")
+        print(f"{minutes_left(args.runs[0], args.minutes_left, args.upto):.2f}")
+        return
+    if args.per_run is not None:
+        args.per_run.mkdir(parents=True, exist_ok=True)
+        for run in args.runs:
+            c = curves(run, args.parts)
+            (args.per_run / f"{run.name}.json").write_text(json.dumps(c, indent=1) + "\n")
+            if c["curves"]:
+                plot_curves(c, args.per_run / f"{run.name}.png")
+            print(f"{run.name}: {', '.join(c['curves'])}; not logged: {', '.join(c['absent']) or 'none'}")
     keys = [k for k in args.keys.split(",") if k]
     summaries = [summarize(run, keys, args.parts) for run in args.runs]
     for s in summaries:

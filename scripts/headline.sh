@@ -31,7 +31,8 @@
 # Evaluation: T = 0 simulated tau on 80 MT-Bench first turns, 164 HumanEval, 200 held-out ShareGPT prompts
 # (`ppow compare --simulate`, reference = the SFT start, every other drafter with its paired 95 % interval);
 # a real-decoding check at T = 0 and real decoding at T = 1 on the first REAL prompts of MT-Bench and HumanEval.
-# Training curves (reward, k, zero_adv_frac, r_dist_rate) are each run's metrics.jsonl.
+# Training curves (reward, k, zero_adv_frac, r_dist_rate) are each run's metrics.jsonl (scripts/curves.py).
+# Resumable: rerun the same command; a finished run is skipped, an interrupted one resumes (scripts/arms_lib.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SFT=${1:?usage: scripts/headline.sh SFT_DRAFTER_DIR [eagle1|eagle3]}
@@ -46,7 +47,7 @@ export OMP_NUM_THREADS=${THREADS:-2} MKL_NUM_THREADS=${THREADS:-2}
 PPOW_RECIPE=recipes/smollm2/135M_${FAMILY}_ppow.yaml
 SFT_RECIPE=${CST_RECIPE:-recipes/smollm2/135M_${FAMILY}_sft_generated.yaml}
 JOBS=${JOBS:-1}
-ppow() { $PY -m ppow_plugin.cli "$@"; }
+. scripts/arms_lib.sh
 
 overrides() {  # the dotted overrides that make run $1 (the full run has none)
   case $1 in
@@ -63,7 +64,7 @@ overrides() {  # the dotted overrides that make run $1 (the full run has none)
     *) echo "error: unknown run '$1'; choose from: $ALL" >&2; return 2 ;;
   esac
 }
-common() { echo "model.drafter=$SFT run.output_dir=$OUT/$1 run.max_steps=1000000 run.max_minutes=$MIN"; }
+common() { echo "model.drafter=$SFT"; }
 recipe_of() { if [ "$1" = cst ]; then echo "$SFT_RECIPE"; else echo "$PPOW_RECIPE"; fi; }
 cst_extra="optim.lr=${CST_LR:-5.0e-5} optim.schedule=constant optim.warmup_steps=0 ${CST_EXTRA:-}"
 
@@ -72,9 +73,8 @@ for run in $RUNS; do
   extra=$(overrides "$run")
   [ "$run" = cst ] && extra=$cst_extra
   [ "$run" = gamma_prof ] && extra=reward.gamma=0.12  # the profile JSON does not exist yet; its field is checked below
-  echo "+ ppow validate $(recipe_of "$run") $(common "$run") $extra"
-  ppow validate "$(recipe_of "$run")" $(common "$run") $extra > /dev/null
-done
+  echo "$(recipe_of "$run") $(common "$run") $extra run.output_dir=$OUT/$run"
+done | validate_all
 [ "${DRY:-0}" = 1 ] && { echo "DRY=1: configs valid, nothing run"; exit 0; }
 mkdir -p "$OUT"
 
@@ -83,40 +83,28 @@ case " $RUNS " in *" gamma_prof "*)
   [ -f "$OUT/profile.json" ] || ppow profile --drafter "$SFT" --out "$OUT/profile.json" ;;
 esac
 
-# 2. Training, JOBS runs at a time, each for MINUTES of training wall time (the tau probe's time excluded).
+# 2. Training, JOBS runs at a time, each for MINUTES of training wall time (the tau probe's time excluded);
+# resumable (scripts/arms_lib.sh train_arm).
 train_one() {
-  if [ "$1" = cst ]; then
-    echo "+ ppow sft $SFT_RECIPE $(common cst) $cst_extra"
-    ppow sft "$SFT_RECIPE" $(common cst) $cst_extra > "$OUT/$1.log" 2>&1
-  else
-    echo "+ ppow train $PPOW_RECIPE $(common "$1") $(overrides "$1")"
-    ppow train "$PPOW_RECIPE" $(common "$1") $(overrides "$1") > "$OUT/$1.log" 2>&1
-  fi
+  if [ "$1" = cst ]; then train_arm cst sft "$SFT_RECIPE" $(common cst) $cst_extra
+  else train_arm "$1" train "$PPOW_RECIPE" $(common "$1") $(overrides "$1"); fi
 }
-for run in $RUNS; do
-  [ -d "$OUT/$run/drafter" ] && continue
-  while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do wait -n; done
-  train_one "$run" &
-done
-wait
-for run in $RUNS; do
-  [ -d "$OUT/$run/drafter" ] || { echo "error: run $run left no drafter; its log is $OUT/$run.log" >&2; exit 1; }
-done
+train_all $RUNS
 
 # 3. Simulated tau at T = 0, reference = the SFT start, paired bootstrap intervals (h-sim's CLI).
 drafters=("$SFT"); names=sft
 for run in $RUNS; do drafters+=("$OUT/$run/drafter"); names+=",$run"; done
 for bench in ${BENCHES:-mt_bench:80 humaneval:164 sharegpt:200}; do
   b=${bench%%:*}; n=${bench##*:}
-  [ -d "$OUT/sim-t0-$b" ] || ppow compare "${drafters[@]}" --names "$names" --simulate --benchmarks "$b" \
-    --num-prompts "$n" --temperature 0 --recipe "$PPOW_RECIPE" --out "$OUT/sim-t0-$b"
+  compare_into "$OUT/sim-t0-$b" "$(IFS=,; echo "${drafters[*]}")" "$names" --simulate --benchmarks "$b" \
+    --num-prompts "$n" --temperature 0 --recipe "$PPOW_RECIPE"
 done
 
 # 4. Real decoding: a T = 0 check of the simulation, and T = 1 (no simulation there), on a subset.
 for T in 0 1; do
   [ "$REAL" = 0 ] && break
-  [ -d "$OUT/real-t$T" ] || ppow compare "${drafters[@]}" --names "$names" --benchmarks mt_bench,humaneval \
-    --num-prompts "$REAL" --temperature "$T" --recipe "$PPOW_RECIPE" --out "$OUT/real-t$T"
+  compare_into "$OUT/real-t$T" "$(IFS=,; echo "${drafters[*]}")" "$names" --benchmarks mt_bench,humaneval \
+    --num-prompts "$REAL" --temperature "$T" --recipe "$PPOW_RECIPE"
 done
 cat "$OUT"/sim-t0-*/compare.md
 [ "$REAL" = 0 ] || cat "$OUT"/real-t*/compare.md

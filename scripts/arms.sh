@@ -1,0 +1,255 @@
+#!/usr/bin/env bash
+# Issue 28's experiment for one family: from a converged SFT start, at equal training wall time (MINUTES each,
+# THREADS torch threads each, JOBS runs side by side on the same cores), continued SFT against PPOW and the
+# controls that separate the reward from multi-depth training; arms 1, 3, 4 also from the non-converged
+# `-sft-gen` start. One resumable command per family:
+#
+#   scripts/arms.sh START eagle1|eagle3 OUT          # DRY=1: validate every arm's config, print, run nothing
+#
+# START: the converged start (scripts/converge.sh shows it converged; the committed drafter, or a run's
+# drafter dir). Resumable: rerun the same command. A finished arm (OUT/ARM/drafter) is skipped; an
+# interrupted one resumes from its newest checkpoint with run.resume=true and the training minutes it has
+# left (scripts/arms_lib.sh); a finished evaluation (OUT/<cmp>/compare.md) is kept. Every command is echoed;
+# each arm's output is OUT/ARM.log, each compare's OUT/<cmp>.log.
+#
+# Knobs: RUNS     arms to run (default all below)           MINUTES  training minutes per arm (default 60)
+#        JOBS     arms (and compares) side by side (2)      THREADS  torch threads per process (1)
+#        GEN_START  the non-converged start (assets/drafters/smollm2-135m-<family>-sft-gen)
+#        CST_LR   continued-SFT lr, constant (5e-5: converge.sh's and the -long drafters')
+#        POSITIONS  PPOW window starts, `all` or N chosen by ADAW (all)   SFT_WEIGHT  arm 4's loss.sft_weight (1.0)
+#        BEST     the PPOW arm the ablations modify, dense|expected (default: the higher τ on the tuning prompts)
+#        ADAW_STARTS  starts ADAW (or uniform) picks in the ADAW ablation pair (32)
+#        PROBES   τ probes per arm during training (6; eval.every_steps from the step rates below)
+#        BENCHES  "mt_bench:80 humaneval:164 sharegpt:200"  PER_DEPTH  the benchmark given --per-depth (mt_bench)
+#        TUNING   tuning prompts (48; scripts/dev_prompts.py)  REAL  prompts per benchmark, real decoding (10)
+#
+# Arms (the recipe of each family; START unless gen_; every arm: model.drafter, run.max_minutes, the τ probe
+# on 16 held-out ShareGPT prompts, eval.every_steps; data = the committed 2048 generated answers). The probe's
+# prompts are the first 16 of the ShareGPT evaluation set: a training curve only, nothing is chosen by it.
+#  1 cst        continued SFT: recipes/smollm2/135M_<f>_sft_generated.yaml, optim.lr=CST_LR constant, no warm-up,
+#               the start's own SFT loss (EAGLE-1 sft.vocab_rows=4096; EAGLE-3 sft.ttt_steps=4, its 8192 draft
+#               vocabulary): exactly converge.sh's run. Controls: "does more of the same training still help".
+#  2 deep_sft   arm 1 + the SFT loss at every draft depth PPOW's window trains (K = rollout.window):
+#               EAGLE-1 sft.multi_step=4 (HASS-style: depths 2..5 re-drafted from the drafter's own features,
+#               1 + 4 = K = 5, the host tree's depth); EAGLE-3 sft.ttt_steps=8 instead of the start's 4 (its SFT
+#               already unrolls the training-time test; the depth control is more TTT steps, up to K = 8 =
+#               eval.tree_depth + 1). Controls: "is PPOW's gain just training the deeper positions".
+#  3 dense      PPOW, the paper's sampled estimator (G windows, clipped group-relative update, KL to the
+#               target), dense: rollout.positions=POSITIONS rollout.verify=data (dense rollouts read the
+#               data-path unroll: config requires verify=data) data.feature_cache=true data.max_len=512 (the
+#               SFT runs' feature cache) dist.engine=torch (plain AdamW, as the SFT arms). Recipe lr 5e-6.
+#  4 expected   arm 3 + loss.estimator=expected loss.sft_weight=SFT_WEIGHT (EAGLE-3: the SFT term with
+#               sft.ttt_steps=4, arm 1's loss). The exact expected window reward and the token loss in one step.
+#  5 ablations of BEST (dense or expected, chosen on the tuning prompts after arms 1-4 unless BEST is set):
+#    no_rdist   BEST + reward.proximity_weight=0
+#    gamma_prof BEST + reward.gamma_profile=OUT/profile.json (`ppow profile --drafter START` on this machine)
+#    adaw       BEST with rollout.positions=ADAW_STARTS: ADAW (windowing.rule=sample) picks the starts.
+#    no_adaw    the same with windowing.rule=uniform. With POSITIONS=all every start is taken and ADAW picks
+#               nothing, so "without ADAW" is measured as this pair at ADAW_STARTS starts (and adaw vs BEST
+#               shows what choosing fewer starts does at equal time); with POSITIONS=N, adaw is BEST and is
+#               not run, no_adaw = BEST + windowing.rule=uniform.
+#  gen_cst, gen_dense, gen_expected: arms 1, 3, 4 from GEN_START (the regime of docs/results.md §4).
+#
+# Evaluation (after training; reference = the start, paired 95 % bootstrap intervals):
+#  - `ppow compare --simulate START ARM/drafter... --names start,ARM... --temperature 0 --max-new-tokens 128
+#    --recipe <the family's PPOW recipe>` on each of BENCHES (MT-Bench 80, HumanEval 164, ShareGPT 200),
+#    PER_DEPTH's with --per-depth (top-1 / top-3 per draft depth), into OUT/sim-<bench>; the same for GEN_START
+#    and the gen_ arms into OUT/gen-sim-<bench>.
+#  - the tuning prompts: OUT/tuning-main (START + arms 1-4; picks BEST), OUT/tuning-ablations, OUT/gen-tuning.
+#  - against arm 1: scripts/paired.py table --reference cst over all compares -> OUT/vs-cst.md (and
+#    OUT/vs-gen_cst.md); against the start -> OUT/vs-start.md (OUT/vs-gen_start.md); the per-depth table of
+#    all arms -> OUT/per-depth.md (OUT/gen-per-depth.md).
+#  - real decoding (`ppow compare` without --simulate, T = 0) of START and BEST on the first REAL prompts of
+#    MT-Bench and HumanEval (2 x 10 = 20), OUT/real-t0; `scripts/paired.py agree` checks 0 mismatches and
+#    cycles identical to the simulation.
+#  - curves: `scripts/curves.py OUT/<arm>... --per-run OUT/curves` (one JSON and one PNG per arm).
+#  T = 1 is not run here (issue 28 asks for it or a documented reason; docs/results.md §7 has the method).
+#
+# Cost on this 2-core machine, JOBS=2 THREADS=1 (the τ probe's time is on top of MINUTES):
+#  training: 11 arms (4 main, then 4 ablations + 3 gen_) x 60 min, 2 at a time: 6 rounds = 6 h per family
+#    (arms 1-4 first, so that BEST is known after 2 h); the τ probes add
+#    6 x 16 prompts per arm: ~1 min (EAGLE-1), ~11 min (EAGLE-3) per arm, ~0.1 h / ~1 h in all.
+#  evaluation: measured (2026-12-07, one thread, the two cores already busy with two training runs, load ~7):
+#    `ppow compare --simulate assets/drafters/smollm2-135m-<f>-sft-gen assets/drafters/smollm2-135m-<f>-sft-gen-long
+#    --names gen,long --benchmarks mt_bench --num-prompts 5 --max-new-tokens 128 --temperature 0 --recipe
+#    recipes/smollm2/135M_<f>_ppow.yaml` (cached target continuations), twice each: EAGLE-1 23.0 / 17.9 s wall,
+#    0.66-0.85 s per prompt and drafter + ~11 s start-up; EAGLE-3 86.7 / 155.3 s, 5.9-17.3 s per prompt and
+#    drafter (7.0 s in the first run; docs/results.md §3: ~5 s uncontended).
+#    Simulations: (9 drafters x 444 benchmark prompts) + (4 x 444) + 3 tuning compares (5 + 5 + 4 drafters x 48)
+#    = 6 444 prompt-drafters, plus --per-depth on MT-Bench for 13 drafters x 80 prompts (~+3 s a prompt for
+#    EAGLE-1 and ~+1 simulation's time for EAGLE-3, docs/results.md §1b, §1c). One thread: EAGLE-1 ~2 h,
+#    EAGLE-3 ~14.5 h at 7 s (~25 h at 12 s); JOBS=2: ~1 h / ~7-12 h. Real decoding, 2 drafters x 20 prompts:
+#    EAGLE-1 ~95 s per prompt and drafter (measured in a 2-prompt smoke run of this script, load ~6),
+#    ~1 h; EAGLE-3 ~45 s a prompt on two threads (docs/results.md §6), ~0.5-1 h.
+#  In all, on two free cores: EAGLE-1 ~8.5 h, EAGLE-3 ~15-21 h; the EAGLE-3 evaluation is the largest single
+#    cost (fewer ShareGPT prompts for the ablations would be the first thing to cut, BENCHES/RUNS).
+# Curves (scripts/curves.py CURVES) the metrics provide: reward, greedy_accept_len (greedy-window k at the
+# training positions, not held-out ones), sim_tau (τ probe), zero_adv_frac, r_dist_rate, clip_frac (sampled
+# arms; the expected arm logs reward, greedy_accept_len only); SFT arms: top1_acc, multi_step_last_acc,
+# ttt_last_acc. Gradient signal-to-noise is not logged by training (benchmarks/ppow_dense.py measures it).
+# Step rates used to space the τ probe and checkpoints (steps per training hour, one thread on a shared
+# machine; estimates from docs/results.md §1b, §1c, §4, docs/algorithm.md's 15-min dense checks):
+#  EAGLE-1 cst 14400, deep_sft 2000, PPOW dense 400; EAGLE-3 cst 2420, deep_sft 1200, PPOW dense 200.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+[ $# = 3 ] || { echo "usage: scripts/arms.sh START_DRAFTER_DIR eagle1|eagle3 OUT   (DRY=1: validate only)" >&2; exit 2; }
+START=$1 FAMILY=$2 OUT=$3
+PY=${PY:-.venv/bin/python}
+MIN=${MINUTES:-60}
+JOBS=${JOBS:-2}
+THREADS=${THREADS:-1}
+export OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS
+GEN_START=${GEN_START:-assets/drafters/smollm2-135m-$FAMILY-sft-gen}
+DATA=assets/generated/smollm2-135m-sharegpt-2048
+SFT_RECIPE=recipes/smollm2/135M_${FAMILY}_sft_generated.yaml
+PPOW_RECIPE=recipes/smollm2/135M_${FAMILY}_ppow.yaml
+POSITIONS=${POSITIONS:-all}
+ADAW_STARTS=${ADAW_STARTS:-32}
+PROBES=${PROBES:-6}
+MAIN="cst deep_sft dense expected"
+ABLATIONS="adaw no_adaw no_rdist gamma_prof"
+[ "$POSITIONS" = all ] || ABLATIONS="no_adaw no_rdist gamma_prof"
+GEN="gen_cst gen_dense gen_expected"
+RUNS=${RUNS:-$MAIN $ABLATIONS $GEN}
+. scripts/arms_lib.sh
+
+case $FAMILY in
+  eagle1) SFT_LOSS="sft.vocab_rows=4096"; DEEP="sft.vocab_rows=4096 sft.multi_step=4"; PPOW_SFT=""
+          RATE_cst=14400; RATE_deep=2000; RATE_ppow=400 ;;
+  eagle3) SFT_LOSS="sft.ttt_steps=4 model.draft_vocab_size=null data.num_conversations=2048"
+          DEEP="sft.ttt_steps=8 model.draft_vocab_size=null data.num_conversations=2048"; PPOW_SFT="sft.ttt_steps=4"
+          RATE_cst=2420; RATE_deep=1200; RATE_ppow=200 ;;
+  *) echo "error: family must be eagle1 or eagle3, not '$FAMILY'" >&2; exit 2 ;;
+esac
+for arm in $RUNS; do
+  case " $MAIN $ABLATIONS $GEN " in *" $arm "*) ;;
+    *) echo "error: unknown arm '$arm'; choose from: $MAIN $ABLATIONS $GEN" >&2; exit 2 ;; esac
+done
+
+# every_steps: PROBES τ probes (and 12 checkpoints) over MINUTES at the arm's step rate.
+every() { awk -v r="$1" -v m="$MIN" -v p="$2" 'BEGIN { n = int(r * m / 60 / p); print (n < 1 ? 1 : n) }'; }
+schedule() {  # schedule RATE: the probe and checkpoint overrides
+  echo "eval.benchmarks=[sharegpt] eval.every_prompts=16 eval.max_new_tokens=128" \
+       "eval.every_steps=$(every "$1" "$PROBES") run.save_every=$(every "$1" 12)"
+}
+sft_args() { echo "data.path=$DATA optim.lr=${CST_LR:-5.0e-5} optim.schedule=constant optim.warmup_steps=0"; }
+ppow_args() {  # ppow_args POSITIONS sampled|expected
+  local a="rollout.positions=$1 rollout.verify=data data.feature_cache=true data.max_len=512 dist.engine=torch"
+  [ "$2" = expected ] && a="$a loss.estimator=expected loss.sft_weight=${SFT_WEIGHT:-1.0} $PPOW_SFT"
+  echo "$a"
+}
+best_args() {  # best_args BEST [POSITIONS]
+  if [ "$1" = expected ]; then ppow_args "${2:-$POSITIONS}" expected; else ppow_args "${2:-$POSITIONS}" sampled; fi
+}
+
+# arm NAME [BEST]: "SUBCMD RECIPE OVERRIDE..." of the arm (the ablations' from BEST).
+arm() {
+  local name=$1 best=${2:-dense} start=$START
+  case $name in gen_*) start=$GEN_START; name=${name#gen_} ;; esac
+  case $name in
+    cst)        echo "sft $SFT_RECIPE model.drafter=$start $(sft_args) $SFT_LOSS $(schedule $RATE_cst)" ;;
+    deep_sft)   echo "sft $SFT_RECIPE model.drafter=$start $(sft_args) $DEEP $(schedule $RATE_deep)" ;;
+    dense)      echo "train $PPOW_RECIPE model.drafter=$start $(ppow_args "$POSITIONS" sampled) $(schedule $RATE_ppow)" ;;
+    expected)   echo "train $PPOW_RECIPE model.drafter=$start $(ppow_args "$POSITIONS" expected) $(schedule $RATE_ppow)" ;;
+    no_rdist)   echo "train $PPOW_RECIPE model.drafter=$start $(best_args "$best") reward.proximity_weight=0 $(schedule $RATE_ppow)" ;;
+    gamma_prof) echo "train $PPOW_RECIPE model.drafter=$start $(best_args "$best") reward.gamma_profile=${PROFILE:-$OUT/profile.json} $(schedule $RATE_ppow)" ;;
+    adaw)       echo "train $PPOW_RECIPE model.drafter=$start $(best_args "$best" "$ADAW_STARTS") windowing.rule=sample $(schedule $RATE_ppow)" ;;
+    no_adaw)    local n=$POSITIONS; [ "$n" = all ] && n=$ADAW_STARTS
+                echo "train $PPOW_RECIPE model.drafter=$start $(best_args "$best" "$n") windowing.rule=uniform $(schedule $RATE_ppow)" ;;
+  esac
+}
+in_runs() { case " $RUNS " in *" $1 "*) return 0 ;; esac; return 1; }
+only() { local a out=""; for a in $1; do in_runs "$a" && out="$out $a"; done; echo $out; }
+is_ablation() { case " $ABLATIONS " in *" $1 "*) return 0 ;; esac; return 1; }
+
+# 0. Every arm's config is checked before hours of compute (the ablations for both candidates of BEST
+# while it is not chosen; before `ppow profile` has run, gamma_prof's paths are not checked, its values are).
+for a in $RUNS; do
+  for best in ${BEST:-dense expected}; do
+    is_ablation "$a" || [ "$best" = "${BEST:-dense}" ] || continue
+    args=$(arm "$a" "$best"); nocheck=""
+    [ "$a" = gamma_prof ] && [ ! -f "${PROFILE:-$OUT/profile.json}" ] && nocheck="--no-path-check "
+    echo "$nocheck${args#* } run.output_dir=$OUT/$a"
+  done
+done | validate_all
+[ "${DRY:-0}" = 1 ] && { echo "DRY=1: configs valid, nothing run"; exit 0; }
+mkdir -p "$OUT"
+[ -f "$OUT/dev-prompts.jsonl" ] || $PY scripts/dev_prompts.py "$OUT/dev-prompts.jsonl" "${TUNING:-48}"
+if in_runs gamma_prof && [ -z "${PROFILE:-}" ] && [ ! -f "$OUT/profile.json" ]; then
+  echo "+ ppow profile --drafter $START --out $OUT/profile.json"
+  ppow profile --drafter "$START" --out "$OUT/profile.json"
+fi
+
+train_one() { local a; a=$(arm "$1" "${BEST:-dense}"); train_arm "$1" ${a%% *} ${a#* }; }
+SIMARGS="--simulate --temperature 0 --max-new-tokens 128 --recipe $PPOW_RECIPE"
+group() {  # group START_NAME START ARM...: "START,OUT/ARM/drafter,... START_NAME,ARM,..." for compare_into
+  local n=$1 d=$2 a
+  shift 2
+  for a in "$@"; do d="$d,$OUT/$a/drafter"; n="$n,$a"; done
+  echo "$d $n"
+}
+cmp_dirs=""
+compare() { cmp_dirs="$cmp_dirs $1"; queue compare_into "$@"; }  # compare DIR ...: compare_into, JOBS at a time
+
+# 1. Arms 1-4, JOBS at a time; then BEST on the tuning prompts.
+train_all $(only "$MAIN")
+main=$(only "$MAIN")
+[ -n "$main" ] && compare_into "$OUT/tuning-main" $(group start "$START" $main) $SIMARGS \
+  --prompts "$OUT/dev-prompts.jsonl"
+if [ -z "${BEST:-}" ] && in_runs dense && in_runs expected; then
+  BEST=$($PY -c 'import json, sys; d = json.load(open(sys.argv[1]))["drafters"]
+print(max(("dense", "expected"), key=lambda a: d[a]["overall"]["tau"]))' "$OUT/tuning-main/compare.json")
+  echo "= BEST=$BEST: the higher τ on the tuning prompts ($OUT/tuning-main/compare.md)"
+fi
+BEST=${BEST:-dense}
+echo "$BEST" > "$OUT/best.txt"
+for a in $(only "$ABLATIONS"); do echo "  $a: ppow $(arm "$a" "$BEST")"; done
+
+# 2. The ablations of BEST and the gen_ arms.
+train_all $(only "$ABLATIONS $GEN")
+abl=$(only "$ABLATIONS")
+[ -n "$abl" ] && compare "$OUT/tuning-ablations" $(group start "$START" $abl) $SIMARGS --prompts "$OUT/dev-prompts.jsonl"
+
+# 3. Simulated τ on the benchmarks (PER_DEPTH's with --per-depth), converged and gen_ groups, JOBS at a time.
+conv=$(only "$MAIN $ABLATIONS")
+gen=$(only "$GEN")
+for bench in ${BENCHES:-mt_bench:80 humaneval:164 sharegpt:200}; do
+  b=${bench%%:*}; n=${bench##*:}; extra=""
+  [ "$b" = "${PER_DEPTH:-mt_bench}" ] && extra=--per-depth
+  [ -n "$conv" ] && compare "$OUT/sim-$b" $(group start "$START" $conv) $SIMARGS --benchmarks "$b" \
+    --num-prompts "$n" $extra
+  [ -n "$gen" ] && compare "$OUT/gen-sim-$b" $(group gen_start "$GEN_START" $gen) $SIMARGS --benchmarks "$b" \
+    --num-prompts "$n" $extra
+done
+[ -n "$gen" ] && compare "$OUT/gen-tuning" $(group gen_start "$GEN_START" $gen) $SIMARGS --prompts "$OUT/dev-prompts.jsonl"
+wait || true
+for d in $cmp_dirs; do [ -f "$d/compare.md" ] || { echo "error: no $d/compare.md; see $d.log" >&2; exit 1; }; done
+
+# 4. Paired tables against the start and against arm 1 (scripts/paired.py), per group.
+tables() {  # tables START_NAME ARM1_NAME COMPARE_DIR...
+  local s=$1 ref=$2
+  shift 2
+  $PY scripts/paired.py table --reference "$s" --out "$OUT/vs-$s.md" "$@" > /dev/null
+  in_runs "$ref" && $PY scripts/paired.py table --reference "$ref" --out "$OUT/vs-$ref.md" "$@" > /dev/null
+  return 0
+}
+[ -n "$conv" ] && tables start cst "$OUT"/sim-*/ "$OUT"/tuning-*/
+[ -n "$gen" ] && tables gen_start gen_cst "$OUT"/gen-sim-*/ "$OUT/gen-tuning/"
+pd=${PER_DEPTH:-mt_bench}  # one per-depth table per group
+[ -n "$conv" ] && [ -d "$OUT/sim-$pd" ] && $PY scripts/paired.py depths "$OUT/sim-$pd" --out "$OUT/per-depth.md" > /dev/null
+[ -n "$gen" ] && [ -d "$OUT/gen-sim-$pd" ] &&
+  $PY scripts/paired.py depths "$OUT/gen-sim-$pd" --out "$OUT/gen-per-depth.md" > /dev/null
+
+# 5. Real decoding at T = 0 on REAL x 2 prompts: 0 mismatches, cycles identical to the simulation.
+real=$(only "$BEST")
+if [ "${REAL:-10}" != 0 ] && [ -n "$real" ]; then
+  compare_into "$OUT/real-t0" $(group start "$START" $real) --temperature 0 --max-new-tokens 128 --recipe "$PPOW_RECIPE" \
+    --benchmarks mt_bench,humaneval --num-prompts "${REAL:-10}"
+  $PY scripts/paired.py agree "$OUT/real-t0" "$OUT"/sim-*/ | tee "$OUT/real-t0-agree.txt" || disagree=1
+fi
+
+# 6. Curves: one JSON and one PNG per arm.
+arms=""; for a in $RUNS; do arms="$arms $OUT/$a"; done
+$PY scripts/curves.py $arms --per-run "$OUT/curves" --json "$OUT/curves/quarters.json"
+cat "$OUT"/vs-*.md "$OUT"/*per-depth.md
+[ -z "${disagree:-}" ] || { echo "error: real decoding and simulation disagree: $OUT/real-t0-agree.txt" >&2; exit 1; }

@@ -1,0 +1,152 @@
+"""Issue 28's experiment scripts: `DRY=1 scripts/arms.sh` validates every arm's exact config for both families
+(and fails on an arm that does not validate), `DRY=1 scripts/headline.sh` still does after its training and
+compare code moved to scripts/arms_lib.sh; scripts/curves.py's per-arm curves and the training minutes of a
+resumed run; scripts/paired.py's tables against any drafter and the real-vs-simulated check."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+ARMS = ["cst", "deep_sft", "dense", "expected", "adaw", "no_adaw", "no_rdist", "gamma_prof",
+        "gen_cst", "gen_dense", "gen_expected"]
+STARTS = {"eagle1": "assets/drafters/smollm2-135m-eagle1-sft-gen-long",
+          "eagle3": "assets/drafters/smollm2-135m-eagle3-sft-gen-long"}
+
+
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _dry(args: list[str], tmp_path: Path, **env) -> subprocess.CompletedProcess:
+    full = {**os.environ, "DRY": "1", "PY": sys.executable, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **env}
+    return subprocess.run(["bash", *args], cwd=ROOT, env=full, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.parametrize("family", ["eagle1", "eagle3"])
+def test_arms_dry_run_validates_every_arm(family, tmp_path):
+    out = tmp_path / "out"
+    res = _dry(["scripts/arms.sh", STARTS[family], family, str(out)], tmp_path)
+    assert res.returncode == 0, res.stderr + res.stdout
+    assert "DRY=1: configs valid, nothing run" in res.stdout
+    lines = [line for line in res.stdout.splitlines() if line.startswith("+ ppow validate ")]
+    dirs = [line.rsplit("run.output_dir=", 1)[1] for line in lines]
+    # every arm once; the ablations once per candidate BEST (dense, expected) while BEST is not chosen
+    assert sorted(dirs) == sorted([str(out / a) for a in ARMS] + [str(out / a) for a in ARMS[4:8]])
+    dense = next(line for line in lines if line.endswith("/dense"))
+    assert "rollout.positions=all" in dense and "rollout.verify=data" in dense and "loss.estimator" not in dense
+    expected = next(line for line in lines if line.endswith("/expected"))
+    assert "loss.estimator=expected" in expected and "loss.sft_weight=1.0" in expected
+    deep = next(line for line in lines if line.endswith("/deep_sft"))
+    assert ("sft.multi_step=4" if family == "eagle1" else "sft.ttt_steps=8") in deep
+    assert STARTS[family].replace("-long", "") + " " in next(line for line in lines if line.endswith("/gen_cst"))
+    assert not out.exists()  # nothing run, nothing written
+
+
+def test_arms_dry_run_fails_on_an_invalid_arm(tmp_path):
+    res = _dry(["scripts/arms.sh", STARTS["eagle1"], "eagle1", str(tmp_path / "o")], tmp_path,
+               RUNS="cst expected", SFT_WEIGHT="-1")
+    assert res.returncode != 0
+    assert "loss.sft_weight (-1.0) must be >= 0" in res.stderr and "does not validate" in res.stderr
+    res = _dry(["scripts/arms.sh", STARTS["eagle1"], "eagle1", str(tmp_path / "o")], tmp_path, RUNS="cst bogus")
+    assert res.returncode == 2 and "unknown arm 'bogus'" in res.stderr
+
+
+def test_headline_dry_run_still_validates(tmp_path):
+    res = _dry(["scripts/headline.sh", "assets/drafters/smollm2-135m-eagle1-sft-gen", "eagle1"], tmp_path,
+               OUT=str(tmp_path / "h"))
+    assert res.returncode == 0, res.stderr + res.stdout
+    assert res.stdout.count("+ ppow validate ") == 10 and "DRY=1: configs valid" in res.stdout
+
+
+def _write_metrics(run: Path, rows: list[dict]) -> None:
+    run.mkdir(parents=True)
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 9, "torn')
+
+
+def test_curves_per_run_and_minutes_of_a_resumed_run(tmp_path):
+    curves = _script("curves")
+    # segment 1: steps 1-4, 60 s each, a 30 s τ probe at step 2 (elapsed_s before it, probe_s after it);
+    # killed after its step-4 checkpoint at step 5; segment 2 resumes from step 4 with a fresh clock
+    rows = [{"step": 1, "elapsed_s": 60.0, "reward": 0.5, "zero_adv_frac": 0.4, "greedy_accept_len": 0.7},
+            {"step": 2, "elapsed_s": 120.0, "reward": 0.6, "sim_tau": 2.0, "probe_s": 30.0},
+            {"step": 3, "elapsed_s": 210.0, "reward": 0.7},
+            {"step": 4, "elapsed_s": 270.0, "reward": 0.8},
+            {"step": 5, "elapsed_s": 330.0, "reward": 0.9},
+            {"step": 5, "elapsed_s": 60.0, "reward": 1.0, "sim_tau": 2.1, "probe_s": 12.0},
+            {"step": 6, "elapsed_s": 132.0, "reward": 1.1}]
+    killed = tmp_path / "runs" / "killed"
+    _write_metrics(killed, rows[:5])  # what the script reads before resuming from the step-4 checkpoint
+    assert curves.minutes_left(killed, 60, upto=4) == pytest.approx(56)  # step 5 is lost: not counted
+    assert curves.minutes_left(killed, 3, upto=4) == pytest.approx(0.05)  # used up: one step, then export
+    assert curves.minutes_left(tmp_path / "none", 60, upto=0) == 60
+    run = tmp_path / "runs" / "dense"
+    _write_metrics(run, rows[:4] + rows[5:])  # after the resume: the trainer cut the lost step 5
+    assert curves.training_minutes(curves.read_rows(run)) == pytest.approx([1, 2, 3, 4, 5, 6])
+    assert curves.minutes_left(run, 60, upto=6) == pytest.approx(54)  # both segments, no probe time
+
+    out = tmp_path / "curves"
+    res = subprocess.run([sys.executable, "scripts/curves.py", str(run), "--per-run", str(out)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    c = json.loads((out / "dense.json").read_text())
+    assert set(c["curves"]) == {"reward", "sim_tau", "zero_adv_frac", "greedy_accept_len"}
+    assert {"clip_frac", "r_dist_rate", "grad_snr"} <= set(c["absent"])
+    assert c["curves"]["sim_tau"]["points"] == [[2, 2.0, 2.0], [5, 5.0, 2.1]]  # [step, training minutes, τ]
+    assert c["steps"] == 6 and c["training_minutes"] == 6.0
+    assert (out / "dense.png").stat().st_size > 1000
+    left = subprocess.run([sys.executable, "scripts/curves.py", "--minutes-left", "60", "--upto", "4", str(run)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert left.stdout.strip() == "56.00"
+
+
+def _report(d: Path, name: str, records: list[tuple[str, str, int, int]], mismatch=None) -> None:
+    (d / name).mkdir(parents=True)
+    prompts = [{"benchmark": b, "prompt_id": p, "new_tokens": t, "cycles": c, "mismatch_at": mismatch}
+               for b, p, t, c in records]
+    (d / name / "report.json").write_text(json.dumps({"settings": {}, "stats": {}, "prompts": prompts}))
+
+
+def test_paired_table_against_any_drafter_and_the_real_check(tmp_path):
+    paired = _script("paired")
+    a, b = tmp_path / "cmp-a", tmp_path / "cmp-b"
+    recs = [("mt_bench", str(i), 100, 50) for i in range(6)]
+    _report(a, "start", recs)
+    _report(a, "cst", [(bn, p, t, c - 5) for bn, p, t, c in recs])    # τ 100/45
+    _report(b, "start", recs)                                          # the same start, a second compare
+    _report(b, "no_rdist", [(bn, p, t, c - 10) for bn, p, t, c in recs])  # τ 100/40
+    (a / "compare.json").write_text(json.dumps({"drafters": {"start": {}, "cst": {}}}))  # the compare's order
+    reports = paired.load([a, b])
+    assert list(reports) == ["start", "cst", "no_rdist"]
+    text = paired.table(reports, "cst")
+    assert "| cst | 2.222 (6) |" in text
+    assert "| no_rdist | 2.500: +12.5 % [+12.5, +12.5] |" in text and "| start | 2.000: -10.0 %" in text
+    _report(tmp_path / "cmp-c", "start", [("mt_bench", "0", 100, 49)])
+    with pytest.raises(SystemExit, match="differs between compares"):
+        paired.load([a, tmp_path / "cmp-c"])
+    real = tmp_path / "real"
+    _report(real, "start", recs[:2])
+    _report(real, "cst", [("mt_bench", "0", 100, 44)], mismatch=17)
+    lines = paired.agree(paired.load([real]), reports)
+    assert lines[0].startswith("ok start: 2 prompts, 0 T = 0 mismatches, cycles equal to the simulation on 2 / 2")
+    assert lines[1].startswith("DIFF cst: 1 prompts, 1 T = 0 mismatches, cycles equal to the simulation on 0 / 1")
+
+    by = {"depth": 2, "benchmarks": {"mt_bench": {"roots": 9, "top1": [0.5, 0.25], "top3": [0.75, 0.5]},
+                                     "overall": {"roots": 9, "top1": [0.5, 0.25], "top3": [0.75, 0.5]}}}
+    rep = json.loads((a / "cst" / "report.json").read_text())
+    (a / "cst" / "report.json").write_text(json.dumps({**rep, "settings": {"topk_by_depth": by}}))
+    with pytest.raises(SystemExit, match="no per-depth figures"):  # start's report has none
+        paired.depths(a)
+    (a / "start" / "report.json").write_text(json.dumps({**rep, "settings": {"topk_by_depth": by}}))
+    assert paired.depths(a).splitlines()[2:] == ["| drafter | benchmark | roots | depth 1 | depth 2 |",
+                                                 "|---|---|---|---|---|",
+                                                 "| start | mt_bench | 9 | 0.50 / 0.75 | 0.25 / 0.50 |",
+                                                 "| cst | mt_bench | 9 | 0.50 / 0.75 | 0.25 / 0.50 |"]
