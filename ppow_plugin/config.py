@@ -208,7 +208,15 @@ class LossCfg:
     kl_beta: float = 0.05  # β: KL to the *target* on window positions [default]
     kl_direction: Literal["forward", "reverse"] = "forward"  # forward = KL(P_target ‖ Q_draft)
     distill_weight: float = 0.1  # optional token-level soft-CE to the target on the sequence [default]
-    ppo_epochs: int = 1  # policy updates per rollout batch
+    ppo_epochs: int = 1  # passes over each rollout batch [default]
+    # optimizer updates per pass: the rollout's starts split into this many parts (interleaved); after the first
+    # update the policy differs from the one that drew the windows, so the PPO ratio moves and the clip bounds it.
+    # ppo_epochs x minibatches updates per trainer step; sampled estimator only [default: 1]
+    minibatches: int = 1
+    # what a window's reward is compared with: group = the mean of its G windows (GRPO); reference = the greedy
+    # window's reward of the start drafter, frozen at step 0, at the same start (GTO's debiasing; needs
+    # advantage_scale none and the sampled estimator) [default: group]
+    baseline: Literal["group", "reference"] = "group"
     # ppo_epochs = 1: keep the graph of the sampling pass and update through it (the policy equals the sampling
     # policy, so a re-score would recompute the same numbers); False re-scores as ppo_epochs > 1 must.
     reuse_sampling_pass: bool = True
@@ -224,6 +232,16 @@ class LossCfg:
         require(self.kl_beta >= 0, "loss.kl_beta", self.kl_beta, ">= 0")
         require(self.distill_weight >= 0, "loss.distill_weight", self.distill_weight, ">= 0")
         require(self.ppo_epochs >= 1, "loss.ppo_epochs", self.ppo_epochs, ">= 1")
+        require(self.minibatches >= 1, "loss.minibatches", self.minibatches, ">= 1")
+        if self.baseline == "reference":
+            require(self.advantage_scale == "none", "loss.advantage_scale", self.advantage_scale,
+                     "none for loss.baseline=reference (a group of equal rewards has no std to divide by)")
+            require(self.estimator == "sampled", "loss.baseline", self.baseline,
+                     "group for loss.estimator=expected (the exact expectation needs no baseline)")
+        if self.estimator == "expected":  # E[R] is exact under the current policy: no sampled ratio to clip
+            for name in ("ppo_epochs", "minibatches"):
+                require(getattr(self, name) == 1, f"loss.{name}", getattr(self, name),
+                         "1 for loss.estimator=expected (no sampled ratio for a clip to bound; use estimator=sampled)")
         require(self.sft_weight >= 0, "loss.sft_weight", self.sft_weight, ">= 0")
 
 
@@ -361,6 +379,8 @@ class Config:
         """rollout.positions all | N (dense rollouts), loss.estimator=expected and loss.sft_weight need each other."""
         r, lc = self.rollout, self.loss
         if r.positions == "adaw":
+            require(lc.minibatches <= r.prefixes_per_sequence, "loss.minibatches", lc.minibatches,
+                     f"<= rollout.prefixes_per_sequence ({r.prefixes_per_sequence}): each update takes a part of the starts")
             require(lc.estimator == "sampled", "loss.estimator", lc.estimator,
                      "sampled unless rollout.positions is all or N (the expected reward reads the data-path unroll)")
             require(lc.sft_weight == 0, "loss.sft_weight", lc.sft_weight,
@@ -370,7 +390,9 @@ class Config:
         require(r.verify == "data", "rollout.verify", r.verify, f"data {rule}")
         require(r.greedy_members == 0, "rollout.greedy_members", r.greedy_members, f"0 {rule}")
         require(r.resample_tries == 0, "rollout.resample_tries", r.resample_tries, f"0 {rule}")
-        require(lc.ppo_epochs == 1, "loss.ppo_epochs", lc.ppo_epochs, f"1 {rule}")
+        if isinstance(r.positions, int):
+            require(lc.minibatches <= r.positions, "loss.minibatches", lc.minibatches,
+                     f"<= rollout.positions ({r.positions}): each update takes a part of the starts")
 
 
 # ----------------------------------------------------------------------------------------------
