@@ -36,10 +36,12 @@ class ExpectedReward(NamedTuple):
     read: Tensor  # [n, K] detached P(the losses read row j and it is a data-prefix row): the KL weights
 
 
-def _prob_of(logp: Tensor, ids: Tensor) -> Tensor:
-    """q(ids) from logp [n, K, V] and ids [n, K] (-1 = an id q cannot draw: probability 0)."""
-    q = logp.gather(-1, ids.clamp(min=0)[..., None])[..., 0].exp()
-    return torch.where(ids >= 0, q, torch.zeros_like(q))
+def _prob_of(logp: Tensor, *ids: Tensor) -> list[Tensor]:
+    """q(ids) for each of `ids` ([n, K] each; -1 = an id q cannot draw: probability 0) from logp [n, K, V], read
+    with one gather (one [n, K, V] gradient buffer in the backward, not one per id tensor)."""
+    index = torch.stack(ids, -1)  # [n, K, m]
+    q = logp.gather(-1, index.clamp(min=0)).exp()
+    return list(torch.where(index >= 0, q, torch.zeros_like(q)).unbind(-1))
 
 
 def expected_reward(logp: Tensor, data_ids: Tensor, greedy_ids: Tensor, near_first: Tensor, gamma: float,
@@ -60,8 +62,8 @@ def expected_reward(logp: Tensor, data_ids: Tensor, greedy_ids: Tensor, near_fir
     """
     K = logp.shape[1]
     cap = K if accept_cap is None else min(accept_cap, K)
-    q_greedy = _prob_of(logp, greedy_ids)  # [n, K] P(d_j accepted | the data prefix)
-    carry = _prob_of(logp, data_ids) * (data_ids == greedy_ids)  # accepted and on the data: the window goes on
+    q_greedy, q_data = _prob_of(logp, greedy_ids, data_ids)  # [n, K]; q_greedy = P(d_j accepted | the data prefix)
+    carry = q_data * (data_ids == greedy_ids)  # accepted and on the data: the window goes on
     ones = torch.ones_like(carry[:, :1])
     prefix = torch.cat([ones, carry[:, :-1]], 1).cumprod(1)  # [n, K] P(d_<j accepted and the data's)
     reach = prefix * q_greedy  # P(k >= j)

@@ -246,7 +246,10 @@ def _valid_rows(mask: Tensor, *tensors: Tensor) -> list[Tensor]:
     gradients, and skips their cost.
     """
     flat_mask = mask.reshape(-1)
-    return [t.reshape(flat_mask.shape[0], t.shape[-1])[flat_mask] for t in tensors]
+    rows = [t.reshape(flat_mask.shape[0], t.shape[-1]) for t in tensors]
+    if bool(flat_mask.all()):  # nothing to drop: no [N, V] copy (nor its backward)
+        return rows
+    return [t[flat_mask] for t in rows]
 
 
 def target_kl_loss(
@@ -331,16 +334,23 @@ def eagle1_sft_loss(
     Returns:
         (scalar loss, SFTStats).
     """
-    pred, feat_target, draft, target = _valid_rows(
-        loss_mask, pred_features, target_features.detach(), draft_logits, target_logits.detach())
-    n = max(pred.shape[0], 1)
-    per_pos = F.smooth_l1_loss(pred.float(), feat_target.float(), reduction="none").mean(dim=-1)
-    feature_loss = per_pos.sum() / n
-    token_loss = _soft_cross_entropy(torch.softmax(target.float(), dim=-1), draft).sum() / n
+    draft, target = _valid_rows(loss_mask, draft_logits, target_logits.detach())
+    feature_loss = feature_regression(pred_features, target_features, loss_mask)
+    token_loss = _soft_cross_entropy(torch.softmax(target.float(), dim=-1), draft).sum() / max(draft.shape[0], 1)
     loss = feature_weight * feature_loss + token_weight * token_loss
     stats = SFTStats(feature_loss=feature_loss.detach(), token_loss=token_loss.detach(),
                      top1_acc=_top1_agreement(draft, target))
     return loss, stats
+
+
+def feature_regression(pred_features: Tensor, target_features: Tensor, loss_mask: Tensor) -> Tensor:
+    """EAGLE-1's next-feature loss: SmoothL1 (beta 1) averaged over H, then over the positions of `loss_mask`.
+
+    Shapes: pred_features, target_features (..., H) (target detached); loss_mask (...) bool. Returns a scalar.
+    """
+    pred, feat_target = _valid_rows(loss_mask, pred_features, target_features.detach())
+    per_pos = F.smooth_l1_loss(pred.float(), feat_target.float(), reduction="none").mean(dim=-1)
+    return per_pos.sum() / max(pred.shape[0], 1)
 
 
 def ttt_sft_loss(

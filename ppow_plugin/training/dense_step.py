@@ -112,7 +112,7 @@ def data_path_loss(adapter, drafter, target, item: dict, cfg, gamma: float, gen:
         return cfg.loss.distill_weight * distill, {"distill": float(distill.detach())}
     K, lc, r = cfg.rollout.window, cfg.loss, cfg.rollout
     path = adapter.data_path(drafter, target, dpass, draft_logits, tpass, ids, valid, starts, K, cfg,
-                             sft=lc.sft_weight > 0)
+                             sft=lc.sft_weight > 0, soft_ce=distill)
     data_ids = _data_ids(adapter, drafter, ids, starts, K)
     to_target = lambda t: adapter.to_target_ids(drafter, t)
     if lc.estimator == "sampled":
@@ -201,9 +201,9 @@ def _expected(logits, starts, ids, seq_logits, data_ids, adapter, drafter, cfg, 
 def _read_rows_kl(adapter, drafter, seq_logits, logits, starts, read, direction) -> Tensor:
     """KL to the target on the data-path rows the losses read, each weighted by `read` ([n, K], 0 = unread)."""
     K, V = logits.shape[1], logits.shape[-1]
-    pos = (starts[:, None] + torch.arange(K, device=starts.device)).reshape(-1)
-    keep = read.reshape(-1) > 0
-    rows = adapter.restrict(drafter, seq_logits[pos[keep]])  # [m, Vd]
-    kl, _ = losses.target_kl_loss(rows, logits.reshape(-1, V)[keep], torch.ones_like(keep[keep]), direction,
-                                  weights=read.reshape(-1)[keep])
+    pos = (starts[:, None] + torch.arange(K, device=starts.device)).reshape(-1).clamp(max=seq_logits.shape[0] - 1)
+    rows = adapter.restrict(drafter, seq_logits[pos])  # [nK, Vd]; a row past the end (clamped) has weight 0
+    # every row, unread ones weighted 0 (finite logits both sides): no [nK, V] selection of the drafter's rows
+    kl, _ = losses.target_kl_loss(rows, logits.reshape(-1, V), torch.ones_like(pos, dtype=torch.bool), direction,
+                                  weights=read.reshape(-1))
     return kl
