@@ -295,6 +295,8 @@ class Config:
                      "1 for rollout.verify=data (later rows are the data's, not the draft's)")
         if self.stage == "ppow":
             self._check_data_path()
+            require(self.loss.deep_vocab_rows is None or self.model.drafter_type == "eagle1", "loss.deep_vocab_rows",
+                     self.loss.deep_vocab_rows, "null for drafter_type=eagle3 (its head is already a draft vocabulary)")
             require(not self.data.feature_cache or self.rollout.verify == "data", "data.feature_cache",
                      self.data.feature_cache, "false for PPOW unless rollout.verify=data (a tree verification "
                      "needs the target's KV cache of the sequence)")

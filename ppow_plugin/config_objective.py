@@ -71,6 +71,10 @@ class LossCfg:
     # weight of the SFT loss computed on the same unroll (EAGLE-1: feature regression + soft CE; EAGLE-3: the
     # training-time test); needs rollout.positions all or N; 0 = off
     sft_weight: float = 0.0
+    # EAGLE-1, estimator=expected: at depths >= 2 of the data-path unroll the head computes only the N most frequent
+    # assistant tokens (first model.draft_vocab_samples samples) plus the sequence's own, q renormalised over them;
+    # depth 1 stays whole. An approximation (benchmarks/deep_vocab.py); null = the whole vocabulary [default]
+    deep_vocab_rows: int | None = None
 
     def __post_init__(self):
         require(0 < self.clip_eps < 1, "loss.clip_eps", self.clip_eps, "in (0, 1)")
@@ -83,6 +87,10 @@ class LossCfg:
                      "none for loss.baseline=reference (a group of equal rewards has no std to divide by)")
             require(self.estimator == "sampled", "loss.baseline", self.baseline,
                      "group for loss.estimator=expected (the exact expectation needs no baseline)")
+        if self.deep_vocab_rows is not None:
+            require(self.deep_vocab_rows >= 1, "loss.deep_vocab_rows", self.deep_vocab_rows, ">= 1 (or null = whole)")
+            require(self.estimator == "expected", "loss.deep_vocab_rows", self.deep_vocab_rows,
+                     "null unless loss.estimator=expected (sampled windows draw from the whole vocabulary)")
         if self.estimator == "expected":  # E[R] is exact under the current policy: no sampled ratio to clip
             for name in ("ppo_epochs", "minibatches"):
                 require(getattr(self, name) == 1, f"loss.{name}", getattr(self, name),

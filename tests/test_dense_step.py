@@ -77,6 +77,10 @@ def test_ppow_on_the_data_path_trains_every_parameter(generated, family, extra):
     (["loss.baseline=reference"], "loss.advantage_scale"),
     (["loss.baseline=reference", "loss.advantage_scale=none", "loss.estimator=expected"], "loss.baseline"),
     (["loss.baseline=median"], "loss.baseline"),
+    (["rollout.positions=all", "rollout.verify=data", "data.dataset=generated", "loss.deep_vocab_rows=4096"],
+     "loss.deep_vocab_rows"),
+    (["rollout.positions=all", "rollout.verify=data", "data.dataset=generated", "loss.estimator=expected",
+      "loss.deep_vocab_rows=4096", "model.drafter_type=eagle3"], "loss.deep_vocab_rows"),
     (["rollout.positions=0"], "rollout.positions"),
 ])
 def test_the_data_path_settings_are_refused_without_what_they_need(overrides, needs):
@@ -260,3 +264,43 @@ def test_the_reference_baseline_is_the_frozen_start_drafters_greedy_reward(gener
                                         t.adapter.teacher_forced(t.drafter, t.target, feats, item["ids"])[0],
                                         item["ids"], item["tpass"].logits, starts, t.cfg, t.gamma).reward
     assert not torch.equal(live, want)  # the drafter moved: a live baseline would differ
+
+
+def test_a_deep_vocabulary_holding_every_token_gives_the_whole_vocabulary_step(generated):
+    """loss.deep_vocab_rows (EAGLE-1, expected): with every token in the columns the step equals the whole-vocabulary
+    step (loss and gradient: the column indices, their map back to the fed tokens, depth 1 apart, the KL split by
+    depth); with a few columns it differs. Can fail: columns read one off, or the unroll fed shifted tokens."""
+    from ppow_plugin.method import dense
+
+    tmp, drafters = generated
+    t = _ppow_trainer(tmp, drafters, "deep-vocab", **{"rollout.positions": "all", "loss.estimator": "expected",
+                                                      "loss.sft_weight": 0.5})
+    sample = t.data.next()
+    out = {}
+    for rows in (None, 10 ** 6, 8):
+        t.cfg.loss.deep_vocab_rows = rows
+        item = t.stage.prepare(sample, 5)
+        assert ("deep_cols" in item) == (rows is not None)
+        result = t.stage.loss(item)
+        t.drafter.zero_grad()
+        result.loss.backward()
+        out[rows] = (result.loss.detach(), torch.cat([p.grad.flatten() for p in t.drafter.parameters()
+                                                      if p.requires_grad]), result.stats)
+    assert out[10 ** 6][2]["reward"] == pytest.approx(out[None][2]["reward"], rel=1e-5)
+    assert out[10 ** 6][2]["greedy_accept_len"] == out[None][2]["greedy_accept_len"]
+    torch.testing.assert_close(out[10 ** 6][0], out[None][0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out[10 ** 6][1], out[None][1], rtol=1e-4, atol=1e-6)
+    assert abs(out[8][2]["reward"] - out[None][2]["reward"]) > 1e-4
+    # the unroll itself (the tiny drafter's deeper depths weigh little in the loss): the columns' logits are the
+    # whole vocabulary's at those ids, at every depth >= 2, fed the same data tokens
+    from ppow_plugin.training import dense_step
+
+    item = t.stage.prepare(sample, 5)
+    starts = dense.valid_starts(item["valid"])
+    cols = torch.unique(torch.cat([torch.arange(0, 128, 3), item["ids"]]))
+    with torch.no_grad():
+        dpass, draft_logits, _ = dense_step._teacher_forced(t.adapter, t.drafter, t.target, item, t.cfg)
+        args = (t.drafter, t.target, dpass, draft_logits, item["tpass"], item["ids"], item["valid"], starts, 4, t.cfg)
+        whole, part = t.adapter.data_path(*args, sft=False), t.adapter.data_path(*args, sft=False, cols=cols)
+    torch.testing.assert_close(part.logits[:, 1:], whole.logits[:, 1:, cols], rtol=1e-5, atol=1e-5)
+    assert torch.equal(part.first, whole.logits[:, 0]) and torch.equal(part.logits[:, 0], whole.logits[:, 0, cols])

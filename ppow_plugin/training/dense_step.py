@@ -112,7 +112,7 @@ def data_path_loss(adapter, drafter, target, item: dict, cfg, gamma: float, gen:
         return cfg.loss.distill_weight * distill, {"distill": float(distill.detach())}
     K, lc, r = cfg.rollout.window, cfg.loss, cfg.rollout
     path = adapter.data_path(drafter, target, dpass, draft_logits, tpass, ids, valid, starts, K, cfg,
-                             sft=lc.sft_weight > 0, soft_ce=distill)
+                             sft=lc.sft_weight > 0, soft_ce=distill, cols=item.get("deep_cols"))
     data_ids = _data_ids(adapter, drafter, ids, starts, K)
     to_target = lambda t: adapter.to_target_ids(drafter, t)
     if lc.estimator == "sampled":
@@ -128,13 +128,15 @@ def data_path_loss(adapter, drafter, target, item: dict, cfg, gamma: float, gen:
         base = None if reference is None else reference(starts)
         pol, read, stats = _sampled(w, old, cfg, gamma, base)
     else:
-        pol, read, stats = _expected(path.logits, starts, ids, tpass.logits, data_ids, adapter, drafter, cfg, gamma)
-    kl = _read_rows_kl(adapter, drafter, tpass.logits, path.logits, starts, read, lc.kl_direction)
+        pol, read, stats = _expected(path, starts, ids, tpass.logits, data_ids, adapter, drafter, cfg, gamma)
+    kl = _read_rows_kl(adapter, drafter, tpass.logits, path, starts, read, lc.kl_direction)
     loss = pol + lc.kl_beta * kl + lc.distill_weight * distill
     if path.sft is not None:
         loss = loss + lc.sft_weight * path.sft
         stats.update(sft_loss=float(path.sft.detach()), **path.sft_stats)
-    greedy_k = dense.greedy_accept_len(path.logits, starts, ids, tpass.logits, to_target)
+    greedy_k = dense.greedy_accept_len(path.logits, starts, ids, tpass.logits, to_target if path.cols is None else
+                                       lambda t: torch.cat([path.first.argmax(-1)[:, None, None], path.cols[t[..., 1:]]],
+                                                           -1))
     stats.update(loss=float(loss.detach()), policy_loss=float(pol.detach()), kl=float(kl.detach()),
                  distill=float(distill.detach()), starts=float(starts.numel()),
                  greedy_accept_len=float(rewards.counted_accept_len(greedy_k, cfg.reward.accept_cap).float().mean()),
@@ -181,29 +183,52 @@ def policy_stats(pst: losses.PolicyStats) -> dict[str, float]:
             "ratio": float(pst.ratio_mean), "approx_kl": float(pst.approx_kl)}
 
 
-def _expected(logits, starts, ids, seq_logits, data_ids, adapter, drafter, cfg, gamma):
-    """Exact expected reward -> (−mean E[R], [n, K] KL row weights P(row read), stats)."""
-    rc, K = cfg.reward, logits.shape[1]
+def _column_of(cols: Tensor, ids: Tensor) -> Tensor:
+    """Index of each id in the ascending `cols` [C], -1 where absent (ids -1 stay -1)."""
+    at = torch.searchsorted(cols, ids.clamp(min=0)).clamp(max=cols.numel() - 1)
+    return torch.where((cols[at] == ids) & (ids >= 0), at, -1)
+
+
+def _expected(path, starts, ids, seq_logits, data_ids, adapter, drafter, cfg, gamma):
+    """Exact expected reward (over `path.cols` at depths >= 2 when set) -> (−mean E[R], [n, K] KL row weights
+    P(row read), stats)."""
+    rc, K, T = cfg.reward, path.logits.shape[1], cfg.rollout.temperature
     last = ids.numel() - 1
     pos = starts[:, None] + torch.arange(K, device=ids.device)  # [n, K] the target row judging depth j
     greedy = torch.where(pos <= last, adapter.to_draft_ids(drafter, seq_logits.argmax(-1)[pos.clamp(max=last)]), -1)
-    vocab_ids = adapter.to_target_ids(drafter, torch.arange(logits.shape[-1], device=ids.device))
+    width = (path.logits if path.cols is None else path.first).shape[-1]
+    vocab_ids = adapter.to_target_ids(drafter, torch.arange(width, device=ids.device))
     near = expected.near_first_mask(seq_logits[starts], vocab_ids, rc.epsilon)
-    logp = F.log_softmax(logits.float() / cfg.rollout.temperature, -1)
+    logp = F.log_softmax(path.logits.float() / T, -1)
+    first = None
+    if path.cols is not None:  # depth 1 over the whole vocabulary, depths >= 2 over cols (renormalised there)
+        first = (F.log_softmax(path.first.float() / T, -1), greedy[:, 0], data_ids[:, 0])
+        data_ids, greedy = _column_of(path.cols, data_ids), _column_of(path.cols, greedy)
     ex = expected.expected_reward(logp, data_ids, greedy, near, gamma, rc.eta, rc.accept_cap, rc.speedup_weight,
-                                  rc.proximity_weight)
+                                  rc.proximity_weight, first)
     stats = {"reward": float(ex.total.detach().mean()), "r_speedup": float(ex.speedup.detach().mean()),
              "r_proximity": float(ex.proximity.detach().mean()),
              "accept_len": float(ex.reach.detach().sum(1).mean()), "windows": float(starts.numel())}
     return -ex.total.mean(), ex.read, stats
 
 
-def _read_rows_kl(adapter, drafter, seq_logits, logits, starts, read, direction) -> Tensor:
-    """KL to the target on the data-path rows the losses read, each weighted by `read` ([n, K], 0 = unread)."""
+def _read_rows_kl(adapter, drafter, seq_logits, path, starts, read, direction) -> Tensor:
+    """KL to the target on the data-path rows the losses read, each weighted by `read` ([n, K], 0 = unread); with
+    `path.cols`, depth 1 over the whole vocabulary and depths >= 2 over cols (both sides renormalised there)."""
+    if path.cols is None:
+        return _rows_kl(adapter, drafter, seq_logits, path.logits, starts, read, direction)[0]
+    deep, deep_w = _rows_kl(adapter, drafter, seq_logits[:, path.cols], path.logits[:, 1:], starts + 1, read[:, 1:],
+                            direction)
+    one, one_w = _rows_kl(adapter, drafter, seq_logits, path.first[:, None], starts, read[:, :1], direction)
+    return (one * one_w + deep * deep_w) / (one_w + deep_w).clamp_min(1e-12)
+
+
+def _rows_kl(adapter, drafter, seq_logits, logits, starts, read, direction) -> tuple[Tensor, Tensor]:
+    """-> (weighted mean KL over the [n, K] rows of `logits` [n, K, V] from `starts`, the weights' sum)."""
     K, V = logits.shape[1], logits.shape[-1]
     pos = (starts[:, None] + torch.arange(K, device=starts.device)).reshape(-1).clamp(max=seq_logits.shape[0] - 1)
     rows = adapter.restrict(drafter, seq_logits[pos])  # [nK, Vd]; a row past the end (clamped) has weight 0
     # every row, unread ones weighted 0 (finite logits both sides): no [nK, V] selection of the drafter's rows
     kl, _ = losses.target_kl_loss(rows, logits.reshape(-1, V), torch.ones_like(pos, dtype=torch.bool), direction,
                                   weights=read.reshape(-1))
-    return kl
+    return kl, read.sum()

@@ -39,11 +39,12 @@ class PolicyPass(NamedTuple):
 
 class PpowStep:
     def __init__(self, cfg: Config, adapter, drafter, target, kv, target_passes: TargetPasses,
-                 gen: torch.Generator, device: torch.device, gamma: float, reference=None):
-        """reference: the start drafter, frozen (`loss.baseline: reference`), or None."""
+                 gen: torch.Generator, device: torch.device, gamma: float, reference=None, token_counts=None):
+        """reference: the start drafter, frozen (`loss.baseline: reference`), or None; token_counts: () -> [V] counts
+        of the assistant tokens (`loss.deep_vocab_rows`; called once, when first needed)."""
         self.cfg, self.adapter, self.drafter, self.target, self.kv = cfg, adapter, drafter, target, kv
         self.target_passes, self.gen, self.device, self.gamma = target_passes, gen, device, gamma
-        self.reference = reference
+        self.reference, self.token_counts, self._counts = reference, token_counts, None
 
     def prepare(self, sample, step: int = 0, keep_graph: bool = False) -> dict:
         """Target pass, window selection, rollouts and verification (no grad unless `keep_graph`).
@@ -56,6 +57,11 @@ class PpowStep:
         ids, valid = sequence_tensors(sample, self.device)
         tpass = self.target_passes(self.drafter, sample, ids, valid)
         item = {"ids": ids, "valid": valid, "tpass": tpass, "policy": None, "sft_vocab": None, "step": step}
+        if cfg.loss.deep_vocab_rows is not None:  # depths >= 2 over the frequent tokens and the sequence's own
+            if self._counts is None:
+                self._counts = self.token_counts().to(self.device)
+            frequent = self._counts.topk(min(cfg.loss.deep_vocab_rows, self._counts.numel())).indices
+            item["deep_cols"] = torch.unique(torch.cat([frequent, ids]))
         if dense_step.uses_data_path(cfg):  # rollout.positions all | N: the data-path unroll, all in `loss`
             if updates_per_rollout(cfg) > 1:  # ... unless drawn once for several updates
                 item["dense"] = dense_step.draw(self.adapter, self.drafter, self.target, item, cfg, self.gen, step)

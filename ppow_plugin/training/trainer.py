@@ -109,7 +109,9 @@ class Trainer:
         self.stage = (SftStep(cfg, self.adapter, self.drafter, passes, self.gen, self.device, self.sft_vocab)
                       if cfg.stage == "sft" else
                       PpowStep(cfg, self.adapter, self.drafter, self.target, self.kv, passes, self.gen, self.device,
-                               self.gamma, self._reference(samples)))
+                               self.gamma, self._reference(samples),
+                               lambda: adapters.count_loss_tokens(samples, cfg.model.draft_vocab_samples,
+                                                                  self.target.config.vocab_size)))
         if cfg.run.resume:
             self._resume()
 
