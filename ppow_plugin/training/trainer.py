@@ -39,7 +39,7 @@ from ppow_plugin.drafters import adapters
 from ppow_plugin.errors import DiskFull, UserError, is_disk_full
 from ppow_plugin.host import eagle_compat
 from ppow_plugin.training import checkpoints, plan, rundir
-from ppow_plugin.training.ppow_step import PpowStep
+from ppow_plugin.training.ppow_step import PpowStep, updates_per_rollout
 from ppow_plugin.training.sft_step import SftStep
 from ppow_plugin.training.target_passes import TargetPasses
 
@@ -201,7 +201,7 @@ class Trainer:
         loss.minibatches updates on a part of every sequence's starts)."""
         ppow = self.cfg.stage == "ppow"
         epochs, parts = (self.cfg.loss.ppo_epochs, self.cfg.loss.minibatches) if ppow else (1, 1)
-        if ppow and epochs * parts == 1 and self.cfg.loss.reuse_sampling_pass:
+        if ppow and updates_per_rollout(self.cfg) == 1 and self.cfg.loss.reuse_sampling_pass:
             # one sample at a time, its rollout graph kept for the update (memory of one sample, not grad_accum)
             prepared = (self.stage.prepare(sample, self.step, keep_graph=True) for sample in samples)
         else:
