@@ -9,8 +9,9 @@ gradient (no optimizer step, so every arm sees the same weights; arms interleave
   today      rollout.positions=adaw: `prefixes_per_sequence` ADAW starts x G windows, drafted and verified each
   dense      rollout.positions=all, loss.estimator=sampled: G windows at every start, from one data-path unroll
   expected   rollout.positions=all, loss.estimator=expected: the exact expected reward at every start
-  expected+sft  the same with loss.sft_weight=1 (the SFT loss on the same unroll), at every start and at 32
-             starts chosen by ADAW (rollout.positions=32)
+  expected+sft  the same with loss.sft_weight=1 (the SFT loss on the same unroll), at every start, at 32
+             starts chosen by ADAW (rollout.positions=32), and at every start with loss.deep_vocab_rows=4096
+             (depths >= 2 over 4096 frequent tokens plus the sequence's own)
   sft        the recipe's SFT loss (stage=sft) on the cached target pass: a cached SFT step
 Each PPOW arm runs twice: with the recipe's anchors (β·KL, ω·distill) and with the policy term alone
 (kl_beta=0, distill_weight=0). Printed per arm: seconds per sequence (target pass from the cache, the step's
@@ -158,6 +159,8 @@ def main() -> int:
                     ("expected + sft_weight=1", {**expected, "loss.sft_weight": 1.0}),
                     ("expected (32 ADAW starts) + sft_weight=1",
                      {**expected, "rollout.positions": 32, "loss.sft_weight": 1.0}),
+                    ("expected + sft_weight=1, deep vocab 4096",
+                     {**expected, "loss.sft_weight": 1.0, "loss.deep_vocab_rows": 4096}),
                     ("today, policy term only", policy_only), ("dense sampled, policy term only", {**dense, **policy_only}),
                     ("expected, policy term only", {**expected, **policy_only}),
                     ("sft (cached step)", {"stage": "sft"})]
@@ -181,7 +184,9 @@ def main() -> int:
                "expected_windows_per_s_over_today": by["expected (all)"]["windows_per_s"] / today,
                "expected_sft_step_over_cached_sft_step": by["expected + sft_weight=1"]["s_per_sequence"] / sft_s,
                "expected_32_sft_step_over_cached_sft_step":
-                   by["expected (32 ADAW starts) + sft_weight=1"]["s_per_sequence"] / sft_s}
+                   by["expected (32 ADAW starts) + sft_weight=1"]["s_per_sequence"] / sft_s,
+               "expected_sft_deep_vocab_step_over_cached_sft_step":
+                   by["expected + sft_weight=1, deep vocab 4096"]["s_per_sequence"] / sft_s}
     for k, v in summary.items():
         print(f"{k}: {v:.2f}")
     _write_json(args, rows, summary=summary)

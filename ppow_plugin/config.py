@@ -15,6 +15,7 @@ Rules:
 5. Relative paths in a recipe (model.target, model.drafter, data.path, reward.gamma_profile,
    run.output_dir) resolve against the current working directory; `recipe_file.input_paths` lists the
    absolute paths that `ppow validate` checks.
+The PPOW objective's sections (`reward`, `loss`) live in `config_objective.py`, imported here.
 Defaults marked [paper] come from PPOW (arXiv 2605.14978) as far as it is known; [default] marks our
 own choice where the paper is silent (docs/algorithm.md says why).
 """
@@ -27,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from ppow_plugin.config_objective import LossCfg, RewardCfg
 from ppow_plugin.recipe_file import apply_override, build, read_recipe, require, require_text
 
 Dtype = Literal["fp32", "bf16"]
@@ -168,66 +170,6 @@ class WindowingCfg:
 
 
 @dataclass
-class RewardCfg:
-    gamma: float = 0.12  # drafter/target cost ratio [paper]; overridden by gamma_profile when set
-    gamma_profile: str | None = None  # JSON written by `ppow profile`; its measured gamma wins
-    eta: float = 0.5  # proximity bonus size; < R_speedup(1) so "close" never beats "1 accepted" [default]
-    epsilon: float = 4.0  # proximity threshold on Δ, nats; calibrated on measured first-position Δ [default]
-    delta_positions: int | None = 1  # Δ summed over the first N window positions; None = all K [default]
-    # most draft tokens k counts; set it to the evaluation tree's depth (EAGLE-1 mc_sim_7b_63: 5, EAGLE-3:
-    # eval.tree_depth + 1) so the reward counts what decoding counts; None = rollout.window [default]
-    accept_cap: int | None = None
-    speedup_weight: float = 1.0
-    proximity_weight: float = 1.0  # 0 disables R_dist (ablation)
-
-    def __post_init__(self):
-        require(0 <= self.gamma <= 10, "reward.gamma", self.gamma, "in [0, 10] (drafter step / target step)")
-        require_text(self.gamma_profile, "reward.gamma_profile", "a `ppow profile` JSON, or null")
-        require(self.eta >= 0, "reward.eta", self.eta, ">= 0")
-        require(self.epsilon > 0, "reward.epsilon", self.epsilon, "> 0")
-        if self.delta_positions is not None:
-            require(self.delta_positions >= 1, "reward.delta_positions", self.delta_positions,
-                     ">= 1 (or null = the window)")
-        if self.accept_cap is not None:
-            require(self.accept_cap >= 1, "reward.accept_cap", self.accept_cap, ">= 1 (or null = rollout.window)")
-        require(self.speedup_weight >= 0, "reward.speedup_weight", self.speedup_weight, ">= 0")
-        require(self.proximity_weight >= 0, "reward.proximity_weight", self.proximity_weight, ">= 0")
-        if self.speedup_weight == 0 and self.proximity_weight == 0:
-            raise ValueError("reward.speedup_weight and reward.proximity_weight are both 0: every reward is 0")
-
-
-@dataclass
-class LossCfg:
-    clip_eps: float = 0.2  # PPO clip range [default]
-    ratio_mode: Literal["token", "window"] = "window"  # window = geometric mean over the window [default]
-    # tokens that carry the advantage: accepted_prefix = 1..min(k+1, K), the ones that decided k; window = all K;
-    # signed = A > 0: the accepted 1..k only, A < 0: the rejected k+1 only (losses.credit_mask)
-    credit: Literal["window", "accepted_prefix", "signed"] = "accepted_prefix"  # [default]
-    kl_positions: Literal["window", "accepted_prefix"] = "accepted_prefix"  # window positions the KL term sees [default]
-    advantage_scale: Literal["std", "none"] = "std"  # divide by group std (GRPO) or only centre
-    kl_beta: float = 0.05  # β: KL to the *target* on window positions [default]
-    kl_direction: Literal["forward", "reverse"] = "forward"  # forward = KL(P_target ‖ Q_draft)
-    distill_weight: float = 0.1  # optional token-level soft-CE to the target on the sequence [default]
-    ppo_epochs: int = 1  # policy updates per rollout batch
-    # ppo_epochs = 1: keep the graph of the sampling pass and update through it (the policy equals the sampling
-    # policy, so a re-score would recompute the same numbers); False re-scores as ppo_epochs > 1 must.
-    reuse_sampling_pass: bool = True
-    # sampled = G windows per start, group-relative advantages, PPO-clip; expected = the exact expected window
-    # reward on the data path, maximised (no sampling; needs rollout.positions all or N; method/expected.py) [default]
-    estimator: Literal["sampled", "expected"] = "sampled"
-    # weight of the SFT loss computed on the same unroll (EAGLE-1: feature regression + soft CE; EAGLE-3: the
-    # training-time test); needs rollout.positions all or N; 0 = off
-    sft_weight: float = 0.0
-
-    def __post_init__(self):
-        require(0 < self.clip_eps < 1, "loss.clip_eps", self.clip_eps, "in (0, 1)")
-        require(self.kl_beta >= 0, "loss.kl_beta", self.kl_beta, ">= 0")
-        require(self.distill_weight >= 0, "loss.distill_weight", self.distill_weight, ">= 0")
-        require(self.ppo_epochs >= 1, "loss.ppo_epochs", self.ppo_epochs, ">= 1")
-        require(self.sft_weight >= 0, "loss.sft_weight", self.sft_weight, ">= 0")
-
-
-@dataclass
 class OptimCfg:
     lr: float = 5e-6
     weight_decay: float = 0.0
@@ -353,6 +295,8 @@ class Config:
                      "1 for rollout.verify=data (later rows are the data's, not the draft's)")
         if self.stage == "ppow":
             self._check_data_path()
+            require(self.loss.deep_vocab_rows is None or self.model.drafter_type == "eagle1", "loss.deep_vocab_rows",
+                     self.loss.deep_vocab_rows, "null for drafter_type=eagle3 (its head is already a draft vocabulary)")
             require(not self.data.feature_cache or self.rollout.verify == "data", "data.feature_cache",
                      self.data.feature_cache, "false for PPOW unless rollout.verify=data (a tree verification "
                      "needs the target's KV cache of the sequence)")
@@ -361,6 +305,8 @@ class Config:
         """rollout.positions all | N (dense rollouts), loss.estimator=expected and loss.sft_weight need each other."""
         r, lc = self.rollout, self.loss
         if r.positions == "adaw":
+            require(lc.minibatches <= r.prefixes_per_sequence, "loss.minibatches", lc.minibatches,
+                     f"<= rollout.prefixes_per_sequence ({r.prefixes_per_sequence}): each update takes a part of the starts")
             require(lc.estimator == "sampled", "loss.estimator", lc.estimator,
                      "sampled unless rollout.positions is all or N (the expected reward reads the data-path unroll)")
             require(lc.sft_weight == 0, "loss.sft_weight", lc.sft_weight,
@@ -370,7 +316,9 @@ class Config:
         require(r.verify == "data", "rollout.verify", r.verify, f"data {rule}")
         require(r.greedy_members == 0, "rollout.greedy_members", r.greedy_members, f"0 {rule}")
         require(r.resample_tries == 0, "rollout.resample_tries", r.resample_tries, f"0 {rule}")
-        require(lc.ppo_epochs == 1, "loss.ppo_epochs", lc.ppo_epochs, f"1 {rule}")
+        if isinstance(r.positions, int):
+            require(lc.minibatches <= r.positions, "loss.minibatches", lc.minibatches,
+                     f"<= rollout.positions ({r.positions}): each update takes a part of the starts")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -150,9 +150,10 @@ def lr_at(step: int, cfg: OptimCfg, max_steps: int) -> float:
 
 
 def total_optimizer_steps(cfg: Config) -> int:
-    """Optimizer steps in a full run: PPOW takes `loss.ppo_epochs` of them per trainer step (one per pass over
-    the same rollouts), so the schedule is stretched to match and does not end after 1/ppo_epochs of the run."""
-    return cfg.run.max_steps * (cfg.loss.ppo_epochs if cfg.stage == "ppow" else 1)
+    """Optimizer steps in a full run: PPOW takes `loss.ppo_epochs` x `loss.minibatches` of them per trainer step
+    (one per part of each pass over the same rollouts), so the schedule is stretched to match and does not end
+    early."""
+    return cfg.run.max_steps * (cfg.loss.ppo_epochs * cfg.loss.minibatches if cfg.stage == "ppow" else 1)
 
 
 def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:

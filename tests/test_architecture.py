@@ -16,7 +16,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "ppow_plugin"
 # Lowest first. A module may import from its own layer and the layers before it; a subpackage is one layer.
 LAYERS: list[tuple[str, ...]] = [
     ("ppow_plugin.errors", "ppow_plugin.quiet"),
-    ("ppow_plugin.recipe_file", "ppow_plugin.config"),
+    ("ppow_plugin.recipe_file", "ppow_plugin.config_objective", "ppow_plugin.config"),
     ("ppow_plugin.distributed",),
     ("ppow_plugin.host", "ppow_plugin.outputs"),  # outputs: the one output-folder guard (knows the target cache)
     ("ppow_plugin.method",),

@@ -75,6 +75,7 @@ def test_policy_loss_token_mode_clips_on_both_sides():
     # Clipped tokens get no gradient; the others get -(1/4) * r * A.
     assert_close(new.grad, torch.tensor([[[0.0, -0.25 * 0.9], [0.0, 0.25 * 1.1]]]))
     assert_close(stats.clip_fraction, torch.tensor(0.5))
+    assert_close(stats.outside_fraction, torch.tensor(0.5))  # 1.5 and 0.5 lie outside [0.8, 1.2]
     assert_close(stats.ratio_mean, torch.tensor(1.0))
     assert not stats.ratio_mean.requires_grad
 
@@ -87,6 +88,7 @@ def test_policy_loss_window_mode_differs_from_token_mode():
     token_loss, _ = policy_loss(new, old, adv, valid, clip_eps=0.2, ratio_mode="token")
     assert abs(loss.item() - token_loss.item()) > 0.1
     assert_close(stats.clip_fraction, torch.tensor(0.5))
+    assert_close(stats.outside_fraction, torch.tensor(0.5))  # window 1 (r1 = 0.74): both its tokens
     assert_close(stats.ratio_mean, torch.tensor((r0 + r1) / 2))
 
 

@@ -17,5 +17,7 @@ def test_lr_schedule_spans_every_optimizer_step_of_the_run():
     assert lr_at(0, cfg.optim, total) == 1.0
     sft = load_config(None, ["stage=sft", "run.max_steps=10", "loss.ppo_epochs=2"])
     assert total_optimizer_steps(sft) == 10  # SFT makes one pass per step whatever loss.ppo_epochs says
+    parts = load_config(None, ["stage=ppow", "run.max_steps=10", "loss.ppo_epochs=2", "loss.minibatches=2"])
+    assert total_optimizer_steps(parts) == 40  # one update per part of the starts, per pass
     warm = load_config(None, ["optim.warmup_steps=4", "optim.lr=1.0", "optim.schedule=linear"]).optim
     assert [lr_at(s, warm, 8) for s in (0, 3, 4, 6, 8)] == pytest.approx([0.25, 1.0, 1.0, 0.5, 0.0])

@@ -41,9 +41,11 @@ StepStats = dict[str, float]
 class DataPath(NamedTuple):
     """The drafter's unroll along the data from n starts (`*Adapter.data_path`, dense rollouts)."""
 
-    logits: Tensor  # [n, K, Vd] fp32 with grad; [:, j] drafts x_{s+j+1}
+    logits: Tensor  # [n, K, Vd] fp32 with grad; [:, j] drafts x_{s+j+1}; over `cols` when set
     sft: Tensor | None  # the SFT loss on the same unroll (None when not asked)
     sft_stats: StepStats
+    first: Tensor | None = None  # with `cols`: [n, Vd] depth 1 over the whole vocabulary (logits[:, 0] = first[:, cols])
+    cols: Tensor | None = None  # [C] ascending ids: depths >= 2 computed over these only (`loss.deep_vocab_rows`)
 
 
 def _target_embed(target: nn.Module) -> Tensor:
@@ -97,30 +99,45 @@ class Eagle1Adapter:
     def restrict(self, drafter, target_logits: Tensor) -> Tensor:
         return target_logits
 
-    def data_path(self, drafter, target, dpass, draft_logits, tpass, ids, valid, starts, depth, cfg, sft: bool):
+    def data_path(self, drafter, target, dpass, draft_logits, tpass, ids, valid, starts, depth, cfg, sft: bool,
+                  soft_ce: Tensor | None = None, cols: Tensor | None = None):
         """The drafter's `depth`-step chain along the data from each start (`rollout.draft_windows` fed the data
         tokens, as `multi_step_loss`), and with `sft` the EAGLE-1 SFT loss on the same teacher-forced pass.
+        With `cols` ([C] ascending ids holding every data token) the head at depths >= 2 computes only those
+        columns (`loss.deep_vocab_rows`): the chain is fed column indices mapped back by a `d2t`-style offset.
 
         Args:
             dpass, draft_logits: the teacher-forced pass (with its graph); tpass: the target pass; ids [T];
-            valid [T] bool; starts [n]. Returns: DataPath.
+            valid [T] bool; starts [n]; soft_ce: the caller's soft CE of `draft_logits` to the target on valid[1:]
+            (`losses.distill_loss`, with graph), which is the SFT's token term: reused, not recomputed.
+            Returns: DataPath.
         """
         tokens = ids[(starts[:, None] + 1 + torch.arange(depth, device=ids.device)).clamp(max=ids.numel() - 1)]
-        first = [draft_logits[starts - 1]]  # depth 1 is the teacher-forced pass's row s-1: not recomputed
+        full_first = draft_logits[starts - 1]  # depth 1 is the teacher-forced pass's row s-1: not recomputed
+        first, offset = [full_first], None
+        if cols is not None:  # column indices in, target ids fed: index + offset[index] = cols[index]
+            first, offset = [full_first[:, cols]], cols - torch.arange(cols.numel(), device=cols.device)
+            tokens = torch.searchsorted(cols, tokens)
 
         def head(hidden: Tensor) -> Tensor:
-            return first.pop() if first else _head(target, hidden).float()
+            if first:
+                return first.pop()
+            return _head(target, hidden).float() if cols is None else _head_rows(target, hidden, cols)
 
-        _, _, logits = rollout.draft_windows(drafter, head, dpass, starts, 1, depth, 1.0, tokens=tokens[:, None])
+        _, _, logits = rollout.draft_windows(drafter, head, dpass, starts, 1, depth, 1.0, tokens=tokens[:, None],
+                                             d2t=offset)
+        logits = logits.squeeze(1)  # [n, K, V] (a view: no [n, 1, K, V] gradient buffer, unlike logits[:, 0])
+        extra = {} if cols is None else {"first": full_first, "cols": cols}
         if not sft:
-            return DataPath(logits[:, 0], None, {})
+            return DataPath(logits, None, {}, **extra)
         rows = valid[1:]  # [T-1] row i predicts f_{i+1} and x_{i+2}
         feats = tpass.features[1:].to(dpass.out_features.dtype)
-        loss, st = losses.eagle1_sft_loss(dpass.out_features[None], feats[None], draft_logits[None],
-                                          tpass.logits[1:][None], rows[None], cfg.sft.feature_weight,
-                                          cfg.sft.token_weight)
-        return DataPath(logits[:, 0], loss, {"sft_feature_loss": float(st.feature_loss),
-                                             "sft_token_loss": float(st.token_loss)})
+        if soft_ce is None:
+            soft_ce = losses.distill_loss(tpass.logits[1:], draft_logits, rows)[0]
+        feature = losses.feature_regression(dpass.out_features, feats, rows)
+        loss = cfg.sft.feature_weight * feature + cfg.sft.token_weight * soft_ce  # = losses.eagle1_sft_loss
+        return DataPath(logits, loss, {"sft_feature_loss": float(feature.detach()),
+                                       "sft_token_loss": float(soft_ce.detach())}, **extra)
 
     def sft_loss(self, drafter, target, item: dict, cfg, gen: torch.Generator) -> tuple[Tensor, StepStats]:
         """EAGLE-1 objective: next-feature SmoothL1 + soft CE to the target, on noised input features."""
@@ -246,11 +263,13 @@ class Eagle3Adapter:
         index = drafter.t2d.long().cumsum(0) - 1  # [V]
         return torch.where(drafter.t2d[target_ids], index[target_ids], -1)
 
-    def data_path(self, drafter, target, dpass, draft_logits, tpass, ids, valid, starts, depth, cfg, sft: bool):
+    def data_path(self, drafter, target, dpass, draft_logits, tpass, ids, valid, starts, depth, cfg, sft: bool,
+                  soft_ce: Tensor | None = None, cols: Tensor | None = None):
         """The training-time-test unroll along the data (`eagle3.ttt_unroll`, via `ttt_batch`): step j, row s-1 is
         depth j+1 of the window from s; with `sft` the TTT loss of its first `sft.ttt_steps` steps.
 
-        Args: as `Eagle1Adapter.data_path` (dpass and draft_logits are not read). Returns: DataPath.
+        Args: as `Eagle1Adapter.data_path` (dpass, draft_logits, soft_ce and cols are not read: `Config` keeps
+        `loss.deep_vocab_rows` to EAGLE-1, whose head is the target's). Returns: DataPath.
         """
         steps = max(depth, cfg.sft.ttt_steps) if sft else depth
         step_logits, probs, masks = ttt_batch(drafter, tpass, ids, valid, steps)

@@ -36,15 +36,18 @@ class ExpectedReward(NamedTuple):
     read: Tensor  # [n, K] detached P(the losses read row j and it is a data-prefix row): the KL weights
 
 
-def _prob_of(logp: Tensor, ids: Tensor) -> Tensor:
-    """q(ids) from logp [n, K, V] and ids [n, K] (-1 = an id q cannot draw: probability 0)."""
-    q = logp.gather(-1, ids.clamp(min=0)[..., None])[..., 0].exp()
-    return torch.where(ids >= 0, q, torch.zeros_like(q))
+def _prob_of(logp: Tensor, *ids: Tensor) -> list[Tensor]:
+    """q(ids) for each of `ids` ([n, K] each; -1 = an id q cannot draw: probability 0) from logp [n, K, V], read
+    with one gather (one [n, K, V] gradient buffer in the backward, not one per id tensor)."""
+    index = torch.stack(ids, -1)  # [n, K, m]
+    q = logp.gather(-1, index.clamp(min=0)).exp()
+    return list(torch.where(index >= 0, q, torch.zeros_like(q)).unbind(-1))
 
 
 def expected_reward(logp: Tensor, data_ids: Tensor, greedy_ids: Tensor, near_first: Tensor, gamma: float,
                     eta: float, accept_cap: int | None = None, speedup_weight: float = 1.0,
-                    proximity_weight: float = 1.0) -> ExpectedReward:
+                    proximity_weight: float = 1.0, first: tuple[Tensor, Tensor, Tensor] | None = None
+                    ) -> ExpectedReward:
     """E[R] of a window from each start, under greedy verification on the data.
 
     Args:
@@ -55,22 +58,32 @@ def expected_reward(logp: Tensor, data_ids: Tensor, greedy_ids: Tensor, near_fir
             outside it or where the row lies past the sequence's end.
         near_first: [n, V] bool, Δ_1(v) < ε at the first depth (R_dist's set).
         gamma, eta: as `rewards.joint_reward`; accept_cap: the most tokens k counts (None = K).
+        first: None, or (first_logp [n, V1], greedy_first [n], data_first [n]): depth 1 read from its own
+            vocabulary (`loss.deep_vocab_rows`: `logp` and the ids hold a reduced vocabulary at depths >= 2, where
+            `logp[:, 0]` and the ids' column 0 are then not read; `near_first` is over V1).
     Returns:
         ExpectedReward.
     """
     K = logp.shape[1]
     cap = K if accept_cap is None else min(accept_cap, K)
-    q_greedy = _prob_of(logp, greedy_ids)  # [n, K] P(d_j accepted | the data prefix)
-    carry = _prob_of(logp, data_ids) * (data_ids == greedy_ids)  # accepted and on the data: the window goes on
+    q_greedy, q_data = _prob_of(logp, greedy_ids, data_ids)  # [n, K]; q_greedy = P(d_j accepted | the data prefix)
+    same = data_ids == greedy_ids
+    first_q, greedy_first = logp[:, 0].exp(), greedy_ids[:, :1]  # [n, V], [n, 1]
+    if first is not None:
+        first_logp, greedy_first, data_first = first[0], first[1][:, None], first[2][:, None]
+        q_greedy_1, q_data_1 = _prob_of(first_logp[:, None], greedy_first, data_first)
+        q_greedy, q_data = torch.cat([q_greedy_1, q_greedy[:, 1:]], 1), torch.cat([q_data_1, q_data[:, 1:]], 1)
+        same = torch.cat([data_first == greedy_first, same[:, 1:]], 1)
+        first_q = first_logp.exp()
+    carry = q_data * same  # accepted and on the data: the window goes on
     ones = torch.ones_like(carry[:, :1])
     prefix = torch.cat([ones, carry[:, :-1]], 1).cumprod(1)  # [n, K] P(d_<j accepted and the data's)
     reach = prefix * q_greedy  # P(k >= j)
     depth = torch.arange(K + 1, device=logp.device).clamp(max=cap)
     r = speedup_weight * rewards.speedup_reward(depth, gamma)  # [K+1] R(min(j, cap))
     speedup = (reach * (r[1:] - r[:-1])).sum(1)
-    first = logp[:, 0].exp()  # [n, V]
-    not_greedy = torch.arange(first.shape[-1], device=logp.device)[None] != greedy_ids[:, :1]
-    proximity = proximity_weight * eta * (first * (near_first & not_greedy)).sum(1)
+    not_greedy = torch.arange(first_q.shape[-1], device=logp.device)[None] != greedy_first
+    proximity = proximity_weight * eta * (first_q * (near_first & not_greedy)).sum(1)
     read = prefix.detach() * (torch.arange(K, device=logp.device) < cap)  # rows 2..min(k+1, cap)
     read[:, 0] = 1.0  # the first row: always (k + 1 >= 1, and R_dist's Δ at k = 0)
     return ExpectedReward(speedup + proximity, speedup, proximity, reach, read)

@@ -36,6 +36,7 @@ CREDITS: tuple[str, ...] = ("window", "accepted_prefix", "signed")
 
 class PolicyStats(NamedTuple):
     clip_fraction: Tensor  # []  share of ratio units (tokens or windows) where clipping removed the gradient
+    outside_fraction: Tensor  # []  share of credited tokens whose ratio (its unit's) lies outside [1-ε, 1+ε]
     ratio_mean: Tensor     # []  mean importance ratio over valid units
     approx_kl: Tensor      # []  k3 estimate of KL(old ‖ new) over valid tokens
 
@@ -87,19 +88,23 @@ def group_advantages(
     valid_mask: Tensor | None = None,
     scale: Literal["std", "none"] = "std",
     eps: float = 1e-6,
+    baseline: Tensor | None = None,
 ) -> Tensor:
-    """Group-relative advantages (R − mean_G) / (std_G + eps) over the valid members of each group.
+    """Group-relative advantages (R − mean_G) / (std_G + eps) over the valid members of each group, or
+    R − b with a per-group baseline b (`loss.baseline: reference`, GTO: a frozen drafter's reward).
 
     Args:
         rewards: window rewards. Shape (B, G).
         valid_mask: True for real group members; None = all valid. Shape (B, G), bool.
         scale: "std" divides by the population std + eps; "none" only subtracts the mean.
         eps: added to the std, >= 0.
+        baseline: None (the group mean), or per-group baselines, shape (B,); needs scale "none".
     Returns:
         Advantages, shape (B, G), rewards' dtype (float32 for integer rewards), detached. Exactly 0
-        for invalid members and for groups whose valid rewards are all equal (incl. a single member).
+        for invalid members; without a baseline also for groups whose valid rewards are all equal (incl. a
+        single member); with one, R − b for every valid member (a flat group above b is pushed up).
     Raises:
-        ValueError: unknown scale or eps < 0.
+        ValueError: unknown scale, eps < 0, or a baseline with scale "std".
     """
     if scale not in ("std", "none"):
         raise ValueError(f"scale {scale!r} must be 'std' or 'none'")
@@ -107,6 +112,12 @@ def group_advantages(
         raise ValueError(f"eps ({eps}) must be >= 0")
     if valid_mask is None:
         valid_mask = torch.ones_like(rewards, dtype=torch.bool)
+    out_dtype = rewards.dtype if rewards.is_floating_point() else torch.float32
+    if baseline is not None:
+        if scale != "none":
+            raise ValueError("a baseline needs scale 'none' (a flat group has no std to divide by)")
+        centred = rewards.detach().double() - baseline.detach().double()[:, None]
+        return torch.where(valid_mask, centred, 0.0).to(out_dtype)
     r = torch.where(valid_mask, rewards.detach().double(), 0.0)
     count = valid_mask.sum(dim=1, keepdim=True).clamp_min(1)
     centred = r - r.sum(dim=1, keepdim=True) / count
@@ -117,7 +128,6 @@ def group_advantages(
     r_max = torch.where(valid_mask, r, -torch.inf).amax(dim=1, keepdim=True)
     r_min = torch.where(valid_mask, r, torch.inf).amin(dim=1, keepdim=True)
     keep = valid_mask & (r_max > r_min)
-    out_dtype = rewards.dtype if rewards.is_floating_point() else torch.float32
     return torch.where(keep, centred, 0.0).to(out_dtype)
 
 
@@ -217,8 +227,12 @@ def policy_loss(
         was_clipped = (((ratio > 1.0 + clip_eps) & (unit_adv > 0))
                        | ((ratio < 1.0 - clip_eps) & (unit_adv < 0)))
         token_ratio = log_ratio.exp()
+        outside = (ratio - 1.0).abs() > clip_eps  # per unit
+        if ratio_mode == "window":
+            outside = outside[..., None].expand_as(valid_mask)
         stats = PolicyStats(
             clip_fraction=_masked_mean(was_clipped.float(), unit_mask),
+            outside_fraction=_masked_mean(outside.float(), valid_mask),
             ratio_mean=_masked_mean(ratio, unit_mask),
             approx_kl=_masked_mean(token_ratio - 1.0 - log_ratio, valid_mask),
         )
@@ -232,7 +246,10 @@ def _valid_rows(mask: Tensor, *tensors: Tensor) -> list[Tensor]:
     gradients, and skips their cost.
     """
     flat_mask = mask.reshape(-1)
-    return [t.reshape(flat_mask.shape[0], t.shape[-1])[flat_mask] for t in tensors]
+    rows = [t.reshape(flat_mask.shape[0], t.shape[-1]) for t in tensors]
+    if bool(flat_mask.all()):  # nothing to drop: no [N, V] copy (nor its backward)
+        return rows
+    return [t[flat_mask] for t in rows]
 
 
 def target_kl_loss(
@@ -317,16 +334,23 @@ def eagle1_sft_loss(
     Returns:
         (scalar loss, SFTStats).
     """
-    pred, feat_target, draft, target = _valid_rows(
-        loss_mask, pred_features, target_features.detach(), draft_logits, target_logits.detach())
-    n = max(pred.shape[0], 1)
-    per_pos = F.smooth_l1_loss(pred.float(), feat_target.float(), reduction="none").mean(dim=-1)
-    feature_loss = per_pos.sum() / n
-    token_loss = _soft_cross_entropy(torch.softmax(target.float(), dim=-1), draft).sum() / n
+    draft, target = _valid_rows(loss_mask, draft_logits, target_logits.detach())
+    feature_loss = feature_regression(pred_features, target_features, loss_mask)
+    token_loss = _soft_cross_entropy(torch.softmax(target.float(), dim=-1), draft).sum() / max(draft.shape[0], 1)
     loss = feature_weight * feature_loss + token_weight * token_loss
     stats = SFTStats(feature_loss=feature_loss.detach(), token_loss=token_loss.detach(),
                      top1_acc=_top1_agreement(draft, target))
     return loss, stats
+
+
+def feature_regression(pred_features: Tensor, target_features: Tensor, loss_mask: Tensor) -> Tensor:
+    """EAGLE-1's next-feature loss: SmoothL1 (beta 1) averaged over H, then over the positions of `loss_mask`.
+
+    Shapes: pred_features, target_features (..., H) (target detached); loss_mask (...) bool. Returns a scalar.
+    """
+    pred, feat_target = _valid_rows(loss_mask, pred_features, target_features.detach())
+    per_pos = F.smooth_l1_loss(pred.float(), feat_target.float(), reduction="none").mean(dim=-1)
+    return per_pos.sum() / max(pred.shape[0], 1)
 
 
 def ttt_sft_loss(

@@ -1,9 +1,13 @@
 """One PPOW micro-step: the target pass, ADAW's windows, G sampled windows per prefix verified by the target,
 rewards and group advantages, then the clipped policy loss with the KL to the target (docs/algorithm.md).
 
-    step = PpowStep(cfg, adapter, drafter, target, kv, target_passes, gen, device, gamma)
+    step = PpowStep(cfg, adapter, drafter, target, kv, target_passes, gen, device, gamma, reference)
     item = step.prepare(sample, step_index, keep_graph)   # dict: ids, valid, tpass, rollout, policy, ...
-    result = step.loss(item)                               # StepResult(loss with grad, detached stats)
+    result = step.loss(item, part)                         # StepResult(loss with grad, detached stats)
+
+Several updates per rollout (`loss.ppo_epochs` x `loss.minibatches`): `prepare` draws the windows once with
+their log-probs frozen; each `loss(item, (m, M))` re-scores part m of the starts under the current policy
+(`method/minibatch.py`), so the PPO ratio moves after the first update and the clip bounds it.
 
 Where we depart from the paper (details in docs/algorithm.md): window roots are data tokens (teacher
 forcing), R_dist's Δ is computed along the drafted prefix, and an optional token-level soft CE to the target
@@ -18,8 +22,8 @@ import torch
 
 from ppow_plugin import distributed
 from ppow_plugin.config import Config
-from ppow_plugin.method import dense, losses, rewards, rollout, windowing
-from ppow_plugin.training import dense_step
+from ppow_plugin.method import dense, losses, minibatch, rewards, rollout, windowing
+from ppow_plugin.training import dense_step, greedy_window
 from ppow_plugin.training.sft_step import StepResult
 from ppow_plugin.training.target_passes import TargetPasses, sequence_tensors
 
@@ -35,9 +39,12 @@ class PolicyPass(NamedTuple):
 
 class PpowStep:
     def __init__(self, cfg: Config, adapter, drafter, target, kv, target_passes: TargetPasses,
-                 gen: torch.Generator, device: torch.device, gamma: float):
+                 gen: torch.Generator, device: torch.device, gamma: float, reference=None, token_counts=None):
+        """reference: the start drafter, frozen (`loss.baseline: reference`), or None; token_counts: () -> [V] counts
+        of the assistant tokens (`loss.deep_vocab_rows`; called once, when first needed)."""
         self.cfg, self.adapter, self.drafter, self.target, self.kv = cfg, adapter, drafter, target, kv
         self.target_passes, self.gen, self.device, self.gamma = target_passes, gen, device, gamma
+        self.reference, self.token_counts, self._counts = reference, token_counts, None
 
     def prepare(self, sample, step: int = 0, keep_graph: bool = False) -> dict:
         """Target pass, window selection, rollouts and verification (no grad unless `keep_graph`).
@@ -50,7 +57,14 @@ class PpowStep:
         ids, valid = sequence_tensors(sample, self.device)
         tpass = self.target_passes(self.drafter, sample, ids, valid)
         item = {"ids": ids, "valid": valid, "tpass": tpass, "policy": None, "sft_vocab": None, "step": step}
+        if cfg.loss.deep_vocab_rows is not None:  # depths >= 2 over the frequent tokens and the sequence's own
+            if self._counts is None:
+                self._counts = self.token_counts().to(self.device)
+            frequent = self._counts.topk(min(cfg.loss.deep_vocab_rows, self._counts.numel())).indices
+            item["deep_cols"] = torch.unique(torch.cat([frequent, ids]))
         if dense_step.uses_data_path(cfg):  # rollout.positions all | N: the data-path unroll, all in `loss`
+            if updates_per_rollout(cfg) > 1:  # ... unless drawn once for several updates
+                item["dense"] = dense_step.draw(self.adapter, self.drafter, self.target, item, cfg, self.gen, step)
             return item
         drafter_pass = torch.enable_grad if keep_graph else torch.no_grad
         with drafter_pass():
@@ -89,7 +103,19 @@ class PpowStep:
                                           valid_windows)
         if keep_graph:
             item["policy"] = PolicyPass(dpass, draft_logits, drawn.logprobs, drawn.logits)
+        item["greedy"] = greedy_window.greedy_windows(self.adapter, self.drafter, self.target, self.kv, dpass, ids,
+                                                      tpass.logits, starts, cfg, self.gamma)
+        if self.reference is not None:
+            item["ref_reward"] = self._reference_reward(item, starts)
         return item
+
+    def _reference_reward(self, item: dict, starts: torch.Tensor) -> torch.Tensor:
+        """[n] the frozen reference drafter's greedy-window reward at `starts` (`loss.baseline: reference`)."""
+        with torch.no_grad():
+            feats = item["tpass"].features.to(distributed.DTYPES[self.cfg.dist.dtype])
+            dpass, _ = self.adapter.teacher_forced(self.reference, self.target, feats, item["ids"])
+        return greedy_window.greedy_windows(self.adapter, self.reference, self.target, self.kv, dpass, item["ids"],
+                                            item["tpass"].logits, starts, self.cfg, self.gamma).reward
 
     def _draw(self, ids, sequence_logits, dpass, starts, drafter_pass) -> rollout.Drawn:
         """G windows from each start, drafted (under `drafter_pass`: enable_grad keeps the graph) and verified."""
@@ -115,12 +141,20 @@ class PpowStep:
         return accept, delta, rewards.joint_reward(accept, delta, self.gamma, rc.eta, rc.epsilon, rc.speedup_weight,
                                                    rc.proximity_weight)
 
-    def loss(self, item: dict) -> StepResult:
-        """Clipped group-relative policy loss + β·KL(target‖drafter) on the windows + ω·distillation."""
+    def loss(self, item: dict, part: minibatch.Part = minibatch.WHOLE) -> StepResult:
+        """Clipped group-relative policy loss + β·KL(target‖drafter) on the windows of `part` of the starts
+        + ω·distillation."""
         if dense_step.uses_data_path(self.cfg):  # rollout.positions all | N: windows from one unroll along the data
+            reference = None if self.reference is None else lambda s: self._reference_reward(item, s)
             return StepResult(*dense_step.data_path_loss(self.adapter, self.drafter, self.target, item, self.cfg,
-                                                         self.gamma, self.gen, item["step"]))
+                                                         self.gamma, self.gen, item["step"], part, reference))
         cfg, tpass, ids, ro, kept = self.cfg, item["tpass"], item["ids"], item["rollout"], item["policy"]
+        if kept is not None and part != minibatch.WHOLE:
+            raise ValueError("the kept sampling graph serves one update on all starts (prepare keep_graph=False)")
+        index = None
+        if ro is not None:
+            index = minibatch.part_index(ro.starts.numel(), part, ro.starts.device)
+            ro = minibatch.take(ro, index) if part != minibatch.WHOLE else ro
         if kept is not None:  # the graphs of prepare's passes (keep_graph)
             dpass, draft_logits = kept.dpass, kept.draft_logits
         else:
@@ -128,7 +162,7 @@ class PpowStep:
             dpass, draft_logits = self.adapter.teacher_forced(self.drafter, self.target, feats, ids)  # with grad
         target_logits = self.adapter.restrict(self.drafter, tpass.logits[1:])  # EAGLE-3: over the draft vocabulary
         distill, _ = losses.distill_loss(target_logits, draft_logits, item["valid"][1:])
-        if ro is None:  # no assistant position to draft from: distillation only
+        if ro is None or ro.starts.numel() == 0:  # no assistant position to draft from: distillation only
             return StepResult(cfg.loss.distill_weight * distill, {"distill": float(distill.detach())})
         r = cfg.rollout
         if kept is not None:
@@ -139,7 +173,8 @@ class PpowStep:
         rc = cfg.reward
         accept, delta, rw = self.window_rewards(ro.accept_len, ro.target_greedy_logprobs, ro.target_draft_logprobs,
                                                 ro.valid_mask)  # accept: what decoding can accept
-        adv = losses.group_advantages(rw.total, scale=cfg.loss.advantage_scale)
+        baseline = item["ref_reward"][index] if self.reference is not None else None
+        adv = losses.group_advantages(rw.total, scale=cfg.loss.advantage_scale, baseline=baseline)
         delta_len = rc.delta_positions or r.window
         credited = losses.credit_mask(accept, ro.valid_mask, cfg.loss.credit, delta_len, rc.accept_cap, adv)
         pol, pst = losses.policy_loss(new_lp, ro.old_logprobs, adv, credited, cfg.loss.clip_eps, cfg.loss.ratio_mode)
@@ -150,10 +185,19 @@ class PpowStep:
                                       kl_mask.reshape(-1), cfg.loss.kl_direction)
         loss = pol + cfg.loss.kl_beta * kl + cfg.loss.distill_weight * distill
         stats = {"loss": float(loss.detach()), "policy_loss": float(pol.detach()), "kl": float(kl.detach()),
-                 "distill": float(distill.detach()), "clip_frac": float(pst.clip_fraction),
-                 "ratio": float(pst.ratio_mean), "window_score_mean": item["window_score"].get("mean", float("nan")),
-                 "redrawn_per_prefix": item["redrawn"] / ro.starts.numel()}
+                 "distill": float(distill.detach()), **dense_step.policy_stats(pst),
+                 "window_score_mean": item["window_score"].get("mean", float("nan")),
+                 "redrawn_per_prefix": item["redrawn"] / ro.starts.numel(),
+                 "greedy_accept_len": float(item["greedy"].accept_len.float().mean()),
+                 "greedy_reward": float(item["greedy"].reward.mean())}
+        if baseline is not None:
+            stats["ref_reward"] = float(baseline.mean())
         return StepResult(loss, stats | window_stats(ro.accept_len, accept, delta, rw, adv, credited, rc.epsilon))
+
+
+def updates_per_rollout(cfg: Config) -> int:
+    """Optimizer updates per drawn rollout: `loss.ppo_epochs` passes x `loss.minibatches` parts of the starts."""
+    return cfg.loss.ppo_epochs * cfg.loss.minibatches
 
 
 def window_stats(raw_accept, accept, delta, rw, adv, credited, epsilon: float) -> dict[str, float]:

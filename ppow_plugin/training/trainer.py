@@ -39,7 +39,7 @@ from ppow_plugin.drafters import adapters
 from ppow_plugin.errors import DiskFull, UserError, is_disk_full
 from ppow_plugin.host import eagle_compat
 from ppow_plugin.training import checkpoints, plan, rundir
-from ppow_plugin.training.ppow_step import PpowStep
+from ppow_plugin.training.ppow_step import PpowStep, updates_per_rollout
 from ppow_plugin.training.sft_step import SftStep
 from ppow_plugin.training.target_passes import TargetPasses
 
@@ -109,7 +109,9 @@ class Trainer:
         self.stage = (SftStep(cfg, self.adapter, self.drafter, passes, self.gen, self.device, self.sft_vocab)
                       if cfg.stage == "sft" else
                       PpowStep(cfg, self.adapter, self.drafter, self.target, self.kv, passes, self.gen, self.device,
-                               self.gamma))
+                               self.gamma, self._reference(samples),
+                               lambda: adapters.count_loss_tokens(samples, cfg.model.draft_vocab_samples,
+                                                                  self.target.config.vocab_size)))
         if cfg.run.resume:
             self._resume()
 
@@ -127,6 +129,13 @@ class Trainer:
             rundir.remove_created_dirs(self.out_dir, created)
             raise UserError(f"run.output_dir {self.out_dir} is not writable ({exc.strerror}); choose another") from None
         return created
+
+    def _reference(self, samples) -> torch.nn.Module | None:
+        """loss.baseline=reference: the start drafter (model.drafter, read again: step 0's weights on a resume too),
+        frozen, in eval mode; None otherwise."""
+        if self.cfg.stage != "ppow" or self.cfg.loss.baseline != "reference":
+            return None
+        return self._build_drafter(samples).eval().requires_grad_(False)
 
     def _open_feature_cache(self) -> feature_cache.FeatureCache | None:
         """data.feature_cache (SFT; PPOW with rollout.verify=data, `Config`): passes stored once, read back later."""
@@ -188,17 +197,19 @@ class Trainer:
         return self.export_drafter(self.out_dir / "drafter")
 
     def _optimizer_step(self, samples: list) -> dict[str, float]:
-        """grad_accum micro-steps (PPOW: collect rollouts first, then ppo_epochs updates on them)."""
-        epochs = self.cfg.loss.ppo_epochs if self.cfg.stage == "ppow" else 1
-        if self.cfg.stage == "ppow" and epochs == 1 and self.cfg.loss.reuse_sampling_pass:
+        """grad_accum micro-steps (PPOW: collect rollouts first, then ppo_epochs passes over them, each in
+        loss.minibatches updates on a part of every sequence's starts)."""
+        ppow = self.cfg.stage == "ppow"
+        epochs, parts = (self.cfg.loss.ppo_epochs, self.cfg.loss.minibatches) if ppow else (1, 1)
+        if ppow and updates_per_rollout(self.cfg) == 1 and self.cfg.loss.reuse_sampling_pass:
             # one sample at a time, its rollout graph kept for the update (memory of one sample, not grad_accum)
             prepared = (self.stage.prepare(sample, self.step, keep_graph=True) for sample in samples)
         else:
             prepared = [self.stage.prepare(sample, self.step) for sample in samples]  # target pass + rollouts
         totals: dict[str, float] = {}
-        for _ in range(epochs):
+        for _, m in ((e, m) for e in range(epochs) for m in range(parts)):
             for item in prepared:
-                result = self.stage.loss(item)
+                result = self.stage.loss(item, (m, parts)) if ppow else self.stage.loss(item)
                 loss = result.loss
                 if not torch.isfinite(loss):
                     self._count_bad_step("loss")
@@ -209,7 +220,7 @@ class Trainer:
                     self.engine.zero_grad()
                 self.engine.step()
                 for k, v in result.stats.items():
-                    totals[k] = totals.get(k, 0.0) + v / (len(samples) * epochs)
+                    totals[k] = totals.get(k, 0.0) + v / (len(samples) * epochs * parts)
         return distributed.all_reduce_mean(totals)
 
     def _count_bad_step(self, what: str) -> None:
