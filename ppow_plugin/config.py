@@ -222,7 +222,7 @@ _DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 class RunCfg:
     output_dir: str = "runs/default"
     max_steps: int = 100  # optimizer steps
-    max_minutes: float | None = None  # stop early (and save) after this wall time (τ-probe time not counted)
+    max_minutes: float | None = None  # stop (and save) after this much training time in the run, resumes included (τ probe not counted)
     log_every: int = 1
     save_every: int = 50
     keep_last: int = 2  # checkpoints kept on disk

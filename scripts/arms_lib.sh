@@ -31,20 +31,15 @@ newest_step() {
 
 # train_arm NAME SUBCMD RECIPE OVERRIDE...: `ppow SUBCMD RECIPE OVERRIDE...` in $OUT/NAME for MIN minutes of
 # training time in all (the tau probe's time excluded, as run.max_minutes does). Skipped when its drafter
-# exists; an interrupted run resumes from its newest checkpoint with run.resume=true and the training minutes
-# it has left (the trainer's clock restarts at every start: scripts/curves.py --minutes-left adds up the
-# run's segments in metrics.jsonl up to that checkpoint). Appends to $OUT/NAME.log; echoes the command.
+# exists; an interrupted run resumes from its newest checkpoint with run.resume=true (run.max_minutes is the
+# run's budget: the checkpoint carries its training time). Appends to $OUT/NAME.log; echoes the command.
 train_arm() {
-  local name=$1 sub=$2 recipe=$3 dir=$OUT/$1 left=$MIN resume="" step
+  local name=$1 sub=$2 recipe=$3 dir=$OUT/$1 resume="" 
   shift 3
   if [ -d "$dir/drafter" ]; then echo "= $name: done, $dir/drafter"; return 0; fi
-  step=$(newest_step "$dir")
-  if [ -n "$step" ]; then
-    left=$($PY scripts/curves.py --minutes-left "$MIN" --upto "$step" "$dir")
-    resume=run.resume=true
-  fi
-  echo "+ ppow $sub $recipe $* run.output_dir=$dir run.max_steps=1000000 run.max_minutes=$left $resume"
-  ppow "$sub" "$recipe" "$@" "run.output_dir=$dir" run.max_steps=1000000 "run.max_minutes=$left" $resume \
+  [ -n "$(newest_step "$dir")" ] && resume=run.resume=true
+  echo "+ ppow $sub $recipe $* run.output_dir=$dir run.max_steps=1000000 run.max_minutes=$MIN $resume"
+  ppow "$sub" "$recipe" "$@" "run.output_dir=$dir" run.max_steps=1000000 "run.max_minutes=$MIN" $resume \
     >> "$OUT/$name.log" 2>&1
 }
 

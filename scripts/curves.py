@@ -2,16 +2,16 @@
 
     python scripts/curves.py RUN_DIR [RUN_DIR ...] [--keys reward,accept_len,...] [--parts 4] [--json OUT]
     python scripts/curves.py RUN_DIR [RUN_DIR ...] --per-run DIR     # + DIR/<run>.json and DIR/<run>.png
-    python scripts/curves.py --minutes-left MINUTES --upto STEP RUN_DIR   # what a resumed run has left
 
 Reads each run's metrics.jsonl (every logged step; `sim_tau` rows are the τ probe's) and prints one markdown
 table per run: rows = metrics, columns = the parts of the run by step, plus the τ probe's values by step.
 `--per-run` writes, per run, the issue-28 curves the metrics hold (CURVES: sampled reward, greedy-window k,
 τ probe, zero-advantage share, R_dist rate, clip fraction, gradient signal-to-noise, and the SFT arms'
 top-1) against training minutes, in JSON (every logged value, the quarters, and which curves the run did
-not log) and one PNG. Training minutes: a resumed run's metrics.jsonl holds one segment per start, each
-with its own clock (`elapsed_s` restarts, `probe_s` is the τ probe's time so far); `training_minutes`
-adds them up without the probe's time, which is also how `run.max_minutes` counts.
+not log) and one PNG. Training minutes: the trainer's `train_s` (the run's training seconds, resumes
+included, τ probe excluded: what `run.max_minutes` counts). Runs logged before `train_s` existed hold one
+segment per start, each with its own clock (`elapsed_s` restarts, `probe_s` is the τ probe's time so
+far); `training_minutes` adds those up the same way.
 """
 
 from __future__ import annotations
@@ -63,10 +63,14 @@ def read_rows(run: Path) -> list[dict]:
 
 
 def training_minutes(rows: list[dict]) -> list[float]:
-    """Cumulative training minutes at each row, over the run's segments (a new segment starts where
-    `elapsed_s` goes down: the trainer's clock restarts at every start), without the τ probe's time."""
+    """Cumulative training minutes at each row, without the τ probe's time: the row's `train_s` where
+    logged, else over the run's segments (a new segment starts where `elapsed_s` goes down: before
+    `train_s`, the trainer's clock restarted at every start)."""
     out, done, last_e, last_t, probe = [], 0.0, None, 0.0, 0.0
     for r in rows:
+        if "train_s" in r:
+            out.append(float(r["train_s"]) / 60)
+            continue
         e = float(r.get("elapsed_s", 0.0))
         if last_e is not None and e < last_e:  # a restart: bank the previous segment's training time
             done, probe = done + last_t, 0.0
@@ -75,14 +79,6 @@ def training_minutes(rows: list[dict]) -> list[float]:
         last_e, last_t = e, t
         out.append((done + t) / 60)
     return out
-
-
-def minutes_left(run: Path, minutes: float, upto: int) -> float:
-    """Training minutes a run resumed from its step-`upto` checkpoint has left of `minutes` (>= 0.05, so that
-    a run stopped between its last checkpoint and its export still takes a step and exports)."""
-    rows = [r for r in read_rows(run) if r.get("step", 0) <= upto] if (run / "metrics.jsonl").exists() else []
-    used = training_minutes(rows)[-1] if rows else 0.0
-    return max(minutes - used, 0.05)
 
 
 def curves(run: Path, parts: int) -> dict:
@@ -152,14 +148,7 @@ def main() -> None:
     ap.add_argument("--parts", type=int, default=4)
     ap.add_argument("--json", default=None, help="also write the summaries here")
     ap.add_argument("--per-run", type=Path, default=None, help="write DIR/<run name>.json and .png per run")
-    ap.add_argument("--minutes-left", type=float, default=None, help="print the training minutes left of this many")
-    ap.add_argument("--upto", type=int, default=None, help="with --minutes-left: the checkpoint step resumed from")
     args = ap.parse_args()
-    if args.minutes_left is not None:
-        if args.upto is None or len(args.runs) != 1:
-            ap.error("--minutes-left needs --upto STEP and one RUN_DIR")
-        print(f"{minutes_left(args.runs[0], args.minutes_left, args.upto):.2f}")
-        return
     if args.per_run is not None:
         args.per_run.mkdir(parents=True, exist_ok=True)
         for run in args.runs:

@@ -74,24 +74,21 @@ def _write_metrics(run: Path, rows: list[dict]) -> None:
 
 def test_curves_per_run_and_minutes_of_a_resumed_run(tmp_path):
     curves = _script("curves")
-    # segment 1: steps 1-4, 60 s each, a 30 s τ probe at step 2 (elapsed_s before it, probe_s after it);
-    # killed after its step-4 checkpoint at step 5; segment 2 resumes from step 4 with a fresh clock
+    # logged before `train_s`: segment 1, steps 1-4, 60 s each, a 30 s τ probe at step 2 (elapsed_s before it,
+    # probe_s after it); killed at step 5 after its step-4 checkpoint; segment 2 resumes from step 4 with a
+    # fresh clock, and the trainer cut the lost step 5 from metrics.jsonl
     rows = [{"step": 1, "elapsed_s": 60.0, "reward": 0.5, "zero_adv_frac": 0.4, "greedy_accept_len": 0.7},
             {"step": 2, "elapsed_s": 120.0, "reward": 0.6, "sim_tau": 2.0, "probe_s": 30.0},
             {"step": 3, "elapsed_s": 210.0, "reward": 0.7},
             {"step": 4, "elapsed_s": 270.0, "reward": 0.8},
-            {"step": 5, "elapsed_s": 330.0, "reward": 0.9},
             {"step": 5, "elapsed_s": 60.0, "reward": 1.0, "sim_tau": 2.1, "probe_s": 12.0},
             {"step": 6, "elapsed_s": 132.0, "reward": 1.1}]
-    killed = tmp_path / "runs" / "killed"
-    _write_metrics(killed, rows[:5])  # what the script reads before resuming from the step-4 checkpoint
-    assert curves.minutes_left(killed, 60, upto=4) == pytest.approx(56)  # step 5 is lost: not counted
-    assert curves.minutes_left(killed, 3, upto=4) == pytest.approx(0.05)  # used up: one step, then export
-    assert curves.minutes_left(tmp_path / "none", 60, upto=0) == 60
     run = tmp_path / "runs" / "dense"
-    _write_metrics(run, rows[:4] + rows[5:])  # after the resume: the trainer cut the lost step 5
+    _write_metrics(run, rows)
     assert curves.training_minutes(curves.read_rows(run)) == pytest.approx([1, 2, 3, 4, 5, 6])
-    assert curves.minutes_left(run, 60, upto=6) == pytest.approx(54)  # both segments, no probe time
+    # the trainer's own run clock wins where logged (can fail: ignore it and the segments give 1 and 2)
+    assert curves.training_minutes([{"elapsed_s": 60.0, "train_s": 600.0},
+                                    {"elapsed_s": 120.0, "train_s": 660.0}]) == pytest.approx([10, 11])
 
     out = tmp_path / "curves"
     res = subprocess.run([sys.executable, "scripts/curves.py", str(run), "--per-run", str(out)], cwd=ROOT,
@@ -103,9 +100,6 @@ def test_curves_per_run_and_minutes_of_a_resumed_run(tmp_path):
     assert c["curves"]["sim_tau"]["points"] == [[2, 2.0, 2.0], [5, 5.0, 2.1]]  # [step, training minutes, τ]
     assert c["steps"] == 6 and c["training_minutes"] == 6.0
     assert (out / "dense.png").stat().st_size > 1000
-    left = subprocess.run([sys.executable, "scripts/curves.py", "--minutes-left", "60", "--upto", "4", str(run)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert left.stdout.strip() == "56.00"
 
 
 def _report(d: Path, name: str, records: list[tuple[str, str, int, int]], mismatch=None) -> None:

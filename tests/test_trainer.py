@@ -91,6 +91,28 @@ def test_resume_equals_uninterrupted(tmp_path, sft_drafter, stage):
         assert torch.equal(a[k], b[k]), f"{k} differs after resume"
 
 
+def test_max_minutes_is_the_runs_budget_across_a_resume(tmp_path, monkeypatch):
+    """run.max_minutes counts the training time of the whole run: the checkpoint carries `train_s`, and a
+    resumed run stops once the run's total passes the budget (can fail: restart the clock on resume, and the
+    resumed run trains to max_steps)."""
+    import time
+    from types import SimpleNamespace
+    out, calls = tmp_path / "split", iter(range(10**6))
+    # the first segment's clock runs 30 s per reading: two steps take about a minute of "training"
+    monkeypatch.setattr(trainer, "time", SimpleNamespace(time=lambda: 30.0 * next(calls)))
+    run(tmp_path, "sft", **{"run.max_steps": 2, "run.save_every": 2, "run.output_dir": out})
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2] and 0 < rows[0]["train_s"] < rows[1]["train_s"]
+    first = rows[1]["train_s"]
+    assert first >= 60.0
+    monkeypatch.setattr(trainer, "time", time)  # the real clock: the resumed segment takes milliseconds
+    run(tmp_path, "sft", **{"run.max_steps": 10, "run.save_every": 2, "run.max_minutes": 0.9 * first / 60,
+                            "run.resume": True, "run.output_dir": out})
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3], "the resumed run stops after one step: the budget is spent"
+    assert first < rows[-1]["train_s"] < first + 30, "train_s goes on from the checkpoint's"
+
+
 @pytest.mark.parametrize("resample_tries", [0, 2])
 def test_reusing_the_sampling_pass_equals_re_scoring(tmp_path, sft_drafter, resample_tries):
     """ppo_epochs = 1: updating through the sampling pass's graph gives the update of the re-score path

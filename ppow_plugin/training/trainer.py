@@ -112,6 +112,7 @@ class Trainer:
                                self.gamma, self._reference(samples),
                                lambda: adapters.count_loss_tokens(samples, cfg.model.draft_vocab_samples,
                                                                   self.target.config.vocab_size)))
+        self.train_s = 0.0  # training seconds of the whole run so far (resumes included; τ-probe time excluded)
         if cfg.run.resume:
             self._resume()
 
@@ -172,14 +173,16 @@ class Trainer:
         cfg = self.cfg
         start_time = time.time()
         probe_s = 0.0  # τ-probe time: measurement, not training, so run.max_minutes does not count it
+        train_s_before = self.train_s  # run.max_minutes is the run's budget: a resume goes on with what is left
         # closed on errors too, so the CLI's `error:` line starts a line of its own
         with _progress(cfg.run.max_steps, self.step, self.dist.is_main) as pbar:
             while self.step < cfg.run.max_steps:
                 samples = [self.data.next() for _ in range(cfg.optim.grad_accum * cfg.data.micro_batch)]
                 stats = self._optimizer_step(samples)
                 self.step += 1
+                self.train_s = train_s_before + time.time() - start_time - probe_s
                 stats.update(step=self.step, lr=self.engine.lr, elapsed_s=time.time() - start_time,
-                             **(self.features.stats() if self.features else {}))
+                             train_s=self.train_s, **(self.features.stats() if self.features else {}))
                 if self.tau_probe is not None and self.tau_probe.due(self.step):
                     probe_start = time.time()
                     stats["sim_tau"] = self.tau_probe.measure(self.step, self.drafter)
@@ -188,7 +191,7 @@ class Trainer:
                 self._log(stats, pbar)
                 if self.step % cfg.run.save_every == 0:
                     self.save_checkpoint()
-                if cfg.run.max_minutes is not None and time.time() - start_time - probe_s > 60 * cfg.run.max_minutes:
+                if cfg.run.max_minutes is not None and self.train_s > 60 * cfg.run.max_minutes:
                     break
         if self.step % cfg.run.save_every != 0:
             self.save_checkpoint()
@@ -260,7 +263,7 @@ class Trainer:
         return {"step": self.step, "bad_steps": self.bad_steps, "data": self.data.state_dict(),
                 "python_rng": random.getstate(), "numpy_rng": np.random.get_state(),
                 "torch_rng": torch.get_rng_state(), "gen": self.gen.get_state(),
-                "engine_steps": (self.engine.micro_step, self.engine.opt_step)}
+                "engine_steps": (self.engine.micro_step, self.engine.opt_step), "train_s": self.train_s}
 
     def _resume(self) -> None:
         st = checkpoints.load_newest(self.out_dir, self.engine, self.dist.rank)
@@ -273,6 +276,7 @@ class Trainer:
         torch.set_rng_state(st["torch_rng"])
         self.gen.set_state(st["gen"])
         self.engine.micro_step, self.engine.opt_step = st["engine_steps"]
+        self.train_s = st.get("train_s", 0.0)  # checkpoints from before it was recorded: the clock restarts
         self.engine._set_lr()
 
     def _meta(self) -> dict:
