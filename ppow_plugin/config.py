@@ -317,12 +317,11 @@ class EvalCfg:
     # auto = this rank's GPU in bf16 when CUDA is available, else CPU fp32 (distributed.resolve_placement).
     # The τ probe during training runs where training runs (dist.device, dist.target_dtype), not here.
     device: str = "auto"            # auto | cpu | cuda | cuda:N
-    dtype: str = "auto"             # auto | fp32 | bf16 | fp16
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
 
     def __post_init__(self):
         require(_DEVICE.fullmatch(self.device) is not None and self.device != "mps", "eval.device", self.device,
                  "auto, cpu, cuda or cuda:N")
-        require(self.dtype in ("auto", "fp32", "bf16", "fp16"), "eval.dtype", self.dtype, "auto, fp32, bf16 or fp16")
         require(len(self.benchmarks) > 0 and all(b.strip() for b in self.benchmarks), "eval.benchmarks",
                  self.benchmarks, "a non-empty list, e.g. [mt_bench, humaneval, sharegpt]")
         for name in ("num_prompts", "max_new_tokens", "tree_depth", "tree_top_k", "tree_total_tokens", "every_prompts"):

@@ -65,8 +65,10 @@ def test_no_gpu_auto_is_cpu_fp32_and_bad_choices_are_user_errors(monkeypatch: py
         distributed.resolve_placement("cuda:1", "auto", ("eval.device", "eval.dtype"))
     with pytest.raises(UserError, match="--dtype fp16 runs on a GPU only; on cpu use --dtype fp32 or bf16"):
         distributed.resolve_placement("cpu", "fp16")
-    with pytest.raises(ValueError, match=r"eval.dtype \('bf17'\) must be auto, fp32, bf16 or fp16"):
-        EvalCfg(dtype="bf17")
+    with pytest.raises(UserError, match="eval.dtype.*bf17.*bf16"):
+        load_config(None, ["eval.dtype=bf17"])
+    with pytest.raises(UserError, match="eval.device.*must be auto, cpu, cuda or cuda:N"):
+        load_config(None, ["eval.device=gpu"])
 
 
 # --- each command passes the resolved placement down ---------------------------------------------------
@@ -271,3 +273,22 @@ def test_tau_probe_takes_a_target_on_the_gpu(target_dir: Path, monkeypatch: pyte
     cfg = SimpleNamespace(eval=EvalCfg(benchmarks=["mt_bench"], every_steps=1, every_prompts=1))
     probe = tau_probe.TauProbe(cfg, target, target_dir, "eagle1", None)
     assert given == [target] and probe.due(1)  # the continuations come from the training target itself
+
+
+# --- data generate -------------------------------------------------------------------------------
+
+
+def test_generate_runs_in_bf16_and_never_mixes_dtypes_in_one_dir(target_dir: Path, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PPOW_CACHE", str(tmp_path / "cache"))  # the feature cache the generation fills
+    prompts = generate.first_turn_prompts(datasets.load_jsonl_conversations(
+        make_conversations(tmp_path / "c.jsonl", n=6)), heldout_fraction=0.0)
+    settings = generate.GenSettings(max_new_tokens=4, max_prompt_len=64, batch_size=2, shard_size=2)
+    bf16, fp32 = distributed.resolve_placement("cpu", "bf16"), distributed.resolve_placement("cpu", "fp32")
+    out = generate.generate(target_dir, prompts, settings, 4, "test", 0.0, out_dir=tmp_path / "g", max_shards=1,
+                            placement=bf16, features=["eagle1"])
+    assert json.loads((out / "provenance.json").read_text())["dtype"] == "bf16"
+    with pytest.raises(UserError, match=r"made in bf16, not fp32; continue it with --dtype bf16, or pass another"):
+        generate.generate(target_dir, prompts, settings, 4, "test", 0.0, out_dir=out, placement=fp32)
+    generate.generate(target_dir, prompts, settings, 4, "test", 0.0, out_dir=out, placement=bf16)  # resumes
+    assert json.loads((out / "provenance.json").read_text())["totals"]["prompts"] == 4
