@@ -292,3 +292,18 @@ def test_generate_runs_in_bf16_and_never_mixes_dtypes_in_one_dir(target_dir: Pat
         generate.generate(target_dir, prompts, settings, 4, "test", 0.0, out_dir=out, placement=fp32)
     generate.generate(target_dir, prompts, settings, 4, "test", 0.0, out_dir=out, placement=bf16)  # resumes
     assert json.loads((out / "provenance.json").read_text())["totals"]["prompts"] == 4
+
+
+@needs_host
+@pytest.mark.parametrize("kind", ["eagle1", "eagle3"])
+def test_profile_times_target_and_drafter_in_bf16(kind: str, drafters: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    seen = _watch_dtypes(monkeypatch)
+    real = profile._build_drafter
+    monkeypatch.setattr(profile, "_build_drafter", lambda *a: seen.append(
+        ("drafter", next((d := real(*a)).parameters()).dtype, "cpu")) or d)
+    result = profile.profile(drafters["target"], drafters[kind], repeats=1, tree_sizes=[1, 4], prefix_len=8, inner=1,
+                             placement=distributed.resolve_placement("cpu", "bf16"))
+    assert [n for n, _, _ in seen] == ["load_host_target", *(["load_eagle3_drafter"] if kind == "eagle3" else []),
+                                       "drafter"]
+    assert all(dtype == torch.bfloat16 for _, dtype, _ in seen), seen
+    assert (result["settings"]["device"], result["settings"]["dtype"]) == ("cpu", "bf16") and result["gamma"] > 0
