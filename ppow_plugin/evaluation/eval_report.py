@@ -214,8 +214,9 @@ def summary_markdown(report: EvalReport) -> str:
         lines += ["", mismatch_note(report.overall.mismatches, report.overall.prompts, s)]
     if "topk_by_depth" in s:
         lines += ["", *depth_table(s["topk_by_depth"])]
-    lines += ["", "CPU wall-clock timings of a small model: speedups here do not predict GPU serving speedups.",
-              "See docs/evaluation.md for the counting rules."]
+    if s.get("device", "cpu") == "cpu":
+        lines += ["", "CPU wall-clock timings: speedups here do not predict GPU serving speedups."]
+    lines += ["", "See docs/evaluation.md for the counting rules."]
     return "\n".join(lines) + "\n"
 
 
