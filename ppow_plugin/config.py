@@ -314,7 +314,7 @@ class EvalCfg:
     every_steps: int = 0
     every_prompts: int = 8
     # where `ppow eval|compare --recipe` runs the target, drafter and HF baseline (--device/--dtype win):
-    # auto = this rank's GPU in bf16 when CUDA is available, else CPU fp32 (distributed.resolve_placement).
+    # auto = this rank's GPU in bf16 when CUDA is available, else CPU fp32 (devices.resolve_placement).
     # The τ probe during training runs where training runs (dist.device, dist.target_dtype), not here.
     device: str = "auto"            # auto | cpu | cuda | cuda:N
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"

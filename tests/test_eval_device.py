@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from ppow_plugin import cli, distributed
+from ppow_plugin import cli, devices
 from ppow_plugin.config import EvalCfg, load_config
 from ppow_plugin.data import continuations, datasets, generate
 from ppow_plugin.errors import UserError
@@ -43,28 +43,28 @@ def gpus(monkeypatch: pytest.MonkeyPatch) -> SimpleNamespace:
 
 
 def test_auto_is_this_ranks_gpu_in_bf16_and_cpu_stays_fp32(gpus, monkeypatch: pytest.MonkeyPatch) -> None:
-    assert distributed.resolve_placement() == (torch.device("cuda", 0), torch.bfloat16)
+    assert devices.resolve_placement() == (torch.device("cuda", 0), torch.bfloat16)
     assert gpus.current == ["cuda:0"]  # made current before anything is loaded
-    assert distributed.resolve_placement("cpu") == (torch.device("cpu"), torch.float32)
-    assert distributed.resolve_placement("cpu", "bf16").tag == "cpu-bf16"
-    assert distributed.resolve_placement("cuda", "fp32") == (torch.device("cuda", 0), torch.float32)
+    assert devices.resolve_placement("cpu") == (torch.device("cpu"), torch.float32)
+    assert devices.resolve_placement("cpu", "bf16").tag == "cpu-bf16"
+    assert devices.resolve_placement("cuda", "fp32") == (torch.device("cuda", 0), torch.float32)
     monkeypatch.setenv("LOCAL_RANK", "1")
-    assert distributed.resolve_placement("cuda").device == torch.device("cuda", 1)
+    assert devices.resolve_placement("cuda").device == torch.device("cuda", 1)
     gpus.bf16 = False  # a GPU without bf16: auto takes fp16, bf16 asked for is refused
-    assert distributed.resolve_placement("auto").dtype == torch.float16
+    assert devices.resolve_placement("auto").dtype == torch.float16
     with pytest.raises(UserError, match="--dtype bf16: this GPU .Fake V100. has no bf16; use --dtype fp16 or fp32"):
-        distributed.resolve_placement("cuda", "bf16")
+        devices.resolve_placement("cuda", "bf16")
 
 
 def test_no_gpu_auto_is_cpu_fp32_and_bad_choices_are_user_errors(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert distributed.resolve_placement() == (torch.device("cpu"), torch.float32)
+    assert devices.resolve_placement() == (torch.device("cpu"), torch.float32)
     with pytest.raises(UserError, match="^--device cuda but no CUDA device is visible; use --device cpu or auto$"):
-        distributed.resolve_placement("cuda")
+        devices.resolve_placement("cuda")
     with pytest.raises(UserError, match="^eval.device=cuda:1 but no CUDA device"):
-        distributed.resolve_placement("cuda:1", "auto", ("eval.device", "eval.dtype"))
+        devices.resolve_placement("cuda:1", "auto", ("eval.device", "eval.dtype"))
     with pytest.raises(UserError, match="--dtype fp16 runs on a GPU only; on cpu use --dtype fp32 or bf16"):
-        distributed.resolve_placement("cpu", "fp16")
+        devices.resolve_placement("cpu", "fp16")
     with pytest.raises(UserError, match="eval.dtype.*bf17.*bf16"):
         load_config(None, ["eval.dtype=bf17"])
     with pytest.raises(UserError, match="eval.device.*must be auto, cpu, cuda or cuda:N"):
@@ -222,10 +222,10 @@ def test_bf16_on_the_cpu_decodes_simulates_and_keeps_its_own_continuations(kind:
     monkeypatch.setenv("PPOW_CACHE", str(tmp_path / "cache"))
     prompts = [evaluate.EvalPrompt("mt_bench", str(i), (f"w{i} w{i + 1} w{i + 2}",)) for i in (1, 40)]
     kw = dict(prompts=prompts, max_new_tokens=12, progress=False, tree=evaluate.Eagle3Tree(2, 3, 6))
-    fp32 = distributed.resolve_placement("cpu", "fp32")
+    fp32 = devices.resolve_placement("cpu", "fp32")
     evaluate.evaluate(drafters["target"], drafters[kind], simulate=True, placement=fp32, **kw)
     seen = _watch_dtypes(monkeypatch)
-    bf16 = distributed.resolve_placement("cpu", "bf16")
+    bf16 = devices.resolve_placement("cpu", "bf16")
     real = evaluate.evaluate(drafters["target"], drafters[kind], placement=bf16, out_dir=tmp_path / "r", **kw)
     sim = evaluate.evaluate(drafters["target"], drafters[kind], simulate=True, placement=bf16, **kw)
     assert seen and all(dtype == torch.bfloat16 for _, dtype, _ in seen), seen
@@ -284,7 +284,7 @@ def test_generate_runs_in_bf16_and_never_mixes_dtypes_in_one_dir(target_dir: Pat
     prompts = generate.first_turn_prompts(datasets.load_jsonl_conversations(
         make_conversations(tmp_path / "c.jsonl", n=6)), heldout_fraction=0.0)
     settings = generate.GenSettings(max_new_tokens=4, max_prompt_len=64, batch_size=2, shard_size=2)
-    bf16, fp32 = distributed.resolve_placement("cpu", "bf16"), distributed.resolve_placement("cpu", "fp32")
+    bf16, fp32 = devices.resolve_placement("cpu", "bf16"), devices.resolve_placement("cpu", "fp32")
     out = generate.generate(target_dir, prompts, settings, 4, "test", 0.0, out_dir=tmp_path / "g", max_shards=1,
                             placement=bf16, features=["eagle1"])
     assert json.loads((out / "provenance.json").read_text())["dtype"] == "bf16"
@@ -302,7 +302,7 @@ def test_profile_times_target_and_drafter_in_bf16(kind: str, drafters: dict, mon
     monkeypatch.setattr(profile, "_build_drafter", lambda *a: seen.append(
         ("drafter", next((d := real(*a)).parameters()).dtype, "cpu")) or d)
     result = profile.profile(drafters["target"], drafters[kind], repeats=1, tree_sizes=[1, 4], prefix_len=8, inner=1,
-                             placement=distributed.resolve_placement("cpu", "bf16"))
+                             placement=devices.resolve_placement("cpu", "bf16"))
     assert [n for n, _, _ in seen] == ["load_host_target", *(["load_eagle3_drafter"] if kind == "eagle3" else []),
                                        "drafter"]
     assert all(dtype == torch.bfloat16 for _, dtype, _ in seen), seen

@@ -9,7 +9,7 @@ from ppow_plugin.errors import UserError
 
 
 def add_placement_flags(sp: argparse.ArgumentParser, default: str | None = "auto") -> None:
-    """--device / --dtype: where the target (drafter, HF baseline) runs; `distributed.resolve_placement`."""
+    """--device / --dtype: where the target (drafter, HF baseline) runs; `devices.resolve_placement`."""
     sp.add_argument("--device", default=default, help="auto (this rank's GPU if CUDA is available, else cpu), cpu, "
                     "cuda or cuda:N" + ("" if default else "; default: the recipe's eval.device, else auto"))
     sp.add_argument("--dtype", default=default, choices=["auto", "fp32", "bf16", "fp16"],
@@ -18,8 +18,8 @@ def add_placement_flags(sp: argparse.ArgumentParser, default: str | None = "auto
 
 def placement(args):
     """The device and dtype of --device/--dtype, resolved once here and passed down."""
-    from ppow_plugin import distributed
-    return distributed.resolve_placement(args.device, args.dtype)
+    from ppow_plugin import devices
+    return devices.resolve_placement(args.device, args.dtype)
 
 
 def _eval_flags(sp: argparse.ArgumentParser) -> None:
@@ -51,7 +51,7 @@ def _eval_flags(sp: argparse.ArgumentParser) -> None:
 def _eval_settings(args):
     """(target, eval settings, placement): command-line flags over the recipe's `model.target` / `eval.*` over
     defaults; the device and dtype resolved once, here."""
-    from ppow_plugin import distributed
+    from ppow_plugin import devices
     from ppow_plugin.config import EvalCfg, load_config
     cfg = load_config(args.recipe, []) if args.recipe else None
     base = cfg.eval if cfg else EvalCfg()
@@ -70,7 +70,7 @@ def _eval_settings(args):
         raise UserError((f"{flags[name][0]} {flags[name][1]}: " if name else "") + str(exc)) from None
     target = args.target or (cfg.model.target if cfg else "default")
     names = tuple("--" + k if getattr(args, k) is not None else f"eval.{k}" for k in ("device", "dtype"))
-    return target, settings, distributed.resolve_placement(settings.device, settings.dtype, names)
+    return target, settings, devices.resolve_placement(settings.device, settings.dtype, names)
 
 
 def check_out(args, inputs: dict, kind: str = "dir", flag: str = "--out") -> None:

@@ -36,7 +36,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from ppow_plugin import distributed
+from ppow_plugin import devices
 from ppow_plugin.host import assets, integrity
 from ppow_plugin.method import rollout
 
@@ -138,7 +138,7 @@ def target_features(target, ids: Tensor, feature_layers: Sequence[int] | None) -
 
 def load_continuations(target_dir: Path, target, prompts: Sequence[Sequence[int]], length: int,
                        feature_layers: Sequence[int] | None, progress: bool = False,
-                       place: distributed.Placement | None = None) -> tuple[list[Continuation], dict[str, float]]:
+                       place: devices.Placement | None = None) -> tuple[list[Continuation], dict[str, float]]:
     """Cached continuations with features for every prompt; missing entries are built and stored.
 
     Args:
@@ -156,7 +156,7 @@ def load_continuations(target_dir: Path, target, prompts: Sequence[Sequence[int]
     from tqdm import tqdm
 
     weight = target.lm_head.weight
-    place = place or distributed.Placement(weight.device, weight.dtype)
+    place = place or devices.Placement(weight.device, weight.dtype)
     if (place.device.type, place.dtype) != (weight.device.type, weight.dtype):
         raise ValueError(f"the host target runs {weight.dtype} on {weight.device}, not {place.tag}")
     root = cache_root(target_dir, place)
@@ -195,14 +195,14 @@ def load_continuations(target_dir: Path, target, prompts: Sequence[Sequence[int]
     return out, cost
 
 
-def cache_root(target_dir: Path, place: distributed.Placement) -> Path:
+def cache_root(target_dir: Path, place: devices.Placement) -> Path:
     """The continuation cache of this target run in `place`: CPU fp32 entries where they always were, every
     other device type and dtype in its own subfolder (`cuda-bf16`, `cpu-bf16`, ...)."""
     root = assets.cache_dir() / "simulate" / target_fingerprint(target_dir)
     return root if place.tag == "cpu-fp32" else root / place.tag
 
 
-def hf_model(target_dir: Path, place: distributed.Placement):
+def hf_model(target_dir: Path, place: devices.Placement):
     """The target as an HF `AutoModelForCausalLM` in `place.dtype` on `place.device`, eval mode: what
     generates the continuations and, in `ppow eval`, the timed baseline."""
     from transformers import AutoModelForCausalLM

@@ -44,7 +44,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from ppow_plugin import distributed
+from ppow_plugin import devices
 from ppow_plugin.data import continuations, gen_features, shards
 from ppow_plugin.data.datasets import SHAREGPT, Conversation, Message, split_of
 from ppow_plugin.data.samples import format_prompt_messages
@@ -134,7 +134,7 @@ def default_output_dir(target_dir: str | Path, heldout_fraction: float) -> Path:
 def generate(target_dir: str | Path, prompts: Sequence[Prompt], settings: GenSettings, num_prompts: int,
              source: str, heldout_fraction: float, out_dir: str | Path | None = None, progress: bool = False,
              max_shards: int | None = None, features: Sequence[str] = (), feature_max_len: int = 512,
-             placement: distributed.Placement | None = None) -> Path:
+             placement: devices.Placement | None = None) -> Path:
     """Generate (or resume generating) responses to the first `num_prompts` eligible prompts.
 
     Args:
@@ -145,7 +145,7 @@ def generate(target_dir: str | Path, prompts: Sequence[Prompt], settings: GenSet
         features: drafter families ("eagle1", "eagle3") whose feature-cache entries (`data.max_len` =
             feature_max_len) are written from the generation's own hidden states (`gen_features`); the
             shards are the same with or without them.
-        placement: device and dtype the target generates in (`distributed.resolve_placement`; None = auto).
+        placement: device and dtype the target generates in (`devices.resolve_placement`; None = auto).
             Recorded in provenance.json: a dir is only extended in the dtype it was started with.
     Returns:
         The output dir (shards + provenance.json).
@@ -167,7 +167,7 @@ def generate(target_dir: str | Path, prompts: Sequence[Prompt], settings: GenSet
         raise UserError(f"--num-prompts {num_prompts} is more prompts than there are ({source} has {len(chosen)} "
                         f"train-split first turns within --max-prompt-len {settings.max_prompt_len}): pass "
                         f"--num-prompts {len(chosen)} or fewer")
-    place = placement or distributed.resolve_placement()
+    place = placement or devices.resolve_placement()
     prov = _provenance(out, target_dir, source, heldout_fraction, settings, place)
     todo = shards.shards_to_write(out, len(chosen), settings.shard_size)
     if not todo:
@@ -259,7 +259,7 @@ def _eos_ids(model, tokenizer) -> list[int]:
 
 
 def _provenance(out: Path, target_dir, source: str, heldout_fraction: float, settings: GenSettings,
-                place: distributed.Placement) -> dict:
+                place: devices.Placement) -> dict:
     import transformers
     prov = {"format": GEN_FORMAT, "target": str(Path(target_dir).resolve()),
             "target_sha256": target_fingerprint(target_dir), "source": source, "split": "train",

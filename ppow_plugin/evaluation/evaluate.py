@@ -33,7 +33,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from ppow_plugin import distributed
+from ppow_plugin import devices
 from ppow_plugin.data import samples
 from ppow_plugin.drafters import export
 from ppow_plugin.evaluation import eval_report, simulate, tree_decode
@@ -154,7 +154,7 @@ def _decode_prompt(dec: _Decoders, prompt: EvalPrompt, temperature: float, max_n
 
 
 def _load_decoders(target_dir: Path, drafter_dir: Path, scratch: Path, fmt: str, tree: Eagle3Tree,
-                   place: distributed.Placement) -> _Decoders:
+                   place: devices.Placement) -> _Decoders:
     """The EAGLE decoder and the HF baseline, both in `place.dtype` on `place.device`."""
     from transformers import AutoTokenizer
 
@@ -192,7 +192,7 @@ def evaluate(target_dir: str | Path, drafter_dir: str | Path, benchmarks: str | 
              out_dir: str | Path | None = None, both_turns: bool = False,
              prompts: Sequence[EvalPrompt] | None = None, progress: bool = True,
              tree: Eagle3Tree = Eagle3Tree(), simulate: bool = False, sim_tree=None,
-             per_depth: bool = False, placement: distributed.Placement | None = None) -> eval_report.EvalReport:
+             per_depth: bool = False, placement: devices.Placement | None = None) -> eval_report.EvalReport:
     """Decode every prompt with EAGLE and with the baseline, interleaved (or simulate, T = 0 only);
     aggregate; optionally write.
 
@@ -214,7 +214,7 @@ def evaluate(target_dir: str | Path, drafter_dir: str | Path, benchmarks: str | 
             decoder's tree.
         per_depth: with `simulate`, also top-1 / top-3 acceptance at each draft depth
             (`simulate.topk_by_depth`, in settings["topk_by_depth"]; costs about one more simulation).
-        placement: device and dtype of the target, drafter and baseline (`distributed.resolve_placement`);
+        placement: device and dtype of the target, drafter and baseline (`devices.resolve_placement`);
             None resolves `auto` here (a GPU in bf16 when CUDA is available, else CPU fp32).
     Returns:
         eval_report.EvalReport (per-benchmark and "overall" BenchStats, per-prompt records).
@@ -245,7 +245,7 @@ def evaluate(target_dir: str | Path, drafter_dir: str | Path, benchmarks: str | 
     if not prompts:
         raise UserError("the prompt set is empty; pass a positive --num-prompts")
     eagle_compat.require_host()
-    place = placement or distributed.resolve_placement()
+    place = placement or devices.resolve_placement()
     if simulate:
         return _simulated(target_dir, drafter_dir, fmt, prompts, max_new_tokens, seed, out_dir, progress,
                           sim_tree or (tree if fmt == "eagle3" else None), per_depth, place)
@@ -273,7 +273,7 @@ def evaluate(target_dir: str | Path, drafter_dir: str | Path, benchmarks: str | 
 
 
 def _simulated(target_dir: Path, drafter_dir: Path, fmt: str, prompts: Sequence[EvalPrompt], max_new_tokens: int,
-               seed: int, out_dir, progress: bool, tree, per_depth: bool, place: distributed.Placement
+               seed: int, out_dir, progress: bool, tree, per_depth: bool, place: devices.Placement
                ) -> eval_report.EvalReport:
     """`evaluate(..., simulate=True)`: cached greedy continuations, then `simulate.simulate_records`."""
     from transformers import AutoTokenizer
@@ -340,7 +340,7 @@ def _warm_up(dec: _Decoders, prompt: EvalPrompt, temperature: float, seed: int) 
 
 def _settings(target_dir: Path, drafter_dir: Path, prompts: Sequence[EvalPrompt],
               records: Sequence[eval_report.PromptRecord], temperature: float, max_new_tokens: int, seed: int,
-              both_turns: bool, place: distributed.Placement) -> dict[str, Any]:
+              both_turns: bool, place: devices.Placement) -> dict[str, Any]:
     import transformers
 
     import ppow_plugin
@@ -365,7 +365,7 @@ def compare(target_dir: str | Path, drafter_dirs: Sequence[str | Path], names: S
             max_new_tokens: int = 128, seed: int = 0, out_dir: str | Path | None = None,
             both_turns: bool = False, progress: bool = True, tree: Eagle3Tree = Eagle3Tree(),
             simulate: bool = False, sim_tree=None, prompts: Sequence[EvalPrompt] | None = None,
-            per_depth: bool = False, placement: distributed.Placement | None = None
+            per_depth: bool = False, placement: devices.Placement | None = None
             ) -> dict[str, eval_report.EvalReport]:
     """Evaluate several drafters on one prompt list with one protocol; write compare.md/.json/.png and
     one report subdirectory per drafter into `out_dir` (atomically).
@@ -382,7 +382,7 @@ def compare(target_dir: str | Path, drafter_dirs: Sequence[str | Path], names: S
     target_dir = resolve_target(target_dir)
     for d in drafter_dirs:  # fail before any decoding
         drafter_format(target_dir, Path(d))
-    placement = placement or distributed.resolve_placement()  # once, for every drafter
+    placement = placement or devices.resolve_placement()  # once, for every drafter
     reports = {name: evaluate(target_dir, d, temperature=temperature, max_new_tokens=max_new_tokens, seed=seed,
                               both_turns=both_turns, prompts=prompts, progress=progress, tree=tree,
                               simulate=simulate, sim_tree=sim_tree, per_depth=per_depth, placement=placement)

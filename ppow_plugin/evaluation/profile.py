@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ppow_plugin import distributed
+from ppow_plugin import devices
 from ppow_plugin.drafters import formats
 from ppow_plugin.host import eagle_compat
 from ppow_plugin.errors import UserError
@@ -133,10 +133,10 @@ def _acceptance(eval_report: str | Path | None) -> tuple[list[float], str]:
 def profile(target_dir: str | Path = "default", drafter_dir: str | Path | None = None, repeats: int = 5,
             tree_sizes: Sequence[int] = DEFAULT_TREE_SIZES, prefix_len: int = 256, inner: int = 10,
             eval_report: str | Path | None = None, seed: int = 0,
-            placement: distributed.Placement | None = None) -> dict[str, Any]:
+            placement: devices.Placement | None = None) -> dict[str, Any]:
     """Time drafter step, target step and verify(N); return the JSON-ready profile (module doc).
 
-    `placement`: device and dtype of target and drafter (`distributed.resolve_placement`; None = auto).
+    `placement`: device and dtype of target and drafter (`devices.resolve_placement`; None = auto).
 
     Returns:
         {"gamma": float, "gamma_spread": {...}, "drafter_step_s", "target_step_s", "verify_s": {N: ...},
@@ -151,7 +151,7 @@ def profile(target_dir: str | Path = "default", drafter_dir: str | Path | None =
     fmt = "eagle1" if drafter_dir is None else drafter_format(target_dir, Path(drafter_dir))
     rates, rates_source = _acceptance(eval_report)
     sizes = sorted(set(int(n) for n in tree_sizes) | {1})
-    place = placement or distributed.resolve_placement()
+    place = placement or devices.resolve_placement()
     device = place.device
     target = eagle_compat.load_host_target(target_dir, place.dtype, device)
     max_pos = int(target.config.max_position_embeddings)
