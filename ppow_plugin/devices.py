@@ -10,8 +10,9 @@ Everything a command then creates goes on `place.device`; nothing here allocates
 
 from __future__ import annotations
 
+import importlib.util
 import os
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
@@ -35,6 +36,9 @@ class Placement(NamedTuple):
 
     def describe(self) -> dict[str, str]:
         return {"device": str(self.device), "dtype": DTYPE_NAMES[self.dtype]}
+
+
+CPU_FP32 = Placement(torch.device("cpu"), torch.float32)  # where every exactness check runs
 
 
 def resolve_placement(device: str = "auto", dtype: str = "auto", flags: tuple[str, str] = ("--device", "--dtype")
@@ -113,3 +117,10 @@ def _this_rank_gpu(index: int | None, name: str, flag: str = "dist.device") -> t
     dev = torch.device("cuda", index)
     torch.cuda.set_device(dev)
     return dev
+
+
+def direct_load(device: torch.device | None) -> dict[str, Any]:
+    """`from_pretrained` keywords that load weights straight onto a GPU (needs accelerate; no full CPU copy
+    first), else none: the caller then moves the model with `.to(device)`."""
+    direct = device is not None and device.type != "cpu" and importlib.util.find_spec("accelerate") is not None
+    return {"device_map": {"": str(device)}} if direct else {}

@@ -10,8 +10,8 @@ from ppow_plugin.errors import UserError
 
 def add_placement_flags(sp: argparse.ArgumentParser, default: str | None = "auto") -> None:
     """--device / --dtype: where the target (drafter, HF baseline) runs; `devices.resolve_placement`."""
-    sp.add_argument("--device", default=default, help="auto (this rank's GPU if CUDA is available, else cpu), cpu, "
-                    "cuda or cuda:N" + ("" if default else "; default: the recipe's eval.device, else auto"))
+    sp.add_argument("--device", default=default, help="auto (this rank's GPU if CUDA is available, else cpu), "
+                    "cpu, cuda or cuda:N" + ("" if default else "; default: the recipe's eval.device, else auto"))
     sp.add_argument("--dtype", default=default, choices=["auto", "fp32", "bf16", "fp16"],
                     help="auto = bf16 on a GPU, fp32 on the CPU" + ("" if default else " (or the recipe's eval.dtype)"))
 

@@ -10,13 +10,15 @@ template) this module makes:
 2. the target features over prompt + continuation from ONE forward of the host target (the model the
    decoders verify with): EAGLE-1 the final-norm hidden states, EAGLE-3 the fused decoder-layer inputs.
 
-Both are cached under `cache_dir()/simulate/<target fingerprint>/` (CPU fp32) or `.../<device>-<dtype>/`
-(e.g. `cuda-bf16/`: a bf16 target's greedy tokens and features differ from fp32's at near-ties, so the two
-never mix), one entry per prompt, keyed by the prompt ids (so by the prompt text, the chat template and the
-tokenizer), the length and, for features, the feature layers. Entries are stored on the CPU (features as
-fp32); the simulation moves them to its device. Each entry records the sha256 of its tensors; a damaged one is rebuilt with one
-`warning:` line naming it (`integrity`). The fingerprint reads the target's config and the size, head and tail of every weight
-file. Entries are written atomically (temporary file + rename), so concurrent runs at worst redo work.
+Both are cached under `cache_dir()/simulate/<target fingerprint>/` for a CPU fp32 target, or in a
+subfolder named by device type and dtype (`cuda-bf16/`, `cpu-bf16/`, ...: a bf16 target's greedy tokens
+and features differ from fp32's at near-ties, so the two never mix; `cache_root`). One entry per prompt,
+keyed by the prompt ids (so by the prompt text, the chat template and the tokenizer), the length and, for
+features, the feature layers. Entries are stored on the CPU (features as fp32); the simulation moves them
+to its device. Each entry records the sha256 of its tensors; a damaged one is rebuilt with one `warning:`
+line naming it (`integrity`). The fingerprint reads the target's config and the size, head and tail of
+every weight file. Entries are written atomically (temporary file + rename), so concurrent runs at worst
+redo work.
 
 Where this can differ from a real decode: the continuation is generated with other kernels and batch
 shapes than the decoder's tree forwards. Where the target's top two logits are within float rounding
@@ -206,5 +208,6 @@ def hf_model(target_dir: Path, place: devices.Placement):
     """The target as an HF `AutoModelForCausalLM` in `place.dtype` on `place.device`, eval mode: what
     generates the continuations and, in `ppow eval`, the timed baseline."""
     from transformers import AutoModelForCausalLM
-    model = AutoModelForCausalLM.from_pretrained(str(target_dir), dtype=place.dtype)
+    model = AutoModelForCausalLM.from_pretrained(str(target_dir), dtype=place.dtype,
+                                                 **devices.direct_load(place.device))
     return model.to(place.device).eval()

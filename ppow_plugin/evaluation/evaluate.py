@@ -153,8 +153,8 @@ def _decode_prompt(dec: _Decoders, prompt: EvalPrompt, temperature: float, max_n
     return records
 
 
-def _load_decoders(target_dir: Path, drafter_dir: Path, scratch: Path, fmt: str, tree: Eagle3Tree,
-                   place: devices.Placement) -> _Decoders:
+def _load_decoders(target_dir: Path, drafter_dir: Path, scratch: Path, fmt: str = "eagle1",
+                   tree: Eagle3Tree = Eagle3Tree(), place: devices.Placement = devices.CPU_FP32) -> _Decoders:
     """The EAGLE decoder and the HF baseline, both in `place.dtype` on `place.device`."""
     from transformers import AutoTokenizer
 

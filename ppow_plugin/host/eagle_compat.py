@@ -48,13 +48,13 @@ Host facts the rest of ppow relies on (eagle-llm 1.2.1):
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
+from ppow_plugin.devices import direct_load
 from ppow_plugin.errors import UserError
 from ppow_plugin.host.target_fields import (CONFIG_FIELDS, HOST_ROPE_TYPES, SUPPORTED_ARCHITECTURES,
                                         check_target_config, rope_theta)
@@ -166,18 +166,12 @@ def load_host_target(path: str | Path, dtype: torch.dtype = torch.float32, devic
     from eagle.model.modeling_llama_kv import LlamaForCausalLM as HostLlama
 
     _adapt_host_classes()
-    model = HostLlama.from_pretrained(str(path), config=_host_config(path), dtype=dtype, **_direct_load(device))
+    model = HostLlama.from_pretrained(str(path), config=_host_config(path), dtype=dtype, **direct_load(device))
     _check_loaded_target(model, path)
     if device is not None:
         model.to(device)  # also the buffers built outside the checkpoint; a no-op where already there
     fix_rotary_caches(model, positions)
     return _freeze_for_inference(model)
-
-
-def _direct_load(device: torch.device | None) -> dict[str, Any]:
-    """`from_pretrained` keywords that load the weights straight onto a GPU (needs accelerate), else none."""
-    direct = device is not None and device.type != "cpu" and importlib.util.find_spec("accelerate") is not None
-    return {"device_map": {"": str(device)}} if direct else {}
 
 
 def _check_loaded_target(model: nn.Module, where: str | Path) -> None:
@@ -287,7 +281,7 @@ def load_ea_model(target_dir: str | Path, drafter_dir: str | Path, dtype: torch.
 
     _adapt_host_classes()
     ea_model = EaModel.from_pretrained(base_model_path=str(target_dir), ea_model_path=str(drafter_dir),
-                                       config=_host_config(target_dir), dtype=dtype, **_direct_load(device))
+                                       config=_host_config(target_dir), dtype=dtype, **direct_load(device))
     if device is not None:
         ea_model.to(device)
     ea_model.ea_layer.gradient_checkpointing = False
