@@ -124,3 +124,9 @@ def direct_load(device: torch.device | None) -> dict[str, Any]:
     first), else none: the caller then moves the model with `.to(device)`."""
     direct = device is not None and device.type != "cpu" and importlib.util.find_spec("accelerate") is not None
     return {"device_map": {"": str(device)}} if direct else {}
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the kernels queued on `device` (CUDA runs them asynchronously): call it around a timed block."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

@@ -120,12 +120,15 @@ def _format(tokenizer, turns: Sequence[str], answers: Sequence[str]) -> torch.Te
 def _decode_turn(dec: _Decoders, prompt: EvalPrompt, turn_id: str, ids: torch.Tensor, temperature: float,
                  max_new_tokens: int, seed: int) -> tuple[eval_report.PromptRecord, list[int]]:
     seed_everything(seed)
+    devices.synchronize(dec.device)  # on a GPU both timings wait for their own kernels, and only for those
     start = time.perf_counter()
     host = _host_generate(dec, ids, temperature, max_new_tokens)
+    devices.synchronize(dec.device)
     eagle_seconds = time.perf_counter() - start
     seed_everything(seed)
     start = time.perf_counter()
     base_tokens = _baseline_generate(dec, ids, temperature, max_new_tokens)
+    devices.synchronize(dec.device)
     baseline_seconds = time.perf_counter() - start
 
     kept = eval_report.truncate_generation(host.output_ids[0, ids.shape[1]:].tolist(), host.accept_lengths,

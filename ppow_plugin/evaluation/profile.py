@@ -87,12 +87,11 @@ def modelled_speedup(tree_size: int, rates: Sequence[float], gamma: float, verif
 
 def _per_call(fn: Callable[[], Any], inner: int, device: torch.device) -> float:
     """Seconds per call; on CUDA the queue is drained before and after (kernels run asynchronously)."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda _device: None)
-    sync(device)
+    devices.synchronize(device)
     start = time.perf_counter()
     for _ in range(inner):
         fn()
-    sync(device)
+    devices.synchronize(device)
     return (time.perf_counter() - start) / inner
 
 
