@@ -307,3 +307,23 @@ def test_profile_times_target_and_drafter_in_bf16(kind: str, drafters: dict, mon
                                        "drafter"]
     assert all(dtype == torch.bfloat16 for _, dtype, _ in seen), seen
     assert (result["settings"]["device"], result["settings"]["dtype"]) == ("cpu", "bf16") and result["gamma"] > 0
+
+
+def test_gpu_timings_wait_for_their_own_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
+    """CUDA runs kernels asynchronously: each timed call of `ppow eval` and `ppow profile` is bracketed by a
+    synchronisation of its device, so a timing neither stops early nor pays for the previous call's kernels."""
+    events: list = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda dev=None: events.append(f"sync {dev}"))
+    host = eagle_compat.HostGenerateResult(torch.tensor([[1, 2, 5, 6]]), 2, 1, [1])
+    monkeypatch.setattr(evaluate, "_host_generate", lambda *a: events.append("eagle") or host)
+    monkeypatch.setattr(evaluate, "_baseline_generate", lambda *a: events.append("baseline") or [5, 6])
+    dec = evaluate._Decoders(None, None, None, None, 100, device=torch.device("cuda", 0))
+    prompt = evaluate.EvalPrompt("b", "0", ("x",))
+    record, _ = evaluate._decode_turn(dec, prompt, "0", torch.tensor([[1, 2]]), 0.0, 2, 0)
+    assert events == ["sync cuda:0", "eagle", "sync cuda:0", "baseline", "sync cuda:0"] and record.mismatch_at is None
+    events.clear()
+    profile._per_call(lambda: events.append("call"), 2, torch.device("cuda", 1))
+    assert events == ["sync cuda:1", "call", "call", "sync cuda:1"]
+    events.clear()
+    profile._per_call(lambda: events.append("call"), 1, torch.device("cpu"))
+    assert events == ["call"]
