@@ -255,8 +255,15 @@ class EvalCfg:
     # every_prompts prompts of each benchmark
     every_steps: int = 0
     every_prompts: int = 8
+    # where `ppow eval|compare --recipe` runs the target, drafter and HF baseline (--device/--dtype win):
+    # auto = this rank's GPU in bf16 when CUDA is available, else CPU fp32 (devices.resolve_placement).
+    # The τ probe during training runs where training runs (dist.device, dist.target_dtype), not here.
+    device: str = "auto"            # auto | cpu | cuda | cuda:N
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
 
     def __post_init__(self):
+        require(_DEVICE.fullmatch(self.device) is not None and self.device != "mps", "eval.device", self.device,
+                 "auto, cpu, cuda or cuda:N")
         require(len(self.benchmarks) > 0 and all(b.strip() for b in self.benchmarks), "eval.benchmarks",
                  self.benchmarks, "a non-empty list, e.g. [mt_bench, humaneval, sharegpt]")
         for name in ("num_prompts", "max_new_tokens", "tree_depth", "tree_top_k", "tree_total_tokens", "every_prompts"):

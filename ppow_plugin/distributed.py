@@ -1,4 +1,4 @@
-"""Device, dtype, seeding, process group and the optimisation engine.
+"""Seeding, process group and the optimisation engine (device and dtype: `devices`, re-exported here).
 
 This is the only module that imports DeepSpeed (inside `_deepspeed_engine`), so everything else imports
 without it. The DeepSpeed config is generated here from the one typed recipe; there is no second JSON.
@@ -22,57 +22,9 @@ import numpy as np
 import torch
 
 from ppow_plugin.config import Config, DistCfg, OptimCfg
+# device and dtype resolution live in `devices`; these names stay importable from here (trainer, launchers)
+from ppow_plugin.devices import DTYPES, get_device, local_rank  # noqa: F401
 from ppow_plugin.errors import UserError
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
-
-def get_device(name: str = "auto") -> torch.device:
-    """Resolve a device name once at the entry point: auto -> cuda, then mps, then cpu.
-
-    `cuda` (and `auto` with a GPU) means this rank's GPU, `cuda:{LOCAL_RANK}` (0 without a launcher), and
-    `torch.cuda.set_device` is called on it here, before anything is allocated on a GPU: otherwise every
-    rank's target, CUDA context and NCCL communicator land on GPU 0. `cuda:N` pins one GPU (a single
-    process; refused under a launcher with several ranks, where it would pin them all to GPU N).
-    """
-    if name == "auto":
-        if torch.cuda.is_available():
-            return _this_rank_gpu(None, name)
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError(f"dist.device={name} but no CUDA device is visible; use dist.device=cpu or auto")
-        return _this_rank_gpu(dev.index, name)
-    if dev.type == "mps" and not torch.backends.mps.is_available():
-        raise UserError(f"dist.device={name} but MPS is not available; use dist.device=cpu or auto")
-    return dev
-
-
-def local_rank() -> int:
-    """This process's rank on its node: LOCAL_RANK as torchrun and the deepspeed launcher set it (0 alone)."""
-    return int(os.environ.get("LOCAL_RANK", 0))
-
-
-def _this_rank_gpu(index: int | None, name: str) -> torch.device:
-    """cuda:`index`, or this rank's GPU when `index` is None; made the current device (`set_device`)."""
-    local, count = local_rank(), torch.cuda.device_count()
-    if index is None:
-        # one visible GPU per process (a scheduler that sets CUDA_VISIBLE_DEVICES per rank): it is this rank's
-        index = 0 if count == 1 else local
-    elif int(os.environ.get("WORLD_SIZE", 1)) > 1 and index != local:
-        raise UserError(f"dist.device={name} pins every rank to GPU {index}; use dist.device=cuda "
-                        f"(each rank takes GPU LOCAL_RANK, here {local})")
-    if index >= count:
-        raise UserError(f"dist.device={name}: this rank wants GPU {index} (LOCAL_RANK={local}) but {count} "
-                        "GPU(s) are visible; start at most one process per visible GPU (--nproc_per_node / "
-                        "--num_gpus) or check CUDA_VISIBLE_DEVICES")
-    dev = torch.device("cuda", index)
-    torch.cuda.set_device(dev)
-    return dev
-
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)

@@ -17,7 +17,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "ppow_plugin"
 LAYERS: list[tuple[str, ...]] = [
     ("ppow_plugin.errors", "ppow_plugin.quiet"),
     ("ppow_plugin.recipe_file", "ppow_plugin.config_objective", "ppow_plugin.config"),
-    ("ppow_plugin.distributed",),
+    ("ppow_plugin.distributed", "ppow_plugin.devices"),
     ("ppow_plugin.host", "ppow_plugin.outputs"),  # outputs: the one output-folder guard (knows the target cache)
     ("ppow_plugin.method",),
     ("ppow_plugin.drafters",),

@@ -27,6 +27,8 @@ def cmd_data_generate(args) -> int:
         raise UserError(f"--features {args.features!r}: give eagle1, eagle3 or eagle1,eagle3")
     if args.feature_max_len < 2:
         raise UserError(f"--feature-max-len ({args.feature_max_len}) must be >= 2 (= data.max_len of the SFT run)")
+    from ppow_plugin.cli.eval_commands import placement
+    place = placement(args)  # before any work: a GPU that is not there, fp16 on the CPU
     inputs = {"--target": outputs.target_input(args.target), "--path": args.path}
     if args.out is not None:  # before any work: someone else's folder, an input, `.`, a file (or under one)
         outputs.check_generation_dir(args.out, inputs)
@@ -48,7 +50,8 @@ def cmd_data_generate(args) -> int:
                              f"{shlex.join(['ppow', *args.argv])}")
         try:
             generate.generate(target, prompts, settings, args.num_prompts, source, args.heldout_fraction,
-                              out_dir=out, progress=True, features=kinds, feature_max_len=args.feature_max_len)
+                              out_dir=out, progress=True, features=kinds, feature_max_len=args.feature_max_len,
+                              placement=place)
         except BaseException:
             if lock.created is not None and not any(out.glob("shard-?????.npz")):  # nothing made: leave no folder
                 (out / shards.PROVENANCE).unlink(missing_ok=True)
@@ -82,6 +85,8 @@ def add_data_command(sub) -> None:
                    "the feature cache for these drafter families (eagle1, eagle3 or eagle1,eagle3): cached SFT "
                    "then never runs the target (data.feature_cache=true)")
     g.add_argument("--feature-max-len", type=int, default=512, help="data.max_len of the SFT runs that read them")
+    from ppow_plugin.cli.eval_commands import add_placement_flags
+    add_placement_flags(g)
     g.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS,  # also `ppow data --verbose generate`
                    help="show every third-party warning and progress bar (hidden by default)")
     g.set_defaults(fn=cmd_data_generate)

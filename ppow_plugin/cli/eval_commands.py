@@ -8,6 +8,20 @@ import dataclasses
 from ppow_plugin.errors import UserError
 
 
+def add_placement_flags(sp: argparse.ArgumentParser, default: str | None = "auto") -> None:
+    """--device / --dtype: where the target (drafter, HF baseline) runs; `devices.resolve_placement`."""
+    sp.add_argument("--device", default=default, help="auto (this rank's GPU if CUDA is available, else cpu), "
+                    "cpu, cuda or cuda:N" + ("" if default else "; default: the recipe's eval.device, else auto"))
+    sp.add_argument("--dtype", default=default, choices=["auto", "fp32", "bf16", "fp16"],
+                    help="auto = bf16 on a GPU, fp32 on the CPU" + ("" if default else " (or the recipe's eval.dtype)"))
+
+
+def placement(args):
+    """The device and dtype of --device/--dtype, resolved once here and passed down."""
+    from ppow_plugin import devices
+    return devices.resolve_placement(args.device, args.dtype)
+
+
 def _eval_flags(sp: argparse.ArgumentParser) -> None:
     # Defaults are None so that "not given" can fall back to --recipe's eval section, then to EvalCfg.
     sp.add_argument("--recipe", default=None,
@@ -31,10 +45,13 @@ def _eval_flags(sp: argparse.ArgumentParser) -> None:
                     help="with --simulate: also top-1 / top-3 acceptance at each draft depth (report.json, summary)")
     sp.add_argument("--prompts", default=None, metavar="FILE",
                     help='JSONL prompts ({"turns": [...]} or {"prompt": "..."} per line) instead of --benchmarks')
+    add_placement_flags(sp, default=None)
 
 
 def _eval_settings(args):
-    """(target, eval settings): command-line flags over the recipe's `model.target` / `eval.*` over defaults."""
+    """(target, eval settings, placement): command-line flags over the recipe's `model.target` / `eval.*` over
+    defaults; the device and dtype resolved once, here."""
+    from ppow_plugin import devices
     from ppow_plugin.config import EvalCfg, load_config
     cfg = load_config(args.recipe, []) if args.recipe else None
     base = cfg.eval if cfg else EvalCfg()
@@ -43,7 +60,8 @@ def _eval_settings(args):
         "num_prompts": ("--num-prompts", args.num_prompts), "max_new_tokens": ("--max-new-tokens", args.max_new_tokens),
         "temperature": ("--temperature", args.temperature), "seed": ("--seed", args.seed),
         "tree_depth": ("--depth", args.depth), "tree_top_k": ("--top-k", args.top_k),
-        "tree_total_tokens": ("--total-tokens", args.total_tokens)}
+        "tree_total_tokens": ("--total-tokens", args.total_tokens),
+        "device": ("--device", args.device), "dtype": ("--dtype", args.dtype)}
     given = {k: v for k, (_, v) in flags.items() if v is not None}
     try:
         settings = dataclasses.replace(base, **given)
@@ -51,7 +69,8 @@ def _eval_settings(args):
         name = next((k for k in given if str(exc).startswith(f"eval.{k} ")), None)
         raise UserError((f"{flags[name][0]} {flags[name][1]}: " if name else "") + str(exc)) from None
     target = args.target or (cfg.model.target if cfg else "default")
-    return target, settings
+    names = tuple("--" + k if getattr(args, k) is not None else f"eval.{k}" for k in ("device", "dtype"))
+    return target, settings, devices.resolve_placement(settings.device, settings.dtype, names)
 
 
 def check_out(args, inputs: dict, kind: str = "dir", flag: str = "--out") -> None:
@@ -77,12 +96,12 @@ def _sim_args(args) -> dict:
 def cmd_eval(args) -> int:
     from ppow_plugin import outputs
     from ppow_plugin.evaluation import eval_report, evaluate
-    target, ev = _eval_settings(args)
+    target, ev, place = _eval_settings(args)
     check_out(args, {"--drafter": args.drafter, "--target": outputs.target_input(target), "--recipe": args.recipe,
                       "--prompts": args.prompts})
     report = evaluate.evaluate(target, args.drafter, ev.benchmarks, ev.num_prompts, ev.temperature,
                                ev.max_new_tokens, ev.seed, out_dir=args.out, both_turns=args.both_turns,
-                               tree=_tree(ev), **_sim_args(args))
+                               tree=_tree(ev), placement=place, **_sim_args(args))
     print(eval_report.summary_markdown(report))
     print(f"report written to {args.out}")
     return 0
@@ -96,13 +115,13 @@ def _tree(ev):
 def cmd_compare(args) -> int:
     from ppow_plugin import outputs
     from ppow_plugin.evaluation import eval_report, evaluate
-    target, ev = _eval_settings(args)
+    target, ev, place = _eval_settings(args)
     check_out(args, {"--target": outputs.target_input(target), "--recipe": args.recipe,
                       **{f"drafter #{i}": d for i, d in enumerate(args.drafters, 1)}})
     names = [n.strip() for n in args.names.split(",")] if args.names else None
     reports = evaluate.compare(target, args.drafters, names, ev.benchmarks, ev.num_prompts,
                                ev.temperature, ev.max_new_tokens, ev.seed, out_dir=args.out,
-                               both_turns=args.both_turns, tree=_tree(ev), **_sim_args(args))
+                               both_turns=args.both_turns, tree=_tree(ev), placement=place, **_sim_args(args))
     print(eval_report.compare_markdown(reports))
     print(f"comparison written to {args.out}")
     return 0
@@ -118,7 +137,7 @@ def cmd_profile(args) -> int:
     except ValueError:
         raise UserError(f"--tree-sizes {args.tree_sizes!r}: must be comma-separated integers, e.g. 1,4,8") from None
     result = profile.profile(args.target, args.drafter, args.repeats, sizes, args.prefix_len,
-                             eval_report=args.eval_report, seed=args.seed)
+                             eval_report=args.eval_report, seed=args.seed, placement=placement(args))
     print(profile.format_profile(result))
     print(f"profile written to {profile.write_profile(result, args.out)}")
     return 0
@@ -155,4 +174,5 @@ def add_eval_commands(sub) -> None:
                     help="JSON with top-level gamma for reward.gamma_profile (default: ./profile.json); an existing "
                          "file needs --force")
     sp.add_argument("--force", action="store_true", help="replace an existing --out file")
+    add_placement_flags(sp)
     sp.set_defaults(fn=cmd_profile)

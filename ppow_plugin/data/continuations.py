@@ -10,11 +10,15 @@ template) this module makes:
 2. the target features over prompt + continuation from ONE forward of the host target (the model the
    decoders verify with): EAGLE-1 the final-norm hidden states, EAGLE-3 the fused decoder-layer inputs.
 
-Both are cached under `cache_dir()/simulate/<target fingerprint>/`, one entry per prompt, keyed by the
-prompt ids (so by the prompt text, the chat template and the tokenizer), the length and, for features,
-the feature layers. Each entry records the sha256 of its tensors; a damaged one is rebuilt with one
-`warning:` line naming it (`integrity`). The fingerprint reads the target's config and the size, head and tail of every weight
-file. Entries are written atomically (temporary file + rename), so concurrent runs at worst redo work.
+Both are cached under `cache_dir()/simulate/<target fingerprint>/` for a CPU fp32 target, or in a
+subfolder named by device type and dtype (`cuda-bf16/`, `cpu-bf16/`, ...: a bf16 target's greedy tokens
+and features differ from fp32's at near-ties, so the two never mix; `cache_root`). One entry per prompt,
+keyed by the prompt ids (so by the prompt text, the chat template and the tokenizer), the length and, for
+features, the feature layers. Entries are stored on the CPU (features as fp32); the simulation moves them
+to its device. Each entry records the sha256 of its tensors; a damaged one is rebuilt with one `warning:`
+line naming it (`integrity`). The fingerprint reads the target's config and the size, head and tail of
+every weight file. Entries are written atomically (temporary file + rename), so concurrent runs at worst
+redo work.
 
 Where this can differ from a real decode: the continuation is generated with other kernels and batch
 shapes than the decoder's tree forwards. Where the target's top two logits are within float rounding
@@ -34,6 +38,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from ppow_plugin import devices
 from ppow_plugin.host import assets, integrity
 from ppow_plugin.method import rollout
 
@@ -100,7 +105,7 @@ def greedy_batches(model, prompts: Sequence[Sequence[int]], length: int, pad_id:
     prompts first (little padding); yielded batch by batch so a caller can store each as it is made.
 
     Args:
-        model: an HF causal LM (`AutoModelForCausalLM`), eval mode.
+        model: an HF causal LM (`AutoModelForCausalLM`), eval mode; the batches are built on its device.
         prompts: token id lists.
     Yields:
         (indices into `prompts`, one list of `length` ids per index).
@@ -109,10 +114,10 @@ def greedy_batches(model, prompts: Sequence[Sequence[int]], length: int, pad_id:
     for start in range(0, len(order), batch_size):
         chunk = order[start:start + batch_size]
         width = max(len(prompts[i]) for i in chunk)
-        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-        mask = torch.zeros(len(chunk), width, dtype=torch.long)
+        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long, device=model.device)
+        mask = torch.zeros(len(chunk), width, dtype=torch.long, device=model.device)
         for row, i in enumerate(chunk):
-            ids[row, width - len(prompts[i]):] = torch.tensor(list(prompts[i]))
+            ids[row, width - len(prompts[i]):] = torch.tensor(list(prompts[i]), device=model.device)
             mask[row, width - len(prompts[i]):] = 1
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         cache, step_ids, generated = None, ids, []
@@ -126,14 +131,16 @@ def greedy_batches(model, prompts: Sequence[Sequence[int]], length: int, pad_id:
 
 
 def target_features(target, ids: Tensor, feature_layers: Sequence[int] | None) -> Tensor:
-    """[T, F] features of one full forward of the host target over `ids` [T] (no KV cache)."""
+    """[T, F] fp32 features, on the CPU, of one full forward of the host target over `ids` [T] (no KV cache;
+    run on the target's device)."""
     layers = None if feature_layers is None else tuple(feature_layers)
-    return rollout.target_forward(target, ids[None], None, feature_layers=layers).features.float()
+    ids = ids.to(target.lm_head.weight.device)
+    return rollout.target_forward(target, ids[None], None, feature_layers=layers).features.float().cpu()
 
 
 def load_continuations(target_dir: Path, target, prompts: Sequence[Sequence[int]], length: int,
-                       feature_layers: Sequence[int] | None, progress: bool = False
-                       ) -> tuple[list[Continuation], dict[str, float]]:
+                       feature_layers: Sequence[int] | None, progress: bool = False,
+                       place: devices.Placement | None = None) -> tuple[list[Continuation], dict[str, float]]:
     """Cached continuations with features for every prompt; missing entries are built and stored.
 
     Args:
@@ -142,13 +149,19 @@ def load_continuations(target_dir: Path, target, prompts: Sequence[Sequence[int]
         prompts: prompt token id lists.
         length: greedy tokens after each prompt.
         feature_layers: None for EAGLE-1 features, else the EAGLE-3 drafter's `feature_layer_ids`.
+        place: where and in which dtype `target` runs (None: read from `target`); the HF copy that generates
+            runs there too, and the entries are kept apart per device type and dtype (`cache_root`).
     Returns:
         the continuations in prompt order, and the build cost in seconds
         ({"generate_s", "features_s", "generated", "featurized"}; zeros when everything was cached).
     """
     from tqdm import tqdm
 
-    root = assets.cache_dir() / "simulate" / target_fingerprint(target_dir)
+    weight = target.lm_head.weight
+    place = place or devices.Placement(weight.device, weight.dtype)
+    if (place.device.type, place.dtype) != (weight.device.type, weight.dtype):
+        raise ValueError(f"the host target runs {weight.dtype} on {weight.device}, not {place.tag}")
+    root = cache_root(target_dir, place)
     keys = [_entry_key(p, length) for p in prompts]
     kind = _feature_kind(feature_layers)
     cost = {"generate_s": 0.0, "features_s": 0.0, "generated": 0, "featurized": 0}
@@ -160,7 +173,7 @@ def load_continuations(target_dir: Path, target, prompts: Sequence[Sequence[int]
     missing = [i for i in range(len(prompts)) if i not in ids]
     if missing:
         start = time.perf_counter()
-        batches = greedy_batches(_hf_model(target_dir), [prompts[i] for i in missing], length,
+        batches = greedy_batches(hf_model(target_dir, place), [prompts[i] for i in missing], length,
                                  pad_id=int(target.config.pad_token_id or 0), batch_size=GEN_BATCH)
         for chunk, tails in tqdm(batches, desc="greedy continuations", unit="batch", disable=not progress,
                                  total=-(-len(missing) // GEN_BATCH)):
@@ -184,6 +197,17 @@ def load_continuations(target_dir: Path, target, prompts: Sequence[Sequence[int]
     return out, cost
 
 
-def _hf_model(target_dir: Path):
+def cache_root(target_dir: Path, place: devices.Placement) -> Path:
+    """The continuation cache of this target run in `place`: CPU fp32 entries where they always were, every
+    other device type and dtype in its own subfolder (`cuda-bf16`, `cpu-bf16`, ...)."""
+    root = assets.cache_dir() / "simulate" / target_fingerprint(target_dir)
+    return root if place.tag == "cpu-fp32" else root / place.tag
+
+
+def hf_model(target_dir: Path, place: devices.Placement):
+    """The target as an HF `AutoModelForCausalLM` in `place.dtype` on `place.device`, eval mode: what
+    generates the continuations and, in `ppow eval`, the timed baseline."""
     from transformers import AutoModelForCausalLM
-    return AutoModelForCausalLM.from_pretrained(str(target_dir), dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(str(target_dir), dtype=place.dtype,
+                                                 **devices.direct_load(place.device))
+    return model.to(place.device).eval()

@@ -44,7 +44,8 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from ppow_plugin.data import gen_features, shards
+from ppow_plugin import devices
+from ppow_plugin.data import continuations, gen_features, shards
 from ppow_plugin.data.datasets import SHAREGPT, Conversation, Message, split_of
 from ppow_plugin.data.samples import format_prompt_messages
 from ppow_plugin.data.shards import PROVENANCE, Shard
@@ -132,7 +133,8 @@ def default_output_dir(target_dir: str | Path, heldout_fraction: float) -> Path:
 
 def generate(target_dir: str | Path, prompts: Sequence[Prompt], settings: GenSettings, num_prompts: int,
              source: str, heldout_fraction: float, out_dir: str | Path | None = None, progress: bool = False,
-             max_shards: int | None = None, features: Sequence[str] = (), feature_max_len: int = 512) -> Path:
+             max_shards: int | None = None, features: Sequence[str] = (), feature_max_len: int = 512,
+             placement: devices.Placement | None = None) -> Path:
     """Generate (or resume generating) responses to the first `num_prompts` eligible prompts.
 
     Args:
@@ -143,12 +145,14 @@ def generate(target_dir: str | Path, prompts: Sequence[Prompt], settings: GenSet
         features: drafter families ("eagle1", "eagle3") whose feature-cache entries (`data.max_len` =
             feature_max_len) are written from the generation's own hidden states (`gen_features`); the
             shards are the same with or without them.
+        placement: device and dtype the target generates in (`devices.resolve_placement`; None = auto).
+            Recorded in provenance.json: a dir is only extended in the dtype it was started with.
     Returns:
         The output dir (shards + provenance.json).
     Raises:
         UserError: bad settings, fewer eligible prompts than num_prompts, a damaged shard or provenance.json.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     settings.check()
     out = Path(out_dir) if out_dir is not None else output_dir(target_dir, source, heldout_fraction, settings)
@@ -163,11 +167,12 @@ def generate(target_dir: str | Path, prompts: Sequence[Prompt], settings: GenSet
         raise UserError(f"--num-prompts {num_prompts} is more prompts than there are ({source} has {len(chosen)} "
                         f"train-split first turns within --max-prompt-len {settings.max_prompt_len}): pass "
                         f"--num-prompts {len(chosen)} or fewer")
-    prov = _provenance(out, target_dir, source, heldout_fraction, settings)
+    place = placement or devices.resolve_placement()
+    prov = _provenance(out, target_dir, source, heldout_fraction, settings, place)
     todo = shards.shards_to_write(out, len(chosen), settings.shard_size)
     if not todo:
         return out
-    model = AutoModelForCausalLM.from_pretrained(target_dir, dtype=torch.float32).eval()
+    model = continuations.hf_model(Path(target_dir), place)
     sinks = gen_features.open_sinks(target_dir, features, model.config.num_hidden_layers, feature_max_len)
     eos = _eos_ids(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
@@ -217,10 +222,11 @@ def _generate_batch(model, prompts: list[list[int]], settings: GenSettings, eos:
     """Left-padded batched generation -> each response cut after its first end-of-turn token (with `sinks`,
     the sequences' features are stored as a side effect)."""
     width = max(map(len, prompts))
-    ids = torch.full((len(prompts), width), pad, dtype=torch.long)  # [B, P]
-    attn = torch.zeros((len(prompts), width), dtype=torch.long)  # [B, P] 1 = real token
+    dev = model.device
+    ids = torch.full((len(prompts), width), pad, dtype=torch.long, device=dev)  # [B, P]
+    attn = torch.zeros((len(prompts), width), dtype=torch.long, device=dev)  # [B, P] 1 = real token
     for r, p in enumerate(prompts):
-        ids[r, width - len(p):], attn[r, width - len(p):] = torch.tensor(p), 1
+        ids[r, width - len(p):], attn[r, width - len(p):] = torch.tensor(p, device=dev), 1
     sampling = ({"do_sample": True, "temperature": settings.temperature, "top_k": 0, "top_p": 1.0}
                 if settings.temperature > 0 else {"do_sample": False})
     tap = gen_features.FeatureTap(model, sinks.layer_ids) if sinks is not None else None
@@ -252,12 +258,13 @@ def _eos_ids(model, tokenizer) -> list[int]:
     return eos
 
 
-def _provenance(out: Path, target_dir, source: str, heldout_fraction: float, settings: GenSettings) -> dict:
+def _provenance(out: Path, target_dir, source: str, heldout_fraction: float, settings: GenSettings,
+                place: devices.Placement) -> dict:
     import transformers
     prov = {"format": GEN_FORMAT, "target": str(Path(target_dir).resolve()),
             "target_sha256": target_fingerprint(target_dir), "source": source, "split": "train",
             "heldout_fraction": heldout_fraction, "turns": "first user turn", "settings": settings._asdict(),
-            "dtype": "fp32", "torch": torch.__version__, "transformers": transformers.__version__}
+            **place.describe(), "torch": torch.__version__, "transformers": transformers.__version__}
     old = out / PROVENANCE
     if old.is_file() or old.is_symlink():
         before = shards.read_provenance(out)
@@ -265,6 +272,9 @@ def _provenance(out: Path, target_dir, source: str, heldout_fraction: float, set
         if same != {k: prov[k] for k in same}:
             raise UserError(f"{out} holds generations made with other settings or another target; "
                             "pass another --out or delete it")
+        if before.get("dtype", "fp32") != prov["dtype"]:  # no mixing of fp32 and bf16 answers in one dir
+            raise UserError(f"{out} holds generations made in {before.get('dtype', 'fp32')}, not {prov['dtype']}; "
+                            f"continue it with --dtype {before.get('dtype', 'fp32')}, or pass another --out")
     elif any(out.glob("shard-?????.npz")):
         raise UserError(f"{out} holds generated shards but no {PROVENANCE}, so the settings they were made with "
                         "are unknown; restore the file, or pass another --out")

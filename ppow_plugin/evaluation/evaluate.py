@@ -33,6 +33,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
+from ppow_plugin import devices
 from ppow_plugin.data import samples
 from ppow_plugin.drafters import export
 from ppow_plugin.evaluation import eval_report, simulate, tree_decode
@@ -44,7 +45,7 @@ from ppow_plugin.errors import UserError
 
 MARGIN_TOKENS = 64  # room past prompt + max_new_tokens for the last cycle's tree (26 tokens) and overshoot
 WARMUP_TOKENS = 8
-BASELINE = "HF transformers generate() on an AutoModelForCausalLM copy of the target (KV cache, fp32, CPU)"
+BASELINE = "HF transformers generate() on an AutoModelForCausalLM copy of the target (KV cache, {dtype}, {device})"
 
 # --- inputs: benchmarks, prompts, drafter/target fit -----------------------------------------------
 
@@ -76,6 +77,7 @@ class _Decoders(NamedTuple):
     max_positions: int
     eagle3: Any = None          # (host target, Eagle3Drafter, host KV cache) for an EAGLE-3 drafter
     tree: Eagle3Tree = Eagle3Tree()
+    device: torch.device = torch.device("cpu")  # where every model above runs (prompt ids are moved there)
 
     @property
     def margin(self) -> int:
@@ -118,12 +120,15 @@ def _format(tokenizer, turns: Sequence[str], answers: Sequence[str]) -> torch.Te
 def _decode_turn(dec: _Decoders, prompt: EvalPrompt, turn_id: str, ids: torch.Tensor, temperature: float,
                  max_new_tokens: int, seed: int) -> tuple[eval_report.PromptRecord, list[int]]:
     seed_everything(seed)
+    devices.synchronize(dec.device)  # on a GPU both timings wait for their own kernels, and only for those
     start = time.perf_counter()
     host = _host_generate(dec, ids, temperature, max_new_tokens)
+    devices.synchronize(dec.device)
     eagle_seconds = time.perf_counter() - start
     seed_everything(seed)
     start = time.perf_counter()
     base_tokens = _baseline_generate(dec, ids, temperature, max_new_tokens)
+    devices.synchronize(dec.device)
     baseline_seconds = time.perf_counter() - start
 
     kept = eval_report.truncate_generation(host.output_ids[0, ids.shape[1]:].tolist(), host.accept_lengths,
@@ -141,7 +146,7 @@ def _decode_prompt(dec: _Decoders, prompt: EvalPrompt, temperature: float, max_n
     """All turns of one prompt; a later turn sees the EAGLE answers to the earlier ones."""
     records, answers = [], []
     for t in range(len(prompt.turns)):
-        ids = _format(dec.tokenizer, prompt.turns[: t + 1], answers)
+        ids = _format(dec.tokenizer, prompt.turns[: t + 1], answers).to(dec.device)
         if ids.shape[1] + max_new_tokens + dec.margin > dec.max_positions:
             break  # does not fit the target's context (and the host's preallocated KV cache): skipped
         turn_id = prompt.prompt_id if len(prompt.turns) == 1 else f"{prompt.prompt_id}/turn{t + 1}"
@@ -152,21 +157,23 @@ def _decode_prompt(dec: _Decoders, prompt: EvalPrompt, temperature: float, max_n
 
 
 def _load_decoders(target_dir: Path, drafter_dir: Path, scratch: Path, fmt: str = "eagle1",
-                   tree: Eagle3Tree = Eagle3Tree()) -> _Decoders:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+                   tree: Eagle3Tree = Eagle3Tree(), place: devices.Placement = devices.CPU_FP32) -> _Decoders:
+    """The EAGLE decoder and the HF baseline, both in `place.dtype` on `place.device`."""
+    from transformers import AutoTokenizer
 
-    baseline = AutoModelForCausalLM.from_pretrained(str(target_dir), dtype=torch.float32).eval()
+    from ppow_plugin.data import continuations
+    baseline = continuations.hf_model(target_dir, place)
     tokenizer = AutoTokenizer.from_pretrained(str(target_dir))
     max_positions = int(baseline.config.max_position_embeddings)
     if fmt == "eagle3":
         from ppow_plugin.drafters import adapters
-        target = eagle_compat.load_host_target(target_dir)
-        drafter = adapters.load_eagle3_drafter(drafter_dir, target).eval()
+        target = eagle_compat.load_host_target(target_dir, place.dtype, place.device)
+        drafter = adapters.load_eagle3_drafter(drafter_dir, target, place.dtype).to(place.device).eval()
         return _Decoders(None, baseline, tokenizer, tokenizer.eos_token_id, max_positions,
-                         (target, drafter, eagle_compat.new_kv_cache(target)), tree)
+                         (target, drafter, eagle_compat.new_kv_cache(target)), tree, place.device)
     host_dir = host_drafter_dir(drafter_dir, baseline.get_input_embeddings().weight, scratch)
-    ea_model = eagle_compat.load_ea_model(target_dir, host_dir)
-    return _Decoders(ea_model, baseline, tokenizer, tokenizer.eos_token_id, max_positions)
+    ea_model = eagle_compat.load_ea_model(target_dir, host_dir, place.dtype, place.device)
+    return _Decoders(ea_model, baseline, tokenizer, tokenizer.eos_token_id, max_positions, device=place.device)
 
 
 def _tree_depth(dec: _Decoders) -> int:
@@ -188,7 +195,7 @@ def evaluate(target_dir: str | Path, drafter_dir: str | Path, benchmarks: str | 
              out_dir: str | Path | None = None, both_turns: bool = False,
              prompts: Sequence[EvalPrompt] | None = None, progress: bool = True,
              tree: Eagle3Tree = Eagle3Tree(), simulate: bool = False, sim_tree=None,
-             per_depth: bool = False) -> eval_report.EvalReport:
+             per_depth: bool = False, placement: devices.Placement | None = None) -> eval_report.EvalReport:
     """Decode every prompt with EAGLE and with the baseline, interleaved (or simulate, T = 0 only);
     aggregate; optionally write.
 
@@ -210,6 +217,8 @@ def evaluate(target_dir: str | Path, drafter_dir: str | Path, benchmarks: str | 
             decoder's tree.
         per_depth: with `simulate`, also top-1 / top-3 acceptance at each draft depth
             (`simulate.topk_by_depth`, in settings["topk_by_depth"]; costs about one more simulation).
+        placement: device and dtype of the target, drafter and baseline (`devices.resolve_placement`);
+            None resolves `auto` here (a GPU in bf16 when CUDA is available, else CPU fp32).
     Returns:
         eval_report.EvalReport (per-benchmark and "overall" BenchStats, per-prompt records).
     Raises:
@@ -239,11 +248,12 @@ def evaluate(target_dir: str | Path, drafter_dir: str | Path, benchmarks: str | 
     if not prompts:
         raise UserError("the prompt set is empty; pass a positive --num-prompts")
     eagle_compat.require_host()
+    place = placement or devices.resolve_placement()
     if simulate:
         return _simulated(target_dir, drafter_dir, fmt, prompts, max_new_tokens, seed, out_dir, progress,
-                          sim_tree or (tree if fmt == "eagle3" else None), per_depth)
+                          sim_tree or (tree if fmt == "eagle3" else None), per_depth, place)
     with tempfile.TemporaryDirectory(prefix="ppow-eval-") as scratch:
-        dec = _load_decoders(target_dir, drafter_dir, Path(scratch), fmt, tree)
+        dec = _load_decoders(target_dir, drafter_dir, Path(scratch), fmt, tree, place)
         _warm_up(dec, prompts[0], temperature, seed)
         records: list[eval_report.PromptRecord] = []
         bar = tqdm(prompts, desc=f"eval {drafter_dir.name}", unit="prompt", disable=not progress)
@@ -254,7 +264,8 @@ def evaluate(target_dir: str | Path, drafter_dir: str | Path, benchmarks: str | 
     if not records:
         raise UserError(f"every prompt is longer than the target's context minus --max-new-tokens "
                         f"{max_new_tokens}; lower --max-new-tokens")
-    settings = _settings(target_dir, drafter_dir, prompts, records, temperature, max_new_tokens, seed, both_turns)
+    settings = _settings(target_dir, drafter_dir, prompts, records, temperature, max_new_tokens, seed, both_turns,
+                         place)
     settings.update(tree=_tree_text(dec), drafter_type=fmt, mode="decode",  # the weight hash ties the report
                     drafter_weights_sha256=weights_sha256(drafter_dir))     # to the drafter
     report = eval_report.build_report(records, settings, _tree_depth(dec), temperature)
@@ -265,14 +276,15 @@ def evaluate(target_dir: str | Path, drafter_dir: str | Path, benchmarks: str | 
 
 
 def _simulated(target_dir: Path, drafter_dir: Path, fmt: str, prompts: Sequence[EvalPrompt], max_new_tokens: int,
-               seed: int, out_dir, progress: bool, tree, per_depth: bool = False) -> eval_report.EvalReport:
+               seed: int, out_dir, progress: bool, tree, per_depth: bool, place: devices.Placement
+               ) -> eval_report.EvalReport:
     """`evaluate(..., simulate=True)`: cached greedy continuations, then `simulate.simulate_records`."""
     from transformers import AutoTokenizer
 
     from ppow_plugin.data import continuations
     tokenizer = AutoTokenizer.from_pretrained(str(target_dir))
-    target = eagle_compat.load_host_target(target_dir)
-    drafter = simulate.load_drafter(fmt, drafter_dir, target)
+    target = eagle_compat.load_host_target(target_dir, place.dtype, place.device)
+    drafter = simulate.load_drafter(fmt, drafter_dir, target)  # in the target's dtype, on its device
     tree = tree if tree is not None else simulate.host_tree()
     length = simulate.continuation_length(max_new_tokens, tree)
     ids, keys = [], []
@@ -286,12 +298,12 @@ def _simulated(target_dir: Path, drafter_dir: Path, fmt: str, prompts: Sequence[
                         f"{max_new_tokens}; lower --max-new-tokens")
     layers = drafter.cfg.feature_layer_ids if fmt == "eagle3" else None
     start = time.perf_counter()
-    conts, cost = continuations.load_continuations(target_dir, target, ids, length, layers, progress)
+    conts, cost = continuations.load_continuations(target_dir, target, ids, length, layers, progress, place)
     cache_seconds = time.perf_counter() - start
     start = time.perf_counter()
     records = simulate.simulate_records(fmt, drafter, target, conts, keys, max_new_tokens, tree,
                                         tokenizer.eos_token_id, progress)
-    settings = _settings(target_dir, drafter_dir, prompts, records, 0.0, max_new_tokens, seed, False)
+    settings = _settings(target_dir, drafter_dir, prompts, records, 0.0, max_new_tokens, seed, False, place)
     settings.update(mode="simulate", drafter_type=fmt, tree=simulate.tree_text(tree),
                     drafter_weights_sha256=weights_sha256(drafter_dir),
                     baseline="none (simulated)", simulate_seconds=time.perf_counter() - start,
@@ -322,7 +334,7 @@ def simulate_tau(drafter_dir: str | Path, target_dir: str | Path = "default", be
 
 def _warm_up(dec: _Decoders, prompt: EvalPrompt, temperature: float, seed: int) -> None:
     """One untimed short decode per path (allocates the host KV cache, warms kernels)."""
-    ids = _format(dec.tokenizer, prompt.turns[:1], [])
+    ids = _format(dec.tokenizer, prompt.turns[:1], []).to(dec.device)
     if ids.shape[1] + WARMUP_TOKENS + dec.margin <= dec.max_positions:
         seed_everything(seed)
         _host_generate(dec, ids, temperature, WARMUP_TOKENS)
@@ -331,7 +343,7 @@ def _warm_up(dec: _Decoders, prompt: EvalPrompt, temperature: float, seed: int) 
 
 def _settings(target_dir: Path, drafter_dir: Path, prompts: Sequence[EvalPrompt],
               records: Sequence[eval_report.PromptRecord], temperature: float, max_new_tokens: int, seed: int,
-              both_turns: bool) -> dict[str, Any]:
+              both_turns: bool, place: devices.Placement) -> dict[str, Any]:
     import transformers
 
     import ppow_plugin
@@ -340,7 +352,8 @@ def _settings(target_dir: Path, drafter_dir: Path, prompts: Sequence[EvalPrompt]
             "max_new_tokens": max_new_tokens, "seed": seed, "both_turns": both_turns,
             "benchmarks": list(dict.fromkeys(p.benchmark for p in prompts)),
             "prompts": len(prompts), "turns_decoded": len(records), "turns_skipped_too_long": turns - len(records),
-            "tree": "host default mc_sim_7b_63 (25 draft nodes + root, depth 5)", "baseline": BASELINE,
+            "tree": "host default mc_sim_7b_63 (25 draft nodes + root, depth 5)",
+            "baseline": BASELINE.format(**place.describe()), **place.describe(),
             "tau_formula": "sum(kept new tokens) / sum(counted cycles), bonus token included",
             "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
             "versions": {"ppow_plugin": ppow_plugin.__version__, "torch": torch.__version__,
@@ -355,7 +368,8 @@ def compare(target_dir: str | Path, drafter_dirs: Sequence[str | Path], names: S
             max_new_tokens: int = 128, seed: int = 0, out_dir: str | Path | None = None,
             both_turns: bool = False, progress: bool = True, tree: Eagle3Tree = Eagle3Tree(),
             simulate: bool = False, sim_tree=None, prompts: Sequence[EvalPrompt] | None = None,
-            per_depth: bool = False) -> dict[str, eval_report.EvalReport]:
+            per_depth: bool = False, placement: devices.Placement | None = None
+            ) -> dict[str, eval_report.EvalReport]:
     """Evaluate several drafters on one prompt list with one protocol; write compare.md/.json/.png and
     one report subdirectory per drafter into `out_dir` (atomically).
 
@@ -371,9 +385,10 @@ def compare(target_dir: str | Path, drafter_dirs: Sequence[str | Path], names: S
     target_dir = resolve_target(target_dir)
     for d in drafter_dirs:  # fail before any decoding
         drafter_format(target_dir, Path(d))
+    placement = placement or devices.resolve_placement()  # once, for every drafter
     reports = {name: evaluate(target_dir, d, temperature=temperature, max_new_tokens=max_new_tokens, seed=seed,
                               both_turns=both_turns, prompts=prompts, progress=progress, tree=tree,
-                              simulate=simulate, sim_tree=sim_tree, per_depth=per_depth)
+                              simulate=simulate, sim_tree=sim_tree, per_depth=per_depth, placement=placement)
                for name, d in zip(names, drafter_dirs)}
     if out_dir is not None:
         with export.atomic_dir(Path(out_dir)) as tmp:

@@ -3,7 +3,8 @@
     ppow profile --out profile.json                          # random EAGLE-1 drafter shaped for the target
     ppow profile --drafter runs/sft/drafter --eval-report eval/sft/report.json --repeats 5
 
-The trainer reads `reward.gamma_profile` -> `json["gamma"]`. What is timed (batch 1, fp32, this machine,
+The trainer reads `reward.gamma_profile` -> `json["gamma"]`. What is timed (batch 1, on the device and in the
+dtype `--device`/`--dtype` resolve to: a GPU in bf16 when CUDA is available, else CPU fp32; this machine,
 as many torch threads as `OMP_NUM_THREADS` allows), all after a prefix of `prefix_len` random tokens:
 - target step: the host target (`eagle_compat.load_host_target`) forwards one token with its preallocated
   KV cache, lm_head included (one step of plain autoregressive decoding);
@@ -34,7 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ppow_plugin import distributed
+from ppow_plugin import devices
 from ppow_plugin.drafters import formats
 from ppow_plugin.host import eagle_compat
 from ppow_plugin.errors import UserError
@@ -86,12 +87,11 @@ def modelled_speedup(tree_size: int, rates: Sequence[float], gamma: float, verif
 
 def _per_call(fn: Callable[[], Any], inner: int, device: torch.device) -> float:
     """Seconds per call; on CUDA the queue is drained before and after (kernels run asynchronously)."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda _device: None)
-    sync(device)
+    devices.synchronize(device)
     start = time.perf_counter()
     for _ in range(inner):
         fn()
-    sync(device)
+    devices.synchronize(device)
     return (time.perf_counter() - start) / inner
 
 
@@ -101,15 +101,17 @@ def _set_length(kv: list[list[Any]], length: int) -> None:
             cache.current_length.fill_(length)
 
 
-def _build_drafter(target: torch.nn.Module, drafter_dir: Path | None, fmt: str) -> torch.nn.Module:
+def _build_drafter(target: torch.nn.Module, drafter_dir: Path | None, fmt: str, dtype: torch.dtype) -> torch.nn.Module:
+    """The drafter in `dtype` (on the CPU: the caller moves it to the target's device)."""
     embed = target.get_input_embeddings().weight
     if drafter_dir is None:
-        return eagle_compat.new_eagle1_drafter(target.config, bias=True, embed_weight=embed).eval()
+        return eagle_compat.new_eagle1_drafter(target.config, bias=True, embed_weight=embed, dtype=dtype).eval()
     if fmt == "eagle3":
         from ppow_plugin.drafters import adapters
-        return adapters.load_eagle3_drafter(drafter_dir, target).eval()
+        return adapters.load_eagle3_drafter(drafter_dir, target, dtype).eval()
     config, state = formats.load_drafter_dir(drafter_dir)
-    drafter = eagle_compat.new_eagle1_drafter(target.config, bias=bool(config.get("bias", True)), embed_weight=embed)
+    drafter = eagle_compat.new_eagle1_drafter(target.config, bias=bool(config.get("bias", True)), embed_weight=embed,
+                                              dtype=dtype)
     eagle_compat.load_drafter_weights(drafter, {**state, formats.EMBED_KEY: embed})
     return drafter.eval()
 
@@ -129,8 +131,11 @@ def _acceptance(eval_report: str | Path | None) -> tuple[list[float], str]:
 
 def profile(target_dir: str | Path = "default", drafter_dir: str | Path | None = None, repeats: int = 5,
             tree_sizes: Sequence[int] = DEFAULT_TREE_SIZES, prefix_len: int = 256, inner: int = 10,
-            eval_report: str | Path | None = None, seed: int = 0) -> dict[str, Any]:
+            eval_report: str | Path | None = None, seed: int = 0,
+            placement: devices.Placement | None = None) -> dict[str, Any]:
     """Time drafter step, target step and verify(N); return the JSON-ready profile (module doc).
+
+    `placement`: device and dtype of target and drafter (`devices.resolve_placement`; None = auto).
 
     Returns:
         {"gamma": float, "gamma_spread": {...}, "drafter_step_s", "target_step_s", "verify_s": {N: ...},
@@ -145,19 +150,20 @@ def profile(target_dir: str | Path = "default", drafter_dir: str | Path | None =
     fmt = "eagle1" if drafter_dir is None else drafter_format(target_dir, Path(drafter_dir))
     rates, rates_source = _acceptance(eval_report)
     sizes = sorted(set(int(n) for n in tree_sizes) | {1})
-    device = distributed.get_device("auto")  # where the host would decode; fp32 as on CPU
-    target = eagle_compat.load_host_target(target_dir).to(device)
+    place = placement or devices.resolve_placement()
+    device = place.device
+    target = eagle_compat.load_host_target(target_dir, place.dtype, device)
     max_pos = int(target.config.max_position_embeddings)
     if prefix_len + max(sizes) > max_pos:
         raise UserError(f"prefix {prefix_len} + tree {max(sizes)} tokens exceed the target's context {max_pos}; "
                         "lower --prefix-len or the tree sizes")
-    drafter = _build_drafter(target, Path(drafter_dir) if drafter_dir is not None else None, fmt).to(device)
+    drafter = _build_drafter(target, Path(drafter_dir) if drafter_dir is not None else None, fmt, place.dtype)
+    drafter = drafter.to(device)
     timings = _time_all(target, drafter, repeats, sizes, prefix_len, inner, seed, device)
     return _assemble(timings, rates, rates_source, sizes, {
         "target": str(target_dir), "drafter": str(drafter_dir) if drafter_dir else "random EAGLE-1 (shape only)",
         "drafter_type": fmt,
-        "repeats": repeats, "inner_calls": inner, "prefix_len": prefix_len, "seed": seed, "dtype": "float32",
-        "device": str(device), "torch_threads": torch.get_num_threads(), "torch": torch.__version__})
+        "repeats": repeats, "inner_calls": inner, "prefix_len": prefix_len, "seed": seed, **place.describe(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__})
 
 
 @torch.no_grad()

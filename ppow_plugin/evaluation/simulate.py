@@ -142,18 +142,20 @@ def true_ranks(logits: Tensor, true_ids: Tensor, d2t: Tensor | None) -> Tensor:
 
 
 class Sequencer(NamedTuple):
-    """One prompt's greedy sequence and the drafter's teacher-forced pass over it."""
+    """One prompt's greedy sequence and the drafter's teacher-forced pass over it, on the drafter's device."""
     ids: Tensor            # [T] int64 prompt + continuation
     dpass: Any             # rollout.DraftPass: out_features [T-1, H] (row j = after pair (f_j, x_{j+1})), kv
     logits: Tensor | None  # [T-1, Vd] drafter logits (EAGLE-3 only; EAGLE-1 applies the head per root)
 
 
 def teacher_forced(fmt: str, drafter, target, cont: continuations.Continuation) -> Sequencer:
-    feats = cont.features.to(next(drafter.parameters()).dtype)
+    """The drafter's pass over a cached continuation (CPU, fp32 features), moved to its device and dtype."""
+    param = next(drafter.parameters())
+    feats, ids = cont.features.to(param.device, param.dtype), cont.ids.to(param.device)
     if fmt == "eagle1":  # the head runs later on the rows that need it (49 k-row head: the main cost)
-        return Sequencer(cont.ids, rollout.draft_forward(drafter, feats, cont.ids), None)
-    dpass, logits = adapters.ADAPTERS[fmt].teacher_forced(drafter, target, feats, cont.ids)
-    return Sequencer(cont.ids, dpass, logits)
+        return Sequencer(ids, rollout.draft_forward(drafter, feats, ids), None)
+    dpass, logits = adapters.ADAPTERS[fmt].teacher_forced(drafter, target, feats, ids)
+    return Sequencer(ids, dpass, logits)
 
 
 def _head_and_step(fmt: str, drafter, target):
@@ -173,19 +175,21 @@ def draft_greedy_path(fmt: str, drafter, target, seq: Sequencer, roots: Tensor, 
     """
     head, step = _head_and_step(fmt, drafter, target)
     d2t = getattr(drafter, "d2t", None)
-    true = seq.ids[roots[:, None] + torch.arange(1, depth + 1)]             # [R, D] greedy tokens after each root
+    dev = seq.ids.device
+    roots = roots.to(dev)
+    true = seq.ids[roots[:, None] + torch.arange(1, depth + 1, device=dev)]  # [R, D] greedy tokens after each root
     past = seq.dpass.out_features.shape[0]
-    rows = torch.arange(roots.numel())                                       # rows still drafted
+    rows = torch.arange(roots.numel(), device=dev)                           # rows still drafted
     feat = seq.dpass.out_features[roots - 1][:, None]                        # [m, 1, H] after the last committed pair
     kv = _rows(seq.dpass.kv, torch.zeros_like(rows))
-    prefix = torch.arange(past)[None] < roots[:, None]                       # [m, past]
+    prefix = torch.arange(past, device=dev)[None] < roots[:, None]           # [m, past]
     for j in range(depth):
         keep = on_depth(j, rows, true_ranks(head(feat[:, 0]).float(), true[rows, j], d2t))
         if j == depth - 1 or not keep:
             return
-        keep_t = torch.tensor(keep)
+        keep_t = torch.tensor(keep, device=dev)
         rows, feat, kv, prefix = rows[keep_t], feat[keep_t], _rows(kv, keep_t), prefix[keep_t]
-        mask = torch.cat([prefix, torch.ones(len(keep), j + 1, dtype=torch.bool)], 1)
+        mask = torch.cat([prefix, torch.ones(len(keep), j + 1, dtype=torch.bool, device=dev)], 1)
         feat, kv = step(drafter, feat, true[rows, j], kv, (roots[rows] + j)[:, None], mask)  # target ids, both families
 
 
@@ -218,7 +222,7 @@ def depth_ranks(fmt: str, drafter, target, seq: Sequencer, roots: Tensor, depth:
     out = torch.full((roots.numel(), depth), -1, dtype=torch.long)
 
     def every_row(j: int, rows: Tensor, rank: Tensor) -> list[int]:
-        out[rows, j] = rank
+        out[rows.cpu(), j] = rank.cpu()
         return list(range(rows.numel()))
 
     draft_greedy_path(fmt, drafter, target, seq, roots, depth, every_row)
@@ -234,17 +238,17 @@ def _rows(kv, idx: Tensor):
 
 def dynamic_accept_lengths(drafter, seq: Sequencer, roots: Tensor, tree) -> Tensor:
     """[R] accepted drafts of the decoder's dynamic tree at each root (`tree` has depth/top_k/total_tokens)."""
-    ids, past = seq.ids, seq.dpass.out_features.shape[0]
+    ids, past, dev = seq.ids.cpu(), seq.dpass.out_features.shape[0], seq.ids.device  # trees are built on the CPU
     out = []
-    for chunk in roots.split(ROOT_CHUNK):
-        visible = torch.arange(past)[None] < chunk[:, None]                 # [n, T-1] pairs before each root
+    for chunk in roots.to(dev).split(ROOT_CHUNK):
+        visible = torch.arange(past, device=dev)[None] < chunk[:, None]     # [n, T-1] pairs before each root
         cand = tree_decode.draft_candidates(drafter, seq.dpass.kv, visible, seq.dpass.out_features[chunk - 1],
                                             seq.logits[chunk - 1], chunk, tree.depth, tree.top_k)
         for b, root in enumerate(chunk.tolist()):
             t = tree_decode.build_tree(int(ids[root]), *(x[b].cpu() for x in cand), tree.total_tokens)
             _, a = tree_decode.greedy_path(t, ids[root + t.depth + 1])  # target's next token after each node
             out.append(a)
-    return torch.tensor(out, dtype=torch.long)
+    return torch.tensor(out, dtype=torch.long, device="cpu")  # per-root counts: read on the CPU
 
 
 def accept_lengths(fmt: str, drafter, target, seq: Sequencer, roots: Tensor, tree) -> Tensor:
@@ -345,11 +349,13 @@ def simulate_records(fmt: str, drafter, target, conts: Sequence[continuations.Co
 
 
 def load_drafter(fmt: str, drafter_dir: Path, target):
-    """The drafter module for simulation: EAGLE-3 ours, EAGLE-1 the host's class with the target's embeddings."""
+    """The drafter module for simulation, in the target's dtype on its device: EAGLE-3 ours, EAGLE-1 the
+    host's class with the target's embeddings."""
+    weight = target.lm_head.weight
     if fmt == "eagle3":
-        return adapters.load_eagle3_drafter(drafter_dir, target).eval()
+        return adapters.load_eagle3_drafter(drafter_dir, target, weight.dtype).to(weight.device).eval()
     cfg = SimpleNamespace(model=SimpleNamespace(drafter=str(drafter_dir), drafter_bias=_has_bias(drafter_dir)))
-    return adapters.ADAPTERS["eagle1"].build(cfg, target, None, torch.float32).eval()
+    return adapters.ADAPTERS["eagle1"].build(cfg, target, None, weight.dtype).to(weight.device).eval()
 
 
 def _has_bias(drafter_dir: Path) -> bool:

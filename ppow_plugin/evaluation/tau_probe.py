@@ -8,6 +8,9 @@ first `eval.every_prompts` prompts of each of `eval.benchmarks` (MT-Bench and Hu
 on; ShareGPT prompts come from the held-out split). The value goes to metrics.jsonl as `sim_tau` and to
 the progress bar; `plot` draws τ against the step into the run directory at the end. The greedy
 continuations are built once (cached across runs), so each measurement costs only drafter passes.
+Everything runs where training runs: the trainer's target (dist.device, dist.target_dtype) makes the
+continuations (cached apart per device type and dtype, `continuations.cache_root`) and the drafter, on its
+own device and dtype, is simulated there.
 """
 
 from __future__ import annotations
@@ -19,7 +22,6 @@ import torch
 
 from ppow_plugin.data import continuations
 from ppow_plugin.evaluation import evaluate, simulate
-from ppow_plugin.errors import UserError
 
 
 class TauProbe:
@@ -28,8 +30,6 @@ class TauProbe:
     def __init__(self, cfg, target, target_dir: Path, fmt: str, feature_layers):
         from transformers import AutoTokenizer
 
-        if next(target.parameters()).device.type != "cpu":
-            raise UserError("eval.every_steps simulates on CPU for now; set dist.device=cpu or eval.every_steps=0")
         ev = cfg.eval
         self.every, self.fmt, self.target, self.max_new = ev.every_steps, fmt, target, ev.max_new_tokens
         self.tree = (evaluate.Eagle3Tree(ev.tree_depth, ev.tree_top_k, ev.tree_total_tokens) if fmt == "eagle3"

@@ -48,13 +48,13 @@ Host facts the rest of ppow relies on (eagle-llm 1.2.1):
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
+from ppow_plugin.devices import direct_load
 from ppow_plugin.errors import UserError
 from ppow_plugin.host.target_fields import (CONFIG_FIELDS, HOST_ROPE_TYPES, SUPPORTED_ARCHITECTURES,
                                         check_target_config, rope_theta)
@@ -166,9 +166,7 @@ def load_host_target(path: str | Path, dtype: torch.dtype = torch.float32, devic
     from eagle.model.modeling_llama_kv import LlamaForCausalLM as HostLlama
 
     _adapt_host_classes()
-    direct = device is not None and device.type != "cpu" and importlib.util.find_spec("accelerate") is not None
-    model = HostLlama.from_pretrained(str(path), config=_host_config(path), dtype=dtype,
-                                      **({"device_map": {"": str(device)}} if direct else {}))
+    model = HostLlama.from_pretrained(str(path), config=_host_config(path), dtype=dtype, **direct_load(device))
     _check_loaded_target(model, path)
     if device is not None:
         model.to(device)  # also the buffers built outside the checkpoint; a no-op where already there
@@ -262,13 +260,16 @@ def new_eagle1_drafter(target_config: Any, bias: bool = True, dtype: torch.dtype
     return drafter
 
 
-def load_ea_model(target_dir: str | Path, drafter_dir: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
+def load_ea_model(target_dir: str | Path, drafter_dir: str | Path, dtype: torch.dtype = torch.float32,
+                  device: torch.device | None = None) -> nn.Module:
     """Host `EaModel.from_pretrained` for a local target and an EAGLE-1 drafter directory.
 
     The drafter directory needs `config.json` (see `eagle1_config_dict`) and `pytorch_model.bin`, loaded
     with strict=True: exactly `embed_tokens.weight`, `fc.weight` (+ `fc.bias` iff "bias"), `layers.0.*`
     without `input_layernorm` (the host's first layer has none). The tokenizer is read from `target_dir`
-    (EAGLE stops on its `eos_token_id`). Returned in eval mode, frozen, rotary caches fixed.
+    (EAGLE stops on its `eos_token_id`). Target and drafter in `dtype` on `device` (None: CPU); the host
+    builds its KV cache and tree buffers on the target's device in its dtype. Returned in eval mode,
+    frozen, rotary caches fixed (fp32).
     """
     require_patched_host()
     _read_target_config(target_dir)
@@ -280,7 +281,9 @@ def load_ea_model(target_dir: str | Path, drafter_dir: str | Path, dtype: torch.
 
     _adapt_host_classes()
     ea_model = EaModel.from_pretrained(base_model_path=str(target_dir), ea_model_path=str(drafter_dir),
-                                       config=_host_config(target_dir), dtype=dtype)
+                                       config=_host_config(target_dir), dtype=dtype, **direct_load(device))
+    if device is not None:
+        ea_model.to(device)
     ea_model.ea_layer.gradient_checkpointing = False
     _check_loaded_target(ea_model.base_model, target_dir)
     fix_rotary_caches(ea_model.base_model)
