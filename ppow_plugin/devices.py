@@ -81,7 +81,12 @@ def get_device(name: str = "auto", flag: str = "dist.device") -> torch.device:
         if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
-    dev = torch.device(name)
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda", "mps"):
+        raise UserError(f"{_eq(flag, name)} is not a device; use auto, cpu, cuda, cuda:N or mps")
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise UserError(f"{_eq(flag, name)} but no CUDA device is visible; use {_eq(flag, 'cpu')} or auto")

@@ -65,6 +65,9 @@ def test_no_gpu_auto_is_cpu_fp32_and_bad_choices_are_user_errors(monkeypatch: py
         devices.resolve_placement("cuda:1", "auto", ("eval.device", "eval.dtype"))
     with pytest.raises(UserError, match="--dtype fp16 runs on a GPU only; on cpu use --dtype fp32 or bf16"):
         devices.resolve_placement("cpu", "fp16")
+    for junk in ("nan", "", "meta", "cuda:x"):  # torch's own RuntimeError, or a device nothing here runs on
+        with pytest.raises(UserError, match="is not a device; use auto, cpu, cuda, cuda:N or mps"):
+            devices.resolve_placement(junk)
     with pytest.raises(UserError, match="eval.dtype.*bf17.*bf16"):
         load_config(None, ["eval.dtype=bf17"])
     with pytest.raises(UserError, match="eval.device.*must be auto, cpu, cuda or cuda:N"):
