@@ -125,7 +125,7 @@ class Eagle1Adapter:
             return _head(target, hidden).float() if cols is None else _head_rows(target, hidden, cols)
 
         _, _, logits = rollout.draft_windows(drafter, head, dpass, starts, 1, depth, 1.0, tokens=tokens[:, None],
-                                             d2t=offset)
+                                             d2t=offset, logprobs=False)
         logits = logits.squeeze(1)  # [n, K, V] (a view: no [n, 1, K, V] gradient buffer, unlike logits[:, 0])
         extra = {} if cols is None else {"first": full_first, "cols": cols}
         if not sft:
@@ -195,7 +195,7 @@ def multi_step_loss(drafter, target, dpass: rollout.DraftPass, ids: Tensor, vali
     starts = cand[torch.randperm(cand.numel(), generator=gen)[:sft.multi_step_starts].to(cand.device)].sort().values
     window = starts[:, None] + torch.arange(1, depth + 1, device=starts.device)  # [n, depth] positions s+1..s+depth
     _, _, logits = rollout.draft_windows(drafter, lambda h: _head(target, h), dpass, starts, 1, depth, 1.0,
-                                         tokens=ids[window][:, None])  # logits [n, 1, depth, V]
+                                         tokens=ids[window][:, None], logprobs=False)  # logits [n, 1, depth, V]
     total, weight, acc = 0.0, 0.0, 0.0
     for j in range(1, depth):  # logits[..., j] drafts x_{s+j+1}; the target's row s+j predicts it
         target_logits = _head(target, target_features[starts + j]).float()  # [n, V]
