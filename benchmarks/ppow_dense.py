@@ -1,7 +1,7 @@
 """Cost and gradient signal of PPOW's estimators, on the same sequences, in one run (issue 27).
 
     PYTHONPATH=. .venv/bin/python benchmarks/ppow_dense.py RECIPE [--sequences 8] [--threads 1] [--json OUT]
-        [--set KEY=VALUE ...]
+        [--starts N ...] [--starts-deep-vocab] [--no-policy-only] [--set KEY=VALUE ...]
 
 One trainer (the recipe with `rollout.verify=data`, `data.feature_cache=true`, the plain torch engine, and the
 --set overrides) computes, for each arm and each of the same --sequences sequences, one step's loss and its
@@ -9,15 +9,17 @@ gradient (no optimizer step, so every arm sees the same weights; arms interleave
   today      rollout.positions=adaw: `prefixes_per_sequence` ADAW starts x G windows, drafted and verified each
   dense      rollout.positions=all, loss.estimator=sampled: G windows at every start, from one data-path unroll
   expected   rollout.positions=all, loss.estimator=expected: the exact expected reward at every start
-  expected+sft  the same with loss.sft_weight=1 (the SFT loss on the same unroll), at every start, at 32
-             starts chosen by ADAW (rollout.positions=32), and at every start with loss.deep_vocab_rows=4096
-             (depths >= 2 over 4096 frequent tokens plus the sequence's own)
+  expected+sft  the same with loss.sft_weight=1 (the SFT loss on the same unroll), at every start, at every
+             start with loss.deep_vocab_rows=4096 (depths >= 2 over 4096 frequent tokens plus the sequence's own),
+             and at N starts chosen by ADAW (rollout.positions=N) for each N of --starts (default 32), with
+             --starts-deep-vocab also with loss.deep_vocab_rows=4096
   sft        the recipe's SFT loss (stage=sft) on the cached target pass: a cached SFT step
 Each PPOW arm runs twice: with the recipe's anchors (β·KL, ω·distill) and with the policy term alone
-(kl_beta=0, distill_weight=0). Printed per arm: seconds per sequence (target pass from the cache, the step's
-forward and backward), windows per second (windows whose reward the step uses: n·G sampled, n expected), and
+(kl_beta=0, distill_weight=0; --no-policy-only leaves these out). Printed per arm: seconds per sequence
+(target pass from the cache, the step's forward and backward), windows per second (windows whose reward the step uses: n·G sampled, n expected), and
 the gradient's signal-to-noise over the sequences: the mean pairwise cosine of the per-sequence gradients and
-|mean gradient| / mean |gradient| (pure noise: 1/sqrt(sequences)). The cache is filled before timing.
+|mean gradient| / mean |gradient| (pure noise: 1/sqrt(sequences)); then every arm's step time over the cached
+SFT step's and its windows per second over today's. The cache is filled before timing.
 With --draw-noise it runs only the policy-term arms, twice each per sequence, and prints how much two draws
 of the same sequence's gradient agree: sampling noise alone, apart from how much sequences differ.
 Also counted, in the today arm: windows whose k-th accepted token is not the data's (the mislabelled row k+1
@@ -98,7 +100,7 @@ class Arm:
                "s_per_sequence": self.seconds / n, "windows_per_sequence": self.windows / n,
                "windows_per_s": self.windows / self.seconds, **grad_signal(self.grads), "stats": means,
                "mislabelled_windows": self.mislabelled}
-        print(f"{self.name:42s} {self.seconds / n:7.2f} s/seq {self.windows / self.seconds:9.1f} windows/s "
+        print(f"{self.name:52s} {self.seconds / n:7.2f} s/seq {self.windows / self.seconds:9.1f} windows/s "
               f"cos {row['mean_pairwise_cosine']:+.4f} ratio {row['mean_norm_ratio']:.3f} "
               f"(noise {row['noise_ratio']:.3f}) |g| {row['mean_grad_norm']:.3g} "
               f"reward {means.get('reward', float('nan')):.3f} k {means.get('accept_len', float('nan')):.3f} "
@@ -126,6 +128,12 @@ def main() -> int:
     ap.add_argument("--draw-noise", action="store_true",
                     help="instead: the policy term of today, dense sampled and expected twice per sequence (two "
                          "draws), and the cosine between the two gradients of each sequence (1 = no sampling noise)")
+    ap.add_argument("--starts", type=int, nargs="*", default=[32],
+                    help="expected + sft_weight=1 arms at N ADAW starts per sequence (rollout.positions=N), each N")
+    ap.add_argument("--starts-deep-vocab", action="store_true",
+                    help="also each --starts arm with loss.deep_vocab_rows=4096")
+    ap.add_argument("--no-policy-only", action="store_true",
+                    help="leave out the policy-term-only arms (their gradient statistics; not the cost targets)")
     args = ap.parse_args()
     if args.sequences < 2:
         print("error: --sequences must be >= 2 (the signal statistics compare sequences)", file=sys.stderr)
@@ -157,12 +165,16 @@ def main() -> int:
             expected = {"rollout.positions": "all", "loss.estimator": "expected"}
             arms = [("today (adaw, sampled)", {}), ("dense sampled (all)", dense), ("expected (all)", expected),
                     ("expected + sft_weight=1", {**expected, "loss.sft_weight": 1.0}),
-                    ("expected (32 ADAW starts) + sft_weight=1",
-                     {**expected, "rollout.positions": 32, "loss.sft_weight": 1.0}),
                     ("expected + sft_weight=1, deep vocab 4096",
                      {**expected, "loss.sft_weight": 1.0, "loss.deep_vocab_rows": 4096}),
-                    ("today, policy term only", policy_only), ("dense sampled, policy term only", {**dense, **policy_only}),
-                    ("expected, policy term only", {**expected, **policy_only}),
+                    *[(f"expected ({n} ADAW starts) + sft_weight=1{', deep vocab 4096' if deep else ''}",
+                       {**expected, "rollout.positions": n, "loss.sft_weight": 1.0,
+                        **({"loss.deep_vocab_rows": 4096} if deep else {})})
+                      for n in args.starts for deep in ((False, True) if args.starts_deep_vocab else (False,))],
+                    *([] if args.no_policy_only else
+                      [("today, policy term only", policy_only),
+                       ("dense sampled, policy term only", {**dense, **policy_only}),
+                       ("expected, policy term only", {**expected, **policy_only})]),
                     ("sft (cached step)", {"stage": "sft"})]
             if args.draw_noise:
                 arms = [(f"{name}, draw {d}", settings) for name, settings in arms if "policy term only" in name
@@ -183,12 +195,15 @@ def main() -> int:
     summary = {"dense_windows_per_s_over_today": by["dense sampled (all)"]["windows_per_s"] / today,
                "expected_windows_per_s_over_today": by["expected (all)"]["windows_per_s"] / today,
                "expected_sft_step_over_cached_sft_step": by["expected + sft_weight=1"]["s_per_sequence"] / sft_s,
-               "expected_32_sft_step_over_cached_sft_step":
-                   by["expected (32 ADAW starts) + sft_weight=1"]["s_per_sequence"] / sft_s,
                "expected_sft_deep_vocab_step_over_cached_sft_step":
                    by["expected + sft_weight=1, deep vocab 4096"]["s_per_sequence"] / sft_s}
     for k, v in summary.items():
         print(f"{k}: {v:.2f}")
+    summary["per_arm"] = {}
+    for r in rows:  # every arm: step time over the cached SFT step's, windows per second over today's
+        over_sft, over_today = r["s_per_sequence"] / sft_s, r["windows_per_s"] / today
+        summary["per_arm"][r["arm"]] = {"step_over_cached_sft_step": over_sft, "windows_per_s_over_today": over_today}
+        print(f"{r['arm']:48s} step / cached SFT step {over_sft:6.2f}  windows/s / today's {over_today:6.2f}")
     _write_json(args, rows, summary=summary)
     return 0
 

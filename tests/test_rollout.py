@@ -116,6 +116,10 @@ def test_batched_drafting_matches_sequential_brute_force(tiny):
         starts = torch.tensor([3, 15, 9])
         toks, lp, logits = rollout.draft_windows(drafter, head, dpass, starts, 2, 4, 1.0, generator=g)
         toks2, lp2, _ = rollout.draft_windows(drafter, head, dpass, starts, 2, 4, 1.0, tokens=toks)
+        # logprobs=False (the data-path unroll, multi_step_loss) skips log q only: the same logits
+        toks3, none, logits3 = rollout.draft_windows(drafter, head, dpass, starts, 2, 4, 1.0, tokens=toks,
+                                                     logprobs=False)
+    assert none is None and torch.equal(toks3, toks) and torch.equal(logits3, logits)
     torch.testing.assert_close(lp, lp2)  # sampling pass == re-scoring pass (PPO ratio starts at 1)
     assert torch.equal(toks, toks2)
     for i, s in enumerate(starts.tolist()):
@@ -128,6 +132,11 @@ def test_batched_drafting_matches_sequential_brute_force(tiny):
                 torch.testing.assert_close(logits[i, gi, j], step_logits, atol=1e-4, rtol=1e-4)
                 hidden = torch.cat([hidden, out[0, -1:]])
                 tokens = torch.cat([tokens, toks[i, gi, j: j + 1]])
+
+
+def test_scoring_without_logprobs_needs_tokens():
+    with pytest.raises(ValueError, match="needs tokens"):
+        rollout.draft_windows(None, None, None, torch.tensor([1]), 1, 4, 1.0, logprobs=False)
 
 
 def test_sample_categorical_matches_the_distribution_and_skips_zero_mass():

@@ -80,10 +80,12 @@ class Eagle1Adapter:
     def target_pass(self, drafter, target, ids: Tensor, kv) -> rollout.TargetPass:
         return rollout.target_forward(target, ids[None], kv)
 
-    def teacher_forced(self, drafter, target, features: Tensor, ids: Tensor) -> tuple[rollout.DraftPass, Tensor]:
-        """-> (DraftPass, draft logits [T-1, V] fp32; row i predicts x_{i+2})."""
+    def teacher_forced(self, drafter, target, features: Tensor, ids: Tensor,
+                       rows: Tensor | None = None) -> tuple[rollout.DraftPass, Tensor]:
+        """-> (DraftPass, draft logits [T-1, V] fp32; row i predicts x_{i+2}). With `rows` ([m] int64) the head
+        runs on those rows only: logits [m, V] (the 49k-column head is the pass's cost)."""
         dpass = rollout.draft_forward(drafter, features, ids)
-        return dpass, _head(target, dpass.out_features).float()
+        return dpass, _head(target, dpass.out_features if rows is None else dpass.out_features[rows]).float()
 
     def draft_windows(self, drafter, target, dpass, starts, r, tokens=None, generator=None):
         return rollout.draft_windows(drafter, lambda h: _head(target, h), dpass, starts, r.group_size, r.window,
@@ -100,7 +102,7 @@ class Eagle1Adapter:
         return target_logits
 
     def data_path(self, drafter, target, dpass, draft_logits, tpass, ids, valid, starts, depth, cfg, sft: bool,
-                  soft_ce: Tensor | None = None, cols: Tensor | None = None):
+                  soft_ce: Tensor | None = None, cols: Tensor | None = None, first_rows: Tensor | None = None):
         """The drafter's `depth`-step chain along the data from each start (`rollout.draft_windows` fed the data
         tokens, as `multi_step_loss`), and with `sft` the EAGLE-1 SFT loss on the same teacher-forced pass.
         With `cols` ([C] ascending ids holding every data token) the head at depths >= 2 computes only those
@@ -110,10 +112,13 @@ class Eagle1Adapter:
             dpass, draft_logits: the teacher-forced pass (with its graph); tpass: the target pass; ids [T];
             valid [T] bool; starts [n]; soft_ce: the caller's soft CE of `draft_logits` to the target on valid[1:]
             (`losses.distill_loss`, with graph), which is the SFT's token term: reused, not recomputed.
+            first_rows: None (`draft_logits` holds every row [T-1, V]), or [n] the row of `draft_logits` holding each
+            start's teacher-forced row s-1 (`draft_logits` then holds only some rows; `soft_ce` must be given).
             Returns: DataPath.
         """
         tokens = ids[(starts[:, None] + 1 + torch.arange(depth, device=ids.device)).clamp(max=ids.numel() - 1)]
-        full_first = draft_logits[starts - 1]  # depth 1 is the teacher-forced pass's row s-1: not recomputed
+        # depth 1 is the teacher-forced pass's row s-1: not recomputed
+        full_first = _take_rows(draft_logits, starts - 1 if first_rows is None else first_rows)
         first, offset = [full_first], None
         if cols is not None:  # column indices in, target ids fed: index + offset[index] = cols[index]
             first, offset = [full_first[:, cols]], cols - torch.arange(cols.numel(), device=cols.device)
@@ -125,7 +130,7 @@ class Eagle1Adapter:
             return _head(target, hidden).float() if cols is None else _head_rows(target, hidden, cols)
 
         _, _, logits = rollout.draft_windows(drafter, head, dpass, starts, 1, depth, 1.0, tokens=tokens[:, None],
-                                             d2t=offset)
+                                             d2t=offset, logprobs=False)
         logits = logits.squeeze(1)  # [n, K, V] (a view: no [n, 1, K, V] gradient buffer, unlike logits[:, 0])
         extra = {} if cols is None else {"first": full_first, "cols": cols}
         if not sft:
@@ -133,6 +138,8 @@ class Eagle1Adapter:
         rows = valid[1:]  # [T-1] row i predicts f_{i+1} and x_{i+2}
         feats = tpass.features[1:].to(dpass.out_features.dtype)
         if soft_ce is None:
+            if first_rows is not None:
+                raise ValueError("data_path with first_rows needs soft_ce (draft_logits holds only some rows)")
             soft_ce = losses.distill_loss(tpass.logits[1:], draft_logits, rows)[0]
         feature = losses.feature_regression(dpass.out_features, feats, rows)
         loss = cfg.sft.feature_weight * feature + cfg.sft.token_weight * soft_ce  # = losses.eagle1_sft_loss
@@ -172,6 +179,13 @@ class Eagle1Adapter:
         return export.save_drafter_dir(out, state, config, meta)
 
 
+def _take_rows(x: Tensor, index: Tensor) -> Tensor:
+    """x[index] ([m, ...] -> [n, ...]); x itself when index is 0..m-1 (every start at every valid row): no copy."""
+    if index.numel() == x.shape[0] and bool((index == torch.arange(x.shape[0], device=index.device)).all()):
+        return x
+    return x[index]
+
+
 def multi_step_loss(drafter, target, dpass: rollout.DraftPass, ids: Tensor, valid: Tensor, target_features: Tensor,
                     sft, gen: torch.Generator) -> tuple[Tensor, float]:
     """EAGLE-1 multi-step (HASS-style training-time test): from up to `sft.multi_step_starts` random trained
@@ -195,7 +209,7 @@ def multi_step_loss(drafter, target, dpass: rollout.DraftPass, ids: Tensor, vali
     starts = cand[torch.randperm(cand.numel(), generator=gen)[:sft.multi_step_starts].to(cand.device)].sort().values
     window = starts[:, None] + torch.arange(1, depth + 1, device=starts.device)  # [n, depth] positions s+1..s+depth
     _, _, logits = rollout.draft_windows(drafter, lambda h: _head(target, h), dpass, starts, 1, depth, 1.0,
-                                         tokens=ids[window][:, None])  # logits [n, 1, depth, V]
+                                         tokens=ids[window][:, None], logprobs=False)  # logits [n, 1, depth, V]
     total, weight, acc = 0.0, 0.0, 0.0
     for j in range(1, depth):  # logits[..., j] drafts x_{s+j+1}; the target's row s+j predicts it
         target_logits = _head(target, target_features[starts + j]).float()  # [n, V]
@@ -242,10 +256,12 @@ class Eagle3Adapter:
     def target_pass(self, drafter, target, ids: Tensor, kv) -> rollout.TargetPass:
         return rollout.target_forward(target, ids[None], kv, feature_layers=drafter.cfg.feature_layer_ids)
 
-    def teacher_forced(self, drafter, target, features: Tensor, ids: Tensor) -> tuple[rollout.DraftPass, Tensor]:
-        """Pairs (f_i, x_{i+1}), i = 0..T-2 -> (DraftPass, draft logits [T-1, Vd] fp32; row i predicts x_{i+2})."""
+    def teacher_forced(self, drafter, target, features: Tensor, ids: Tensor,
+                       rows: Tensor | None = None) -> tuple[rollout.DraftPass, Tensor]:
+        """Pairs (f_i, x_{i+1}), i = 0..T-2 -> (DraftPass, draft logits [T-1, Vd] fp32; row i predicts x_{i+2});
+        with `rows` ([m] int64) only those rows' logits [m, Vd] (the drafter's forward computes them all)."""
         out, logits, kv = drafter(features[None, :-1].to(_dtype(drafter)), ids[None, 1:])
-        return rollout.DraftPass(out_features=out[0], kv=kv), logits[0].float()
+        return rollout.DraftPass(out_features=out[0], kv=kv), (logits[0] if rows is None else logits[0, rows]).float()
 
     def draft_windows(self, drafter, target, dpass, starts, r, tokens=None, generator=None):
         def head(hidden: Tensor) -> Tensor:  # what forward() applies to its output
@@ -264,11 +280,11 @@ class Eagle3Adapter:
         return torch.where(drafter.t2d[target_ids], index[target_ids], -1)
 
     def data_path(self, drafter, target, dpass, draft_logits, tpass, ids, valid, starts, depth, cfg, sft: bool,
-                  soft_ce: Tensor | None = None, cols: Tensor | None = None):
+                  soft_ce: Tensor | None = None, cols: Tensor | None = None, first_rows: Tensor | None = None):
         """The training-time-test unroll along the data (`eagle3.ttt_unroll`, via `ttt_batch`): step j, row s-1 is
         depth j+1 of the window from s; with `sft` the TTT loss of its first `sft.ttt_steps` steps.
 
-        Args: as `Eagle1Adapter.data_path` (dpass, draft_logits, soft_ce and cols are not read: `Config` keeps
+        Args: as `Eagle1Adapter.data_path` (dpass, draft_logits, soft_ce, cols, first_rows are not read: `Config` keeps
         `loss.deep_vocab_rows` to EAGLE-1, whose head is the target's). Returns: DataPath.
         """
         steps = max(depth, cfg.sft.ttt_steps) if sft else depth

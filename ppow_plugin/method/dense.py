@@ -48,6 +48,19 @@ def valid_starts(valid: Tensor) -> Tensor:
     return starts[starts >= 1]
 
 
+def judged_rows(valid: Tensor, window: int) -> Tensor:
+    """[T] bool: the target rows a data-path step can read: every valid position s (a start, and the
+    teacher-forced row s-1's target, which is row s) and the rows s+1..s+K-1 that judge its deeper depths.
+
+    Args:
+        valid: [T] bool (`valid_starts`); window: K.
+    """
+    rows = valid.clone()
+    for d in range(1, min(window, valid.numel())):
+        rows[d:] |= valid[:-d]
+    return rows
+
+
 def data_tokens(input_ids: Tensor, starts: Tensor, window: int) -> tuple[Tensor, Tensor]:
     """The data continuation of each start and where it exists.
 

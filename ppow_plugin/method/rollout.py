@@ -214,7 +214,8 @@ def sample_categorical(logp: Tensor, generator: torch.Generator | None = None) -
 def draft_windows(drafter, head, dpass: DraftPass, starts: Tensor, group_size: int, window: int,
                   temperature: float, tokens: Tensor | None = None,
                   generator: torch.Generator | None = None, step=eagle1_step,
-                  d2t: Tensor | None = None, greedy_members: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+                  d2t: Tensor | None = None, greedy_members: int = 0,
+                  logprobs: bool = True) -> tuple[Tensor, Tensor | None, Tensor]:
     """Draft (or re-score) G windows of K tokens from each start, feeding the drafter its own features.
 
     With `tokens=None` it samples; with `tokens` given it re-scores those tokens (the policy-update pass
@@ -231,10 +232,14 @@ def draft_windows(drafter, head, dpass: DraftPass, starts: Tensor, group_size: i
         greedy_members: when sampling, the first this-many members of each group take the drafter's
             argmax at every step instead of a sample (a window the group is measured against; see
             `proposal_logprobs` for verifying it). Ignored when re-scoring `tokens`.
+        logprobs: False (only with `tokens`): skip log q at `temperature` (returned as None); for callers that
+            read only the logits (the data-path unroll, `multi_step_loss`), it saves a [N, V] log-softmax per depth.
     Returns:
-        tokens [n, G, K] (drafter-vocabulary ids), logprobs [n, G, K] (log q at `temperature`),
+        tokens [n, G, K] (drafter-vocabulary ids), logprobs [n, G, K] (log q at `temperature`; None if not asked),
         logits [n, G, K, Vd] (raw, over the drafter's vocabulary).
     """
+    if not logprobs and tokens is None:
+        raise ValueError("logprobs=False needs tokens: sampling draws from log q")
     n = starts.numel()
     rows = n * group_size
     past = dpass.out_features.shape[0]  # T-1 teacher-forced positions
@@ -249,15 +254,17 @@ def draft_windows(drafter, head, dpass: DraftPass, starts: Tensor, group_size: i
     out_tokens, out_logprobs, out_logits = [], [], []
     for j in range(window):
         logits = head(feat[:, 0]).float()  # [N, V]
-        logp = F.log_softmax(logits / temperature, dim=-1)
         if tokens is None:
+            logp = F.log_softmax(logits / temperature, dim=-1)
             tok = sample_categorical(logp, generator)
             if greedy_members:
                 tok = torch.where(greedy_row, logp.argmax(-1), tok)
         else:
             tok = tokens.reshape(rows, window)[:, j]
+            logp = F.log_softmax(logits / temperature, dim=-1) if logprobs else None
         out_tokens.append(tok)
-        out_logprobs.append(logp.gather(-1, tok[:, None])[:, 0])
+        if logp is not None:
+            out_logprobs.append(logp.gather(-1, tok[:, None])[:, 0])
         out_logits.append(logits)
         if j == window - 1:
             break
@@ -266,7 +273,8 @@ def draft_windows(drafter, head, dpass: DraftPass, starts: Tensor, group_size: i
         tok_in = tok if d2t is None else tok + d2t[tok]  # the drafter embeds target ids
         feat, kv = step(drafter, feat, tok_in, kv, (s_rows + j)[:, None], mask)
     shape = (n, group_size, window)
-    return (torch.stack(out_tokens, 1).reshape(shape), torch.stack(out_logprobs, 1).reshape(shape),
+    return (torch.stack(out_tokens, 1).reshape(shape),
+            torch.stack(out_logprobs, 1).reshape(shape) if logprobs else None,
             torch.stack(out_logits, 1).reshape(*shape, -1))
 
 

@@ -50,15 +50,17 @@ def choose_starts(cfg, valid: Tensor, target_logits: Tensor, draft_logits: Tenso
     """Window starts: every valid position (`positions: all`) or N of them chosen by ADAW (`positions: N`).
 
     Args:
-        valid: [T] bool; target_logits, draft_logits: [T-1, Vd] teacher-forced (row i predicts x_{i+2}).
+        valid: [T] bool; target_logits, draft_logits: [m, Vd] teacher-forced, at the rows `_read_rows(valid)` (row i
+            predicts x_{i+2}): ADAW's window score reads only the valid positions' scores.
     Returns:
         (starts [n] int64 ascending, ADAW score summary or {}).
     """
     if cfg.rollout.positions == "all":
         return dense.valid_starts(valid), {}
     with torch.no_grad():
-        pos = windowing.position_scores(target_logits[None], draft_logits.detach()[None])[0]
-        pos_scores = torch.cat([pos.new_zeros(1), pos])  # [T], index = position
+        pos = windowing.position_scores(target_logits[None], draft_logits.detach()[None])[0]  # [m]
+        pos_scores = pos.new_zeros(valid.shape)  # [T], index = position; read by window_scores only where valid
+        pos_scores[1:][valid[1:]] = pos
         scores = windowing.window_scores(pos_scores[None], valid[None], cfg.rollout.window)
         rule = windowing.adaw_rule_for_step(step, cfg.windowing.warmup_steps, cfg.windowing.rule)
         sel = windowing.select_windows(scores, cfg.rollout.positions, rule, gen, cfg.windowing.temperature)
@@ -66,11 +68,24 @@ def choose_starts(cfg, valid: Tensor, target_logits: Tensor, draft_logits: Tenso
     return starts[starts >= 1].sort().values, windowing.score_summary(scores, torch.isfinite(scores))
 
 
-def _teacher_forced(adapter, drafter, target, item: dict, cfg):
-    """-> (DraftPass, draft logits [T-1, Vd], target logits over the draft vocabulary [T-1, Vd])."""
+def _teacher_forced(adapter, drafter, target, item: dict, cfg, rows: Tensor | None = None):
+    """-> (DraftPass, draft logits [T-1, Vd], target logits over the draft vocabulary [T-1, Vd]); with `rows` ([m]
+    int64 teacher-forced rows) only those rows' logits, [m, Vd] each: the head skips the others."""
     feats = item["tpass"].features.to(distributed.DTYPES[cfg.dist.dtype])
-    dpass, draft_logits = adapter.teacher_forced(drafter, target, feats, item["ids"])
-    return dpass, draft_logits, adapter.restrict(drafter, item["tpass"].logits[1:])
+    dpass, draft_logits = adapter.teacher_forced(drafter, target, feats, item["ids"], rows=rows)
+    target_logits = item["tpass"].logits[1:]
+    return dpass, draft_logits, adapter.restrict(drafter, target_logits if rows is None else target_logits[rows])
+
+
+def _read_rows(valid: Tensor) -> Tensor:
+    """[m] the teacher-forced rows i with valid[i+1] (x_{i+2} trained), ascending: the only rows a dense step reads
+    (distillation, the SFT's soft CE, depth 1 of every start s = i+1, ADAW's scores at the valid positions)."""
+    return torch.nonzero(valid[1:])[:, 0]
+
+
+def _first_rows(valid: Tensor, starts: Tensor) -> Tensor:
+    """[n] the index in `_read_rows(valid)` of each start's teacher-forced row s-1 (starts are valid positions)."""
+    return valid[1:].long().cumsum(0)[starts - 1] - 1
 
 
 def _data_ids(adapter, drafter, ids: Tensor, starts: Tensor, K: int) -> Tensor:
@@ -83,10 +98,11 @@ def draw(adapter, drafter, target, item: dict, cfg, gen: torch.Generator, step: 
     """The step's starts and G windows per start, drawn from one unroll without a graph (several updates)."""
     tpass, ids, valid = item["tpass"], item["ids"], item["valid"]
     with torch.no_grad():
-        dpass, draft_logits, target_logits = _teacher_forced(adapter, drafter, target, item, cfg)
+        dpass, draft_logits, target_logits = _teacher_forced(adapter, drafter, target, item, cfg, _read_rows(valid))
         starts, score = choose_starts(cfg, valid, target_logits, draft_logits, gen, step)
         K, r = cfg.rollout.window, cfg.rollout
-        path = adapter.data_path(drafter, target, dpass, draft_logits, tpass, ids, valid, starts, K, cfg, sft=False)
+        path = adapter.data_path(drafter, target, dpass, draft_logits, tpass, ids, valid, starts, K, cfg, sft=False,
+                                 first_rows=_first_rows(valid, starts))
         w = dense.sampled_windows(path.logits, starts, ids, tpass.logits, _data_ids(adapter, drafter, ids, starts, K),
                                   r.group_size, r.temperature, lambda t: adapter.to_target_ids(drafter, t), gen)
     return DenseRollout(starts, w, score)
@@ -101,8 +117,10 @@ def data_path_loss(adapter, drafter, target, item: dict, cfg, gamma: float, gen:
     reference: starts [n] -> the reference drafter's greedy-window reward [n] (`loss.baseline: reference`).
     """
     tpass, ids, valid = item["tpass"], item["ids"], item["valid"]
-    dpass, draft_logits, target_logits = _teacher_forced(adapter, drafter, target, item, cfg)  # with grad
-    distill, _ = losses.distill_loss(target_logits, draft_logits, valid[1:])
+    # with grad, at the rows the step reads (`_read_rows`)
+    dpass, draft_logits, target_logits = _teacher_forced(adapter, drafter, target, item, cfg, _read_rows(valid))
+    every = torch.ones_like(draft_logits[:, 0], dtype=torch.bool)  # the rows are the valid ones already
+    distill, _ = losses.distill_loss(target_logits, draft_logits, every)
     stored = item.get("dense")
     starts, score = (stored.starts, stored.score) if stored is not None else choose_starts(
         cfg, valid, target_logits, draft_logits, gen, step)
@@ -112,7 +130,8 @@ def data_path_loss(adapter, drafter, target, item: dict, cfg, gamma: float, gen:
         return cfg.loss.distill_weight * distill, {"distill": float(distill.detach())}
     K, lc, r = cfg.rollout.window, cfg.loss, cfg.rollout
     path = adapter.data_path(drafter, target, dpass, draft_logits, tpass, ids, valid, starts, K, cfg,
-                             sft=lc.sft_weight > 0, soft_ce=distill, cols=item.get("deep_cols"))
+                             sft=lc.sft_weight > 0, soft_ce=distill, cols=item.get("deep_cols"),
+                             first_rows=_first_rows(valid, starts))
     data_ids = _data_ids(adapter, drafter, ids, starts, K)
     to_target = lambda t: adapter.to_target_ids(drafter, t)
     if lc.estimator == "sampled":

@@ -12,7 +12,8 @@ import torch
 from ppow_plugin.config import Config
 from ppow_plugin.data import feature_cache
 from ppow_plugin.host import eagle_compat
-from ppow_plugin.method import rollout
+from ppow_plugin.method import dense, rollout
+from ppow_plugin.training import dense_step
 
 
 def sequence_tensors(sample, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -31,14 +32,17 @@ class TargetPasses:
     A miss runs the target, stores the pass and then uses its fp16-rounded copy, so a step computes the same
     whether its sequence was cached before or not (resume stays bit-exact). Cached SFT passes carry logits
     only at `valid` positions (the only ones SFT reads), or none when the adapter's SFT loss recomputes them;
-    PPOW reads every row (windows, ADAW, `rollout.verify_on_data`).
+    PPOW's rollout path reads every row (windows, ADAW, `rollout.verify_on_data`); its data-path step
+    (`rollout.positions: all | N`) only the valid positions and the K-1 rows after each (`dense.judged_rows`).
     """
 
     def __init__(self, cfg: Config, adapter, target, kv, features: feature_cache.FeatureCache | None):
         self.cfg, self.adapter, self.target, self.kv, self.features = cfg, adapter, target, kv, features
 
     def __call__(self, drafter, sample, ids: torch.Tensor, valid: torch.Tensor) -> rollout.TargetPass:
-        if self.cfg.stage == "ppow":
+        if dense_step.uses_data_path(self.cfg):
+            rows = dense.judged_rows(valid, self.cfg.rollout.window)
+        elif self.cfg.stage == "ppow":
             rows = None
         else:
             rows = valid if self.adapter.sft_reads_target_logits else torch.zeros_like(valid)
