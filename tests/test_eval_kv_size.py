@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from ppow_plugin.drafters import export
+from ppow_plugin.errors import UserError
 from ppow_plugin.evaluation import decode_positions, evaluate, tree_decode
 from ppow_plugin.host import eagle_compat, patching
 from tiny import make_target
@@ -38,8 +39,8 @@ def dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     from ppow_plugin.drafters.eagle3 import Eagle3Config, Eagle3Drafter
     root = tmp_path_factory.mktemp("kv")
     target_dir = make_target(root / "target", layers=5)
-    config = eagle_compat._read_target_config(target_dir)
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
+    config = AutoConfig.from_pretrained(str(target_dir))
     embed = AutoModelForCausalLM.from_pretrained(str(target_dir)).get_input_embeddings().weight.detach()
     drafter = eagle_compat.new_eagle1_drafter(config, bias=True, embed_weight=embed)
     with torch.no_grad():
@@ -89,6 +90,19 @@ def test_eval_allocates_what_its_prompts_reach_and_decodes_the_same(kind: str, d
     assert _cache_positions(full)[0] == CONTEXT and _cache_positions(dec) == (need, need)  # the host kept ours
     if kind == "eagle1":
         assert any(a > 0 for r in report.records for a in r.accept_lengths)  # the tree's KV compaction ran
+
+
+def test_second_turns_fit_their_bound_and_a_broken_bound_is_one_error(dirs: dict,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """--both-turns: a second turn counts its earlier answer as ANSWER_BOUND x max_new_tokens tokens. Can fail:
+    with a bound of 0 the second turn (which carries a real answer) does not fit and the user gets one error."""
+    two = [evaluate.EvalPrompt("mt_bench", "81", ("w1 w2 w3", "w4 w5"))]
+    report = evaluate.evaluate(dirs["target"], dirs["eagle1"], prompts=two, max_new_tokens=NEW, progress=False)
+    assert [r.prompt_id for r in report.records] == ["81/turn1", "81/turn2"]
+    monkeypatch.setattr(decode_positions, "ANSWER_BOUND", 0)
+    with pytest.raises(UserError, match=r"turn 2 of prompt 81 has \d+ tokens, more than the KV cache sized for this "
+                                        r"evaluation \(\d+ positions\) allows with --max-new-tokens 12; drop"):
+        evaluate.evaluate(dirs["target"], dirs["eagle1"], prompts=two, max_new_tokens=NEW, progress=False)
 
 
 def test_a_cache_one_position_short_is_refused(dirs: dict) -> None:

@@ -36,7 +36,7 @@ import torch
 from ppow_plugin import devices
 from ppow_plugin.drafters import export
 from ppow_plugin.evaluation import eval_report, simulate, tree_decode
-from ppow_plugin.evaluation.decode_positions import (MARGIN_TOKENS, decode_margin, kv_positions,  # noqa: F401
+from ppow_plugin.evaluation.decode_positions import (MARGIN_TOKENS, decode_margin, kv_positions,
                                                      turn_lengths, format_turns as _format)
 from ppow_plugin.evaluation.inputs import drafter_format, host_drafter_dir, resolve_target, weights_sha256
 from ppow_plugin.host import eagle_compat
