@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
@@ -36,6 +37,13 @@ class Placement(NamedTuple):
 
     def describe(self) -> dict[str, str]:
         return {"device": str(self.device), "dtype": DTYPE_NAMES[self.dtype]}
+
+    def cache_folder(self, root: Path) -> Path:
+        """Where a cache of target outputs made here lives under `root`: CPU fp32 entries in `root` itself
+        (where they always were), every other device type and dtype in its own subfolder (`cuda-bf16`,
+        `cpu-bf16`, ...), so a bf16 GPU run never reads fp32 CPU entries nor the other way round. The one rule
+        for the continuation cache (`continuations.cache_root`) and the feature cache (`FeatureCache.open`)."""
+        return root if self.tag == CPU_FP32.tag else root / self.tag
 
 
 CPU_FP32 = Placement(torch.device("cpu"), torch.float32)  # where every exactness check runs

@@ -6,6 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from ppow_plugin import devices
 from ppow_plugin.data import datasets, generate
 from ppow_plugin.data import shards as gen_shards
 from ppow_plugin.errors import UserError
@@ -139,8 +140,8 @@ def test_features_captured_while_generating_are_the_targets_own_pass(tmp_path, m
     samples, _ = gen_shards.load_generated(out, max_len=512, heldout_fraction=0.0)
     model = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32).eval()
     layers = eagle3.feature_layer_ids(model.config.num_hidden_layers)
-    e1 = feature_cache.FeatureCache.open(target, "eagle1", None, 512)  # exactly as the trainer opens them
-    e3 = feature_cache.FeatureCache.open(target, "eagle3", layers, 512)
+    e1 = feature_cache.FeatureCache.open(target, "eagle1", None, 512, devices.CPU_FP32)  # exactly as the trainer opens them
+    e3 = feature_cache.FeatureCache.open(target, "eagle3", layers, 512, devices.CPU_FP32)
     head = model.lm_head
     worst, shifted = 0.0, []
     for s in samples:

@@ -200,8 +200,7 @@ def load_continuations(target_dir: Path, target, prompts: Sequence[Sequence[int]
 def cache_root(target_dir: Path, place: devices.Placement) -> Path:
     """The continuation cache of this target run in `place`: CPU fp32 entries where they always were, every
     other device type and dtype in its own subfolder (`cuda-bf16`, `cpu-bf16`, ...)."""
-    root = assets.cache_dir() / "simulate" / target_fingerprint(target_dir)
-    return root if place.tag == "cpu-fp32" else root / place.tag
+    return place.cache_folder(assets.cache_dir() / "simulate" / target_fingerprint(target_dir))
 
 
 def hf_model(target_dir: Path, place: devices.Placement):

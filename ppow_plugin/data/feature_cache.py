@@ -8,7 +8,7 @@
 costs what online SFT costs plus a write, later epochs run no target layer at all (EAGLE-1/2's `ge_data`
 idea, filled lazily instead of in a separate pass). Online SFT (`data.feature_cache: false`) is unchanged.
 
-What one entry stores (`<cache>/features/<key>/<aa>/<digest>.npz`, uncompressed, with the sha256 of its
+What one entry stores (`<cache>/features/<key>/[<device>-<dtype>/]<aa>/<digest>.npz`, uncompressed, with the sha256 of its
 content, `integrity.save_npz`; a damaged entry is rebuilt with one `warning:` line naming it):
     input_ids [T] int32, loss_mask [T] bool   the sequence, so an entry is checked against its sample
     features  [T, F] fp16                     what the drafter reads: EAGLE-1 the final-norm hidden state
@@ -21,7 +21,10 @@ the argmax of these logits, so the soft labels and the data agree.
 
 Invalidation (docs/recipes.md): the cache directory is keyed by the target's fingerprint (config,
 tokenizer, weights), the drafter family and its feature layers, and data.max_len; an entry is addressed by
-the sha256 of its token ids and loss mask, so changed data simply misses and is recomputed.
+the sha256 of its token ids and loss mask, so changed data simply misses and is recomputed. Features of a
+target run elsewhere than the CPU in fp32 (a bf16 GPU run, `--dtype bf16` on the CPU) differ from fp32's
+beyond fp16 rounding and go to a subfolder named by device type and dtype (`cuda-bf16/`, as the
+continuation cache: `devices.Placement.cache_folder`); CPU fp32 entries stay where they always were.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ppow_plugin import devices
 from ppow_plugin.host import integrity
 from ppow_plugin.host.assets import cache_dir, target_fingerprint
 from ppow_plugin.method.rollout import TargetPass
@@ -63,16 +67,18 @@ class FeatureCache:
 
     @classmethod
     def open(cls, target_dir: str | Path, drafter_type: str, feature_layers: tuple[int, ...] | None,
-             max_len: int) -> "FeatureCache":
+             max_len: int, place: devices.Placement) -> "FeatureCache":
+        """The cache of the target at `target_dir` run in `place` (its device type and dtype: training's
+        `dist.device`/`dist.target_dtype`, `ppow data generate`'s `--device`/`--dtype`)."""
         key = cache_key(target_fingerprint(target_dir), drafter_type, feature_layers, max_len)
-        root = cache_dir() / "features" / f"{Path(target_dir).resolve().name}-{key}"
+        root = place.cache_folder(cache_dir() / "features" / f"{Path(target_dir).resolve().name}-{key}")
         root.mkdir(parents=True, exist_ok=True)
         meta = root / "meta.json"
         if not meta.is_file():
             meta.write_text(json.dumps({"format": FEATURE_FORMAT, "target": str(Path(target_dir).resolve()),
                                         "target_sha256": target_fingerprint(target_dir),
                                         "drafter_type": drafter_type, "feature_layers": list(feature_layers or []),
-                                        "max_len": max_len, "dtype": "fp16"}, indent=2) + "\n")
+                                        "max_len": max_len, "dtype": "fp16", "made_on": place.tag}, indent=2) + "\n")
         return cls(root, eagle3=drafter_type == "eagle3")
 
     def _path(self, digest: str) -> Path:

@@ -97,14 +97,15 @@ class FeatureSinks(NamedTuple):
     max_len: int  # data.max_len of the training runs that will read the entries (part of the cache key)
 
 
-def open_sinks(target_dir, kinds: Sequence[str], num_layers: int, max_len: int) -> FeatureSinks | None:
-    """Feature caches for `kinds` ("eagle1", "eagle3"), keyed exactly as `ppow sft` opens them."""
+def open_sinks(target_dir, kinds: Sequence[str], num_layers: int, max_len: int, place) -> FeatureSinks | None:
+    """Feature caches for `kinds` ("eagle1", "eagle3") of the target generating in `place`
+    (`devices.Placement`), keyed exactly as `ppow sft` opens them."""
     from ppow_plugin.data import feature_cache
     from ppow_plugin.drafters import eagle3  # feature_cache imports gen_data: import here
     if not kinds:
         return None
     layers = eagle3.feature_layer_ids(num_layers) if "eagle3" in kinds else None
-    caches = tuple(feature_cache.FeatureCache.open(target_dir, k, layers if k == "eagle3" else None, max_len)
+    caches = tuple(feature_cache.FeatureCache.open(target_dir, k, layers if k == "eagle3" else None, max_len, place)
                    for k in kinds)
     return FeatureSinks(caches, layers, max_len)
 

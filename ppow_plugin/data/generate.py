@@ -173,7 +173,7 @@ def generate(target_dir: str | Path, prompts: Sequence[Prompt], settings: GenSet
     if not todo:
         return out
     model = continuations.hf_model(Path(target_dir), place)
-    sinks = gen_features.open_sinks(target_dir, features, model.config.num_hidden_layers, feature_max_len)
+    sinks = gen_features.open_sinks(target_dir, features, model.config.num_hidden_layers, feature_max_len, place)
     eos = _eos_ids(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
     from tqdm import tqdm

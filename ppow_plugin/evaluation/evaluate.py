@@ -34,16 +34,16 @@ import numpy as np
 import torch
 
 from ppow_plugin import devices
-from ppow_plugin.data import samples
 from ppow_plugin.drafters import export
 from ppow_plugin.evaluation import eval_report, simulate, tree_decode
+from ppow_plugin.evaluation.decode_positions import (MARGIN_TOKENS, decode_margin, kv_positions,
+                                                     turn_lengths, format_turns as _format)
 from ppow_plugin.evaluation.inputs import drafter_format, host_drafter_dir, resolve_target, weights_sha256
 from ppow_plugin.host import eagle_compat
 from ppow_plugin.data.eval_prompts import (  # noqa: F401  (re-exported: evaluate.EvalPrompt, ...)
     ALL_BENCHMARKS, BENCHMARKS, EvalPrompt, load_prompts, read_prompt_file, resolve_benchmarks)
 from ppow_plugin.errors import UserError
 
-MARGIN_TOKENS = 64  # room past prompt + max_new_tokens for the last cycle's tree (26 tokens) and overshoot
 WARMUP_TOKENS = 8
 BASELINE = "HF transformers generate() on an AutoModelForCausalLM copy of the target (KV cache, {dtype}, {device})"
 
@@ -74,15 +74,16 @@ class _Decoders(NamedTuple):
     baseline: Any               # HF AutoModelForCausalLM
     tokenizer: Any
     eos_token_id: int | None
-    max_positions: int
+    max_positions: int          # the target's context
     eagle3: Any = None          # (host target, Eagle3Drafter, host KV cache) for an EAGLE-3 drafter
     tree: Eagle3Tree = Eagle3Tree()
     device: torch.device = torch.device("cpu")  # where every model above runs (prompt ids are moved there)
+    positions: int | None = None  # what the target's KV cache holds (`kv_positions`); None: the context
 
     @property
     def margin(self) -> int:
         """Positions past prompt + max_new_tokens that the last cycle's tree and overshoot may use."""
-        return MARGIN_TOKENS if self.eagle3 is None else self.tree.depth + self.tree.total_tokens + 2
+        return decode_margin(self.tree if self.eagle3 is not None else None)
 
 
 def _baseline_generate(dec: _Decoders, ids: torch.Tensor, temperature: float, max_new_tokens: int) -> list[int]:
@@ -101,20 +102,6 @@ def _host_generate(dec: _Decoders, ids: torch.Tensor, temperature: float, max_ne
     max_length = min(ids.shape[1] + max_new_tokens + MARGIN_TOKENS, dec.max_positions)
     return eagle_compat.host_generate(dec.ea_model, ids, temperature=temperature,
                                       max_new_tokens=max_new_tokens, max_length=max_length)
-
-
-def _format(tokenizer, turns: Sequence[str], answers: Sequence[str]) -> torch.Tensor:
-    if len(turns) == 1:
-        ids = samples.format_prompt(tokenizer, turns[0])
-    else:
-        messages = []
-        for i, turn in enumerate(turns):
-            messages.append({"role": "user", "content": turn})
-            if i < len(answers):
-                messages.append({"role": "assistant", "content": answers[i]})
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    return torch.tensor([ids], dtype=torch.long)  # [1, P]
 
 
 def _decode_turn(dec: _Decoders, prompt: EvalPrompt, turn_id: str, ids: torch.Tensor, temperature: float,
@@ -148,7 +135,11 @@ def _decode_prompt(dec: _Decoders, prompt: EvalPrompt, temperature: float, max_n
     for t in range(len(prompt.turns)):
         ids = _format(dec.tokenizer, prompt.turns[: t + 1], answers).to(dec.device)
         if ids.shape[1] + max_new_tokens + dec.margin > dec.max_positions:
-            break  # does not fit the target's context (and the host's preallocated KV cache): skipped
+            break  # does not fit the target's context: skipped
+        if dec.positions is not None and ids.shape[1] + max_new_tokens + dec.margin > dec.positions:
+            raise UserError(f"turn {t + 1} of prompt {prompt.prompt_id} has {ids.shape[1]} tokens, more than the "
+                            f"KV cache sized for this evaluation ({dec.positions} positions) allows with "
+                            f"--max-new-tokens {max_new_tokens}; drop --both-turns or raise --max-new-tokens")
         turn_id = prompt.prompt_id if len(prompt.turns) == 1 else f"{prompt.prompt_id}/turn{t + 1}"
         record, tokens = _decode_turn(dec, prompt, turn_id, ids, temperature, max_new_tokens, seed * 1000 + t)
         records.append(record)
@@ -157,23 +148,29 @@ def _decode_prompt(dec: _Decoders, prompt: EvalPrompt, temperature: float, max_n
 
 
 def _load_decoders(target_dir: Path, drafter_dir: Path, scratch: Path, fmt: str = "eagle1",
-                   tree: Eagle3Tree = Eagle3Tree(), place: devices.Placement = devices.CPU_FP32) -> _Decoders:
-    """The EAGLE decoder and the HF baseline, both in `place.dtype` on `place.device`."""
+                   tree: Eagle3Tree = Eagle3Tree(), place: devices.Placement = devices.CPU_FP32,
+                   prompts: Sequence[EvalPrompt] = (), max_new_tokens: int = 0) -> _Decoders:
+    """The EAGLE decoder and the HF baseline, both in `place.dtype` on `place.device`. The target's KV cache
+    and rotary tables hold what `prompts` reach (`kv_positions`; no prompts: the full context). The HF
+    baseline's cache grows with each decode (transformers' dynamic cache): nothing to size."""
     from transformers import AutoTokenizer
 
     from ppow_plugin.data import continuations
     baseline = continuations.hf_model(target_dir, place)
     tokenizer = AutoTokenizer.from_pretrained(str(target_dir))
     max_positions = int(baseline.config.max_position_embeddings)
+    positions = kv_positions(turn_lengths(tokenizer, prompts, max_new_tokens), max_new_tokens,
+                             decode_margin(tree if fmt == "eagle3" else None), max_positions) if prompts else None
     if fmt == "eagle3":
         from ppow_plugin.drafters import adapters
-        target = eagle_compat.load_host_target(target_dir, place.dtype, place.device)
+        target = eagle_compat.load_host_target(target_dir, place.dtype, place.device, positions)
         drafter = adapters.load_eagle3_drafter(drafter_dir, target, place.dtype).to(place.device).eval()
         return _Decoders(None, baseline, tokenizer, tokenizer.eos_token_id, max_positions,
-                         (target, drafter, eagle_compat.new_kv_cache(target)), tree, place.device)
+                         (target, drafter, eagle_compat.new_kv_cache(target, positions)), tree, place.device, positions)
     host_dir = host_drafter_dir(drafter_dir, baseline.get_input_embeddings().weight, scratch)
-    ea_model = eagle_compat.load_ea_model(target_dir, host_dir, place.dtype, place.device)
-    return _Decoders(ea_model, baseline, tokenizer, tokenizer.eos_token_id, max_positions, device=place.device)
+    ea_model = eagle_compat.load_ea_model(target_dir, host_dir, place.dtype, place.device, positions)
+    return _Decoders(ea_model, baseline, tokenizer, tokenizer.eos_token_id, max_positions, device=place.device,
+                     positions=positions)
 
 
 def _tree_depth(dec: _Decoders) -> int:
@@ -253,7 +250,7 @@ def evaluate(target_dir: str | Path, drafter_dir: str | Path, benchmarks: str | 
         return _simulated(target_dir, drafter_dir, fmt, prompts, max_new_tokens, seed, out_dir, progress,
                           sim_tree or (tree if fmt == "eagle3" else None), per_depth, place)
     with tempfile.TemporaryDirectory(prefix="ppow-eval-") as scratch:
-        dec = _load_decoders(target_dir, drafter_dir, Path(scratch), fmt, tree, place)
+        dec = _load_decoders(target_dir, drafter_dir, Path(scratch), fmt, tree, place, prompts, max_new_tokens)
         _warm_up(dec, prompts[0], temperature, seed)
         records: list[eval_report.PromptRecord] = []
         bar = tqdm(prompts, desc=f"eval {drafter_dir.name}", unit="prompt", disable=not progress)
@@ -335,7 +332,7 @@ def simulate_tau(drafter_dir: str | Path, target_dir: str | Path = "default", be
 def _warm_up(dec: _Decoders, prompt: EvalPrompt, temperature: float, seed: int) -> None:
     """One untimed short decode per path (allocates the host KV cache, warms kernels)."""
     ids = _format(dec.tokenizer, prompt.turns[:1], []).to(dec.device)
-    if ids.shape[1] + WARMUP_TOKENS + dec.margin <= dec.max_positions:
+    if ids.shape[1] + WARMUP_TOKENS + dec.margin <= (dec.positions or dec.max_positions):
         seed_everything(seed)
         _host_generate(dec, ids, temperature, WARMUP_TOKENS)
         _baseline_generate(dec, ids, temperature, WARMUP_TOKENS)

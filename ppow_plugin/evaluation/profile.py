@@ -152,7 +152,7 @@ def profile(target_dir: str | Path = "default", drafter_dir: str | Path | None =
     sizes = sorted(set(int(n) for n in tree_sizes) | {1})
     place = placement or devices.resolve_placement()
     device = place.device
-    target = eagle_compat.load_host_target(target_dir, place.dtype, device)
+    target = eagle_compat.load_host_target(target_dir, place.dtype, device, prefix_len + max(sizes))
     max_pos = int(target.config.max_position_embeddings)
     if prefix_len + max(sizes) > max_pos:
         raise UserError(f"prefix {prefix_len} + tree {max(sizes)} tokens exceed the target's context {max_pos}; "
@@ -174,7 +174,7 @@ def _time_all(target: torch.nn.Module, drafter: torch.nn.Module, repeats: int, s
     prefix = torch.randint(vocab, (1, prefix_len), generator=gen).to(device)            # [1, P]
     next_token = torch.randint(vocab, (1, 1), generator=gen).to(device)                 # [1, 1]
     tree = {n: torch.randint(vocab, (1, n), generator=gen).to(device) for n in sizes}   # [1, N] each
-    kv = eagle_compat.new_kv_cache(target)
+    kv = eagle_compat.new_kv_cache(target, prefix_len + max(sizes))  # what the largest verify reaches
     if isinstance(drafter, Eagle3Drafter):
         out = target.model(input_ids=prefix, past_key_values=kv, output_hidden_states=True, return_dict=True)
         features = target_features(out.hidden_states, drafter.cfg.feature_layer_ids)  # [1, P, 3H]

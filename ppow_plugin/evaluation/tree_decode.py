@@ -277,6 +277,12 @@ def _pick_root(logits: Tensor, temperature: float, generator: torch.Generator | 
     return int(torch.multinomial(torch.softmax(logits.float().cpu() / temperature, -1), 1, generator=generator))
 
 
+def positions_needed(prompt_len: int, max_new_tokens: int, depth: int, total_tokens: int) -> int:
+    """Target KV positions one `generate_eagle3` call can reach: P + M + depth + total_tokens + 2 (a last cycle
+    starts below P + M and appends its total_tokens + 1 tree nodes; depth + 1 more covers the overshoot)."""
+    return prompt_len + max_new_tokens + depth + total_tokens + 2
+
+
 @torch.no_grad()
 def generate_eagle3(target: nn.Module, drafter: Eagle3Drafter, input_ids: Tensor, max_new_tokens: int,
                     temperature: float = 0.0, depth: int = 7, top_k: int = 10, total_tokens: int = 60,
@@ -296,12 +302,12 @@ def generate_eagle3(target: nn.Module, drafter: Eagle3Drafter, input_ids: Tensor
         total_tokens: draft nodes kept per tree (the tree has total_tokens + 1 nodes with the root).
         eos_token_id: stop after a cycle that commits this token.
         generator: CPU RNG for sampling (sampling draws happen on CPU).
-        kv_cache: a host cache from `eagle_compat.new_kv_cache(target)` to reuse (it is reset); None = a
-            fresh one (the host preallocates max_position_embeddings positions).
+        kv_cache: a host cache from `eagle_compat.new_kv_cache(target, positions)` to reuse (it is reset),
+            holding at least `positions_needed(...)` positions; None = a fresh one of exactly that size.
     Returns:
         Eagle3Output; new_tokens == sum(accept_lengths) + cycles.
     Raises:
-        ValueError: batch != 1, bad tree sizes, or the run could exceed the target's positions.
+        ValueError: batch != 1, bad tree sizes, or the run could exceed the target's or the cache's positions.
     """
     if input_ids.dim() != 2 or input_ids.shape[0] != 1:
         raise ValueError(f"generate_eagle3 decodes one sequence: input_ids must be [1, P], got {tuple(input_ids.shape)}")
@@ -310,10 +316,12 @@ def generate_eagle3(target: nn.Module, drafter: Eagle3Drafter, input_ids: Tensor
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens ({max_new_tokens}) must be >= 1")
     prompt_len = input_ids.shape[1]
-    if prompt_len + max_new_tokens + depth + total_tokens + 2 > target.config.max_position_embeddings:
-        raise ValueError(f"prompt ({prompt_len}) + max_new_tokens ({max_new_tokens}) + tree does not fit the "
-                         f"target's {target.config.max_position_embeddings} positions")
-    kv = kv_cache if kv_cache is not None else eagle_compat.new_kv_cache(target)
+    need = positions_needed(prompt_len, max_new_tokens, depth, total_tokens)
+    kv = kv_cache if kv_cache is not None else eagle_compat.new_kv_cache(target, need)
+    if need > min(target.config.max_position_embeddings, eagle_compat.kv_positions(kv)):
+        raise ValueError(f"prompt ({prompt_len}) + max_new_tokens ({max_new_tokens}) + tree needs {need} positions; "
+                         f"the target has {target.config.max_position_embeddings}, its KV cache "
+                         f"{eagle_compat.kv_positions(kv)}")
     eagle_compat.reset_kv(kv)
     layer_ids = drafter.cfg.feature_layer_ids
     logits, feats = _target_pass(target, input_ids, kv, layer_ids)
@@ -349,4 +357,4 @@ def generate_eagle3(target: nn.Module, drafter: Eagle3Drafter, input_ids: Tensor
 
 
 __all__ = ["Candidates", "DraftTree", "Eagle3Output", "build_tree", "draft_candidates", "draft_tree",
-           "generate_eagle3", "greedy_accept", "greedy_path", "sample_accept"]
+           "generate_eagle3", "greedy_accept", "greedy_path", "positions_needed", "sample_accept"]

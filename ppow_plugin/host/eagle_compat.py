@@ -43,7 +43,9 @@ Host facts the rest of ppow relies on (eagle-llm 1.2.1):
 - The target KV cache is preallocated for `max_position_embeddings` positions (SmolLM2: 8192 x 30 layers,
   ~380 MB in fp32; Qwen2.5-Coder-0.5B: 32768 x 24 layers x 2 KV heads, ~800 MB) on the first `eagenerate`
   call and reused afterwards; its rotary tables likewise, one pair per layer. Training sizes both to what a
-  run reaches (`new_kv_cache(target, positions)`, `load_host_target(..., positions=)`, `plan.target_positions`).
+  run reaches (`new_kv_cache(target, positions)`, `load_host_target(..., positions=)`, `plan.target_positions`),
+  evaluation to its longest prompt + max_new_tokens + the tree (`load_ea_model(..., positions=)` presets the
+  EaModel's cache, `evaluation/decode_positions`).
 """
 
 from __future__ import annotations
@@ -56,8 +58,8 @@ from torch import Tensor, nn
 
 from ppow_plugin.devices import direct_load
 from ppow_plugin.errors import UserError
-from ppow_plugin.host.target_fields import (CONFIG_FIELDS, HOST_ROPE_TYPES, SUPPORTED_ARCHITECTURES,
-                                        check_target_config, rope_theta)
+from ppow_plugin.host.target_fields import (CONFIG_FIELDS, HOST_ROPE_TYPES, SUPPORTED_ARCHITECTURES,  # noqa: F401
+                                            check_target_config, eagle1_config_dict)  # (re-exported)
 from ppow_plugin.host.patching import locate_host, require_patched_host
 
 class HostGenerateResult(NamedTuple):
@@ -190,34 +192,6 @@ def _check_loaded_target(model: nn.Module, where: str | Path) -> None:
                     f"its {missing}; run `ppow patch revert` then `ppow patch apply`")
 
 
-def eagle1_config_dict(target_config: Any, bias: bool = True) -> dict[str, Any]:
-    """The drafter `config.json` EAGLE-1's loader reads: the target's Llama sizes with one layer.
-
-    Both rope spellings are written (`rope_theta` for transformers 4.x, `rope_parameters` for 5.x); `bias`
-    decides whether the loader builds `fc.bias`, which must then be in `pytorch_model.bin` (strict load).
-    """
-    theta = rope_theta(target_config)
-    return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "bias": bool(bias),
-        "vocab_size": target_config.vocab_size,
-        "hidden_size": target_config.hidden_size,
-        "intermediate_size": target_config.intermediate_size,
-        "num_hidden_layers": 1,
-        "num_attention_heads": target_config.num_attention_heads,
-        "num_key_value_heads": target_config.num_key_value_heads,
-        "hidden_act": target_config.hidden_act,
-        "max_position_embeddings": target_config.max_position_embeddings,
-        "rms_norm_eps": target_config.rms_norm_eps,
-        "pad_token_id": target_config.pad_token_id,
-        "bos_token_id": target_config.bos_token_id,
-        "eos_token_id": target_config.eos_token_id,
-        "rope_theta": theta,
-        "rope_parameters": {"rope_type": "default", "rope_theta": theta},
-    }
-
-
 def new_eagle1_drafter(target_config: Any, bias: bool = True, dtype: torch.dtype = torch.float32,
                        embed_weight: Tensor | None = None) -> nn.Module:
     """A randomly initialised host EAGLE-1 drafter (`eagle.model.cnets.Model`) shaped for the target.
@@ -261,15 +235,16 @@ def new_eagle1_drafter(target_config: Any, bias: bool = True, dtype: torch.dtype
 
 
 def load_ea_model(target_dir: str | Path, drafter_dir: str | Path, dtype: torch.dtype = torch.float32,
-                  device: torch.device | None = None) -> nn.Module:
+                  device: torch.device | None = None, positions: int | None = None) -> nn.Module:
     """Host `EaModel.from_pretrained` for a local target and an EAGLE-1 drafter directory.
 
     The drafter directory needs `config.json` (see `eagle1_config_dict`) and `pytorch_model.bin`, loaded
     with strict=True: exactly `embed_tokens.weight`, `fc.weight` (+ `fc.bias` iff "bias"), `layers.0.*`
     without `input_layernorm` (the host's first layer has none). The tokenizer is read from `target_dir`
     (EAGLE stops on its `eos_token_id`). Target and drafter in `dtype` on `device` (None: CPU); the host
-    builds its KV cache and tree buffers on the target's device in its dtype. Returned in eval mode,
-    frozen, rotary caches fixed (fp32).
+    builds its tree buffers on the target's device in its dtype. `positions` (None: the full context, the
+    host's own size) sizes the target's KV cache, preallocated here for every later `eagenerate`, and the
+    rotary tables. Returned in eval mode, frozen, rotary caches fixed (fp32).
     """
     require_patched_host()
     _read_target_config(target_dir)
@@ -286,8 +261,11 @@ def load_ea_model(target_dir: str | Path, drafter_dir: str | Path, dtype: torch.
         ea_model.to(device)
     ea_model.ea_layer.gradient_checkpointing = False
     _check_loaded_target(ea_model.base_model, target_dir)
-    fix_rotary_caches(ea_model.base_model)
-    fix_rotary_caches(ea_model.ea_layer)
+    fix_rotary_caches(ea_model.base_model, positions)
+    fix_rotary_caches(ea_model.ea_layer, positions)
+    if positions is not None:  # eagenerate reuses these three when present (else it sizes them itself)
+        (ea_model.past_key_values, ea_model.past_key_values_data,
+         ea_model.current_length_data) = _sized_kv(ea_model.base_model, positions)
     return _freeze_for_inference(ea_model)
 
 
@@ -302,7 +280,7 @@ def host_generate(ea_model: nn.Module, input_ids: Tensor, temperature: float = 0
         max_new_tokens: stop once more than this many tokens are committed (the last cycle may overshoot).
         tree_choices: static draft tree; None = the host's default `mc_sim_7b_63` (25 nodes, depth 5).
         max_length: stop once the sequence is longer than this; keep prompt + max_new_tokens + tree size
-            below the target's `max_position_embeddings` (the KV cache size).
+            within the KV cache (`load_ea_model`'s `positions`, else `max_position_embeddings`).
     Returns:
         HostGenerateResult; `output_ids` also stops after an EOS (tokens of that cycle after it included).
     """
@@ -354,12 +332,20 @@ def new_kv_cache(target: nn.Module, positions: int | None = None) -> list[list[A
     """A fresh host KV cache for `target`: per layer [key KVCache, value KVCache], length 0, preallocated
     for `positions` positions (None: `max_position_embeddings`, the host's own size; Llama-3.1-8B in bf16:
     17 GB). Pass it as `target.model(..., past_key_values=kv)`; a forward past `positions` raises."""
-    if positions is None:
-        return initialize_past_key_values(target)[0]
+    return _sized_kv(target, positions)[0]
+
+
+def kv_positions(kv: list[list[Any]]) -> int:
+    """How many positions a host KV cache was allocated for (its data is [1, kv_heads, positions, head_dim])."""
+    return int(kv[0][0].data.shape[2])
+
+
+def _sized_kv(target: nn.Module, positions: int | None) -> tuple[list, list[Tensor], Tensor]:
+    """`initialize_past_key_values` for min(`positions`, the context) positions (None: the context)."""
     full = target.config.max_position_embeddings
-    target.config.max_position_embeddings = min(positions, full)  # the only thing the host sizes it by
+    target.config.max_position_embeddings = min(positions or full, full)  # the only thing the host sizes it by
     try:
-        return initialize_past_key_values(target)[0]
+        return initialize_past_key_values(target)
     finally:
         target.config.max_position_embeddings = full
 
@@ -405,6 +391,6 @@ def initialize_past_key_values(model: nn.Module) -> tuple[list, list[Tensor], Te
 __all__ = [
     "CONFIG_FIELDS", "HOST_ROPE_TYPES", "SUPPORTED_ARCHITECTURES", "HostGenerateResult", "default_tree_choices", "eagle1_config_dict",
     "evaluate_posterior", "fix_rotary_caches", "generate_tree_buffers", "host_generate", "host_version",
-    "initialize_past_key_values", "load_drafter_weights", "load_ea_model", "load_host_target",
+    "initialize_past_key_values", "kv_positions", "load_drafter_weights", "load_ea_model", "load_host_target",
     "new_eagle1_drafter", "new_kv_cache", "require_host", "reset_kv",
 ]

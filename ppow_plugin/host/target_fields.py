@@ -87,3 +87,31 @@ def check_target_config(config: Any, where: str | Path) -> None:
     if (getattr(config, "pretraining_tp", 1) or 1) > 1 and head_dim * config.num_attention_heads != config.hidden_size:
         raise UserError(f"target at {where} sets pretraining_tp > 1 with head_dim {head_dim} x "
                         f"{config.num_attention_heads} heads != hidden_size; set pretraining_tp 1")
+
+
+def eagle1_config_dict(target_config: Any, bias: bool = True) -> dict[str, Any]:
+    """The drafter `config.json` EAGLE-1's loader reads: the target's Llama sizes with one layer.
+
+    Both rope spellings are written (`rope_theta` for transformers 4.x, `rope_parameters` for 5.x); `bias`
+    decides whether the loader builds `fc.bias`, which must then be in `pytorch_model.bin` (strict load).
+    """
+    theta = rope_theta(target_config)
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "bias": bool(bias),
+        "vocab_size": target_config.vocab_size,
+        "hidden_size": target_config.hidden_size,
+        "intermediate_size": target_config.intermediate_size,
+        "num_hidden_layers": 1,
+        "num_attention_heads": target_config.num_attention_heads,
+        "num_key_value_heads": target_config.num_key_value_heads,
+        "hidden_act": target_config.hidden_act,
+        "max_position_embeddings": target_config.max_position_embeddings,
+        "rms_norm_eps": target_config.rms_norm_eps,
+        "pad_token_id": target_config.pad_token_id,
+        "bos_token_id": target_config.bos_token_id,
+        "eos_token_id": target_config.eos_token_id,
+        "rope_theta": theta,
+        "rope_parameters": {"rope_type": "default", "rope_theta": theta},
+    }

@@ -37,8 +37,9 @@ Parameter counts (Llama-style decoder layer = attention + SwiGLU MLP + RMSNorms)
   EAGLE-3  fc (3H_t->H) + one decoder layer whose q/k/v read 2H + hidden_norm + norm + lm_head [V_d, H].
 Not counted: CUDA context and allocator slack (typically 1-3 GB), DeepSpeed communication buckets, the
 drafter's own small layer activations. The EAGLE-1 PyPI host preallocates its KV cache for
-`max_position_embeddings` positions; training sizes it to P instead (`eagle_compat.new_kv_cache`), and
-`host_kv_prealloc_gb` reports what `ppow eval` (host generation, `tree_decode`) still takes.
+`max_position_embeddings` positions; training sizes it to P instead (`eagle_compat.new_kv_cache`), `ppow eval`
+to its longest prompt + max_new_tokens + the tree (`evaluation/decode_positions`); `host_kv_prealloc_gb`
+reports what the host alone would take.
 """
 
 from __future__ import annotations
@@ -293,6 +294,6 @@ def format_plan(cfg: Config, a: TargetArch, p: MemoryPlan, ds_config: dict[str, 
     kv_needed = p.rows["target KV cache"]
     if p.host_kv_prealloc_gb > kv_needed + 1.0:
         lines.append(f"NOTE: training sizes the target KV cache to {target_positions(cfg)} positions ({kv_needed:.2f} "
-                     f"GB); `ppow eval` still preallocates max_position_embeddings={a.max_position_embeddings}: "
-                     f"{p.host_kv_prealloc_gb:.1f} GB")
+                     f"GB), `ppow eval` to its longest prompt + --max-new-tokens + the tree; the host alone would "
+                     f"preallocate max_position_embeddings={a.max_position_embeddings}: {p.host_kv_prealloc_gb:.1f} GB")
     return "\n".join(lines)

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 import ppow_plugin
-from ppow_plugin import distributed, outputs
+from ppow_plugin import devices, distributed, outputs
 from ppow_plugin.config import Config, config_to_dict
 from ppow_plugin.data import feature_cache
 from ppow_plugin.data.training_set import TrainingData, build_training_samples
@@ -144,7 +144,8 @@ class Trainer:
         if not cfg.data.feature_cache:
             return None
         layers = self.drafter.cfg.feature_layer_ids if cfg.model.drafter_type == "eagle3" else None
-        return feature_cache.FeatureCache.open(self.target_dir, cfg.model.drafter_type, layers, cfg.data.max_len)
+        place = devices.Placement(self.device, distributed.DTYPES[cfg.dist.target_dtype])  # where the target runs
+        return feature_cache.FeatureCache.open(self.target_dir, cfg.model.drafter_type, layers, cfg.data.max_len, place)
 
     def _sft_vocab(self, samples) -> torch.Tensor | None:
         """sft.vocab_rows: the [N] ids of the most frequent assistant tokens (EAGLE-1's reduced SFT loss)."""
