@@ -7,8 +7,10 @@
 # Budget: STEPS steps (default: what 60 uncontended minutes gave when the start itself was trained:
 # 14 400 for EAGLE-1, 2 420 for EAGLE-3, docs/results.md §1b and §1c). A step budget, not a wall-time
 # one, so that other work on the machine cannot make the start look converged by starving its run;
-# the run's wall time is in OUT/sft/metrics.jsonl. The recipe's SFT loss, lr 5e-5 constant (what the
-# -long drafters were trained with), one torch thread (THREADS), the committed generated answers.
+# the run's wall time is in OUT/sft/metrics.jsonl. The recipe's SFT loss, lr LR (5e-5) with SCHEDULE
+# (constant) after WARMUP steps (0): what the -long drafters were trained with; LR=3e-4 SCHEDULE=cosine
+# WARMUP=100 is the recipe's own schedule, one cosine cycle over the budget. One torch thread (THREADS),
+# the committed generated answers. PROBE_EVERY=N: a τ probe (16 held-out ShareGPT prompts) every N steps.
 # Resumable: rerun the same command; training resumes from its newest checkpoint, finished
 # evaluations are kept (OUT/cmp-*/compare.md).
 # Evaluation: `ppow compare --simulate START OUT/sft/drafter`, T = 0, 128 new tokens, on the 48 tuning
@@ -21,6 +23,7 @@ FAMILY=${2:?family: eagle1 or eagle3}
 OUT=${3:?OUT: the output dir}
 PY=${PY:-.venv/bin/python}
 THREADS=${THREADS:-1}
+LR=${LR:-5.0e-5} SCHEDULE=${SCHEDULE:-constant} WARMUP=${WARMUP:-0}
 export OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS
 DATA=assets/generated/smollm2-135m-sharegpt-2048
 RECIPE=recipes/smollm2/135M_${FAMILY}_sft_generated.yaml
@@ -32,9 +35,9 @@ case $FAMILY in
   *) echo "error: family must be eagle1 or eagle3, not '$FAMILY'" >&2; exit 2 ;;
 esac
 ppow() { $PY -m ppow_plugin.cli "$@"; }
-ARGS="model.drafter=$START data.path=$DATA optim.lr=5.0e-5 optim.schedule=constant optim.warmup_steps=0
+ARGS="model.drafter=$START data.path=$DATA optim.lr=$LR optim.schedule=$SCHEDULE optim.warmup_steps=$WARMUP
       run.max_steps=$STEPS run.max_minutes=600 run.save_every=$SAVE run.output_dir=$OUT/sft
-      eval.benchmarks=[sharegpt] eval.every_steps=1000000 $EXTRA"
+      eval.benchmarks=[sharegpt] eval.every_prompts=16 eval.max_new_tokens=128 eval.every_steps=${PROBE_EVERY:-1000000} $EXTRA"
 ppow validate "$RECIPE" $ARGS > /dev/null
 [ "${DRY:-0}" = 1 ] && { echo "DRY=1: config valid: ppow sft $RECIPE" $ARGS; exit 0; }
 mkdir -p "$OUT"
