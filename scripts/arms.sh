@@ -113,14 +113,7 @@ GEN="gen_cst gen_dense gen_expected"
 RUNS=${RUNS:-$MAIN $ABLATIONS $GEN}
 . scripts/arms_lib.sh
 
-case $FAMILY in
-  eagle1) SFT_LOSS="sft.vocab_rows=4096"; DEEP="sft.vocab_rows=4096 sft.multi_step=4"; PPOW_SFT=""
-          RATE_cst=14400; RATE_deep=2000; RATE_ppow=400 ;;
-  eagle3) SFT_LOSS="sft.ttt_steps=4 model.draft_vocab_size=null data.num_conversations=2048"
-          DEEP="sft.ttt_steps=8 model.draft_vocab_size=null data.num_conversations=2048"; PPOW_SFT="sft.ttt_steps=4"
-          RATE_cst=2420; RATE_deep=1200; RATE_ppow=200 ;;
-  *) echo "error: family must be eagle1 or eagle3, not '$FAMILY'" >&2; exit 2 ;;
-esac
+family_settings "$FAMILY"
 for arm in $RUNS; do
   case " $MAIN $ABLATIONS $GEN " in *" $arm "*) ;;
     *) echo "error: unknown arm '$arm'; choose from: $MAIN $ABLATIONS $GEN" >&2; exit 2 ;; esac

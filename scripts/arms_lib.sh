@@ -1,8 +1,22 @@
-# Shared by scripts/headline.sh and scripts/arms.sh (sourced, not run): training runs at equal wall time,
-# JOBS at a time, resumable, and the simulated comparison. The caller sets PY, OUT, MIN (minutes of training
-# per run) and JOBS before sourcing, and defines its arms.
+# Shared by scripts/headline.sh, scripts/arms.sh and scripts/converge.sh (sourced, not run): the per-family
+# settings, training runs at equal wall time, JOBS at a time, resumable, and the simulated comparison. The
+# caller sets PY (and, for train_arm and queue, OUT, MIN and JOBS) before sourcing, and defines its arms.
 
 ppow() { $PY -m ppow_plugin.cli "$@"; }
+
+# family_settings eagle1|eagle3: the per-family settings scripts/converge.sh and scripts/arms.sh share.
+# SFT_LOSS: the start's own SFT loss (continued SFT); DEEP: arm 2's multi-depth SFT; PPOW_SFT: arm 4's SFT term;
+# RATE_cst / RATE_deep / RATE_ppow: steps per training hour, one thread (converge.sh's budget is RATE_cst).
+family_settings() {
+  case $1 in
+    eagle1) SFT_LOSS="sft.vocab_rows=4096"; DEEP="sft.vocab_rows=4096 sft.multi_step=4"; PPOW_SFT=""
+            RATE_cst=14400; RATE_deep=2000; RATE_ppow=400 ;;
+    eagle3) SFT_LOSS="sft.ttt_steps=4 model.draft_vocab_size=null data.num_conversations=2048"
+            DEEP="sft.ttt_steps=8 model.draft_vocab_size=null data.num_conversations=2048"; PPOW_SFT="sft.ttt_steps=4"
+            RATE_cst=2420; RATE_deep=1200; RATE_ppow=200 ;;
+    *) echo "error: family must be eagle1 or eagle3, not '$1'" >&2; exit 2 ;;
+  esac
+}
 
 # validate_all < LINES: `ppow validate LINE` for every line ("[--no-path-check] RECIPE OVERRIDE...", one arm
 # each), in one Python process (one start-up, not one per arm); echoes each, fails naming the first that

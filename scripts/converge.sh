@@ -27,17 +27,12 @@ LR=${LR:-5.0e-5} SCHEDULE=${SCHEDULE:-constant} WARMUP=${WARMUP:-0}
 export OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS
 DATA=assets/generated/smollm2-135m-sharegpt-2048
 RECIPE=recipes/smollm2/135M_${FAMILY}_sft_generated.yaml
-case $FAMILY in
-  eagle1) STEPS=${STEPS:-14400}; SAVE=1200
-          EXTRA="sft.vocab_rows=4096" ;;
-  eagle3) STEPS=${STEPS:-2420}; SAVE=242
-          EXTRA="sft.ttt_steps=4 model.draft_vocab_size=null data.num_conversations=2048" ;;
-  *) echo "error: family must be eagle1 or eagle3, not '$FAMILY'" >&2; exit 2 ;;
-esac
-ppow() { $PY -m ppow_plugin.cli "$@"; }
+. scripts/arms_lib.sh
+family_settings "$FAMILY"
+STEPS=${STEPS:-$RATE_cst}; SAVE=$(( STEPS / 12 > 0 ? STEPS / 12 : 1 ))
 ARGS="model.drafter=$START data.path=$DATA optim.lr=$LR optim.schedule=$SCHEDULE optim.warmup_steps=$WARMUP
       run.max_steps=$STEPS run.max_minutes=600 run.save_every=$SAVE run.output_dir=$OUT/sft
-      eval.benchmarks=[sharegpt] eval.every_prompts=16 eval.max_new_tokens=128 eval.every_steps=${PROBE_EVERY:-1000000} $EXTRA"
+      eval.benchmarks=[sharegpt] eval.every_prompts=16 eval.max_new_tokens=128 eval.every_steps=${PROBE_EVERY:-1000000} $SFT_LOSS"
 ppow validate "$RECIPE" $ARGS > /dev/null
 [ "${DRY:-0}" = 1 ] && { echo "DRY=1: config valid: ppow sft $RECIPE" $ARGS; exit 0; }
 mkdir -p "$OUT"

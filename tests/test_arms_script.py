@@ -51,6 +51,25 @@ def test_arms_dry_run_validates_every_arm(family, tmp_path):
     assert not out.exists()  # nothing run, nothing written
 
 
+@pytest.mark.parametrize("family", ["eagle1", "eagle3"])
+def test_converge_dry_run_uses_the_family_settings_arms_uses(family, tmp_path):
+    """converge.sh's continued SFT is arm 1's loss (family_settings in arms_lib.sh), its step budget arm 1's
+    hourly rate, and LR / SCHEDULE / WARMUP reach the config."""
+    out = tmp_path / "out"
+    res = _dry(["scripts/converge.sh", STARTS[family], family, str(out)], tmp_path,
+               LR="3e-4", SCHEDULE="cosine", WARMUP="100")
+    assert res.returncode == 0, res.stderr + res.stdout
+    line = next(x for x in res.stdout.splitlines() if x.startswith("DRY=1: config valid"))
+    loss = {"eagle1": "sft.vocab_rows=4096", "eagle3": "sft.ttt_steps=4 model.draft_vocab_size=null"}[family]
+    steps = {"eagle1": 14400, "eagle3": 2420}[family]
+    assert line.rstrip().endswith(loss + (" data.num_conversations=2048" if family == "eagle3" else ""))
+    assert f"run.max_steps={steps} " in line and f"run.save_every={steps // 12} " in line
+    assert "optim.lr=3e-4 optim.schedule=cosine optim.warmup_steps=100" in line
+    assert not out.exists()
+    bad = _dry(["scripts/converge.sh", STARTS[family], "eagle2", str(out)], tmp_path)
+    assert bad.returncode == 2 and bad.stderr.strip() == "error: family must be eagle1 or eagle3, not 'eagle2'"
+
+
 def test_arms_dry_run_fails_on_an_invalid_arm(tmp_path):
     res = _dry(["scripts/arms.sh", STARTS["eagle1"], "eagle1", str(tmp_path / "o")], tmp_path,
                RUNS="cst expected", SFT_WEIGHT="-1")
