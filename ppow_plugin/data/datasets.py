@@ -28,6 +28,7 @@ import re
 import tempfile
 import zipfile
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
@@ -260,30 +261,41 @@ def load_jsonl_conversations(path: str | Path | None, name: str = "data.path=") 
     return parse_jsonl_conversations(path, name)[0]
 
 
-def parse_jsonl_conversations(path: str | Path | None, name: str = "data.path=") -> tuple[list[Conversation], Counter]:
-    """`load_jsonl_conversations` plus the Counter of kept/dropped reasons."""
-    if path is None:
-        raise UserError("data.dataset=jsonl needs data.path=<file.jsonl>")
-    p = Path(path)
+def jsonl_records(p: Path, name: str, fix: str) -> Iterator[tuple[int, object]]:
+    """(line number, parsed JSON value) of each non-blank line of the JSONL file `p`, read as UTF-8 (a leading BOM
+    is not data; CRLF ends lines too). `name`: how the user gave the path ("--prompts "); `fix`: what one file
+    holds, for the directory error ("(one conversation per line)").
+
+    Raises:
+        UserError: `p` is a directory or unreadable, or a line is not valid JSON (the message names the line).
+    """
     if p.is_dir():
-        raise UserError(f"{name}{p} is a directory; pass one JSONL file (one conversation per line)")
+        raise UserError(f"{name}{p} is a directory; pass one JSONL file {fix}")
     try:
-        lines = p.read_text(encoding="utf-8-sig").splitlines()  # -sig: a leading UTF-8 BOM is not data
+        lines = p.read_text(encoding="utf-8-sig").splitlines()
     except (OSError, UnicodeDecodeError) as exc:
         raise UserError(f"{name}{p} is unreadable ({type(exc).__name__}); pass a UTF-8 JSONL file") from None
-    kept, stats = [], Counter()
     for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
+            value = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise UserError(f"{p}:{n} is not valid JSON ({exc.msg}); fix or remove that line") from None
+            raise UserError(f"{p}:{n}: not valid JSON ({exc.msg}); fix or remove that line") from None
+        yield n, value
+
+
+def parse_jsonl_conversations(path: str | Path | None, name: str = "data.path=") -> tuple[list[Conversation], Counter]:
+    """`load_jsonl_conversations` plus the Counter of kept/dropped reasons."""
+    if path is None:
+        raise UserError("data.dataset=jsonl needs data.path=<file.jsonl>")
+    kept, stats = [], Counter()
+    for _, record in jsonl_records(Path(path), name, "(one conversation per line)"):
         conv, reason = normalize_sharegpt(record)
         stats[reason] += 1
         if conv is not None:
             kept.append(conv)
     if not kept:
-        raise UserError(f"{p} holds no usable conversation ({dict(stats)}); each line needs an id and "
+        raise UserError(f"{path} holds no usable conversation ({dict(stats)}); each line needs an id and "
                         "user/assistant turns starting with the user")
     return kept, stats

@@ -10,7 +10,6 @@ with `both_turns`), HumanEval (the problem prompt as the user message), held-out
 from __future__ import annotations
 
 import difflib
-import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NamedTuple
@@ -103,22 +102,10 @@ def read_prompt_file(path: str | Path, both_turns: bool = False) -> list[EvalPro
             of strings or a "prompt" string (the message names the line number).
     """
     p = Path(path)
-    if p.is_dir():
-        raise UserError(f"--prompts {p} is a directory; pass one JSONL file with one {{\"prompt\": ...}} per line")
-    if not p.is_file():
+    if not p.exists():
         raise UserError(f"--prompts {p} does not exist; pass a JSONL file with one {{\"prompt\": ...}} per line")
-    try:
-        lines = p.read_text(encoding="utf-8-sig").splitlines()  # a leading BOM is not data; CRLF ends lines too
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UserError(f"--prompts {p} is unreadable ({type(exc).__name__}); pass a UTF-8 JSONL file") from None
     prompts, first_line = [], {}
-    for n, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise UserError(f"{p}:{n}: not valid JSON ({exc.msg}); each line must be one JSON object") from None
+    for n, obj in datasets.jsonl_records(p, "--prompts ", 'with one {"prompt": ...} per line'):
         turns = obj.get("turns") if isinstance(obj, dict) else None
         text = obj.get("prompt") if isinstance(obj, dict) else None
         if isinstance(turns, list) and turns and all(isinstance(t, str) and t for t in turns):
