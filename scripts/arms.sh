@@ -15,7 +15,14 @@
 # Knobs: RUNS     arms to run (default all below)           MINUTES  training minutes per arm (default 60)
 #        JOBS     arms (and compares) side by side (2)      THREADS  torch threads per process (1)
 #        GEN_START  the non-converged start (assets/drafters/smollm2-135m-<family>-sft-gen)
-#        CST_LR   continued-SFT lr, constant (5e-5: converge.sh's and the -long drafters')
+#        CST_LR   continued-SFT lr (5e-5: converge.sh's and the -long drafters')
+#        CST_SCHEDULE  constant (default) | cosine: arms 1-2 as one cosine cycle (100 warm-up steps) over the steps
+#                 MINUTES give at the arm's step rate (run.max_steps; run.max_minutes still caps), as
+#                 `LR=3e-4 SCHEDULE=cosine WARMUP=100 scripts/converge.sh` (the recipe's own schedule)
+#        TUNE_LRS lr candidates of arms 3 and 4 ("5.0e-6 2.0e-5 5.0e-5"; "" = the recipe's 5e-6), each trained
+#                 TUNE_MIN minutes (15) from START and compared on the tuning prompts (OUT/tuning-lr-ARM); the
+#                 higher τ is the arm's lr (OUT/lr-ARM.txt), also for the ablations of it and its gen_ arm.
+#                 LR_dense / LR_expected set one directly (no tuning runs for that arm). STOP_AFTER=tune stops there.
 #        POSITIONS  PPOW window starts, `all` or N chosen by ADAW (all)   SFT_WEIGHT  arm 4's loss.sft_weight (1.0)
 #        BEST     the PPOW arm the ablations modify, dense|expected (default: the higher τ on the tuning prompts)
 #        ADAW_STARTS  starts ADAW (or uniform) picks in the ADAW ablation pair (32)
@@ -114,6 +121,8 @@ RUNS=${RUNS:-$MAIN $ABLATIONS $GEN}
 . scripts/arms_lib.sh
 
 family_settings "$FAMILY"
+case ${CST_SCHEDULE:-constant} in constant | cosine) ;;
+  *) echo "error: CST_SCHEDULE must be constant or cosine, not '$CST_SCHEDULE'" >&2; exit 2 ;; esac
 for arm in $RUNS; do
   case " $MAIN $ABLATIONS $GEN " in *" $arm "*) ;;
     *) echo "error: unknown arm '$arm'; choose from: $MAIN $ABLATIONS $GEN" >&2; exit 2 ;; esac
@@ -125,7 +134,19 @@ schedule() {  # schedule RATE: the probe and checkpoint overrides
   echo "eval.benchmarks=[sharegpt] eval.every_prompts=16 eval.max_new_tokens=128" \
        "eval.every_steps=$(every "$1" "$PROBES") run.save_every=$(every "$1" 12)"
 }
-sft_args() { echo "data.path=$DATA optim.lr=${CST_LR:-5.0e-5} optim.schedule=constant optim.warmup_steps=0"; }
+sft_args() {  # sft_args RATE: arms 1-2's data and lr schedule
+  local a="data.path=$DATA optim.lr=${CST_LR:-5.0e-5}"
+  case ${CST_SCHEDULE:-constant} in
+    constant) echo "$a optim.schedule=constant optim.warmup_steps=0" ;;
+    cosine)   echo "$a optim.schedule=cosine optim.warmup_steps=100 run.max_steps=$(( $1 * MIN / 60 ))" ;;
+  esac
+}
+lr_of() {  # lr_of dense|expected: "optim.lr=X" once chosen (LR_<arm> or OUT/lr-<arm>.txt), else nothing
+  local v; v=$(eval echo "\${LR_$1:-}")
+  [ -z "$v" ] && [ -f "$OUT/lr-$1.txt" ] && v=$(cat "$OUT/lr-$1.txt")
+  [ -n "$v" ] && echo "optim.lr=$v"
+  return 0
+}
 ppow_args() {  # ppow_args POSITIONS sampled|expected
   local a="rollout.positions=$1 rollout.verify=data data.feature_cache=true data.max_len=512 dist.engine=torch"
   [ "$2" = expected ] && a="$a loss.estimator=expected loss.sft_weight=${SFT_WEIGHT:-1.0} $PPOW_SFT"
@@ -140,15 +161,15 @@ arm() {
   local name=$1 best=${2:-dense} start=$START
   case $name in gen_*) start=$GEN_START; name=${name#gen_} ;; esac
   case $name in
-    cst)        echo "sft $SFT_RECIPE model.drafter=$start $(sft_args) $SFT_LOSS $(schedule $RATE_cst)" ;;
-    deep_sft)   echo "sft $SFT_RECIPE model.drafter=$start $(sft_args) $DEEP $(schedule $RATE_deep)" ;;
-    dense)      echo "train $PPOW_RECIPE model.drafter=$start $(ppow_args "$POSITIONS" sampled) $(schedule $RATE_ppow)" ;;
-    expected)   echo "train $PPOW_RECIPE model.drafter=$start $(ppow_args "$POSITIONS" expected) $(schedule $RATE_ppow)" ;;
-    no_rdist)   echo "train $PPOW_RECIPE model.drafter=$start $(best_args "$best") reward.proximity_weight=0 $(schedule $RATE_ppow)" ;;
-    gamma_prof) echo "train $PPOW_RECIPE model.drafter=$start $(best_args "$best") reward.gamma_profile=${PROFILE:-$OUT/profile.json} $(schedule $RATE_ppow)" ;;
-    adaw)       echo "train $PPOW_RECIPE model.drafter=$start $(best_args "$best" "$ADAW_STARTS") windowing.rule=sample $(schedule $RATE_ppow)" ;;
+    cst)        echo "sft $SFT_RECIPE model.drafter=$start $(sft_args $RATE_cst) $SFT_LOSS $(schedule $RATE_cst)" ;;
+    deep_sft)   echo "sft $SFT_RECIPE model.drafter=$start $(sft_args $RATE_deep) $DEEP $(schedule $RATE_deep)" ;;
+    dense)      echo "train $PPOW_RECIPE model.drafter=$start $(ppow_args "$POSITIONS" sampled) $(lr_of dense) $(schedule $RATE_ppow)" ;;
+    expected)   echo "train $PPOW_RECIPE model.drafter=$start $(ppow_args "$POSITIONS" expected) $(lr_of expected) $(schedule $RATE_ppow)" ;;
+    no_rdist)   echo "train $PPOW_RECIPE model.drafter=$start $(best_args "$best") $(lr_of "$best") reward.proximity_weight=0 $(schedule $RATE_ppow)" ;;
+    gamma_prof) echo "train $PPOW_RECIPE model.drafter=$start $(best_args "$best") $(lr_of "$best") reward.gamma_profile=${PROFILE:-$OUT/profile.json} $(schedule $RATE_ppow)" ;;
+    adaw)       echo "train $PPOW_RECIPE model.drafter=$start $(best_args "$best" "$ADAW_STARTS") $(lr_of "$best") windowing.rule=sample $(schedule $RATE_ppow)" ;;
     no_adaw)    local n=$POSITIONS; [ "$n" = all ] && n=$ADAW_STARTS
-                echo "train $PPOW_RECIPE model.drafter=$start $(best_args "$best" "$n") windowing.rule=uniform $(schedule $RATE_ppow)" ;;
+                echo "train $PPOW_RECIPE model.drafter=$start $(best_args "$best" "$n") $(lr_of "$best") windowing.rule=uniform $(schedule $RATE_ppow)" ;;
   esac
 }
 in_runs() { case " $RUNS " in *" $1 "*) return 0 ;; esac; return 1; }
@@ -183,6 +204,30 @@ group() {  # group START_NAME START ARM...: "START,OUT/ARM/drafter,... START_NAM
 }
 cmp_dirs=""
 compare() { cmp_dirs="$cmp_dirs $1"; queue compare_into "$@"; }  # compare DIR ...: compare_into, JOBS at a time
+
+# 0b. The lr of arms 3 and 4: TUNE_LRS, TUNE_MIN minutes each from START (no τ probe), JOBS at a time; the
+# higher τ on the tuning prompts is the arm's lr (OUT/lr-ARM.txt; LR_<arm> or an existing file skips this).
+tune_one() {  # tune_one ARM LR
+  local a; a=$(arm "$1")
+  MIN=${TUNE_MIN:-15} train_arm "tune-$1-$2" ${a%% *} ${a#* } "optim.lr=$2" eval.every_steps=1000000
+}
+tuned=""
+for a in dense expected; do
+  in_runs "$a" && [ -z "$(lr_of "$a")" ] && [ -n "${TUNE_LRS-x}" ] || continue
+  for lr in ${TUNE_LRS-5.0e-6 2.0e-5 5.0e-5}; do queue tune_one "$a" "$lr"; done
+  tuned="$tuned $a"
+done
+wait || true
+for a in $tuned; do
+  runs=""; for lr in ${TUNE_LRS-5.0e-6 2.0e-5 5.0e-5}; do runs="$runs tune-$a-$lr"; done
+  for r in $runs; do [ -d "$OUT/$r/drafter" ] || { echo "error: no drafter from $r; see $OUT/$r.log" >&2; exit 1; }; done
+  compare_into "$OUT/tuning-lr-$a" $(group start "$START" $runs) $SIMARGS --prompts "$OUT/dev-prompts.jsonl"
+  $PY -c 'import json, sys; d = json.load(open(sys.argv[1]))["drafters"]; prefix = sys.argv[2]
+print(max(sys.argv[3:], key=lambda r: d[r]["overall"]["tau"])[len(prefix):])' \
+    "$OUT/tuning-lr-$a/compare.json" "tune-$a-" $runs > "$OUT/lr-$a.txt"
+  echo "= lr of $a: $(cat "$OUT/lr-$a.txt"), the higher τ on the tuning prompts ($OUT/tuning-lr-$a/compare.md)"
+done
+[ "${STOP_AFTER:-}" = tune ] && { echo "STOP_AFTER=tune: lr chosen; rerun without it for the arms"; exit 0; }
 
 # 1. Arms 1-4, JOBS at a time; then BEST on the tuning prompts.
 train_all $(only "$MAIN")

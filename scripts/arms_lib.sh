@@ -44,7 +44,7 @@ newest_step() {
 }
 
 # train_arm NAME SUBCMD RECIPE OVERRIDE...: `ppow SUBCMD RECIPE OVERRIDE...` in $OUT/NAME for MIN minutes of
-# training time in all (the tau probe's time excluded, as run.max_minutes does). Skipped when its drafter
+# training time in all (and no step limit unless an OVERRIDE sets run.max_steps) (the tau probe's time excluded, as run.max_minutes does). Skipped when its drafter
 # exists; an interrupted run resumes from its newest checkpoint with run.resume=true (run.max_minutes is the
 # run's budget: the checkpoint carries its training time). Appends to $OUT/NAME.log; echoes the command.
 train_arm() {
@@ -52,9 +52,9 @@ train_arm() {
   shift 3
   if [ -d "$dir/drafter" ]; then echo "= $name: done, $dir/drafter"; return 0; fi
   [ -n "$(newest_step "$dir")" ] && resume=run.resume=true
-  echo "+ ppow $sub $recipe $* run.output_dir=$dir run.max_steps=1000000 run.max_minutes=$MIN $resume"
-  ppow "$sub" "$recipe" "$@" "run.output_dir=$dir" run.max_steps=1000000 "run.max_minutes=$MIN" $resume \
-    >> "$OUT/$name.log" 2>&1
+  case " $* " in *" run.max_steps="*) ;; *) set -- "$@" run.max_steps=1000000 ;; esac  # else the arm's own
+  echo "+ ppow $sub $recipe $* run.output_dir=$dir run.max_minutes=$MIN $resume"
+  ppow "$sub" "$recipe" "$@" "run.output_dir=$dir" "run.max_minutes=$MIN" $resume >> "$OUT/$name.log" 2>&1
 }
 
 # queue CMD ARG...: run CMD in the background once fewer than JOBS queued commands run; `wait` drains them.

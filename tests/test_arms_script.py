@@ -163,3 +163,69 @@ def test_paired_table_against_any_drafter_and_the_real_check(tmp_path):
                                                  "|---|---|---|---|---|",
                                                  "| start | mt_bench | 9 | 0.50 / 0.75 | 0.25 / 0.50 |",
                                                  "| cst | mt_bench | 9 | 0.50 / 0.75 | 0.25 / 0.50 |"]
+
+
+FAKE_PPOW = '''
+import json, os, subprocess, sys
+from pathlib import Path
+args = sys.argv[1:]
+if args[:2] != ["-m", "ppow_plugin.cli"] or args[2] not in ("train", "sft", "compare"):
+    sys.exit(subprocess.call([os.environ["REAL_PY"], *args]))  # validate, -c, scripts: the real thing
+with open(os.environ["FAKE_LOG"], "a") as log:
+    log.write(" ".join(args[2:]) + "\\n")
+if args[2] == "compare":
+    names = args[args.index("--names") + 1].split(",")
+    out = Path(args[args.index("--out") + 1])
+    out.mkdir(parents=True, exist_ok=True)
+    tau = json.loads(os.environ["FAKE_TAU"])  # name -> tau
+    (out / "compare.json").write_text(json.dumps({"drafters": {n: {"overall": {"tau": tau.get(n, 2.0)}} for n in names}}))
+    (out / "compare.md").write_text("fake\\n")
+else:
+    out = next(a.split("=", 1)[1] for a in args if a.startswith("run.output_dir="))
+    Path(out, "drafter").mkdir(parents=True)
+'''
+
+
+def test_arms_tunes_the_lr_on_the_tuning_prompts_and_trains_with_it(tmp_path):
+    """Phase 0b: one TUNE_MIN run per candidate lr and arm, compared on the tuning prompts; the higher τ is
+    the arm's lr and reaches its 60-min run; a second call reuses OUT/lr-ARM.txt (no more tuning runs)."""
+    fake = tmp_path / "fakepy.py"
+    fake.write_text(FAKE_PPOW)
+    wrapper = tmp_path / "py"
+    wrapper.write_text(f"#!/bin/sh\nexec {sys.executable} {fake} \"$@\"\n")
+    wrapper.chmod(0o755)
+    log, out = tmp_path / "calls.log", tmp_path / "out"
+    env = {**os.environ, "PY": str(wrapper), "REAL_PY": sys.executable, "PYTHONPATH": str(ROOT),
+           "OMP_NUM_THREADS": "1", "FAKE_LOG": str(log), "RUNS": "dense expected", "TUNE_LRS": "1.0e-6 3.0e-5",
+           "TUNE_MIN": "7", "STOP_AFTER": "tune", "JOBS": "1",
+           "FAKE_TAU": json.dumps({"tune-dense-3.0e-5": 2.2, "tune-dense-1.0e-6": 2.1,
+                                   "tune-expected-1.0e-6": 2.3, "tune-expected-3.0e-5": 2.0})}
+    run = lambda **e: subprocess.run(["bash", "scripts/arms.sh", STARTS["eagle1"], "eagle1", str(out)], cwd=ROOT,
+                                     env={**env, **e}, capture_output=True, text=True, timeout=600)
+    res = run()
+    assert res.returncode == 0, res.stderr + res.stdout
+    assert (out / "lr-dense.txt").read_text().strip() == "3.0e-5"
+    assert (out / "lr-expected.txt").read_text().strip() == "1.0e-6"
+    calls = log.read_text().splitlines()
+    tunes = [c for c in calls if c.startswith("train ")]
+    assert len(tunes) == 4
+    assert all("run.max_minutes=7" in c and "eval.every_steps=1000000 " in c for c in tunes)
+    assert sum("optim.lr=1.0e-6" in c for c in tunes) == 2 and sum("loss.estimator=expected" in c for c in tunes) == 2
+    # the arms: each with its chosen lr, 60 minutes, no tuning again
+    log.write_text("")
+    res = run(STOP_AFTER="", RUNS="dense expected", TUNE_MIN="7")
+    trains = [c for c in log.read_text().splitlines() if c.startswith("train ")]
+    assert [c.split("run.output_dir=")[1].split()[0] for c in trains] == [f"{out}/dense", f"{out}/expected"]
+    assert "optim.lr=3.0e-5" in trains[0] and "optim.lr=1.0e-6" in trains[1]
+    assert all("run.max_minutes=60" in c for c in trains)
+
+
+def test_arms_cosine_continued_sft_spans_the_steps_of_its_minutes(tmp_path):
+    res = _dry(["scripts/arms.sh", STARTS["eagle1"], "eagle1", str(tmp_path / "o")], tmp_path,
+               RUNS="cst deep_sft", CST_SCHEDULE="cosine", CST_LR="3e-4", MINUTES="30")
+    assert res.returncode == 0, res.stderr + res.stdout
+    cst, deep = (next(x for x in res.stdout.splitlines() if x.endswith(f"/{a}")) for a in ("cst", "deep_sft"))
+    assert "optim.lr=3e-4 optim.schedule=cosine optim.warmup_steps=100 run.max_steps=7200 " in cst  # 14400/h
+    assert "optim.schedule=cosine optim.warmup_steps=100 run.max_steps=1000 " in deep  # 2000/h
+    bad = _dry(["scripts/arms.sh", STARTS["eagle1"], "eagle1", str(tmp_path / "o")], tmp_path, CST_SCHEDULE="step")
+    assert bad.returncode != 0 and "CST_SCHEDULE must be constant or cosine, not 'step'" in bad.stderr
