@@ -13,6 +13,8 @@ Rules (docs/reliability.md, "Outputs"):
    empty or holding only a ppow run's own files, and it must not hold the run's inputs (model.drafter,
    model.target, data.path, reward.gamma_profile); checkpoints there need `run.resume=true`. A
    `ppow data generate` output dir likewise: absent, empty or holding only a generation's files.
+And how it writes: `atomic_dir` (a temp dir beside the output, renamed over it only on success) and
+`replace_dir` (exports, eval reports, checkpoints, the run's drafter).
 Only stdlib imports, so the CLI can check before torch is loaded.
 """
 
@@ -20,10 +22,12 @@ from __future__ import annotations
 
 import fnmatch
 import os
+import shutil
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
-from ppow_plugin.errors import UserError
+from ppow_plugin.errors import DiskFull, UserError, is_disk_full
 
 # What a ppow run writes into run.output_dir (rundir.py and trainer.py); anything else is someone else's.
 RUN_ENTRIES = ("checkpoints", "drafter", "metrics.jsonl", "metrics.jsonl.before-resume-*", ".metrics.jsonl.tmp",
@@ -166,3 +170,79 @@ def _listing(path: Path, entries: list[Path] | None = None) -> str:
     names = [p.name + ("/" if p.is_dir() else "") for p in entries[:3]]
     more = f" and {len(entries) - 3} more" if len(entries) > 3 else ""
     return ", ".join(names) + more
+
+
+# --------------------------------------------------------------------------------------------------
+# Atomic directories: a command's fresh output appears whole or not at all
+
+
+def atomic_dir(out_dir: Path):
+    """Context manager: yields a temp dir beside `out_dir`; renamed over it only on success.
+
+    `out_dir` is resolved first ('.', 'a/..', symlinks); the current directory and its parents are refused
+    (`resolve_out_dir`). Files left in the temp dir get normal read permissions (0666 & ~umask; safetensors
+    writes 0600) before the rename.
+    """
+    return _AtomicDir(resolve_out_dir(out_dir))
+
+
+def resolve_out_dir(out_dir: str | Path) -> Path:
+    """The absolute, resolved output dir. Raises UserError for the current dir or one of its parents (replacing
+    it would delete the directory the command runs in), and for an existing non-directory."""
+    out = Path(out_dir).resolve()
+    if out == Path.cwd().resolve() or out in Path.cwd().resolve().parents:
+        raise UserError(f"output {out_dir} is the current directory or one of its parents ({out}); "
+                        "name a new directory, e.g. ./export")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"output {out_dir} exists and is not a directory; choose another path")
+    return out
+
+
+class _AtomicDir:
+    def __init__(self, out_dir: Path):
+        self.out_dir = out_dir
+
+    def __enter__(self) -> Path:
+        parent = self.out_dir.parent
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UserError(f"cannot create {parent}: {exc.strerror}; choose a writable output directory") from None
+        if not os.access(parent, os.W_OK):
+            raise UserError(f"output directory {parent} is not writable; choose another")
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.tmp-", dir=parent))
+        os.chmod(self.tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700; the export is for others to read
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None:
+            full = is_disk_full(exc, self.tmp)  # before the partial files are deleted
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            if full:
+                kept = "the existing one is unchanged" if self.out_dir.exists() else "nothing was written"
+                raise DiskFull(f"disk full while writing {self.out_dir}; {kept}: free space on that disk "
+                               "or choose another output directory") from None
+            return False
+        for f in self.tmp.rglob("*"):
+            if f.is_file() and not f.is_symlink():
+                os.chmod(f, 0o666 & ~_umask())
+        replace_dir(self.tmp, self.out_dir)
+        return False
+
+
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+def replace_dir(src: Path, dst: Path) -> None:
+    """Rename the complete dir `src` to `dst` (both resolved, see `resolve_out_dir`); an existing `dst` is moved
+    aside first and deleted last."""
+    old = None
+    if dst.exists():
+        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+        os.replace(dst, old)
+    os.replace(src, dst)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from ppow_plugin import outputs
 from ppow_plugin.drafters import export, formats
 from ppow_plugin.errors import UserError
 
@@ -43,7 +44,7 @@ def main(src: Path, out: Path) -> None:
              f"ppow export {src} OUT --format {'eagle1-compact' if fmt == 'eagle1' else 'eagle3'}")
     weights = {k: (v.to(torch.float16) if v.is_floating_point() else v)
                for k, v in load_file(str(src / "model.safetensors")).items() if k != formats.EMBED_KEY}
-    with export.atomic_dir(out) as tmp:
+    with outputs.atomic_dir(out) as tmp:
         shutil.copy(src / "config.json", tmp / "config.json")
         save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         meta = json.loads((src / "ppow_meta.json").read_text()) if (src / "ppow_meta.json").exists() else {}

@@ -7,10 +7,10 @@ with are `formats.py`'s (docs/export.md has the key tables and which engine read
 comes from (run, checkpoint, drafter dir; the checkpoint's rebuilt config) is `drafter_source.py`'s; what each
 host makes of an EAGLE-3 config is `host_configs.py`'s; which target an export names (never a path of this
 machine) is `serving_names.py`'s. Here: the writers (`save_drafter_dir` for the
-trainer's compact dir, `save_eagle3_dir`, `write_host_eagle1`), `atomic_dir` / `replace_dir`, and
+trainer's compact dir, `save_eagle3_dir`, `write_host_eagle1`), and
 `ppow export` (`export`) with its optional τ gate on an eval report of the same weights.
 
-Rule: exports go through `atomic_dir` and are re-read before the rename, so a crash or a bad write never
+Rule: exports go through `outputs.atomic_dir` and are re-read before the rename, so a crash or a bad write never
 leaves a half-written or unloadable directory; a full disk is reported as `DiskFull` (one line).
 Exports keep the source's floating dtype (the one most weights have) unless `--dtype` says otherwise, and
 config.json records it (`torch_dtype`; `dtype` in the speculators layout).
@@ -18,9 +18,6 @@ config.json records it (`torch_dtype`; `dtype` in the speculators layout).
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -29,86 +26,11 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 
+from ppow_plugin import outputs
 from ppow_plugin.drafters import drafter_source, formats
 from ppow_plugin.drafters.drafter_source import sha256_file
 from ppow_plugin.host import host_configs, serving_names
-from ppow_plugin.errors import DiskFull, UserError, is_disk_full
-
-
-# --------------------------------------------------------------------------------------------------
-# Atomic directories
-
-
-def atomic_dir(out_dir: Path):
-    """Context manager: yields a temp dir beside `out_dir`; renamed over it only on success.
-
-    `out_dir` is resolved first ('.', 'a/..', symlinks); the current directory and its parents are refused
-    (`resolve_out_dir`). Files left in the temp dir get normal read permissions (0666 & ~umask; safetensors
-    writes 0600) before the rename.
-    """
-    return _AtomicDir(resolve_out_dir(out_dir))
-
-
-def resolve_out_dir(out_dir: str | Path) -> Path:
-    """The absolute, resolved output dir. Raises UserError for the current dir or one of its parents (replacing
-    it would delete the directory the command runs in), and for an existing non-directory."""
-    out = Path(out_dir).resolve()
-    if out == Path.cwd().resolve() or out in Path.cwd().resolve().parents:
-        raise UserError(f"output {out_dir} is the current directory or one of its parents ({out}); "
-                        "name a new directory, e.g. ./export")
-    if out.exists() and not out.is_dir():
-        raise UserError(f"output {out_dir} exists and is not a directory; choose another path")
-    return out
-
-
-class _AtomicDir:
-    def __init__(self, out_dir: Path):
-        self.out_dir = out_dir
-
-    def __enter__(self) -> Path:
-        parent = self.out_dir.parent
-        try:
-            parent.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise UserError(f"cannot create {parent}: {exc.strerror}; choose a writable output directory") from None
-        if not os.access(parent, os.W_OK):
-            raise UserError(f"output directory {parent} is not writable; choose another")
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.tmp-", dir=parent))
-        os.chmod(self.tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700; the export is for others to read
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is not None:
-            full = is_disk_full(exc, self.tmp)  # before the partial files are deleted
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            if full:
-                kept = "the existing one is unchanged" if self.out_dir.exists() else "nothing was written"
-                raise DiskFull(f"disk full while writing {self.out_dir}; {kept}: free space on that disk "
-                               "or choose another output directory") from None
-            return False
-        for f in self.tmp.rglob("*"):
-            if f.is_file() and not f.is_symlink():
-                os.chmod(f, 0o666 & ~_umask())
-        replace_dir(self.tmp, self.out_dir)
-        return False
-
-
-def _umask() -> int:
-    umask = os.umask(0)
-    os.umask(umask)
-    return umask
-
-
-def replace_dir(src: Path, dst: Path) -> None:
-    """Rename the complete dir `src` to `dst` (both resolved, see `resolve_out_dir`); an existing `dst` is moved
-    aside first and deleted last."""
-    old = None
-    if dst.exists():
-        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
-        os.replace(dst, old)
-    os.replace(src, dst)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+from ppow_plugin.errors import UserError
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -154,7 +76,7 @@ def save_drafter_dir(out_dir: Path, state: dict[str, torch.Tensor], config: dict
                      meta: dict[str, Any], dtype: torch.dtype = torch.float32) -> Path:
     """Write a compact drafter dir (no embeddings) atomically; returns `out_dir`."""
     weights = {k: v for k, v in _cpu(state, dtype).items() if k != formats.EMBED_KEY}
-    with atomic_dir(out_dir) as tmp:
+    with outputs.atomic_dir(out_dir) as tmp:
         _write_json(tmp / "config.json", config)
         save_file(weights, str(tmp / "model.safetensors"))
         _write_json(tmp / "ppow_meta.json", dict(meta, weights_sha256=sha256_file(tmp / "model.safetensors")))
@@ -166,7 +88,7 @@ def save_eagle3_dir(out_dir: Path, state: dict[str, torch.Tensor], config: dict[
     """Write a trained EAGLE-3 drafter as an `eagle3` dir (the `ppow export --format eagle3` writer),
     checked key by key first and re-read before the rename; `d2t`/`t2d` are written as given."""
     drafter = formats.validate_drafter("eagle3", config, _cpu(state), where="trained EAGLE-3 drafter")
-    with atomic_dir(out_dir) as tmp:
+    with outputs.atomic_dir(out_dir) as tmp:
         _write_eagle3(tmp, drafter, _Out())
         formats.load_drafter(tmp)
         _write_json(tmp / "ppow_meta.json", dict(meta, format="eagle3",
@@ -179,7 +101,7 @@ def write_host_eagle1(out_dir: Path, state: dict[str, torch.Tensor], config: dic
     """Write the host's EAGLE-1 layout: config.json + pytorch_model.bin with embeddings (fp32)."""
     full = _cpu(state)
     full[formats.EMBED_KEY] = embed_weight.detach().to("cpu", torch.float32).contiguous()
-    with atomic_dir(out_dir) as tmp:
+    with outputs.atomic_dir(out_dir) as tmp:
         _write_json(tmp / "config.json", config)
         torch.save(full, tmp / "pytorch_model.bin")
         if meta is not None:
@@ -215,7 +137,7 @@ def export(source: str | Path, out_dir: str | Path, fmt: str, target: str | None
         raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if verifier is not None and not verifier.strip():
         raise UserError("--verifier is empty; pass the target's Hugging Face id or its path on the serving machine")
-    src, out = Path(source), resolve_out_dir(out_dir)
+    src, out = Path(source), outputs.resolve_out_dir(out_dir)
     _check_out_dir(src, out, force)
     report = _read_report(eval_report, min_tau)
     drafter, meta_src = drafter_source.read_source(src, target)
@@ -229,7 +151,7 @@ def export(source: str | Path, out_dir: str | Path, fmt: str, target: str | None
     plan = _Out(meta_src.get("target_dir"), DTYPES[dtype] if dtype else source_dtype(drafter.state),
                 {"name_or_path": serving.name, "architectures": list(serving.architectures)}, record_dtype=True)
     meta.update(target=serving.name, target_named_by=serving.how, dtype=_dtype_name(plan.dtype))
-    with atomic_dir(out) as tmp:
+    with outputs.atomic_dir(out) as tmp:
         _WRITERS[fmt](tmp, drafter, plan)
         check = formats.load_drafter(tmp)  # re-read before the rename: never leave an unloadable export
         if fmt == "eagle1" and formats.EMBED_KEY not in check.state:

@@ -33,8 +33,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from ppow_plugin import devices
-from ppow_plugin.drafters import export
+from ppow_plugin import devices, outputs
 from ppow_plugin.evaluation import eval_report, simulate, tree_decode
 from ppow_plugin.evaluation.decode_positions import (MARGIN_TOKENS, decode_margin, kv_positions,
                                                      turn_lengths, format_turns as _format)
@@ -267,7 +266,7 @@ def evaluate(target_dir: str | Path, drafter_dir: str | Path, benchmarks: str | 
                     drafter_weights_sha256=weights_sha256(drafter_dir))     # to the drafter
     report = eval_report.build_report(records, settings, _tree_depth(dec), temperature)
     if out_dir is not None:
-        with export.atomic_dir(Path(out_dir)) as tmp:
+        with outputs.atomic_dir(Path(out_dir)) as tmp:
             eval_report.write_report(report, tmp)
     return report
 
@@ -311,7 +310,7 @@ def _simulated(target_dir: Path, drafter_dir: Path, fmt: str, prompts: Sequence[
             fmt, drafter, target, conts, [b for b, _ in keys], max_new_tokens, depth, tokenizer.eos_token_id)}
     report = eval_report.build_report(records, settings, simulate.tree_depth(tree), 0.0)
     if out_dir is not None:
-        with export.atomic_dir(Path(out_dir)) as tmp:
+        with outputs.atomic_dir(Path(out_dir)) as tmp:
             eval_report.write_report(report, tmp)
     return report
 
@@ -388,6 +387,6 @@ def compare(target_dir: str | Path, drafter_dirs: Sequence[str | Path], names: S
                               simulate=simulate, sim_tree=sim_tree, per_depth=per_depth, placement=placement)
                for name, d in zip(names, drafter_dirs)}
     if out_dir is not None:
-        with export.atomic_dir(Path(out_dir)) as tmp:
+        with outputs.atomic_dir(Path(out_dir)) as tmp:
             eval_report.write_compare(reports, tmp)
     return reports

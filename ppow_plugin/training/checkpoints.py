@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from ppow_plugin import distributed
-from ppow_plugin.drafters import drafter_source, export
+from ppow_plugin import distributed, outputs
+from ppow_plugin.drafters import drafter_source
 from ppow_plugin.errors import DiskFull, is_disk_full
 
 
@@ -50,7 +50,7 @@ def save(run_dir: Path, step: int, engine: distributed.Engine, trainer_state: di
                        f"was removed and {kept}: free space on that disk (or move the run to a bigger one "
                        "and point run.output_dir there), then rerun with run.resume=true") from None
     if dist.is_main:
-        export.replace_dir(tmp, final)
+        outputs.replace_dir(tmp, final)
         for old in sorted(final.parent.glob("step-??????"))[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     distributed.barrier()

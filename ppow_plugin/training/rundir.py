@@ -10,7 +10,7 @@
    resume, a fall-back to an older checkpoint or a fresh start never leaves a step listed twice; the
    rows cut are kept aside in `metrics.jsonl.before-resume-N`.
 3. `remove_stale_temps`: the temp dirs a killed run leaves (`checkpoints/step-N.tmp`, the moved-aside
-   copies of `export.replace_dir`, `.drafter.tmp-*`); only these names, nothing else.
+   copies of `outputs.replace_dir`, `.drafter.tmp-*`); only these names, nothing else.
 Only stdlib imports (the CLI takes the lock before loading torch).
 """
 
@@ -27,7 +27,7 @@ from ppow_plugin.errors import UserError
 
 LOCK_NAME = "run.lock"
 METRICS_NAME = "metrics.jsonl"
-# globs relative to the run dir; the shapes trainer.save_checkpoint and export.atomic_dir/replace_dir use
+# globs relative to the run dir; the shapes trainer.save_checkpoint and outputs.atomic_dir/replace_dir use
 STALE_TEMPS = ("checkpoints/step-??????.tmp", "checkpoints/.step-??????.old-*", ".drafter.tmp-*", ".drafter.old-*",
                ".metrics.jsonl.tmp")
 
