@@ -215,7 +215,7 @@ def draft_windows(drafter, head, dpass: DraftPass, starts: Tensor, group_size: i
                   temperature: float, tokens: Tensor | None = None,
                   generator: torch.Generator | None = None, step=eagle1_step,
                   d2t: Tensor | None = None, greedy_members: int = 0,
-                  logprobs: bool = True) -> tuple[Tensor, Tensor | None, Tensor]:
+                  logprobs: bool = True, prefix_cache=None) -> tuple[Tensor, Tensor | None, Tensor]:
     """Draft (or re-score) G windows of K tokens from each start, feeding the drafter its own features.
 
     With `tokens=None` it samples; with `tokens` given it re-scores those tokens (the policy-update pass
@@ -234,6 +234,9 @@ def draft_windows(drafter, head, dpass: DraftPass, starts: Tensor, group_size: i
             `proposal_logprobs` for verifying it). Ignored when re-scoring `tokens`.
         logprobs: False (only with `tokens`): skip log q at `temperature` (returned as None); for callers that
             read only the logits (the data-path unroll, `multi_step_loss`), it saves a [N, V] log-softmax per depth.
+        prefix_cache: (dpass.kv, N) -> the cache the first `step` reads: `shared_prefix_cache` (default: the EAGLE-1
+            host drafter, patch 0007, reads the prefix once for all N rows) or `expand_cache` (the prefix broadcast
+            to N rows, which the attention copies per row: EAGLE-3's drafter). Same numbers up to float rounding.
     Returns:
         tokens [n, G, K] (drafter-vocabulary ids), logprobs [n, G, K] (log q at `temperature`; None if not asked),
         logits [n, G, K, Vd] (raw, over the drafter's vocabulary).
@@ -248,7 +251,7 @@ def draft_windows(drafter, head, dpass: DraftPass, starts: Tensor, group_size: i
     # Row r may attend teacher-forced positions < s (its own prefix) plus its own drafted steps.
     pos = torch.arange(past, device=starts.device)
     prefix_ok = (pos[None] < starts[:, None]).repeat_interleave(group_size, 0)  # [N, past]
-    kv = _expand_rows(dpass.kv, rows)
+    kv = (prefix_cache or shared_prefix_cache)(dpass.kv, rows)
     s_rows = starts.repeat_interleave(group_size)  # [N]
     greedy_row = (torch.arange(rows, device=starts.device) % group_size) < greedy_members  # [N]
     out_tokens, out_logprobs, out_logits = [], [], []
@@ -395,11 +398,25 @@ def on_sequence_mask(length: int, starts: Tensor, group_size: int, window: int) 
     return (pos <= length - 1)[:, None].expand(-1, group_size, -1)
 
 
-def _expand_rows(kv, rows: int):
-    """Broadcast a batch-1 cache (nested tuples of [1, ...] tensors) to `rows` rows without copying."""
+def expand_cache(kv, rows: int):
+    """Broadcast a batch-1 cache (nested tuples of [1, ...] tensors) to `rows` rows without copying (the drafter's
+    attention then copies it per row: `cat` with each new position)."""
     if isinstance(kv, Tensor):
         return kv.expand(rows, *kv.shape[1:])
-    return tuple(_expand_rows(x, rows) for x in kv)
+    return tuple(expand_cache(x, rows) for x in kv)
+
+
+def shared_prefix_cache(kv, rows: int) -> tuple:
+    """The host EAGLE-1 drafter's cache for `rows` rows drafting after one shared prefix (patch 0007).
+
+    Args:
+        kv: the teacher-forced pass's cache, per layer (k, v) [1, Hkv, P, d].
+    Returns:
+        per layer (k, v, own_k, own_v): the prefix once, and each row's own positions, [rows, Hkv, 0, d] (none yet;
+        every step appends one). The attention reads the prefix with one matmul per kv head for all rows.
+    """
+    return tuple((k, v, k.new_zeros(rows, k.shape[1], 0, k.shape[3]), v.new_zeros(rows, v.shape[1], 0, v.shape[3]))
+                 for k, v in kv)
 
 
 def _set_kv_length(kv, length: int) -> None:
