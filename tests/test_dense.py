@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from ppow_plugin.drafters import adapters as drafters
 from ppow_plugin.drafters import draft_vocab
 from ppow_plugin.host import eagle_compat, patching
-from ppow_plugin.method import dense, losses, rollout
+from ppow_plugin.method import data_verify, dense, losses, rollout
 from tiny import greedy_continuation, make_target
 
 if patching.patch_status().state != "patched":
@@ -67,7 +67,7 @@ def _compare(adapter, drafter, target, ids, tpass, layers_eagle3: bool, temperat
             group_size, window, greedy_members = G, K, 0
         R.temperature = temperature
         _, ref_lp, _ = adapter.draft_windows(drafter, target, dpass, starts, R, tokens=tokens)
-        ref = rollout.verify_on_data(ids, tpass.logits, starts, to_target(tokens))
+        ref = data_verify.verify_on_data(ids, tpass.logits, starts, to_target(tokens))
     return w, ref_lp, ref, tokens, starts, data
 
 
@@ -96,7 +96,7 @@ def test_dense_windows_equal_draft_windows_verified_on_the_data(setup, family):
         assert torch.equal(dense.rows_on_data(ids, starts, adapter.to_target_ids(drafter, tokens)), w.valid_mask)
         assert set(w.accept_len.flatten().tolist()) >= {0, 2, K}
         # every row the losses read (tokens 1..k+1, R_dist's token 1) is a dense row on the data path ...
-        inside = rollout.on_sequence_mask(ids.numel(), starts, G, K)
+        inside = data_verify.on_sequence_mask(ids.numel(), starts, G, K)
         read = losses.credit_mask(w.accept_len, inside, "accepted_prefix")
         k = w.accept_len[..., None]
         last_accepted = tokens.gather(-1, (k - 1).clamp(min=0)) != data[:, None].expand_as(tokens).gather(

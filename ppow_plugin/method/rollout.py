@@ -10,7 +10,7 @@ Conventions (docs/glossary.md):
 - Verification: all G windows of a start form one tree (root + G chains of K) verified by ONE target
   forward over the host's KV cache of the prefix, with the host's tree-attention mask. The accepted
   length k counts draft tokens (bonus excluded). On data the target generated greedily the tree is not
-  needed: `verify_on_data` reads greedy acceptance off the target's pass over the sequence.
+  needed: `data_verify.verify_on_data` reads greedy acceptance off the target's pass over the sequence.
 
 EAGLE-3 (`drafters.Eagle3Adapter`) uses the same alignment with fused features and its own head over a
 draft vocabulary: `draft_windows` takes its step function and `d2t`, samples draft ids and feeds the
@@ -353,49 +353,6 @@ def verify_windows(target, kv, input_ids: Tensor, starts: Tensor, draft_tokens: 
     tgt_draft = target_logp.gather(-1, draft_tokens[..., None])[..., 0]
     tgt_greedy = target_logp.max(-1).values
     return accept, target_logits, tgt_draft, tgt_greedy
-
-
-def verify_on_data(input_ids: Tensor, sequence_logits: Tensor, starts: Tensor, draft_tokens: Tensor):
-    """Greedy verification read off the target's pass over the sequence: no tree forward (`rollout.verify=data`).
-
-    A drafted token d_j is accepted iff it is the target's argmax given the prefix and d_<j. While every
-    accepted token is also the data token, that prefix is the data's, whose logits the sequence pass already
-    holds (row s+j-1 predicts x_{s+j}). So wherever the accepted tokens are the data's, this equals
-    `verify_windows(..., "greedy", ...)`: on data the target generated greedily, every window. Elsewhere a
-    window stops after the first accepted token that the data does not continue with (or at the end of the
-    sequence), so k is never over-counted.
-
-    Args:
-        input_ids: [T] int64 sequence; sequence_logits: [T, V] the target's logits over it (row i predicts
-            x_{i+1}); starts: [n] int64; draft_tokens: [n, G, K] target ids.
-    Returns:
-        as `verify_windows`: accept_len [n, G], target_logits [n, G, K, V], target log-probs of the drafts
-        [n, G, K], greedy target log-probs [n, G, K]. Rows past position k + 1 of a window hold the data
-        path's logits, not the drafted prefix's: the losses may read rows 1..k+1 only (`config` checks), and
-        rows past the sequence's end are not window positions (`on_sequence_mask`).
-    """
-    n, G, K = draft_tokens.shape
-    last = input_ids.numel() - 1
-    pos = starts[:, None] + torch.arange(K, device=starts.device)  # [n, K]: row predicting window token j
-    logits = sequence_logits[pos.clamp(max=last)].float()  # [n, K, V]; rows past the sequence are never accepted
-    data = input_ids[(pos + 1).clamp(max=last)][:, None]  # [n, 1, K]: the data token at each window position
-    is_data = (draft_tokens == data) & (pos + 1 <= last)[:, None]  # [n, G, K]
-    accepted = draft_tokens == logits.argmax(-1)[:, None]  # [n, G, K]
-    on_data = torch.cat([torch.ones_like(accepted[..., :1]), is_data[..., :-1]], -1)  # d_<j is the data's prefix
-    accept = (accepted & on_data).long().cumprod(-1).sum(-1)  # [n, G]
-    target_logp = F.log_softmax(logits, -1)  # [n, K, V]
-    tgt_draft = target_logp[:, None].expand(n, G, K, -1).gather(-1, draft_tokens[..., None])[..., 0]
-    tgt_greedy = target_logp.max(-1).values[:, None].expand(n, G, K)
-    return accept, logits[:, None].expand(n, G, K, -1), tgt_draft, tgt_greedy
-
-
-def on_sequence_mask(length: int, starts: Tensor, group_size: int, window: int) -> Tensor:
-    """[n, G, K] bool: window positions whose target row lies inside a sequence of `length` tokens.
-
-    `verify_on_data` has the target's logits only there; positions past the end are no window positions.
-    """
-    pos = starts[:, None] + torch.arange(window, device=starts.device)  # [n, K]
-    return (pos <= length - 1)[:, None].expand(-1, group_size, -1)
 
 
 def expand_cache(kv, rows: int):
