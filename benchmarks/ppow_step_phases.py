@@ -11,7 +11,7 @@ with those overrides added (e.g. `rollout.verify=data data.feature_cache=true`) 
 step times is printed: measured in one run, under whatever else the machine is doing.
 
 In the first arm it also counts, for every window the tree verified, whether its accepted length k equals
-the one `rollout.verify_on_data` reads off the target's pass over the sequence (no tree), with that pass as
+the one `data_verify.verify_on_data` reads off the target's pass over the sequence (no tree), with that pass as
 the target computes it and as the feature cache stores it (hidden states rounded to fp16): how often a
 `verify: greedy` rollout on this data could be verified for free, exactly.
 """
@@ -40,7 +40,7 @@ def main() -> int:
 
     torch.set_num_threads(args.threads)
     from ppow_plugin import config
-    from ppow_plugin.method import rollout
+    from ppow_plugin.method import data_verify, rollout
     from ppow_plugin.training import ppow_step, target_passes, trainer
 
     seconds: dict[str, float] = collections.defaultdict(float)
@@ -67,7 +67,7 @@ def main() -> int:
     def verify(target, kv, input_ids, starts, draft_tokens, *rest, **kw):
         out = timed("target tree verification", original_verify)(target, kv, input_ids, starts, draft_tokens,
                                                                   *rest, **kw)
-        inside = rollout.on_sequence_mask(input_ids.numel(), starts, *draft_tokens.shape[1:]).all(-1)  # [n, G]
+        inside = data_verify.on_sequence_mask(input_ids.numel(), starts, *draft_tokens.shape[1:]).all(-1)  # [n, G]
         for name in ("exact", "fp16"):
             free = original_on_data(seq["ids"], seq[name], starts, draft_tokens)[0]
             agree[f"{name}_same_k"] += int(((free == out[0]) & inside).sum())
@@ -77,7 +77,7 @@ def main() -> int:
 
     original_target_pass = target_passes.TargetPasses.__call__
     original_verify = rollout.verify_windows
-    original_on_data = rollout.verify_on_data
+    original_on_data = data_verify.verify_on_data
     target_passes.TargetPasses.__call__ = target_pass
     rollout.verify_windows = verify
     ppow_step.PpowStep.loss = timed("loss (forward)", ppow_step.PpowStep.loss)

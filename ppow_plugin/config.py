@@ -128,7 +128,7 @@ class RolloutCfg:
     prefixes_per_sequence: int = 4  # windows' prefixes chosen per training sequence by ADAW [default]
     temperature: float = 1.0  # drafter sampling temperature for rollouts [default]
     # target acceptance rule: greedy = T=0 match by a target tree forward; sampling = rejection sampling;
-    # data = the T=0 match read off the target's pass over the sequence, no tree forward (rollout.verify_on_data:
+    # data = the T=0 match read off the target's pass over the sequence, no tree forward (data_verify.verify_on_data:
     # the same k wherever the accepted tokens are the data's, as on data.dataset=generated) [default: greedy]
     verify: Literal["greedy", "sampling", "data"] = "greedy"
     verify_temperature: float = 1.0  # target temperature when verify=sampling

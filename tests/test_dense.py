@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from ppow_plugin.drafters import adapters as drafters
 from ppow_plugin.drafters import draft_vocab
 from ppow_plugin.host import eagle_compat, patching
-from ppow_plugin.method import dense, losses, rollout
+from ppow_plugin.method import data_verify, dense, losses, rollout
 from tiny import greedy_continuation, make_target
 
 if patching.patch_status().state != "patched":
@@ -67,7 +67,7 @@ def _compare(adapter, drafter, target, ids, tpass, layers_eagle3: bool, temperat
             group_size, window, greedy_members = G, K, 0
         R.temperature = temperature
         _, ref_lp, _ = adapter.draft_windows(drafter, target, dpass, starts, R, tokens=tokens)
-        ref = rollout.verify_on_data(ids, tpass.logits, starts, to_target(tokens))
+        ref = data_verify.verify_on_data(ids, tpass.logits, starts, to_target(tokens))
     return w, ref_lp, ref, tokens, starts, data
 
 
@@ -96,7 +96,7 @@ def test_dense_windows_equal_draft_windows_verified_on_the_data(setup, family):
         assert torch.equal(dense.rows_on_data(ids, starts, adapter.to_target_ids(drafter, tokens)), w.valid_mask)
         assert set(w.accept_len.flatten().tolist()) >= {0, 2, K}
         # every row the losses read (tokens 1..k+1, R_dist's token 1) is a dense row on the data path ...
-        inside = rollout.on_sequence_mask(ids.numel(), starts, G, K)
+        inside = data_verify.on_sequence_mask(ids.numel(), starts, G, K)
         read = losses.credit_mask(w.accept_len, inside, "accepted_prefix")
         k = w.accept_len[..., None]
         last_accepted = tokens.gather(-1, (k - 1).clamp(min=0)) != data[:, None].expand_as(tokens).gather(
@@ -133,3 +133,31 @@ def test_a_row_weighted_kl_equals_the_kl_over_the_repeated_rows():
     read = torch.zeros(2, 3, 4, dtype=torch.bool)
     read[0, :2, 0] = read[1, 2, 1:3] = True
     assert dense.row_weights(read).tolist() == [[2, 0, 0, 0], [0, 1, 1, 0]]
+
+
+@pytest.mark.parametrize("select", [1.0, 0.0], ids=["selected", "whole"])
+def test_the_kl_on_the_read_rows_equals_the_kl_over_every_row_weighted_by_the_reads(select, monkeypatch):
+    """`dense_step._rows_kl` selects the read rows before the [rows, V] work (at most `SELECT_READ_ROWS` of them read)
+    or weights every row (unread 0): both equal the weighted KL over every data-path row, value and gradient.
+    Can fail: a selected row paired with another start's or depth's target row, or with another row's weight."""
+    from ppow_plugin.training import dense_step
+
+    g = torch.Generator().manual_seed(0)
+    T, n, K, V = 12, 5, 4, 9
+    seq_logits = torch.randn(T, V, generator=g)
+    logits = torch.randn(n, K, V, generator=g, requires_grad=True)
+    starts = torch.tensor([1, 3, 4, 8, 10])  # the last start's rows 12, 13 lie past the end (clamped, weight 0)
+    read = torch.zeros(n, K)
+    read[:, 0] = torch.tensor([3.0, 1.0, 2.0, 5.0, 1.0])
+    read[0, 1] = read[2, 1:3] = read[3, 1] = read[4, 1] = 2.0
+    read[1, 3] = 0.5
+    pos = (starts[:, None] + torch.arange(K)).reshape(-1).clamp(max=T - 1)
+    want, _ = losses.target_kl_loss(seq_logits[pos], logits.reshape(-1, V), torch.ones(n * K, dtype=torch.bool),
+                                    weights=read.reshape(-1))
+    (want_grad,) = torch.autograd.grad(want, logits)
+    monkeypatch.setattr(dense_step, "SELECT_READ_ROWS", select)
+    got, total = dense_step._rows_kl(drafters.ADAPTERS["eagle1"], None, seq_logits, logits, starts, read, "forward")
+    (got_grad,) = torch.autograd.grad(got, logits)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(got_grad, want_grad)
+    assert float(total) == float(read.sum()) and bool((got_grad[read == 0] == 0).all())

@@ -3,7 +3,7 @@
 
 import torch
 
-from ppow_plugin.method import dense, expected, rollout
+from ppow_plugin.method import data_verify, dense, expected
 
 
 def test_judged_rows_hand_built():
@@ -29,8 +29,8 @@ def test_the_step_reads_only_judged_rows():
     data, exists = dense.data_tokens(ids, starts, K)
     tokens = torch.where(torch.rand(len(starts), G, K, generator=g) < 0.5, data[:, None],
                          torch.randint(0, V, (len(starts), G, K), generator=g))  # windows that stay on the data
-    for full, part in zip(rollout.verify_on_data(ids, logits, starts, tokens),
-                          rollout.verify_on_data(ids, cut, starts, tokens)):
+    for full, part in zip(data_verify.verify_on_data(ids, logits, starts, tokens),
+                          data_verify.verify_on_data(ids, cut, starts, tokens)):
         assert torch.equal(full, part)
     pos = (starts[:, None] + torch.arange(K)).clamp(max=T - 1)  # the KL's and the expected reward's rows
     inside = starts[:, None] + torch.arange(K) <= T - 1

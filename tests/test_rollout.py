@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from ppow_plugin.host import eagle_compat, patching
-from ppow_plugin.method import losses, rollout
+from ppow_plugin.method import data_verify, losses, rollout
 from tiny import greedy_continuation, make_target
 
 if patching.patch_status().state != "patched":
@@ -324,7 +324,7 @@ def test_verification_on_the_data_equals_the_tree_on_the_targets_own_greedy_answ
     eagle_compat.reset_kv(kv)
     tpass = rollout.target_forward(target, ids[None], kv)
     tree = rollout.verify_windows(target, kv, ids, starts, drafts, "greedy", 1.0, torch.zeros(drafts.shape))
-    free = rollout.verify_on_data(ids, tpass.logits, starts, drafts)
+    free = data_verify.verify_on_data(ids, tpass.logits, starts, drafts)
     assert torch.equal(free[0], tree[0])
     assert set(free[0].flatten().tolist()) >= {0, 2, 3, K}  # k spans the window
     read = losses.credit_mask(free[0], torch.ones(drafts.shape, dtype=torch.bool), "accepted_prefix")
@@ -341,15 +341,53 @@ def test_verification_on_the_data_equals_the_tree_on_the_targets_own_greedy_answ
     choice = noisy_pass.logits.argmax(-1)  # [T]: the target's token after each data prefix
     chase = torch.stack([choice[s: s + K] for s in starts.tolist()])[:, None]  # [n, 1, K]
     tree = rollout.verify_windows(target, kv, noisy, starts, chase, "greedy", 1.0, torch.zeros(chase.shape))
-    free = rollout.verify_on_data(noisy, noisy_pass.logits, starts, chase)
+    free = data_verify.verify_on_data(noisy, noisy_pass.logits, starts, chase)
     off = chase[:, 0, 0] != noisy[starts + 1]  # the data does not continue with the accepted first token
     assert off.sum() >= 3 and (free[0][off] == 1).all() and (free[0] <= tree[0]).all() and (tree[0] >= 1).all()
 
     # A window that runs past the sequence's end stops there; the positions past it are no window positions.
     last = torch.tensor([ids.numel() - 3])
     end = torch.cat([ids[-2:], greedy_continuation(target, ids, 3)])[None, None]  # [1, 1, 5]
-    assert rollout.verify_on_data(ids, tpass.logits, last, end)[0].item() == 3
-    assert rollout.on_sequence_mask(ids.numel(), last, 1, K)[0, 0].tolist() == [True, True, True, False, False]
+    assert data_verify.verify_on_data(ids, tpass.logits, last, end)[0].item() == 3
+    assert data_verify.on_sequence_mask(ids.numel(), last, 1, K)[0, 0].tolist() == [True, True, True, False, False]
+
+
+def test_verification_on_the_data_reads_each_distinct_row_once_with_the_per_window_numbers():
+    """`verify_on_data` computes the target's log-softmax and argmax once per distinct sequence row: bit for bit the
+    per-(start, depth) computation it replaced (starts that share rows, a window past the end), and with
+    `logits=False` the same without the logits; `dense.greedy_accept_len` is its k of the argmax window.
+    Can fail: a window row read off another row (the index into the distinct rows, or the clamp at the end)."""
+    from ppow_plugin.method import dense
+
+    g = torch.Generator().manual_seed(0)
+    T, V, G, K = 14, 11, 3, 4
+    ids = torch.randint(0, V, (T,), generator=g)
+    seq = torch.randn(T, V, generator=g)
+    starts = torch.tensor([2, 3, 4, 9, 11, 12])  # rows shared between starts; 11 and 12 run past the end
+    drafts = torch.randint(0, V, (starts.numel(), G, K), generator=g)
+    drafts[:, 0] = seq.argmax(-1)[(starts[:, None] + torch.arange(K)).clamp(max=T - 1)]  # the target's choices
+    drafts[:2, 1, :2] = drafts[:2, 0, :2]
+    ids[starts[:3] + 1] = drafts[:3, 0, 0]  # ... which the data takes at some starts: k >= 1 there
+    ids[starts[:1] + 2] = drafts[:1, 0, 1]
+    # the per-(start, depth) computation
+    pos = (starts[:, None] + torch.arange(K)).clamp(max=T - 1)
+    logits = seq[pos]  # [n, K, V]
+    logp = F.log_softmax(logits, -1)
+    n = starts.numel()
+    want_draft = logp[:, None].expand(n, G, K, -1).gather(-1, drafts[..., None])[..., 0]
+    want_greedy = logp.max(-1).values[:, None].expand(n, G, K)
+    data = ids[(starts[:, None] + 1 + torch.arange(K)).clamp(max=T - 1)][:, None]
+    is_data = (drafts == data) & (starts[:, None] + 1 + torch.arange(K) <= T - 1)[:, None]
+    on_data = torch.cat([torch.ones_like(is_data[..., :1]), is_data[..., :-1]], -1)
+    want_k = ((drafts == logits.argmax(-1)[:, None]) & on_data).long().cumprod(-1).sum(-1)
+    k, tl, draft_lp, greedy_lp = data_verify.verify_on_data(ids, seq, starts, drafts)
+    assert torch.equal(k, want_k) and set(k.flatten().tolist()) >= {0, 1, 2}
+    assert torch.equal(draft_lp, want_draft) and torch.equal(greedy_lp, want_greedy)
+    assert torch.equal(tl, logits[:, None].expand(n, G, K, V))
+    k2, none, draft2, greedy2 = data_verify.verify_on_data(ids, seq, starts, drafts, logits=False)
+    assert none is None and torch.equal(k2, k) and torch.equal(draft2, draft_lp) and torch.equal(greedy2, greedy_lp)
+    drafter_logits = torch.zeros(n, K, V).scatter_(-1, drafts[:, 0, :, None], 1.0)  # argmax = member 0's window
+    assert torch.equal(dense.greedy_accept_len(drafter_logits, starts, ids, seq, lambda t: t), k[:, 0])
 
 
 def _toy_drawn(rewards: torch.Tensor) -> rollout.Drawn:

@@ -269,7 +269,7 @@ class Eagle3Adapter:
 
         return rollout.draft_windows(drafter, head, dpass, starts, r.group_size, r.window, r.temperature,
                                      tokens=tokens, generator=generator, step=eagle3_step, d2t=drafter.d2t,
-                                     greedy_members=r.greedy_members)
+                                     greedy_members=r.greedy_members, prefix_cache=rollout.expand_cache)
 
     def to_target_ids(self, drafter, draft_ids: Tensor) -> Tensor:
         return draft_vocab.draft_to_target_ids(draft_ids, drafter.d2t)

@@ -33,6 +33,10 @@ works without the host installed. What the bridge adds on top of the patches:
    `target_fields.check_target_config`
    refuses, in one line, the values the host cannot run: sliding-window layers, mixture-of-experts, rope
    types other than default/linear/dynamic/llama3, partial rotary, MLP biases.
+9. Drafting many rows after one prefix (training's window rollouts, `rollout.draft_windows`): patch 0007 lets the
+   drafter's attention take a cache entry (shared_k, shared_v, own_k, own_v), the prefix stored once for every
+   row plus each row's own positions (`rollout.shared_prefix_cache`), so the prefix is not copied per row and
+   per depth by `cat` / `repeat_kv` (the host's two-tensor caches run as before).
 
 Host facts the rest of ppow relies on (eagle-llm 1.2.1):
 - Target "features" are the last decoder layer's output *after* the final RMSNorm (what

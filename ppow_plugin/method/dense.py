@@ -13,7 +13,7 @@ Conventions (`rollout.py`): a start s roots the window at x_s; depth j (1-based)
 row that judges it is s+j-1. Here depths are 0-based in tensors: `logits[:, j]` drafts x_{s+j+1}.
 
 Pure tensor functions; the drafter runs in the caller. Tested against `rollout.draft_windows` +
-`rollout.verify_on_data` on the same draws (tests/test_dense.py).
+`data_verify.verify_on_data` on the same draws (tests/test_dense.py).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ppow_plugin.method import rollout
+from ppow_plugin.method import data_verify, rollout
 
 
 class DenseWindows(NamedTuple):
@@ -32,7 +32,7 @@ class DenseWindows(NamedTuple):
 
     tokens: Tensor  # [n, G, K] int64 drafter-vocabulary ids
     logprobs: Tensor  # [n, G, K] log q(d_j) at the rollout temperature, with the unroll's graph
-    accept_len: Tensor  # [n, G] int64, verified on the data (`rollout.verify_on_data`)
+    accept_len: Tensor  # [n, G] int64, verified on the data (`data_verify.verify_on_data`)
     target_draft_lp: Tensor  # [n, G, K] log p_T(d_j | data prefix)
     target_greedy_lp: Tensor  # [n, G, K] max_v log p_T(v | data prefix)
     valid_mask: Tensor  # [n, G, K] bool: a row inside the sequence whose prefix d_<j is the data's
@@ -78,7 +78,7 @@ def data_tokens(input_ids: Tensor, starts: Tensor, window: int) -> tuple[Tensor,
 def data_prefix_mask(tokens: Tensor, data: Tensor) -> Tensor:
     """[n, G, K] bool: the drafted prefix d_<j of window token j is the data's (True at j = 1).
 
-    Only these rows hold the drafted prefix's state in a data-path unroll and in `rollout.verify_on_data`'s
+    Only these rows hold the drafted prefix's state in a data-path unroll and in `data_verify.verify_on_data`'s
     target rows; elsewhere a row is a data-prefix row mislabelled as the draft's. Today's path reads such a
     row k+1 when the k-th accepted token is the target's argmax but not the data token (an fp16 near-tie);
     masking it costs nothing: no later token changes that window's k.
@@ -92,10 +92,10 @@ def data_prefix_mask(tokens: Tensor, data: Tensor) -> Tensor:
 
 
 def rows_on_data(input_ids: Tensor, starts: Tensor, target_tokens: Tensor) -> Tensor:
-    """[n, G, K] bool: the rows `rollout.verify_on_data` holds for these windows (target ids [n, G, K]): inside
+    """[n, G, K] bool: the rows `data_verify.verify_on_data` holds for these windows (target ids [n, G, K]): inside
     the sequence, with a drafted prefix that is the data's. The losses may read only these."""
     data, exists = data_tokens(input_ids, starts, target_tokens.shape[-1])
-    inside = rollout.on_sequence_mask(input_ids.numel(), starts, *target_tokens.shape[1:])
+    inside = data_verify.on_sequence_mask(input_ids.numel(), starts, *target_tokens.shape[1:])
     return inside & data_prefix_mask(target_tokens, torch.where(exists, data, -1))
 
 
@@ -147,9 +147,9 @@ def score_windows(logp: Tensor, tokens: Tensor, starts: Tensor, input_ids: Tenso
                   data_ids: Tensor, to_target) -> DenseWindows:
     """Log-probs, verification and masks of given windows `tokens` [n, G, K] under the data-path log-probs
     `logp` [n, K, Vd] (the other arguments as `sampled_windows`)."""
-    accept, _, tgt_draft, tgt_greedy = rollout.verify_on_data(input_ids, sequence_logits, starts,
-                                                              to_target(tokens))
-    inside = rollout.on_sequence_mask(input_ids.numel(), starts, tokens.shape[1], tokens.shape[2])
+    accept, _, tgt_draft, tgt_greedy = data_verify.verify_on_data(input_ids, sequence_logits, starts,
+                                                              to_target(tokens), logits=False)
+    inside = data_verify.on_sequence_mask(input_ids.numel(), starts, tokens.shape[1], tokens.shape[2])
     valid = inside & data_prefix_mask(tokens, data_ids)
     return DenseWindows(tokens, gather_depths(logp, tokens), accept, tgt_draft, tgt_greedy, valid)
 
@@ -159,7 +159,9 @@ def greedy_accept_len(logits: Tensor, starts: Tensor, input_ids: Tensor, sequenc
     """[n] k of the drafter's greedy window (argmax at each depth) verified on the data: what T = 0 decoding
     sees of a chain draft from each start."""
     tokens = logits.detach().argmax(-1)[:, None]  # [n, 1, K]
-    return rollout.verify_on_data(input_ids, sequence_logits, starts, to_target(tokens))[0][:, 0]
+    rows, at = data_verify.judging_rows(input_ids.numel(), starts, tokens.shape[-1])
+    argmax = sequence_logits[rows].argmax(-1)[at]  # [n, K]: the target's argmax, once per distinct row
+    return data_verify.accept_on_data(input_ids, argmax, starts, to_target(tokens))[:, 0]
 
 
 def row_weights(read: Tensor) -> Tensor:

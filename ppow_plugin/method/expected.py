@@ -2,7 +2,7 @@
 
 Under `rollout.verify=data` a window from start s is accepted at depth j iff its token d_j is the target's
 argmax g_j after the prefix, and it goes on to depth j+1 only while d_j is also the data token x_j
-(`rollout.verify_on_data`); every state on the way is the data path's, whose drafter distribution q_j the
+(`data_verify.verify_on_data`); every state on the way is the data path's, whose drafter distribution q_j the
 data-path unroll holds (`dense.py`). So, with q at the rollout temperature,
 
     P(k >= j) = q_j(g_j) · Π_{i<j} q_i(x_i)·1[x_i = g_i]        (= Π_{i<=j} q_i(x_i) on the target's own answers)

@@ -10,7 +10,7 @@ Conventions (docs/glossary.md):
 - Verification: all G windows of a start form one tree (root + G chains of K) verified by ONE target
   forward over the host's KV cache of the prefix, with the host's tree-attention mask. The accepted
   length k counts draft tokens (bonus excluded). On data the target generated greedily the tree is not
-  needed: `verify_on_data` reads greedy acceptance off the target's pass over the sequence.
+  needed: `data_verify.verify_on_data` reads greedy acceptance off the target's pass over the sequence.
 
 EAGLE-3 (`drafters.Eagle3Adapter`) uses the same alignment with fused features and its own head over a
 draft vocabulary: `draft_windows` takes its step function and `d2t`, samples draft ids and feeds the
@@ -215,7 +215,7 @@ def draft_windows(drafter, head, dpass: DraftPass, starts: Tensor, group_size: i
                   temperature: float, tokens: Tensor | None = None,
                   generator: torch.Generator | None = None, step=eagle1_step,
                   d2t: Tensor | None = None, greedy_members: int = 0,
-                  logprobs: bool = True) -> tuple[Tensor, Tensor | None, Tensor]:
+                  logprobs: bool = True, prefix_cache=None) -> tuple[Tensor, Tensor | None, Tensor]:
     """Draft (or re-score) G windows of K tokens from each start, feeding the drafter its own features.
 
     With `tokens=None` it samples; with `tokens` given it re-scores those tokens (the policy-update pass
@@ -234,6 +234,9 @@ def draft_windows(drafter, head, dpass: DraftPass, starts: Tensor, group_size: i
             `proposal_logprobs` for verifying it). Ignored when re-scoring `tokens`.
         logprobs: False (only with `tokens`): skip log q at `temperature` (returned as None); for callers that
             read only the logits (the data-path unroll, `multi_step_loss`), it saves a [N, V] log-softmax per depth.
+        prefix_cache: (dpass.kv, N) -> the cache the first `step` reads: `shared_prefix_cache` (default: the EAGLE-1
+            host drafter, patch 0007, reads the prefix once for all N rows) or `expand_cache` (the prefix broadcast
+            to N rows, which the attention copies per row: EAGLE-3's drafter). Same numbers up to float rounding.
     Returns:
         tokens [n, G, K] (drafter-vocabulary ids), logprobs [n, G, K] (log q at `temperature`; None if not asked),
         logits [n, G, K, Vd] (raw, over the drafter's vocabulary).
@@ -248,7 +251,7 @@ def draft_windows(drafter, head, dpass: DraftPass, starts: Tensor, group_size: i
     # Row r may attend teacher-forced positions < s (its own prefix) plus its own drafted steps.
     pos = torch.arange(past, device=starts.device)
     prefix_ok = (pos[None] < starts[:, None]).repeat_interleave(group_size, 0)  # [N, past]
-    kv = _expand_rows(dpass.kv, rows)
+    kv = (prefix_cache or shared_prefix_cache)(dpass.kv, rows)
     s_rows = starts.repeat_interleave(group_size)  # [N]
     greedy_row = (torch.arange(rows, device=starts.device) % group_size) < greedy_members  # [N]
     out_tokens, out_logprobs, out_logits = [], [], []
@@ -352,54 +355,25 @@ def verify_windows(target, kv, input_ids: Tensor, starts: Tensor, draft_tokens: 
     return accept, target_logits, tgt_draft, tgt_greedy
 
 
-def verify_on_data(input_ids: Tensor, sequence_logits: Tensor, starts: Tensor, draft_tokens: Tensor):
-    """Greedy verification read off the target's pass over the sequence: no tree forward (`rollout.verify=data`).
-
-    A drafted token d_j is accepted iff it is the target's argmax given the prefix and d_<j. While every
-    accepted token is also the data token, that prefix is the data's, whose logits the sequence pass already
-    holds (row s+j-1 predicts x_{s+j}). So wherever the accepted tokens are the data's, this equals
-    `verify_windows(..., "greedy", ...)`: on data the target generated greedily, every window. Elsewhere a
-    window stops after the first accepted token that the data does not continue with (or at the end of the
-    sequence), so k is never over-counted.
-
-    Args:
-        input_ids: [T] int64 sequence; sequence_logits: [T, V] the target's logits over it (row i predicts
-            x_{i+1}); starts: [n] int64; draft_tokens: [n, G, K] target ids.
-    Returns:
-        as `verify_windows`: accept_len [n, G], target_logits [n, G, K, V], target log-probs of the drafts
-        [n, G, K], greedy target log-probs [n, G, K]. Rows past position k + 1 of a window hold the data
-        path's logits, not the drafted prefix's: the losses may read rows 1..k+1 only (`config` checks), and
-        rows past the sequence's end are not window positions (`on_sequence_mask`).
-    """
-    n, G, K = draft_tokens.shape
-    last = input_ids.numel() - 1
-    pos = starts[:, None] + torch.arange(K, device=starts.device)  # [n, K]: row predicting window token j
-    logits = sequence_logits[pos.clamp(max=last)].float()  # [n, K, V]; rows past the sequence are never accepted
-    data = input_ids[(pos + 1).clamp(max=last)][:, None]  # [n, 1, K]: the data token at each window position
-    is_data = (draft_tokens == data) & (pos + 1 <= last)[:, None]  # [n, G, K]
-    accepted = draft_tokens == logits.argmax(-1)[:, None]  # [n, G, K]
-    on_data = torch.cat([torch.ones_like(accepted[..., :1]), is_data[..., :-1]], -1)  # d_<j is the data's prefix
-    accept = (accepted & on_data).long().cumprod(-1).sum(-1)  # [n, G]
-    target_logp = F.log_softmax(logits, -1)  # [n, K, V]
-    tgt_draft = target_logp[:, None].expand(n, G, K, -1).gather(-1, draft_tokens[..., None])[..., 0]
-    tgt_greedy = target_logp.max(-1).values[:, None].expand(n, G, K)
-    return accept, logits[:, None].expand(n, G, K, -1), tgt_draft, tgt_greedy
-
-
-def on_sequence_mask(length: int, starts: Tensor, group_size: int, window: int) -> Tensor:
-    """[n, G, K] bool: window positions whose target row lies inside a sequence of `length` tokens.
-
-    `verify_on_data` has the target's logits only there; positions past the end are no window positions.
-    """
-    pos = starts[:, None] + torch.arange(window, device=starts.device)  # [n, K]
-    return (pos <= length - 1)[:, None].expand(-1, group_size, -1)
-
-
-def _expand_rows(kv, rows: int):
-    """Broadcast a batch-1 cache (nested tuples of [1, ...] tensors) to `rows` rows without copying."""
+def expand_cache(kv, rows: int):
+    """Broadcast a batch-1 cache (nested tuples of [1, ...] tensors) to `rows` rows without copying (the drafter's
+    attention then copies it per row: `cat` with each new position)."""
     if isinstance(kv, Tensor):
         return kv.expand(rows, *kv.shape[1:])
-    return tuple(_expand_rows(x, rows) for x in kv)
+    return tuple(expand_cache(x, rows) for x in kv)
+
+
+def shared_prefix_cache(kv, rows: int) -> tuple:
+    """The host EAGLE-1 drafter's cache for `rows` rows drafting after one shared prefix (patch 0007).
+
+    Args:
+        kv: the teacher-forced pass's cache, per layer (k, v) [1, Hkv, P, d].
+    Returns:
+        per layer (k, v, own_k, own_v): the prefix once, and each row's own positions, [rows, Hkv, 0, d] (none yet;
+        every step appends one). The attention reads the prefix with one matmul per kv head for all rows.
+    """
+    return tuple((k, v, k.new_zeros(rows, k.shape[1], 0, k.shape[3]), v.new_zeros(rows, v.shape[1], 0, v.shape[3]))
+                 for k, v in kv)
 
 
 def _set_kv_length(kv, length: int) -> None:

@@ -40,6 +40,9 @@ class DenseRollout(NamedTuple):
     score: dict  # ADAW's score summary ({} for positions: all)
 
 
+SELECT_READ_ROWS = 0.75  # `_rows_kl` selects the read rows when at most this share of them is read
+
+
 def uses_data_path(cfg) -> bool:
     """True when PPOW's windows come from the data-path unroll rather than per-start rollouts."""
     return cfg.stage == "ppow" and cfg.rollout.positions != "adaw"
@@ -243,11 +246,21 @@ def _read_rows_kl(adapter, drafter, seq_logits, path, starts, read, direction) -
 
 
 def _rows_kl(adapter, drafter, seq_logits, logits, starts, read, direction) -> tuple[Tensor, Tensor]:
-    """-> (weighted mean KL over the [n, K] rows of `logits` [n, K, V] from `starts`, the weights' sum)."""
+    """-> (weighted mean KL over the [n, K] rows of `logits` [n, K, V] from `starts`, the weights' sum).
+
+    Only the rows with read > 0 count. When at most `SELECT_READ_ROWS` of the n·K rows are read (the sampled
+    estimator reads about half), those rows are selected before the [rows, V] work; selecting costs an [n, K, V]
+    zero-fill in the backward, about the KL on a quarter of the rows, so a mostly read `read` (the expected
+    estimator's probabilities) is computed whole with weight 0 on the unread rows. Same value and gradient either
+    way up to float rounding (tests/test_dense_step.py).
+    """
     K, V = logits.shape[1], logits.shape[-1]
-    pos = (starts[:, None] + torch.arange(K, device=starts.device)).reshape(-1).clamp(max=seq_logits.shape[0] - 1)
-    rows = adapter.restrict(drafter, seq_logits[pos])  # [nK, Vd]; a row past the end (clamped) has weight 0
-    # every row, unread ones weighted 0 (finite logits both sides): no [nK, V] selection of the drafter's rows
-    kl, _ = losses.target_kl_loss(rows, logits.reshape(-1, V), torch.ones_like(pos, dtype=torch.bool), direction,
-                                  weights=read.reshape(-1))
+    pos = (starts[:, None] + torch.arange(K, device=starts.device)).clamp(max=seq_logits.shape[0] - 1)  # [n, K]
+    i, j = torch.nonzero(read > 0, as_tuple=True)  # [r] each: the read rows
+    if i.numel() <= SELECT_READ_ROWS * read.numel():
+        target, draft, weights = seq_logits[pos[i, j]], logits[i, j], read[i, j]  # [r, V], [r, V], [r]
+    else:  # every row, unread ones weighted 0 (finite logits both sides); a row past the end (clamped) has weight 0
+        target, draft, weights = seq_logits[pos.reshape(-1)], logits.reshape(-1, V), read.reshape(-1)
+    kl, _ = losses.target_kl_loss(adapter.restrict(drafter, target), draft,
+                                  torch.ones_like(weights, dtype=torch.bool), direction, weights=weights)
     return kl, read.sum()

@@ -18,7 +18,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from ppow_plugin.method import dense, rollout
+from ppow_plugin.method import data_verify, dense, rollout
 from ppow_plugin.training import dense_step
 
 
@@ -42,7 +42,7 @@ def greedy_windows(adapter, drafter, target, kv, dpass: rollout.DraftPass, ids: 
                                              generator=torch.Generator().manual_seed(0))
         target_ids = adapter.to_target_ids(drafter, tokens)  # [n, 1, K]
         if r.verify == "data":
-            accept, _, draft_lp, greedy_lp = rollout.verify_on_data(ids, sequence_logits, starts, target_ids)
+            accept, _, draft_lp, greedy_lp = data_verify.verify_on_data(ids, sequence_logits, starts, target_ids)
             valid = dense.rows_on_data(ids, starts, target_ids)
         else:
             accept, _, draft_lp, greedy_lp = rollout.verify_windows(

@@ -22,7 +22,7 @@ import torch
 
 from ppow_plugin import distributed
 from ppow_plugin.config import Config
-from ppow_plugin.method import dense, losses, minibatch, rewards, rollout, windowing
+from ppow_plugin.method import data_verify, dense, losses, minibatch, rewards, rollout, windowing
 from ppow_plugin.training import dense_step, greedy_window
 from ppow_plugin.training.sft_step import StepResult
 from ppow_plugin.training.target_passes import TargetPasses, sequence_tensors
@@ -87,7 +87,7 @@ class PpowStep:
         drawn = self._draw(ids, tpass.logits, dpass, starts, drafter_pass)
         valid_windows = torch.ones_like(drawn.tokens, dtype=torch.bool)
         if cfg.rollout.verify == "data":  # no target rows past the sequence's end
-            valid_windows = rollout.on_sequence_mask(ids.numel(), starts, *drawn.tokens.shape[1:])
+            valid_windows = data_verify.on_sequence_mask(ids.numel(), starts, *drawn.tokens.shape[1:])
 
         def flat_groups(d: rollout.Drawn) -> torch.Tensor:  # [n] True: every window of the group earns the same
             rw = self.window_rewards(d.accept_len, d.target_greedy_lp, d.target_draft_lp, valid_windows)[2]
@@ -126,7 +126,7 @@ class PpowStep:
         target_ids = self.adapter.to_target_ids(self.drafter, tokens)
         with torch.no_grad():
             if r.verify == "data":
-                verified = rollout.verify_on_data(ids, sequence_logits, starts, target_ids)
+                verified = data_verify.verify_on_data(ids, sequence_logits, starts, target_ids)
             else:
                 verified = rollout.verify_windows(
                     self.target, self.kv, ids, starts, target_ids, r.verify, r.verify_temperature,

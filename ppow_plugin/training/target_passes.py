@@ -32,7 +32,7 @@ class TargetPasses:
     A miss runs the target, stores the pass and then uses its fp16-rounded copy, so a step computes the same
     whether its sequence was cached before or not (resume stays bit-exact). Cached SFT passes carry logits
     only at `valid` positions (the only ones SFT reads), or none when the adapter's SFT loss recomputes them;
-    PPOW's rollout path reads every row (windows, ADAW, `rollout.verify_on_data`); its data-path step
+    PPOW's rollout path reads every row (windows, ADAW, `data_verify.verify_on_data`); its data-path step
     (`rollout.positions: all | N`) only the valid positions and the K-1 rows after each (`dense.judged_rows`).
     """
 
