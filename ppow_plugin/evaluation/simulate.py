@@ -45,13 +45,12 @@ from torch import Tensor
 
 from ppow_plugin.data import continuations
 from ppow_plugin.drafters import adapters
-from ppow_plugin.evaluation import eval_report, tree_decode
+from ppow_plugin.evaluation import eval_report, tree_walk
 from ppow_plugin.host import eagle_compat
 from ppow_plugin.method import rollout
 
 TOPK = 10           # children the host drafts per static-tree node (eagle/model/cnets.py `top_k`)
 MARGIN = 16         # continuation tokens past max_new_tokens: roots up to max_new_tokens need depth + 2 more
-ROOT_CHUNK = 32     # roots per batched drafter pass (bounds memory: chunk × nodes × sequence)
 
 # Stop rules after a cycle that commits `new` tokens in all: the host's eagenerate stops once
 # new > max_new_tokens, our generate_eagle3 once new >= max_new_tokens (counting then cuts both alike).
@@ -236,27 +235,18 @@ def _rows(kv, idx: Tensor):
     return tuple(_rows(x, idx) for x in kv)
 
 
-def dynamic_accept_lengths(drafter, seq: Sequencer, roots: Tensor, tree) -> Tensor:
-    """[R] accepted drafts of the decoder's dynamic tree at each root (`tree` has depth/top_k/total_tokens)."""
-    ids, past, dev = seq.ids.cpu(), seq.dpass.out_features.shape[0], seq.ids.device  # trees are built on the CPU
-    out = []
-    for chunk in roots.to(dev).split(ROOT_CHUNK):
-        visible = torch.arange(past, device=dev)[None] < chunk[:, None]     # [n, T-1] pairs before each root
-        cand = tree_decode.draft_candidates(drafter, seq.dpass.kv, visible, seq.dpass.out_features[chunk - 1],
-                                            seq.logits[chunk - 1], chunk, tree.depth, tree.top_k)
-        for b, root in enumerate(chunk.tolist()):
-            t = tree_decode.build_tree(int(ids[root]), *(x[b].cpu() for x in cand), tree.total_tokens)
-            _, a = tree_decode.greedy_path(t, ids[root + t.depth + 1])  # target's next token after each node
-            out.append(a)
-    return torch.tensor(out, dtype=torch.long, device="cpu")  # per-root counts: read on the CPU
-
-
-def accept_lengths(fmt: str, drafter, target, seq: Sequencer, roots: Tensor, tree) -> Tensor:
+def accept_lengths(fmt: str, drafter, target, seq: Sequencer, roots: Tensor, tree,
+                   every_root: bool = False) -> Sequence[int]:
+    """Accepted drafts at each root (entry i: root `roots[i]`). A dynamic tree is drafted lazily, only at the
+    roots the walk reads and only as deep as needed (`tree_walk.walked_accept_lengths`), unless `every_root`
+    (the reference, `tree_walk.dynamic_accept_lengths`: every root, full trees)."""
     if isinstance(tree, StaticTree):
-        return static_accept_lengths(fmt, drafter, target, seq, roots, tree)
+        return static_accept_lengths(fmt, drafter, target, seq, roots, tree).tolist()
     if fmt != "eagle3":
         raise ValueError("dynamic trees need an EAGLE-3 drafter (the EAGLE-1 host drafts static trees)")
-    return dynamic_accept_lengths(drafter, seq, roots, tree)
+    if every_root:
+        return tree_walk.dynamic_accept_lengths(drafter, seq, roots, tree).tolist()
+    return tree_walk.walked_accept_lengths(drafter, seq, roots, tree)
 
 
 # --- one prompt, many prompts ---------------------------------------------------------------------
@@ -283,10 +273,11 @@ def continuation_length(max_new_tokens: int, tree) -> int:
 
 @torch.no_grad()
 def simulate_one(fmt: str, drafter, target, cont: continuations.Continuation, max_new_tokens: int, tree,
-                 eos_token_id: int | None, stop: str) -> Cycles:
-    """The decoder's cycles on one prompt (see the module doc)."""
+                 eos_token_id: int | None, stop: str, every_root: bool = False) -> Cycles:
+    """The decoder's cycles on one prompt (see the module doc); `every_root`: `accept_lengths`' reference."""
     seq = teacher_forced(fmt, drafter, target, cont)
-    accept = accept_lengths(fmt, drafter, target, seq, _roots(cont, max_new_tokens, eos_token_id), tree).tolist()
+    roots = _roots(cont, max_new_tokens, eos_token_id)
+    accept = accept_lengths(fmt, drafter, target, seq, roots, tree, every_root)
     return walk_cycles(accept, cont.ids[cont.prompt_len:].tolist(), eos_token_id, max_new_tokens, stop)
 
 

@@ -30,12 +30,11 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ppow_plugin.host import eagle_compat
-from ppow_plugin.drafters.draft_vocab import draft_to_target_ids
 from ppow_plugin.drafters.eagle3 import DraftKV, Eagle3Drafter, target_features
+from ppow_plugin.evaluation.tree_draft import Candidates, draft_candidates, root_children  # noqa: F401 (re-exported)
 
 
 class DraftTree(NamedTuple):
@@ -172,66 +171,6 @@ def sample_accept(tree: DraftTree, logits: Tensor, temperature: float,
 # Drafting
 
 
-class Candidates(NamedTuple):
-    """Drafted nodes of B dynamic trees, before `build_tree` keeps the best `total_tokens` of each."""
-    tokens: Tensor  # [B, C] int64 target ids
-    parent: Tensor  # [B, C] int64 candidate index of the parent, -1 = the root
-    score: Tensor   # [B, C] float32 cumulative drafter log-prob
-    depth: Tensor   # [B, C] int64 (root children = 1)
-
-
-def draft_candidates(drafter: Eagle3Drafter, kv: DraftKV, visible: Tensor, last_hidden: Tensor,
-                     last_logits: Tensor, root_pos: Tensor, depth: int, top_k: int) -> Candidates:
-    """Grow the dynamic trees of B roots at once, from each root's last committed pair.
-
-    The decoder grows one tree per cycle (B = 1, `draft_tree`); the simulation (`simulate.py`) grows the
-    trees of many roots of a sequence in one batch, each root seeing only its own prefix of a shared
-    cache. Per level, root b's k frontier nodes attend its visible committed pairs, their own ancestors
-    and themselves.
-
-    Args:
-        kv: drafter cache of committed pairs, (k, v) each [1 or B, kv_heads, S, head_dim] (read only).
-        visible: [B, S] bool, True where root b may attend committed pair s (its prefix).
-        last_hidden: [B, H] drafter out_hidden at each root's last committed pair.
-        last_logits: [B, Vd] drafter logits there (they predict the root's children).
-        root_pos: [B] int64 sequence position of each root (= committed tokens before it).
-    """
-    d2t, dev = drafter.d2t, last_hidden.device
-    b, k = last_hidden.shape[0], top_k
-    top = F.log_softmax(last_logits.float(), -1).topk(k)                     # [B, k]
-    toks, scores = [draft_to_target_ids(top.indices, d2t)], [top.values]
-    parents = [torch.full((b, k), -1, dtype=torch.long, device=dev)]
-    depths = [torch.ones(b, k, dtype=torch.long, device=dev)]
-    frontier = torch.arange(k, device=dev).expand(b, k)                      # [B, k] candidate ids expanded
-    f_hidden = last_hidden[:, None].expand(b, k, last_hidden.shape[-1])      # [B, k, H]
-    f_score = top.values                                                     # [B, k]
-    f_anc = torch.zeros(b, k, 0, dtype=torch.bool, device=dev)              # [B, k, E] visible tree entries
-    committed = visible[:, None].expand(b, k, visible.shape[1])              # [B, k, S]
-    eye = torch.eye(k, dtype=torch.bool, device=dev).expand(b, k, k)
-    kv = tuple(t.expand(b, *t.shape[1:]) for t in kv)
-    n_cand = k
-    for level in range(1, depth + 1):
-        anc = torch.cat([f_anc, eye], dim=2)                                 # [B, k, E+k]
-        mask = torch.cat([committed, anc], dim=2)                            # [B, k, S+E+k]
-        pos = (root_pos + level - 1)[:, None].expand(b, k)
-        f_tokens = torch.cat(toks, 1).gather(1, frontier)                    # [B, k]
-        out, logits, kv = drafter(f_hidden, f_tokens, past_kv=kv, position_ids=pos, attention_mask=mask)
-        child = F.log_softmax(logits.float(), -1).topk(k)                    # [B, k, k]
-        cum = (f_score[..., None] + child.values).reshape(b, k * k)          # [B, k*k]
-        toks.append(draft_to_target_ids(child.indices.reshape(b, k * k), d2t))
-        parents.append(frontier.repeat_interleave(k, dim=1))
-        scores.append(cum)
-        depths.append(torch.full((b, k * k), level + 1, dtype=torch.long, device=dev))
-        best = cum.topk(k).indices                                           # [B, k] into the k*k children
-        rows = best // k
-        frontier = n_cand + best
-        n_cand += k * k
-        f_hidden = out.gather(1, rows[..., None].expand(b, k, out.shape[-1]))
-        f_score = cum.gather(1, best)
-        f_anc = anc.gather(1, rows[..., None].expand(b, k, anc.shape[-1]))
-    return Candidates(*(torch.cat(x, 1) for x in (toks, parents, scores, depths)))
-
-
 def draft_tree(drafter: Eagle3Drafter, kv: DraftKV, last_hidden: Tensor, last_logits: Tensor, root_token: int,
                root_pos: int, depth: int, top_k: int, total_tokens: int) -> DraftTree:
     """The decoder's tree for one root: `draft_candidates` (B = 1) laid out by `build_tree`.
@@ -357,4 +296,4 @@ def generate_eagle3(target: nn.Module, drafter: Eagle3Drafter, input_ids: Tensor
 
 
 __all__ = ["Candidates", "DraftTree", "Eagle3Output", "build_tree", "draft_candidates", "draft_tree",
-           "generate_eagle3", "greedy_accept", "greedy_path", "positions_needed", "sample_accept"]
+           "generate_eagle3", "greedy_accept", "greedy_path", "positions_needed", "root_children", "sample_accept"]
