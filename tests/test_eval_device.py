@@ -17,7 +17,7 @@ from ppow_plugin import cli, devices
 from ppow_plugin.config import EvalCfg, load_config
 from ppow_plugin.data import continuations, datasets, generate
 from ppow_plugin.errors import UserError
-from ppow_plugin.evaluation import evaluate, profile, simulate, tree_decode
+from ppow_plugin.evaluation import evaluate, profile, simulate, tree_decode, tree_draft, tree_walk
 from ppow_plugin.host import eagle_compat, patching
 from tiny import make_conversations, make_target, overrides
 
@@ -160,7 +160,8 @@ def test_a_gpu_that_is_not_there_is_one_error_line_and_nothing_is_written(target
 # --- no tensor of a device path is made on the CPU by default ---------------------------------------
 
 FACTORIES = {"zeros", "ones", "arange", "full", "empty", "tensor", "eye", "rand", "randn", "randint"}
-DEVICE_PATHS = [simulate.draft_greedy_path, simulate.dynamic_accept_lengths, continuations.greedy_batches,
+DEVICE_PATHS = [simulate.draft_greedy_path, tree_walk.dynamic_accept_lengths, tree_walk.tree_accepts,
+                tree_draft.start_trees, tree_draft.grow, continuations.greedy_batches,
                 generate._generate_batch, tree_decode.draft_candidates, tree_decode.draft_tree]
 
 
