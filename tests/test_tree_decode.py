@@ -54,6 +54,38 @@ def test_build_tree_ties_keep_parents():
     assert tree.tokens.tolist() == [0, 5, 6] and tree.parent.tolist() == [-1, 0, 1]
 
 
+def test_build_tree_masks_and_paths_on_random_trees():
+    """On random candidate sets (as `draft_candidates` makes them: k per level under the k best of the level
+    above, ties included), every mask row is the node's ancestors and itself, and `retrieve` lists each leaf's
+    root→leaf path in node order, leaves ascending. Checked against the parent chain, written out here."""
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(300):
+        k, levels, total = (int(torch.randint(lo, hi, (), generator=gen)) for lo, hi in ((1, 5), (0, 5), (1, 30)))
+        score = -torch.randint(0, 3, (k,), generator=gen).float()                  # ties on purpose
+        parent, depth, front = [-1] * k, [1] * k, list(range(k))
+        for lvl in range(levels):
+            base = len(parent)
+            parent += [f for f in front for _ in range(k)]
+            depth += [lvl + 2] * (k * len(front))
+            step = torch.randint(0, 2, (k * len(front),), generator=gen).float()
+            score = torch.cat([score, score[torch.tensor(parent[base:])] - step])
+            front = (base + (-score[base:]).sort(stable=True).indices[:k]).tolist()
+        tokens = torch.randint(0, 50, (len(parent),), generator=gen)
+        tree = build_tree(99, tokens, torch.tensor(parent), score, torch.tensor(depth), total)
+        n = tree.tokens.numel()
+        paths = []
+        for i in range(n):
+            chain, j = [], i
+            while j >= 0:
+                chain.append(j)
+                j = int(tree.parent[j])
+            assert tree.tree_mask[i].nonzero()[:, 0].tolist() == sorted(chain)
+            paths.append(chain[::-1])
+        leaves = [i for i in range(n) if i not in tree.parent.tolist()]
+        width = int(tree.depth.max()) + 1
+        assert tree.retrieve.tolist() == [paths[i] + [-1] * (width - len(paths[i])) for i in leaves]
+
+
 @needs_host
 def test_greedy_accept_follows_target_argmax():
     tree = _hand_tree()

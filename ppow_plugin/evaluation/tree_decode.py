@@ -82,19 +82,18 @@ def build_tree(root_token: int, cand_tokens: Tensor, cand_parent: Tensor, cand_s
     if (parent[1:] < 0).any():
         raise AssertionError("draft tree lost a parent node; candidate scores must not exceed their parent's")
     n = kept.numel() + 1
+    depth = torch.cat([torch.zeros(1, dtype=torch.long), cand_depth[kept].long()])
     mask = torch.zeros(n, n)
     mask[0, 0] = 1.0
-    for i in range(1, n):
-        mask[i] = mask[parent[i]]
-        mask[i, i] = 1.0
-    depth = torch.cat([torch.zeros(1, dtype=torch.long), cand_depth[kept].long()])
+    for d in range(1, int(depth.max()) + 1):  # a node's row: its parent's (one depth up) plus itself
+        nodes = (depth == d).nonzero()[:, 0]
+        mask[nodes] = mask[parent[nodes]]
+        mask[nodes, nodes] = 1.0
     has_child = torch.zeros(n, dtype=torch.bool)
     has_child[parent[1:]] = True
     leaves = (~has_child).nonzero()[:, 0]
-    retrieve = torch.full((leaves.numel(), int(depth.max()) + 1), -1, dtype=torch.long)
-    for row, leaf in enumerate(leaves.tolist()):
-        path = mask[leaf].nonzero()[:, 0]  # ancestors in node order = root→leaf order
-        retrieve[row, :path.numel()] = path
+    ancestors = torch.where(mask[leaves] > 0, torch.arange(n), n).sort(1).values[:, :int(depth.max()) + 1]
+    retrieve = torch.where(ancestors < n, ancestors, -1)  # ancestors in node order = root→leaf order, -1 padded
     tokens = torch.cat([torch.tensor([root_token]), cand_tokens[kept]])
     score = torch.cat([torch.zeros(1), cand_score[kept].float()])
     return DraftTree(tokens, parent, depth, score, mask, retrieve)
