@@ -1,6 +1,7 @@
 """Evaluation: the target and drafter an evaluation reads, checked to fit (`inputs`), tree decoding on the
-host target (`tree_decode`), real decoding and tau (`evaluate`), the
-exact simulation of decoding from cached continuations (`simulate`), per-prompt records and reports
+host target (`tree_decode`, drafting in `tree_draft`), real decoding and tau (`evaluate`), the
+exact simulation of decoding from cached continuations (`simulate`; dynamic trees only where the cycle walk
+reads them, `tree_walk`), per-prompt records and reports
 (`eval_report`), paired bootstrap intervals (`intervals`), drafter cost gamma (`profile`) and the in-training
 tau probe (`tau_probe`).
 

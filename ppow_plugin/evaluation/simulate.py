@@ -20,7 +20,9 @@ root's committed state at once; prefix masks keep each root to its own past.
 Trees:
 1. Dynamic (EAGLE-3 drafters, as `ppow eval`): `tree_decode.draft_candidates` + `build_tree` +
    `greedy_path`, the decoder's own functions, batched over roots. The kept set depends on every
-   drafted node's score, so the whole tree is drafted for every root.
+   drafted node's score, so a root's tree is drafted level by level until its accepted length cannot
+   change, and only at the roots the walk reads (`tree_walk`); `every_root=True` drafts the full tree at
+   every root (the reference, equal root by root: tests/test_simulate_walk.py).
 2. Static (EAGLE-1 drafters: the host's `mc_sim_7b_63`; `chain(d)`: a plain chain of depth d). A static
    tree's node set does not depend on the drafter, so only the nodes on the greedy path can be accepted:
    we draft the greedy path itself (`rollout.draft_windows` re-scoring the continuation, one row per
