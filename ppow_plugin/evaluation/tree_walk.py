@@ -18,8 +18,10 @@ root's tree when the walk first reads it, batched with the next roots of the wal
   A root whose first level misses the next greedy token is decided before any drafter step (0).
 
 A guess steers the batches, never a result: every value the walk reads is drafted by the reference's own
-functions (`tree_draft`, `build_tree`, `greedy_path`). A drafter row is computed the same whichever rows
-share its batch (checked against the reference on the committed drafters: tests/test_simulate_walk.py).
+functions (`tree_draft`, `build_tree`, `greedy_path`). Bit for bit so where a drafter row is computed the
+same whichever rows share its batch: on the CPU with one torch thread (checked against the reference on the
+committed drafters: tests/test_simulate_walk.py); with several threads, or on a GPU, a small batch may round
+differently in the last bit (docs/evaluation.md, "Simulated acceptance").
 """
 
 from __future__ import annotations
