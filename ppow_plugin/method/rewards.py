@@ -164,3 +164,21 @@ def joint_reward(
     speedup = speedup_weight * speedup_reward(accept_len, gamma)
     proximity = proximity_weight * proximity_reward(accept_len, delta, eta, epsilon)
     return RewardBreakdown(total=speedup + proximity, speedup=speedup, proximity=proximity)
+
+
+def window_rewards(accept_len: Tensor, greedy_lp: Tensor, draft_lp: Tensor, valid: Tensor, rc, gamma: float):
+    """The recipe's reward of verified windows, the one rule every PPOW path uses.
+
+    Args:
+        accept_len: [n, G] accepted draft tokens (the verification's count).
+        greedy_lp, draft_lp, valid: [n, G, K] the target's log-prob of its greedy token / of the drafted token, and
+            which positions exist (`proximity_delta`).
+        rc: the recipe's `RewardCfg` (accept_cap, delta_positions, eta, epsilon, speedup_weight, proximity_weight).
+        gamma: the drafter's cost per token relative to the target's.
+    Returns:
+        (k as decoding counts it [n, G], Δ [n, G], RewardBreakdown).
+    """
+    accept = counted_accept_len(accept_len, rc.accept_cap)
+    delta = proximity_delta(greedy_lp, draft_lp, valid, rc.delta_positions)
+    return accept, delta, joint_reward(accept, delta, gamma, rc.eta, rc.epsilon, rc.speedup_weight,
+                                       rc.proximity_weight)

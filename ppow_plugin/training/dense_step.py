@@ -166,20 +166,12 @@ def data_path_loss(adapter, drafter, target, item: dict, cfg, gamma: float, gen:
     return loss, stats
 
 
-def window_rewards(accept_len: Tensor, greedy_lp: Tensor, draft_lp: Tensor, valid: Tensor, cfg, gamma: float):
-    """-> (k as decoding counts it [n, G], Δ [n, G], RewardBreakdown): `Trainer._window_rewards`'s rule."""
-    rc = cfg.reward
-    accept = rewards.counted_accept_len(accept_len, rc.accept_cap)
-    delta = rewards.proximity_delta(greedy_lp, draft_lp, valid, rc.delta_positions)
-    return accept, delta, rewards.joint_reward(accept, delta, gamma, rc.eta, rc.epsilon, rc.speedup_weight,
-                                               rc.proximity_weight)
-
-
 def _sampled(w: dense.DenseWindows, old_logprobs: Tensor, cfg, gamma, baseline: Tensor | None):
     """Dense sampled windows (`w.logprobs` under the current policy, with grad; `old_logprobs` [n, G, K] at drawing
     time; `baseline` [n] or None = the group mean) -> (policy loss, [n, K] KL row weights, stats)."""
     r, lc, rc = cfg.rollout, cfg.loss, cfg.reward
-    accept, delta, rw = window_rewards(w.accept_len, w.target_greedy_lp, w.target_draft_lp, w.valid_mask, cfg, gamma)
+    accept, delta, rw = rewards.window_rewards(w.accept_len, w.target_greedy_lp, w.target_draft_lp, w.valid_mask,
+                                               cfg.reward, gamma)
     adv = losses.group_advantages(rw.total, scale=lc.advantage_scale, baseline=baseline)
     delta_len = rc.delta_positions or r.window
     credited = losses.credit_mask(accept, w.valid_mask, lc.credit, delta_len, rc.accept_cap, adv)

@@ -7,7 +7,7 @@ Used twice (issue 27): the current drafter's greedy k at the step's starts, logg
 and the frozen reference drafter's greedy-window reward, the baseline of `loss.baseline: reference` (GTO, arXiv
 2509.22134). The window is the drafter's argmax at every depth, drafted as the rollouts are
 (`adapter.draft_windows`, one member) and verified as they are (`rollout.verify`; a tree verification is run
-greedy, the T = 0 protocol), then rewarded by the step's reward (`dense_step.window_rewards`). No gradient.
+greedy, the T = 0 protocol), then rewarded by the step's reward (`rewards.window_rewards`). No gradient.
 """
 
 from __future__ import annotations
@@ -18,8 +18,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from ppow_plugin.method import data_verify, dense, rollout
-from ppow_plugin.training import dense_step
+from ppow_plugin.method import data_verify, dense, rewards, rollout
 
 
 class GreedyWindows(NamedTuple):
@@ -48,5 +47,5 @@ def greedy_windows(adapter, drafter, target, kv, dpass: rollout.DraftPass, ids: 
             accept, _, draft_lp, greedy_lp = rollout.verify_windows(
                 target, kv, ids, starts, target_ids, "greedy", 1.0, torch.zeros(target_ids.shape, device=ids.device))
             valid = torch.ones_like(target_ids, dtype=torch.bool)
-    accept, _, rw = dense_step.window_rewards(accept, greedy_lp, draft_lp, valid, cfg, gamma)
+    accept, _, rw = rewards.window_rewards(accept, greedy_lp, draft_lp, valid, cfg.reward, gamma)
     return GreedyWindows(accept[:, 0], rw.total[:, 0])

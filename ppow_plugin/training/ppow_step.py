@@ -90,7 +90,8 @@ class PpowStep:
             valid_windows = data_verify.on_sequence_mask(ids.numel(), starts, *drawn.tokens.shape[1:])
 
         def flat_groups(d: rollout.Drawn) -> torch.Tensor:  # [n] True: every window of the group earns the same
-            rw = self.window_rewards(d.accept_len, d.target_greedy_lp, d.target_draft_lp, valid_windows)[2]
+            rw = rewards.window_rewards(d.accept_len, d.target_greedy_lp, d.target_draft_lp, valid_windows,
+                                        self.cfg.reward, self.gamma)[2]
             return (losses.group_advantages(rw.total) == 0).all(dim=1)
 
         drawn, item["redrawn"] = rollout.redraw_flat_groups(  # dynamic sampling (rollout.resample_tries)
@@ -133,14 +134,6 @@ class PpowStep:
                     rollout.proposal_logprobs(logprobs, r.greedy_members), self.gen)
         return rollout.Drawn(tokens, logprobs, logits, *verified)
 
-    def window_rewards(self, accept_len, greedy_lp, draft_lp, valid) -> tuple:
-        """-> (k as decoding counts it [n, G], Δ [n, G], RewardBreakdown) under the recipe's reward."""
-        rc = self.cfg.reward
-        accept = rewards.counted_accept_len(accept_len, rc.accept_cap)
-        delta = rewards.proximity_delta(greedy_lp, draft_lp, valid, rc.delta_positions)
-        return accept, delta, rewards.joint_reward(accept, delta, self.gamma, rc.eta, rc.epsilon, rc.speedup_weight,
-                                                   rc.proximity_weight)
-
     def loss(self, item: dict, part: minibatch.Part = minibatch.WHOLE) -> StepResult:
         """Clipped group-relative policy loss + β·KL(target‖drafter) on the windows of `part` of the starts
         + ω·distillation."""
@@ -171,8 +164,8 @@ class PpowStep:
             _, new_lp, new_logits = self.adapter.draft_windows(self.drafter, self.target, dpass, ro.starts, r,
                                                                tokens=ro.draft_tokens)
         rc = cfg.reward
-        accept, delta, rw = self.window_rewards(ro.accept_len, ro.target_greedy_logprobs, ro.target_draft_logprobs,
-                                                ro.valid_mask)  # accept: what decoding can accept
+        accept, delta, rw = rewards.window_rewards(ro.accept_len, ro.target_greedy_logprobs, ro.target_draft_logprobs,
+                                                   ro.valid_mask, cfg.reward, self.gamma)  # accept: what decoding can accept
         baseline = item["ref_reward"][index] if self.reference is not None else None
         adv = losses.group_advantages(rw.total, scale=cfg.loss.advantage_scale, baseline=baseline)
         delta_len = rc.delta_positions or r.window
