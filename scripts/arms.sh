@@ -15,10 +15,12 @@
 # Knobs: RUNS     arms to run (default all below)           MINUTES  training minutes per arm (default 60)
 #        JOBS     arms (and compares) side by side (2)      THREADS  torch threads per process (1)
 #        GEN_START  the non-converged start (assets/drafters/smollm2-135m-<family>-sft-gen)
-#        CST_LR   continued-SFT lr (5e-5: converge.sh's and the -long drafters')
-#        CST_SCHEDULE  constant (default) | cosine: arms 1-2 as one cosine cycle (100 warm-up steps) over the steps
-#                 MINUTES give at the arm's step rate (run.max_steps; run.max_minutes still caps), as
-#                 `LR=3e-4 SCHEDULE=cosine WARMUP=100 scripts/converge.sh` (the recipe's own schedule)
+#        CST_LR   continued-SFT lr (3e-4, the SFT recipes')
+#        CST_SCHEDULE  cosine (default): arms 1-2 as one cycle of the SFT recipes' schedule (100 warm-up steps,
+#                 cosine to 0) over the steps MINUTES give at the arm's step rate (run.max_steps; run.max_minutes
+#                 still caps): `LR=3e-4 SCHEDULE=cosine WARMUP=100 scripts/converge.sh`'s run, the stronger
+#                 control (docs/results.md §8: +6.5 % / +4.3 % on MT-Bench in an hour against +4.7 % / +1.7 % at
+#                 5e-5 constant); constant: lr CST_LR (then 5e-5, as the -long drafters) without warm-up
 #        TUNE_LRS lr candidates of arms 3 and 4 ("5.0e-6 2.0e-5 5.0e-5"; "" = the recipe's 5e-6), each trained
 #                 TUNE_MIN minutes (15) from START and compared on the tuning prompts (OUT/tuning-lr-ARM); the
 #                 higher τ is the arm's lr (OUT/lr-ARM.txt), also for the ablations of it and its gen_ arm.
@@ -33,7 +35,7 @@
 # Arms (the recipe of each family; START unless gen_; every arm: model.drafter, run.max_minutes, the τ probe
 # on 16 held-out ShareGPT prompts, eval.every_steps; data = the committed 2048 generated answers). The probe's
 # prompts are the first 16 of the ShareGPT evaluation set: a training curve only, nothing is chosen by it.
-#  1 cst        continued SFT: recipes/smollm2/135M_<f>_sft_generated.yaml, optim.lr=CST_LR constant, no warm-up,
+#  1 cst        continued SFT: recipes/smollm2/135M_<f>_sft_generated.yaml, CST_LR and CST_SCHEDULE,
 #               the start's own SFT loss (EAGLE-1 sft.vocab_rows=4096; EAGLE-3 sft.ttt_steps=4, its 8192 draft
 #               vocabulary): exactly converge.sh's run. Controls: "does more of the same training still help".
 #  2 deep_sft   arm 1 + the SFT loss at every draft depth PPOW's window trains (K = rollout.window):
@@ -121,7 +123,7 @@ RUNS=${RUNS:-$MAIN $ABLATIONS $GEN}
 . scripts/arms_lib.sh
 
 family_settings "$FAMILY"
-case ${CST_SCHEDULE:-constant} in constant | cosine) ;;
+case ${CST_SCHEDULE:=cosine} in constant | cosine) ;;
   *) echo "error: CST_SCHEDULE must be constant or cosine, not '$CST_SCHEDULE'" >&2; exit 2 ;; esac
 for arm in $RUNS; do
   case " $MAIN $ABLATIONS $GEN " in *" $arm "*) ;;
@@ -135,10 +137,10 @@ schedule() {  # schedule RATE: the probe and checkpoint overrides
        "eval.every_steps=$(every "$1" "$PROBES") run.save_every=$(every "$1" 12)"
 }
 sft_args() {  # sft_args RATE: arms 1-2's data and lr schedule
-  local a="data.path=$DATA optim.lr=${CST_LR:-5.0e-5}"
-  case ${CST_SCHEDULE:-constant} in
-    constant) echo "$a optim.schedule=constant optim.warmup_steps=0" ;;
-    cosine)   echo "$a optim.schedule=cosine optim.warmup_steps=100 run.max_steps=$(( $1 * MIN / 60 ))" ;;
+  case $CST_SCHEDULE in
+    constant) echo "data.path=$DATA optim.lr=${CST_LR:-5.0e-5} optim.schedule=constant optim.warmup_steps=0" ;;
+    cosine)   echo "data.path=$DATA optim.lr=${CST_LR:-3.0e-4} optim.schedule=cosine optim.warmup_steps=100" \
+                   "run.max_steps=$(( $1 * MIN / 60 ))" ;;
   esac
 }
 lr_of() {  # lr_of dense|expected: "optim.lr=X" once chosen (LR_<arm> or OUT/lr-<arm>.txt), else nothing

@@ -7,9 +7,10 @@
 # Budget: STEPS steps (default: what 60 uncontended minutes gave when the start itself was trained:
 # 14 400 for EAGLE-1, 2 420 for EAGLE-3, docs/results.md §1b and §1c). A step budget, not a wall-time
 # one, so that other work on the machine cannot make the start look converged by starving its run;
-# the run's wall time is in OUT/sft/metrics.jsonl. The recipe's SFT loss, lr LR (5e-5) with SCHEDULE
-# (constant) after WARMUP steps (0): what the -long drafters were trained with; LR=3e-4 SCHEDULE=cosine
-# WARMUP=100 is the recipe's own schedule, one cosine cycle over the budget. One torch thread (THREADS),
+# the run's wall time is in OUT/sft/metrics.jsonl. The recipe's SFT loss and schedule: one cycle of lr LR
+# (3e-4) with SCHEDULE (cosine, to 0 at the budget's end) after WARMUP steps (100), arm 1 of scripts/arms.sh.
+# The first round (docs/results.md §8) ran LR=5e-5 SCHEDULE=constant WARMUP=0, as the -long drafters were
+# trained. One torch thread (THREADS),
 # the committed generated answers. PROBE_EVERY=N: a τ probe (16 held-out ShareGPT prompts) every N steps.
 # Resumable: rerun the same command; training resumes from its newest checkpoint, finished
 # evaluations are kept (OUT/cmp-*/compare.md).
@@ -23,7 +24,7 @@ FAMILY=${2:?family: eagle1 or eagle3}
 OUT=${3:?OUT: the output dir}
 PY=${PY:-.venv/bin/python}
 THREADS=${THREADS:-1}
-LR=${LR:-5.0e-5} SCHEDULE=${SCHEDULE:-constant} WARMUP=${WARMUP:-0}
+LR=${LR:-3.0e-4} SCHEDULE=${SCHEDULE:-cosine} WARMUP=${WARMUP:-100}
 export OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS
 DATA=assets/generated/smollm2-135m-sharegpt-2048
 RECIPE=recipes/smollm2/135M_${FAMILY}_sft_generated.yaml

@@ -47,6 +47,9 @@ def test_arms_dry_run_validates_every_arm(family, tmp_path):
     assert "loss.estimator=expected" in expected and "loss.sft_weight=1.0" in expected
     deep = next(line for line in lines if line.endswith("/deep_sft"))
     assert ("sft.multi_step=4" if family == "eagle1" else "sft.ttt_steps=8") in deep
+    cst = next(line for line in lines if line.endswith("/cst"))  # default: one cycle of the SFT recipe's schedule
+    steps = {"eagle1": 14400, "eagle3": 2420}[family]
+    assert f"optim.lr=3.0e-4 optim.schedule=cosine optim.warmup_steps=100 run.max_steps={steps} " in cst
     assert STARTS[family].replace("-long", "") + " " in next(line for line in lines if line.endswith("/gen_cst"))
     assert not out.exists()  # nothing run, nothing written
 
