@@ -75,9 +75,10 @@
 #  T = 1 is not run here (issue 28 asks for it or a documented reason; docs/results.md §7 has the method).
 #
 # Cost on this 2-core machine, JOBS=2 THREADS=1 (the τ probe's time is on top of MINUTES):
+#  lr tuning: 2 arms x 3 lr x TUNE_MIN 15 min, 2 at a time: 45 min, + 2 tuning compares (4 drafters x 48).
 #  training: 11 arms (4 main, then 4 ablations + 3 gen_) x 60 min, 2 at a time: 6 rounds = 6 h per family
 #    (arms 1-4 first, so that BEST is known after 2 h); the τ probes add
-#    6 x 16 prompts per arm: ~1 min (EAGLE-1), ~11 min (EAGLE-3) per arm, ~0.1 h / ~1 h in all.
+#    6 x 16 prompts per arm: ~1 min per arm (EAGLE-3: ~11 min before the walked simulation), ~0.1 h in all.
 #  evaluation: measured (2026-12-07, one thread, the two cores already busy with two training runs, load ~7):
 #    `ppow compare --simulate assets/drafters/smollm2-135m-<f>-sft-gen assets/drafters/smollm2-135m-<f>-sft-gen-long
 #    --names gen,long --benchmarks mt_bench --num-prompts 5 --max-new-tokens 128 --temperature 0 --recipe
@@ -87,11 +88,13 @@
 #    Simulations: (9 drafters x 444 benchmark prompts) + (4 x 444) + 3 tuning compares (5 + 5 + 4 drafters x 48)
 #    = 6 444 prompt-drafters, plus --per-depth on MT-Bench for 13 drafters x 80 prompts (~+3 s a prompt for
 #    EAGLE-1 and ~+1 simulation's time for EAGLE-3, docs/results.md §1b, §1c). One thread: EAGLE-1 ~2 h,
-#    EAGLE-3 ~14.5 h at 7 s (~25 h at 12 s); JOBS=2: ~1 h / ~7-12 h. Real decoding, 2 drafters x 20 prompts:
+#    EAGLE-3 ~14.5 h at 7 s (~25 h at 12 s); JOBS=2: ~1 h / ~7-12 h. Since the walked EAGLE-3 simulation
+#    (docs/results.md §3: 1.0-1.3 s per prompt and drafter, 6.4-6.9x) EAGLE-3 costs about what EAGLE-1 does:
+#    ~2-2.5 h on one thread, ~1-1.3 h with JOBS=2. Real decoding, 2 drafters x 20 prompts:
 #    EAGLE-1 ~95 s per prompt and drafter (measured in a 2-prompt smoke run of this script, load ~6),
 #    ~1 h; EAGLE-3 ~45 s a prompt on two threads (docs/results.md §6), ~0.5-1 h.
-#  In all, on two free cores: EAGLE-1 ~8.5 h, EAGLE-3 ~15-21 h; the EAGLE-3 evaluation is the largest single
-#    cost (fewer ShareGPT prompts for the ablations would be the first thing to cut, BENCHES/RUNS).
+#  In all, on two free cores: ~9 h per family (EAGLE-3 was 15-21 h before the walked simulation); training is
+#    the largest cost now (RUNS without the ablations and gen_ arms: ~3.5 h per family).
 # Curves (scripts/curves.py CURVES) the metrics provide: reward, greedy_accept_len (greedy-window k at the
 # training positions, not held-out ones), sim_tau (τ probe), zero_adv_frac, r_dist_rate, clip_frac (sampled
 # arms; the expected arm logs reward, greedy_accept_len only); SFT arms: top1_acc, multi_step_last_acc,
