@@ -232,3 +232,54 @@ def test_arms_cosine_continued_sft_spans_the_steps_of_its_minutes(tmp_path):
     assert "optim.schedule=cosine optim.warmup_steps=100 run.max_steps=1000 " in deep  # 2000/h
     bad = _dry(["scripts/arms.sh", STARTS["eagle1"], "eagle1", str(tmp_path / "o")], tmp_path, CST_SCHEDULE="step")
     assert bad.returncode != 0 and "CST_SCHEDULE must be constant or cosine, not 'step'" in bad.stderr
+
+
+FAKE_ROUNDS = '''
+import json, os, re, shutil, subprocess, sys
+from pathlib import Path
+args = sys.argv[1:]
+if args[:2] != ["-m", "ppow_plugin.cli"] or args[2] not in ("sft", "compare"):
+    sys.exit(subprocess.call([os.environ["REAL_PY"], *args]))
+with open(os.environ["FAKE_LOG"], "a") as log:
+    log.write(" ".join(args[2:]) + "\\n")
+if args[2] == "sft":  # the continued drafter: a copy of its start
+    get = lambda key: next(a.split("=", 1)[1] for a in args if a.startswith(key + "="))
+    shutil.copytree(get("model.drafter"), Path(get("run.output_dir")) / "drafter")
+else:
+    out = Path(args[args.index("--out") + 1])
+    value, low, high = json.loads(os.environ["FAKE_GAINS"])[re.search(r"round-(\\d+)", str(out)).group(1)]
+    out.mkdir(parents=True, exist_ok=True)
+    change = {"value": value, "low": low, "high": high, "text": f"{value:+.1%} [{low:+.1%}, {high:+.1%}]"}
+    (out / "compare.json").write_text(json.dumps({"drafters": {"start": {"overall": {"tau": 2.0}},
+                                                   "cont-sft": {"overall": {"tau": 2.0, "tau_change_vs_reference": change}}}}))
+    (out / "compare.md").write_text("fake\\n")
+'''
+
+
+def test_rounds_continue_sft_until_an_hour_gains_nothing(tmp_path):
+    """rounds.sh: round r starts from round r-1's drafter; the first round whose gain is < +1 % with an
+    interval covering 0 (tuning and MT-Bench) names its start converged; a rerun trains nothing again; a gain
+    of +0.5 % [+0.1, +0.9] (interval above 0) is not converged; MAX_ROUNDS without convergence fails."""
+    fake = tmp_path / "fakepy.py"
+    fake.write_text(FAKE_ROUNDS)
+    wrapper = tmp_path / "py"
+    wrapper.write_text(f"#!/bin/sh\nexec {sys.executable} {fake} \"$@\"\n")
+    wrapper.chmod(0o755)
+    log, out = tmp_path / "calls.log", tmp_path / "out"
+    gains = {"1": [0.065, 0.05, 0.08], "2": [0.005, 0.001, 0.009], "3": [0.004, -0.003, 0.011]}
+    env = {**os.environ, "PY": str(wrapper), "REAL_PY": sys.executable, "PYTHONPATH": str(ROOT),
+           "OMP_NUM_THREADS": "1", "FAKE_LOG": str(log), "FAKE_GAINS": json.dumps(gains)}
+    run = lambda **e: subprocess.run(["bash", "scripts/rounds.sh", STARTS["eagle1"], "eagle1", str(out)], cwd=ROOT,
+                                     env={**env, **e}, capture_output=True, text=True, timeout=900)
+    res = run()
+    assert res.returncode == 0, res.stderr + res.stdout
+    assert (out / "converged.txt").read_text().strip() == f"{out}/round-2/sft/drafter"
+    sfts = [c for c in log.read_text().splitlines() if c.startswith("sft ")]
+    assert [c.split("model.drafter=")[1].split()[0] for c in sfts] == [
+        STARTS["eagle1"], f"{out}/round-1/sft/drafter", f"{out}/round-2/sft/drafter"]
+    table = (out / "rounds.md").read_text().splitlines()
+    assert len(table) == 5 and table[-1].endswith("| converged |") and table[-2].endswith("| not |")
+    log.write_text("")
+    assert run().returncode == 0 and "sft " not in log.read_text()  # resumed: read back, nothing retrained
+    res = run(MAX_ROUNDS="2")
+    assert res.returncode == 1 and "no converged start after 2 rounds" in res.stderr
