@@ -168,6 +168,16 @@ def test_paired_table_against_any_drafter_and_the_real_check(tmp_path):
                                                  "| cst | mt_bench | 9 | 0.50 / 0.75 | 0.25 / 0.50 |"]
 
 
+def _fake_python(tmp_path: Path, source: str) -> Path:
+    """An executable standing in for $PY: runs `source` (a fake `python -m ppow_plugin.cli`) with the arguments."""
+    fake = tmp_path / "fakepy.py"
+    fake.write_text(source)
+    wrapper = tmp_path / "py"
+    wrapper.write_text(f"#!/bin/sh\nexec {sys.executable} {fake} \"$@\"\n")
+    wrapper.chmod(0o755)
+    return wrapper
+
+
 FAKE_PPOW = '''
 import json, os, subprocess, sys
 from pathlib import Path
@@ -192,11 +202,7 @@ else:
 def test_arms_tunes_the_lr_on_the_tuning_prompts_and_trains_with_it(tmp_path):
     """Phase 0b: one TUNE_MIN run per candidate lr and arm, compared on the tuning prompts; the higher τ is
     the arm's lr and reaches its 60-min run; a second call reuses OUT/lr-ARM.txt (no more tuning runs)."""
-    fake = tmp_path / "fakepy.py"
-    fake.write_text(FAKE_PPOW)
-    wrapper = tmp_path / "py"
-    wrapper.write_text(f"#!/bin/sh\nexec {sys.executable} {fake} \"$@\"\n")
-    wrapper.chmod(0o755)
+    wrapper = _fake_python(tmp_path, FAKE_PPOW)
     log, out = tmp_path / "calls.log", tmp_path / "out"
     env = {**os.environ, "PY": str(wrapper), "REAL_PY": sys.executable, "PYTHONPATH": str(ROOT),
            "OMP_NUM_THREADS": "1", "FAKE_LOG": str(log), "RUNS": "dense expected", "TUNE_LRS": "1.0e-6 3.0e-5",
@@ -260,11 +266,7 @@ def test_rounds_continue_sft_until_an_hour_gains_nothing(tmp_path):
     """rounds.sh: round r starts from round r-1's drafter; the first round whose gain is < +1 % with an
     interval covering 0 (tuning and MT-Bench) names its start converged; a rerun trains nothing again; a gain
     of +0.5 % [+0.1, +0.9] (interval above 0) is not converged; MAX_ROUNDS without convergence fails."""
-    fake = tmp_path / "fakepy.py"
-    fake.write_text(FAKE_ROUNDS)
-    wrapper = tmp_path / "py"
-    wrapper.write_text(f"#!/bin/sh\nexec {sys.executable} {fake} \"$@\"\n")
-    wrapper.chmod(0o755)
+    wrapper = _fake_python(tmp_path, FAKE_ROUNDS)
     log, out = tmp_path / "calls.log", tmp_path / "out"
     gains = {"1": [0.065, 0.05, 0.08], "2": [0.005, 0.001, 0.009], "3": [0.004, -0.003, 0.011]}
     env = {**os.environ, "PY": str(wrapper), "REAL_PY": sys.executable, "PYTHONPATH": str(ROOT),
