@@ -216,15 +216,15 @@ tune_one() {  # tune_one ARM LR
   local a; a=$(arm "$1")
   MIN=${TUNE_MIN:-15} train_arm "tune-$1-$2" ${a%% *} ${a#* } "optim.lr=$2" eval.every_steps=1000000
 }
-tuned=""
+tuned="" lrs=${TUNE_LRS-5.0e-6 2.0e-5 5.0e-5}
 for a in dense expected; do
-  in_runs "$a" && [ -z "$(lr_of "$a")" ] && [ -n "${TUNE_LRS-x}" ] || continue
-  for lr in ${TUNE_LRS-5.0e-6 2.0e-5 5.0e-5}; do queue tune_one "$a" "$lr"; done
+  in_runs "$a" && [ -z "$(lr_of "$a")" ] && [ -n "$lrs" ] || continue
+  for lr in $lrs; do queue tune_one "$a" "$lr"; done
   tuned="$tuned $a"
 done
 wait || true
 for a in $tuned; do
-  runs=""; for lr in ${TUNE_LRS-5.0e-6 2.0e-5 5.0e-5}; do runs="$runs tune-$a-$lr"; done
+  runs=""; for lr in $lrs; do runs="$runs tune-$a-$lr"; done
   for r in $runs; do [ -d "$OUT/$r/drafter" ] || { echo "error: no drafter from $r; see $OUT/$r.log" >&2; exit 1; }; done
   compare_into "$OUT/tuning-lr-$a" $(group start "$START" $runs) $SIMARGS --prompts "$OUT/dev-prompts.jsonl"
   $PY -c 'import json, sys; d = json.load(open(sys.argv[1]))["drafters"]; prefix = sys.argv[2]

@@ -18,7 +18,7 @@ MAX=${MAX_ROUNDS:-8}
 [ -d "$START" ] || { echo "error: START $START is not a drafter directory; pass a drafter dir or a run's drafter/" >&2; exit 2; }
 DRY=1 bash scripts/converge.sh "$START" "$FAMILY" "$OUT/round-1" > /dev/null  # the family and config, before any work
 
-# verdict ROUND_DIR: "converged" or "not", and the gains, from the round's compare.json files
+# verdict ROUND_DIR: "converged" or "not", the tuning and the MT-Bench gain, tab-separated, from its compare.json
 verdict() {
   $PY - "$1" <<'EOF'
 import json, sys
@@ -27,8 +27,8 @@ for bench in ("tuning48", "mt_bench80"):
     c = json.load(open(f"{sys.argv[1]}/cmp-{bench}/compare.json"))["drafters"]["cont-sft"]["overall"]
     ch = c["tau_change_vs_reference"]
     ok &= ch["value"] < 0.01 and ch["low"] <= 0 <= ch["high"]
-    gains.append(f"{bench} {ch['text']}")
-print(("converged" if ok else "not") + " | " + " | ".join(gains))
+    gains.append(ch["text"])
+print("\t".join(["converged" if ok else "not", *gains]))
 EOF
 }
 
@@ -39,11 +39,10 @@ for r in $(seq 1 "$MAX"); do
   dir=$OUT/round-$r
   bash scripts/converge.sh "$prev" "$FAMILY" "$dir" > "$dir.log" 2>&1 ||
     { echo "error: round $r failed; see $dir.log" >&2; exit 1; }
-  v=$(verdict "$dir")
-  IFS='|' read -r word tune mt <<< "$v"
-  echo "| $r | $prev |${tune#* tuning48}|${mt#* mt_bench80}| ${word% } |" >> "$OUT/rounds.md"
-  echo "round $r from $prev:$tune;$mt: start ${word% }"
-  if [ "${word% }" = converged ]; then
+  IFS=$'\t' read -r word tune mt <<< "$(verdict "$dir")"
+  echo "| $r | $prev | $tune | $mt | $word |" >> "$OUT/rounds.md"
+  echo "round $r from $prev: tuning48 $tune; mt_bench80 $mt: start $word"
+  if [ "$word" = converged ]; then
     echo "$prev" > "$OUT/converged.txt"
     echo "= converged start: $prev (round $r's drafter, $dir/sft/drafter, is continued SFT's hour from it)"
     exit 0
