@@ -26,6 +26,11 @@
 #                 higher τ is the arm's lr (OUT/lr-ARM.txt), also for the ablations of it and its gen_ arm.
 #                 LR_dense / LR_expected set one directly (no tuning runs for that arm). STOP_AFTER=tune stops there.
 #        POSITIONS  PPOW window starts, `all` or N chosen by ADAW (all)   SFT_WEIGHT  arm 4's loss.sft_weight (1.0)
+#        CST_FROM arm 1 already trained: a finished run dir, rounds.sh's last round (OUT/round-r/sft, the hour that
+#                 showed START converged, run by converge.sh with arm 1's settings; PROBE_EVERY=RATE_cst/PROBES
+#                 gives it arm 1's τ probes). Checked (same resolved config as arm 1 but for eval.*, run.save_every,
+#                 run.max_minutes, run.output_dir, run.resume; model.drafter the same dir as START; trained
+#                 <= MINUTES), then linked as OUT/cst instead of training it again: one hour saved per family.
 #        BEST     the PPOW arm the ablations modify, dense|expected (default: the higher τ on the tuning prompts)
 #        ADAW_STARTS  starts ADAW (or uniform) picks in the ADAW ablation pair (32)
 #        PROBES   τ probes per arm during training (6; eval.every_steps from the step rates below)
@@ -234,7 +239,36 @@ print(max(sys.argv[3:], key=lambda r: d[r]["overall"]["tau"])[len(prefix):])' \
 done
 [ "${STOP_AFTER:-}" = tune ] && { echo "STOP_AFTER=tune: lr chosen; rerun without it for the arms"; exit 0; }
 
-# 1. Arms 1-4, JOBS at a time; then BEST on the tuning prompts.
+# 1. Arms 1-4, JOBS at a time (arm 1 linked from CST_FROM when given); then BEST on the tuning prompts.
+if [ -n "${CST_FROM:-}" ] && in_runs cst && [ ! -e "$OUT/cst" ]; then
+  a=$(arm cst)
+  $PY - "$CST_FROM" "$START" "$MIN" ${a#* } <<'EOF' || exit 2
+import json, os, sys
+from ppow_plugin.config import config_to_dict, load_config
+run, start, minutes, recipe, *overrides = sys.argv[1:]
+def fail(why):
+    sys.exit(f"error: CST_FROM={run} is not arm 1: {why}; train arm 1 instead (unset CST_FROM)")
+try:
+    done = json.load(open(os.path.join(run, "drafter", "ppow_meta.json")))["config"]
+    last = json.loads(open(os.path.join(run, "metrics.jsonl")).read().splitlines()[-1])
+except (OSError, ValueError, KeyError, IndexError) as e:
+    fail(f"no finished run there ({e})")
+skip = {"eval", "run.save_every", "run.max_minutes", "run.output_dir", "run.resume", "model.drafter"}
+flat = lambda cfg: {f"{s}.{k}" if isinstance(sec, dict) else s: v for s, sec in cfg.items()
+                    for k, v in (sec.items() if isinstance(sec, dict) else [(None, sec)])}
+want, have = flat(config_to_dict(load_config(recipe, overrides))), flat(done)
+diff = [f"{k}={have.get(k)!r} (arm 1: {v!r})" for k, v in want.items()
+        if k not in skip and k.split(".")[0] not in skip and have.get(k) != v]
+if diff:
+    fail("its config differs in " + ", ".join(diff))
+if os.path.realpath(have["model.drafter"]) != os.path.realpath(start):
+    fail(f"it continued {have['model.drafter']}, not START {start}")
+if last["train_s"] > float(minutes) * 60:
+    fail(f"it trained {last['train_s'] / 60:.1f} min, more than MINUTES={minutes}")
+EOF
+  echo "= cst: linked from CST_FROM=$CST_FROM (rounds.sh's last round; its config is arm 1's)"
+  ln -s "$(realpath "$CST_FROM")" "$OUT/cst"
+fi
 train_all $(only "$MAIN")
 main=$(only "$MAIN")
 [ -n "$main" ] && compare_into "$OUT/tuning-main" $(group start "$START" $main) $SIMARGS \

@@ -240,6 +240,44 @@ def test_arms_cosine_continued_sft_spans_the_steps_of_its_minutes(tmp_path):
     assert bad.returncode != 0 and "CST_SCHEDULE must be constant or cosine, not 'step'" in bad.stderr
 
 
+def test_arms_links_arm_1_from_the_round_that_ran_its_config(tmp_path):
+    """CST_FROM: a finished run with arm 1's resolved config (eval and checkpoint spacing aside), from START, in
+    <= MINUTES of training, becomes OUT/cst without training; a different lr, another start or too many minutes
+    are refused (exit 2, nothing linked)."""
+    from ppow_plugin.config import config_to_dict, load_config
+    dry = _dry(["scripts/arms.sh", STARTS["eagle1"], "eagle1", str(tmp_path / "o")], tmp_path, RUNS="cst")
+    line = next(x for x in dry.stdout.splitlines() if x.startswith("+ ppow validate ") and x.endswith("/cst"))
+    recipe, *overrides = line.split()[3:-1]  # without run.output_dir
+
+    def finished(name: str, extra: list[str], train_s: float) -> Path:
+        run = tmp_path / name
+        (run / "drafter").mkdir(parents=True)
+        cfg = config_to_dict(load_config(ROOT / recipe, [*overrides, *extra, "eval.every_steps=2400",
+                                                         "run.max_minutes=600", "run.save_every=1200"]))
+        (run / "drafter" / "ppow_meta.json").write_text(json.dumps({"config": cfg}))
+        (run / "metrics.jsonl").write_text(json.dumps({"step": 14400, "train_s": train_s}) + "\n")
+        return run
+
+    wrapper = _fake_python(tmp_path, FAKE_PPOW)
+    log = tmp_path / "calls.log"
+    env = {**os.environ, "PY": str(wrapper), "REAL_PY": sys.executable, "PYTHONPATH": str(ROOT),
+           "OMP_NUM_THREADS": "1", "FAKE_LOG": str(log), "RUNS": "cst", "JOBS": "1", "FAKE_TAU": "{}"}
+    arms = lambda out, run: subprocess.run(["bash", "scripts/arms.sh", STARTS["eagle1"], "eagle1", str(out)],
+                                           cwd=ROOT, env={**env, "CST_FROM": str(run)}, capture_output=True,
+                                           text=True, timeout=600)
+    good = finished("round", [f"model.drafter={ROOT / STARTS['eagle1']}"], 3400.0)
+    arms(tmp_path / "ok", good)
+    assert (tmp_path / "ok" / "cst").resolve() == good.resolve()
+    assert not any(c.startswith("sft ") for c in log.read_text().splitlines())
+    for name, extra, train_s, why in [
+            ("lr", ["optim.lr=5e-5"], 3400.0, "optim.lr=5e-05 (arm 1: 0.0003)"),
+            ("other", ["model.drafter=" + str(ROOT / STARTS["eagle3"])], 3400.0, "it continued"),
+            ("long", [], 3700.0, "it trained 61.7 min, more than MINUTES=60")]:
+        res = arms(tmp_path / f"out-{name}", finished(name, extra, train_s))
+        assert res.returncode == 2 and why in res.stderr, (name, res.stderr)
+        assert not (tmp_path / f"out-{name}" / "cst").exists()
+
+
 FAKE_ROUNDS = '''
 import json, os, re, shutil, subprocess, sys
 from pathlib import Path
