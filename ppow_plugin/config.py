@@ -176,6 +176,9 @@ class OptimCfg:
     betas: tuple[float, float] = (0.9, 0.95)
     warmup_steps: int = 0
     schedule: Literal["constant", "cosine", "linear"] = "constant"
+    # what the decay runs over: `steps` (run.max_steps, reproducible) or `minutes` (the run's training time over
+    # run.max_minutes: an equal-wall-time arm ends its decay when its time ends, whatever its step rate)
+    decay_over: Literal["steps", "minutes"] = "steps"
     grad_clip: float = 0.5
     grad_accum: int = 1  # micro-steps per optimizer step
 
@@ -290,6 +293,9 @@ class Config:
     eval: EvalCfg = field(default_factory=EvalCfg)
 
     def __post_init__(self):  # invariants across sections
+        if self.optim.decay_over == "minutes":
+            require(self.run.max_minutes is not None, "optim.decay_over", self.optim.decay_over,
+                     "steps unless run.max_minutes is set (the minutes the decay runs over)")
         if self.reward.delta_positions is not None:
             require(self.reward.delta_positions <= self.rollout.window, "reward.delta_positions",
                      self.reward.delta_positions, f"<= rollout.window ({self.rollout.window})")

@@ -88,14 +88,19 @@ def all_reduce_mean(values: dict[str, float]) -> dict[str, float]:
     return dict(zip(keys, t.tolist()))
 
 
-def lr_at(step: int, cfg: OptimCfg, max_steps: int) -> float:
-    """Learning rate after `step` optimizer steps: linear warm-up, then constant / cosine / linear decay."""
+def lr_at(step: int, cfg: OptimCfg, max_steps: int, time_frac: float | None = None) -> float:
+    """Learning rate after `step` optimizer steps: linear warm-up, then constant / cosine / linear decay.
+
+    The decay runs over the steps after the warm-up, or (`time_frac`, for optim.decay_over=minutes) over the
+    run's time: `time_frac` is the training time so far over run.max_minutes."""
     if cfg.warmup_steps and step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     if cfg.schedule == "constant":
         return cfg.lr
-    span = max(1, max_steps - cfg.warmup_steps)
-    frac = min(1.0, (step - cfg.warmup_steps) / span)
+    if time_frac is not None:
+        frac = min(1.0, max(0.0, time_frac))
+    else:
+        frac = min(1.0, (step - cfg.warmup_steps) / max(1, max_steps - cfg.warmup_steps))
     if cfg.schedule == "cosine":
         return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * frac))
     return cfg.lr * (1.0 - frac)
@@ -134,6 +139,7 @@ class Engine:
         self.cfg = cfg
         self.micro_step = 0
         self.opt_step = 0
+        self.time_frac: float | None = None  # optim.decay_over=minutes: the run's time over run.max_minutes
         self.grad_accum = cfg.optim.grad_accum
         params = [p for p in module.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=cfg.optim.betas,
@@ -148,8 +154,14 @@ class Engine:
             self.ds, self.optimizer, self.module = None, opt, module
         self._set_lr()
 
+    def set_time(self, train_s: float) -> None:
+        """The run's training seconds so far: the decay's progress under optim.decay_over=minutes."""
+        if self.cfg.optim.decay_over == "minutes":
+            self.time_frac = train_s / (60 * self.cfg.run.max_minutes)
+            self._set_lr()
+
     def _set_lr(self) -> None:
-        lr = lr_at(self.opt_step, self.cfg.optim, total_optimizer_steps(self.cfg))
+        lr = lr_at(self.opt_step, self.cfg.optim, total_optimizer_steps(self.cfg), self.time_frac)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
 

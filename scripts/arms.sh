@@ -21,10 +21,15 @@
 #                 still caps): `LR=3e-4 SCHEDULE=cosine WARMUP=100 scripts/converge.sh`'s run, the stronger
 #                 control (docs/results.md §8: +6.5 % / +4.3 % on MT-Bench in an hour against +4.7 % / +1.7 % at
 #                 5e-5 constant); constant: lr CST_LR (then 5e-5, as the -long drafters) without warm-up
-#        TUNE_LRS lr candidates of arms 3 and 4 ("5.0e-6 2.0e-5 5.0e-5"; "" = the recipe's 5e-6), each trained
-#                 TUNE_MIN minutes (15) from START and compared on the tuning prompts (OUT/tuning-lr-ARM); the
+#        TUNE_LRS lr candidates of arms 3 and 4 ("" = the recipe's 5e-6; TUNE_LRS_dense, TUNE_LRS_expected for one
+#                 arm; defaults: dense "5.0e-6 2.0e-5 5.0e-5", expected "5.0e-6 5.0e-5 3.0e-4", up to the SFT
+#                 recipes' lr since arm 4 carries the SFT loss), each trained TUNE_MIN minutes (15) from START with
+#                 PPOW_SCHEDULE over those minutes and compared on the tuning prompts (OUT/tuning-lr-ARM); the
 #                 higher τ is the arm's lr (OUT/lr-ARM.txt), also for the ablations of it and its gen_ arm.
 #                 LR_dense / LR_expected set one directly (no tuning runs for that arm). STOP_AFTER=tune stops there.
+#        PPOW_SCHEDULE  cosine (default): the PPOW arms' lr after the recipe's warm-up decays to 0 over their
+#                 MINUTES by training time (optim.decay_over=minutes: every variant, whatever its step rate, ends
+#                 its decay when its hour does, as arm 1's cosine does); constant: the recipe's constant lr
 #        POSITIONS  PPOW window starts, `all` or N chosen by ADAW (all)   SFT_WEIGHT  arm 4's loss.sft_weight (1.0)
 #        CST_FROM arm 1 already trained: a finished run dir, rounds.sh's last round (OUT/round-r/sft, the hour that
 #                 showed START converged, run by converge.sh with arm 1's settings; PROBE_EVERY=RATE_cst/PROBES
@@ -51,7 +56,8 @@
 #  3 dense      PPOW, the paper's sampled estimator (G windows, clipped group-relative update, KL to the
 #               target), dense: rollout.positions=POSITIONS rollout.verify=data (dense rollouts read the
 #               data-path unroll: config requires verify=data) data.feature_cache=true data.max_len=512 (the
-#               SFT runs' feature cache) dist.engine=torch (plain AdamW, as the SFT arms). Recipe lr 5e-6.
+#               SFT runs' feature cache) dist.engine=torch (plain AdamW, as the SFT arms). lr: tuned (TUNE_LRS),
+#               decaying over the arm's minutes (PPOW_SCHEDULE).
 #  4 expected   arm 3 + loss.estimator=expected loss.sft_weight=SFT_WEIGHT (EAGLE-3: the SFT term with
 #               sft.ttt_steps=4, arm 1's loss). The exact expected window reward and the token loss in one step.
 #  5 ablations of BEST (dense or expected, chosen on the tuning prompts after arms 1-4 unless BEST is set):
@@ -133,6 +139,8 @@ RUNS=${RUNS:-$MAIN $ABLATIONS $GEN}
 family_settings "$FAMILY"
 case ${CST_SCHEDULE:=cosine} in constant | cosine) ;;
   *) echo "error: CST_SCHEDULE must be constant or cosine, not '$CST_SCHEDULE'" >&2; exit 2 ;; esac
+case ${PPOW_SCHEDULE:=cosine} in constant | cosine) ;;
+  *) echo "error: PPOW_SCHEDULE must be constant or cosine, not '$PPOW_SCHEDULE'" >&2; exit 2 ;; esac
 for arm in $RUNS; do
   case " $MAIN $ABLATIONS $GEN " in *" $arm "*) ;;
     *) echo "error: unknown arm '$arm'; choose from: $MAIN $ABLATIONS $GEN" >&2; exit 2 ;; esac
@@ -159,6 +167,7 @@ lr_of() {  # lr_of dense|expected: "optim.lr=X" once chosen (LR_<arm> or OUT/lr-
 }
 ppow_args() {  # ppow_args POSITIONS sampled|expected
   local a="rollout.positions=$1 rollout.verify=data data.feature_cache=true data.max_len=512 dist.engine=torch"
+  [ "$PPOW_SCHEDULE" = cosine ] && a="$a optim.schedule=cosine optim.decay_over=minutes"
   [ "$2" = expected ] && a="$a loss.estimator=expected loss.sft_weight=${SFT_WEIGHT:-1.0} $PPOW_SFT"
   echo "$a"
 }
@@ -193,7 +202,7 @@ for a in $RUNS; do
     is_ablation "$a" || [ "$best" = "${BEST:-dense}" ] || continue
     args=$(arm "$a" "$best"); nocheck=""
     [ "$a" = gamma_prof ] && [ ! -f "${PROFILE:-$OUT/profile.json}" ] && nocheck="--no-path-check "
-    echo "$nocheck${args#* } run.output_dir=$OUT/$a"
+    echo "$nocheck${args#* } run.max_minutes=$MIN run.output_dir=$OUT/$a"
   done
 done | validate_all
 [ "${DRY:-0}" = 1 ] && { echo "DRY=1: configs valid, nothing run"; exit 0; }
@@ -221,15 +230,23 @@ tune_one() {  # tune_one ARM LR
   local a; a=$(arm "$1")
   MIN=${TUNE_MIN:-15} train_arm "tune-$1-$2" ${a%% *} ${a#* } "optim.lr=$2" eval.every_steps=1000000
 }
-tuned="" lrs=${TUNE_LRS-5.0e-6 2.0e-5 5.0e-5}
+lrs_of() {  # lrs_of dense|expected: its lr candidates, TUNE_LRS_<arm> if set, else TUNE_LRS if set, else its default
+  local var=TUNE_LRS_$1
+  if [ -n "${!var+x}" ]; then echo "${!var}"
+  elif [ -n "${TUNE_LRS+x}" ]; then echo "$TUNE_LRS"
+  else case $1 in dense) echo "5.0e-6 2.0e-5 5.0e-5" ;; expected) echo "5.0e-6 5.0e-5 3.0e-4" ;; esac
+  fi
+}
+tuned=""
 for a in dense expected; do
+  lrs=$(lrs_of "$a")
   in_runs "$a" && [ -z "$(lr_of "$a")" ] && [ -n "$lrs" ] || continue
   for lr in $lrs; do queue tune_one "$a" "$lr"; done
   tuned="$tuned $a"
 done
 wait || true
 for a in $tuned; do
-  runs=""; for lr in $lrs; do runs="$runs tune-$a-$lr"; done
+  runs=""; for lr in $(lrs_of "$a"); do runs="$runs tune-$a-$lr"; done
   for r in $runs; do [ -d "$OUT/$r/drafter" ] || { echo "error: no drafter from $r; see $OUT/$r.log" >&2; exit 1; }; done
   compare_into "$OUT/tuning-lr-$a" $(group start "$START" $runs) $SIMARGS --prompts "$OUT/dev-prompts.jsonl"
   $PY -c 'import json, sys; d = json.load(open(sys.argv[1]))["drafters"]; prefix = sys.argv[2]

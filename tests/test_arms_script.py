@@ -219,6 +219,7 @@ def test_arms_tunes_the_lr_on_the_tuning_prompts_and_trains_with_it(tmp_path):
     tunes = [c for c in calls if c.startswith("train ")]
     assert len(tunes) == 4
     assert all("run.max_minutes=7" in c and "eval.every_steps=1000000 " in c for c in tunes)
+    assert all("optim.schedule=cosine optim.decay_over=minutes" in c for c in tunes)  # PPOW_SCHEDULE's default
     assert sum("optim.lr=1.0e-6" in c for c in tunes) == 2 and sum("loss.estimator=expected" in c for c in tunes) == 2
     # the arms: each with its chosen lr, 60 minutes, no tuning again
     log.write_text("")
@@ -227,6 +228,31 @@ def test_arms_tunes_the_lr_on_the_tuning_prompts_and_trains_with_it(tmp_path):
     assert [c.split("run.output_dir=")[1].split()[0] for c in trains] == [f"{out}/dense", f"{out}/expected"]
     assert "optim.lr=3.0e-5" in trains[0] and "optim.lr=1.0e-6" in trains[1]
     assert all("run.max_minutes=60" in c for c in trains)
+
+
+def test_arms_lr_candidates_per_arm(tmp_path):
+    """Without TUNE_LRS each PPOW arm tunes its own candidates (arm 4, with the SFT loss in it, up to the SFT
+    lr); TUNE_LRS_<arm> replaces one arm's; PPOW_SCHEDULE=constant leaves the recipe's schedule."""
+    wrapper = _fake_python(tmp_path, FAKE_PPOW)
+    log = tmp_path / "calls.log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TUNE_LRS")}
+    env.update(PY=str(wrapper), REAL_PY=sys.executable, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1",
+               FAKE_LOG=str(log), RUNS="dense expected", STOP_AFTER="tune", JOBS="2", FAKE_TAU="{}")
+
+    def lrs(out, **e):
+        log.write_text("")
+        res = subprocess.run(["bash", "scripts/arms.sh", STARTS["eagle1"], "eagle1", str(tmp_path / out)], cwd=ROOT,
+                             env={**env, **e}, capture_output=True, text=True, timeout=600)
+        assert res.returncode == 0, res.stderr + res.stdout
+        trains = [c for c in log.read_text().splitlines() if c.startswith("train ")]
+        got = {arm: sorted(c.split("optim.lr=")[-1].split()[0] for c in trains
+                           if ("loss.estimator=expected" in c) == (arm == "expected")) for arm in ("dense", "expected")}
+        return got, trains
+    got, _ = lrs("a")
+    assert got == {"dense": ["2.0e-5", "5.0e-5", "5.0e-6"], "expected": ["3.0e-4", "5.0e-5", "5.0e-6"]}
+    got, trains = lrs("b", TUNE_LRS_expected="1.0e-4", PPOW_SCHEDULE="constant")
+    assert got == {"dense": ["2.0e-5", "5.0e-5", "5.0e-6"], "expected": ["1.0e-4"]}
+    assert not any("optim.schedule=" in c or "decay_over" in c for c in trains)
 
 
 def test_arms_cosine_continued_sft_spans_the_steps_of_its_minutes(tmp_path):

@@ -1,5 +1,7 @@
 """The LR schedule (`distributed.lr_at`) by hand: warm-up, decay, and its horizon in optimizer steps."""
 
+import math
+
 import pytest
 
 
@@ -21,3 +23,20 @@ def test_lr_schedule_spans_every_optimizer_step_of_the_run():
     assert total_optimizer_steps(parts) == 40  # one update per part of the starts, per pass
     warm = load_config(None, ["optim.warmup_steps=4", "optim.lr=1.0", "optim.schedule=linear"]).optim
     assert [lr_at(s, warm, 8) for s in (0, 3, 4, 6, 8)] == pytest.approx([0.25, 1.0, 1.0, 0.5, 0.0])
+
+
+def test_decay_over_minutes_follows_the_time_fraction_not_the_step():
+    """optim.decay_over=minutes: after the warm-up (still in steps) the decay's progress is the given fraction of
+    run.max_minutes, clipped to [0, 1]; refused without run.max_minutes; the step-based horizon is unchanged."""
+    from ppow_plugin.config import load_config
+    from ppow_plugin.distributed import lr_at
+    from ppow_plugin.errors import UserError
+    cfg = load_config(None, ["optim.lr=1.0", "optim.schedule=cosine", "optim.warmup_steps=2",
+                             "optim.decay_over=minutes", "run.max_minutes=10", "run.max_steps=100"]).optim
+    assert lr_at(0, cfg, 100, time_frac=0.9) == pytest.approx(0.5)  # warming up: the step decides
+    assert lr_at(50, cfg, 100, time_frac=0.5) == pytest.approx(0.5)
+    assert lr_at(3, cfg, 100, time_frac=0.5) == pytest.approx(0.5)  # not the step's 0.99
+    assert lr_at(3, cfg, 100, time_frac=1.7) == pytest.approx(0.0) and lr_at(3, cfg, 100, time_frac=0.0) == 1.0
+    assert lr_at(3, cfg, 100) == pytest.approx(0.5 * (1 + math.cos(math.pi / 98)))
+    with pytest.raises(UserError, match=r"optim.decay_over .* must be steps unless run.max_minutes is set"):
+        load_config(None, ["optim.decay_over=minutes"])

@@ -113,6 +113,27 @@ def test_max_minutes_is_the_runs_budget_across_a_resume(tmp_path, monkeypatch):
     assert first < rows[-1]["train_s"] < first + 30, "train_s goes on from the checkpoint's"
 
 
+def test_decay_over_minutes_sets_each_steps_lr_from_the_training_time_before_it(tmp_path, monkeypatch):
+    """optim.decay_over=minutes: step i's lr is the cosine at (train_s after step i-1) / run.max_minutes, so a
+    slower run decays per step faster and ends its decay with its time (can fail: without the trainer's
+    engine.set_time the lr follows the step count, 0.5 (1 + cos(pi i / max_steps)))."""
+    import math
+    from types import SimpleNamespace
+    calls = iter(range(10**6))
+    monkeypatch.setattr(trainer, "time", SimpleNamespace(time=lambda: 30.0 * next(calls)))  # 30 s a reading
+    out = tmp_path / "timed"
+    run(tmp_path, "sft", **{"run.max_steps": 4, "run.save_every": 4, "run.output_dir": out, "run.max_minutes": 10,
+                            "optim.lr": 1.0e-3, "optim.schedule": "cosine", "optim.warmup_steps": 0,
+                            "optim.decay_over": "minutes"})
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    before = [0.0] + [r["train_s"] for r in rows[:-1]]
+    want = [1.0e-3 * 0.5 * (1 + math.cos(math.pi * t / 600)) for t in before]
+    assert [r["lr"] for r in rows] == pytest.approx(want, rel=1e-9)
+    by_step = [1.0e-3 * 0.5 * (1 + math.cos(math.pi * i / 4)) for i in range(4)]
+    assert max(abs(a - b) for a, b in zip(want, by_step)) > 1e-4, "the test must tell time from steps"
+
+
 @pytest.mark.parametrize("resample_tries", [0, 2])
 def test_reusing_the_sampling_pass_equals_re_scoring(tmp_path, sft_drafter, resample_tries):
     """ppo_epochs = 1: updating through the sampling pass's graph gives the update of the re-score path

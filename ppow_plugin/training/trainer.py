@@ -179,9 +179,13 @@ class Trainer:
         with _progress(cfg.run.max_steps, self.step, self.dist.is_main) as pbar:
             while self.step < cfg.run.max_steps:
                 samples = [self.data.next() for _ in range(cfg.optim.grad_accum * cfg.data.micro_batch)]
+                self.engine.set_time(self.train_s)
                 stats = self._optimizer_step(samples)
                 self.step += 1
-                self.train_s = train_s_before + time.time() - start_time - probe_s
+                # the ranks' mean: every rank stops at the same step (run.max_minutes) and sets the same lr
+                # (optim.decay_over=minutes); one rank breaking alone would leave the others in a collective
+                self.train_s = distributed.all_reduce_mean(
+                    {"train_s": train_s_before + time.time() - start_time - probe_s})["train_s"]
                 stats.update(step=self.step, lr=self.engine.lr, elapsed_s=time.time() - start_time,
                              train_s=self.train_s, **(self.features.stats() if self.features else {}))
                 if self.tau_probe is not None and self.tau_probe.due(self.step):
