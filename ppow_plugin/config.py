@@ -231,6 +231,9 @@ class RunCfg:
     keep_last: int = 2  # checkpoints kept on disk
     resume: bool = False  # continue from the newest good checkpoint in output_dir
     max_bad_steps: int = 10  # non-finite loss/grad steps skipped before aborting
+    # log grad_cos_prev: the cosine of each step's gradient with the previous step's (one sequence each at
+    # micro_batch 1: how much two sequences' gradients agree, the step's signal-to-noise; dist.engine=torch)
+    grad_cosine: bool = False
 
     def __post_init__(self):
         require_text(self.output_dir, "run.output_dir", "a directory for the run (e.g. runs/my-run)", optional=False)
@@ -293,6 +296,12 @@ class Config:
     eval: EvalCfg = field(default_factory=EvalCfg)
 
     def __post_init__(self):  # invariants across sections
+        if self.run.grad_cosine:
+            require(self.dist.engine == "torch", "run.grad_cosine", self.run.grad_cosine,
+                     "false unless dist.engine=torch (ZeRO partitions the gradient)")
+            require(self.stage != "ppow" or self.loss.ppo_epochs * self.loss.minibatches == 1, "run.grad_cosine",
+                     self.run.grad_cosine, "false with several updates per step (loss.ppo_epochs x loss.minibatches "
+                     "> 1: consecutive updates read the same sequences)")
         if self.optim.decay_over == "minutes":
             require(self.run.max_minutes is not None, "optim.decay_over", self.optim.decay_over,
                      "steps unless run.max_minutes is set (the minutes the decay runs over)")

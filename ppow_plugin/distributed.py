@@ -140,6 +140,8 @@ class Engine:
         self.micro_step = 0
         self.opt_step = 0
         self.time_frac: float | None = None  # optim.decay_over=minutes: the run's time over run.max_minutes
+        self.grad_cos: float | None = None  # run.grad_cosine: this update's gradient . the previous one's, cosine
+        self._prev_grad: torch.Tensor | None = None
         self.grad_accum = cfg.optim.grad_accum
         params = [p for p in module.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=cfg.optim.betas,
@@ -196,6 +198,7 @@ class Engine:
         if self.ds is not None:
             self.ds.step()  # DeepSpeed tracks the boundary and clips itself
         elif boundary:
+            self.grad_cos = self._cosine_with_previous() if self.cfg.run.grad_cosine else None
             torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.cfg.optim.grad_clip)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
@@ -203,6 +206,18 @@ class Engine:
             self.opt_step += 1
             self._set_lr()
         return boundary
+
+    def _cosine_with_previous(self) -> float | None:
+        """Cosine of the gradient now (before clipping) with the previous update's; None for the first update
+        and after one without gradients (a skipped non-finite step)."""
+        grads = [p.grad.reshape(-1) for p in self.module.parameters() if p.grad is not None]
+        if not grads:
+            return None
+        g = torch.cat(grads).double()
+        prev, self._prev_grad = self._prev_grad, g
+        if prev is None:
+            return None
+        return float(g @ prev / (g.norm() * prev.norm()).clamp_min(1e-300))
 
     # -- checkpoint state ---------------------------------------------------------------------
     def save(self, directory: Path) -> None:

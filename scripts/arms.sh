@@ -34,7 +34,7 @@
 #        CST_FROM arm 1 already trained: a finished run dir, rounds.sh's last round (OUT/round-r/sft, the hour that
 #                 showed START converged, run by converge.sh with arm 1's settings; PROBE_EVERY=RATE_cst/PROBES
 #                 gives it arm 1's τ probes). Checked (same resolved config as arm 1 but for eval.*, run.save_every,
-#                 run.max_minutes, run.output_dir, run.resume; model.drafter the same dir as START; trained
+#                 run.max_minutes, run.output_dir, run.resume, run.grad_cosine; model.drafter the same dir as START; trained
 #                 <= MINUTES), then linked as OUT/cst instead of training it again: one hour saved per family.
 #        BEST     the PPOW arm the ablations modify, dense|expected (default: the higher τ on the tuning prompts)
 #        ADAW_STARTS  starts ADAW (or uniform) picks in the ADAW ablation pair (32)
@@ -109,7 +109,8 @@
 # Curves (scripts/curves.py CURVES) the metrics provide: reward, greedy_accept_len (greedy-window k at the
 # training positions, not held-out ones), sim_tau (τ probe), zero_adv_frac, r_dist_rate, clip_frac (sampled
 # arms; the expected arm logs reward, greedy_accept_len only); SFT arms: top1_acc, multi_step_last_acc,
-# ttt_last_acc. Gradient signal-to-noise is not logged by training (benchmarks/ppow_dense.py measures it).
+# ttt_last_acc; every arm: grad_cos_prev (run.grad_cosine: the cosine of consecutive steps' gradients, two
+# sequences: the step's signal-to-noise, logged in training; benchmarks/ppow_dense.py measures it offline).
 # Step rates used to space the τ probe and checkpoints (steps per training hour, one thread on a shared
 # machine; estimates from docs/results.md §1b, §1c, §4, docs/algorithm.md's 15-min dense checks):
 #  EAGLE-1 cst 14400, deep_sft 2000, PPOW dense 400; EAGLE-3 cst 2420, deep_sft 1200, PPOW dense 200.
@@ -150,7 +151,7 @@ done
 every() { awk -v r="$1" -v m="$MIN" -v p="$2" 'BEGIN { n = int(r * m / 60 / p); print (n < 1 ? 1 : n) }'; }
 schedule() {  # schedule RATE: the probe and checkpoint overrides
   echo "eval.benchmarks=[sharegpt] eval.every_prompts=16 eval.max_new_tokens=128" \
-       "eval.every_steps=$(every "$1" "$PROBES") run.save_every=$(every "$1" 12)"
+       "eval.every_steps=$(every "$1" "$PROBES") run.save_every=$(every "$1" 12) run.grad_cosine=true"
 }
 sft_args() {  # sft_args RATE: arms 1-2's data and lr schedule
   case $CST_SCHEDULE in
@@ -270,7 +271,8 @@ try:
     last = json.loads(open(os.path.join(run, "metrics.jsonl")).read().splitlines()[-1])
 except (OSError, ValueError, KeyError, IndexError) as e:
     fail(f"no finished run there ({e})")
-skip = {"eval", "run.save_every", "run.max_minutes", "run.output_dir", "run.resume", "model.drafter"}
+skip = {"eval", "run.save_every", "run.max_minutes", "run.output_dir", "run.resume", "run.grad_cosine",
+        "model.drafter"}
 flat = lambda cfg: {f"{s}.{k}" if isinstance(sec, dict) else s: v for s, sec in cfg.items()
                     for k, v in (sec.items() if isinstance(sec, dict) else [(None, sec)])}
 want, have = flat(config_to_dict(load_config(recipe, overrides))), flat(done)

@@ -6,7 +6,7 @@
 Reads each run's metrics.jsonl (every logged step; `sim_tau` rows are the τ probe's) and prints one markdown
 table per run: rows = metrics, columns = the parts of the run by step, plus the τ probe's values by step.
 `--per-run` writes, per run, the issue-28 curves the metrics hold (CURVES: sampled reward, greedy-window k,
-τ probe, zero-advantage share, R_dist rate, clip fraction, gradient signal-to-noise, and the SFT arms'
+τ probe, zero-advantage share, R_dist rate, clip fraction, gradient signal-to-noise (`grad_cos_prev`), and the SFT arms'
 top-1) against training minutes, in JSON (every logged value, the quarters, and which curves the run did
 not log) and one PNG. Training minutes: the trainer's `train_s` (the run's training seconds, resumes
 included, τ probe excluded: what `run.max_minutes` counts). Runs logged before `train_s` existed hold one
@@ -30,7 +30,7 @@ CURVES = {
     "zero_adv_frac": "groups with all-zero advantage",
     "r_dist_rate": "R_dist rate (k = 0 windows)",
     "clip_frac": "PPO clip fraction",
-    "grad_snr": "gradient signal-to-noise",
+    "grad_cos_prev": "gradient cosine with the previous step (signal-to-noise; run.grad_cosine)",
     "accept_len": "window k (sampled)",
     "top1_acc": "SFT top-1 (depth 1)",
     "multi_step_last_acc": "SFT top-1, deepest multi-step depth",

@@ -118,7 +118,7 @@ def test_curves_per_run_and_minutes_of_a_resumed_run(tmp_path):
     assert res.returncode == 0, res.stderr
     c = json.loads((out / "dense.json").read_text())
     assert set(c["curves"]) == {"reward", "sim_tau", "zero_adv_frac", "greedy_accept_len"}
-    assert {"clip_frac", "r_dist_rate", "grad_snr"} <= set(c["absent"])
+    assert {"clip_frac", "r_dist_rate", "grad_cos_prev"} <= set(c["absent"])
     assert c["curves"]["sim_tau"]["points"] == [[2, 2.0, 2.0], [5, 5.0, 2.1]]  # [step, training minutes, τ]
     assert c["steps"] == 6 and c["training_minutes"] == 6.0
     assert (out / "dense.png").stat().st_size > 1000

@@ -40,3 +40,35 @@ def test_decay_over_minutes_follows_the_time_fraction_not_the_step():
     assert lr_at(3, cfg, 100) == pytest.approx(0.5 * (1 + math.cos(math.pi / 98)))
     with pytest.raises(UserError, match=r"optim.decay_over .* must be steps unless run.max_minutes is set"):
         load_config(None, ["optim.decay_over=minutes"])
+
+
+def test_grad_cosine_is_the_cosine_of_consecutive_updates_gradients():
+    """run.grad_cosine: the engine's grad_cos is cos(this update's gradient, the previous one's), before the
+    clip (g2 = 100 x its direction: the clip to 0.5 must not matter), None at the first update and after one
+    without gradients; refused with DeepSpeed and with several updates per PPOW step."""
+    import torch
+    from ppow_plugin import distributed
+    from ppow_plugin.config import load_config
+    from ppow_plugin.errors import UserError
+    cfg = load_config(None, ["dist.engine=torch", "run.grad_cosine=true", "optim.lr=1.0e-3"])
+    module = torch.nn.Linear(2, 1, bias=False)
+    engine = distributed.Engine(module, cfg, distributed.DistInfo(0, 1, 0))
+
+    def update(grad):
+        module.weight.grad = None if grad is None else torch.tensor([grad])
+        engine.micro_step += 1
+        engine.step()
+        return engine.grad_cos
+    assert update([1.0, 0.0]) is None
+    assert update([100.0, 100.0]) == pytest.approx(2 ** -0.5)
+    assert update([0.0, -3.0]) == pytest.approx(-(2 ** -0.5))  # against [1, 1], not the clipped copy
+    assert update(None) is None and update([0.0, 1.0]) == pytest.approx(-1.0)  # the last gradient seen: [0, -3]
+    off = distributed.Engine(torch.nn.Linear(2, 1), load_config(None, ["dist.engine=torch"]), distributed.DistInfo(0, 1, 0))
+    off.module.weight.grad = torch.ones(1, 2)
+    off.micro_step += 1
+    off.step()
+    assert off.grad_cos is None
+    with pytest.raises(UserError, match="run.grad_cosine .* must be false unless dist.engine=torch"):
+        load_config(None, ["run.grad_cosine=true", "dist.engine=deepspeed"])
+    with pytest.raises(UserError, match="several updates per step"):
+        load_config(None, ["run.grad_cosine=true", "dist.engine=torch", "stage=ppow", "loss.ppo_epochs=2"])

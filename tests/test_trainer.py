@@ -134,6 +134,15 @@ def test_decay_over_minutes_sets_each_steps_lr_from_the_training_time_before_it(
     assert max(abs(a - b) for a, b in zip(want, by_step)) > 1e-4, "the test must tell time from steps"
 
 
+def test_grad_cosine_reaches_metrics_from_the_second_step(tmp_path):
+    """run.grad_cosine=true: grad_cos_prev in every step's row but the first, a cosine; absent by default."""
+    out = tmp_path / "cos"
+    run(tmp_path, "sft", **{"run.max_steps": 3, "run.save_every": 3, "run.output_dir": out, "run.grad_cosine": True})
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert ["grad_cos_prev" in r for r in rows] == [False, True, True]
+    assert all(-1.0 <= r["grad_cos_prev"] <= 1.0 and r["grad_cos_prev"] != 0.0 for r in rows[1:])
+
+
 @pytest.mark.parametrize("resample_tries", [0, 2])
 def test_reusing_the_sampling_pass_equals_re_scoring(tmp_path, sft_drafter, resample_tries):
     """ppo_epochs = 1: updating through the sampling pass's graph gives the update of the re-score path

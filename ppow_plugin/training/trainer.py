@@ -229,6 +229,8 @@ class Trainer:
                 self.engine.step()
                 for k, v in result.stats.items():
                     totals[k] = totals.get(k, 0.0) + v / (len(samples) * epochs * parts)
+        if self.engine.grad_cos is not None:
+            totals["grad_cos_prev"] = self.engine.grad_cos
         return distributed.all_reduce_mean(totals)
 
     def _count_bad_step(self, what: str) -> None:
