@@ -107,7 +107,8 @@
 #  In all, on two free cores: ~9 h per family (EAGLE-3 was 15-21 h before the walked simulation); training is
 #    the largest cost now (RUNS without the ablations and gen_ arms: ~3.5 h per family).
 # Curves (scripts/curves.py CURVES) the metrics provide: reward, greedy_accept_len (greedy-window k at the
-# training positions, not held-out ones), sim_tau (τ probe), zero_adv_frac, r_dist_rate, clip_frac (sampled
+# training positions), heldout_k (the same at every position of the τ probe's held-out continuations, every
+# arm), sim_tau (τ probe), zero_adv_frac, r_dist_rate, clip_frac (sampled
 # arms; the expected arm logs reward, greedy_accept_len only); SFT arms: top1_acc, multi_step_last_acc,
 # ttt_last_acc; every arm: grad_cos_prev (run.grad_cosine: the cosine of consecutive steps' gradients, two
 # sequences: the step's signal-to-noise, logged in training; benchmarks/ppow_dense.py measures it offline).

@@ -5,9 +5,10 @@
 
 Reads each run's metrics.jsonl (every logged step; `sim_tau` rows are the τ probe's) and prints one markdown
 table per run: rows = metrics, columns = the parts of the run by step, plus the τ probe's values by step.
-`--per-run` writes, per run, the issue-28 curves the metrics hold (CURVES: sampled reward, greedy-window k,
-τ probe, zero-advantage share, R_dist rate, clip fraction, gradient signal-to-noise (`grad_cos_prev`), and the SFT arms'
-top-1) against training minutes, in JSON (every logged value, the quarters, and which curves the run did
+`--per-run` writes, per run, the issue-28 curves the metrics hold (CURVES: sampled reward, greedy-window k
+at the training positions and on held-out text (`heldout_k`, the τ probe's), τ probe, zero-advantage share,
+R_dist rate, clip fraction, gradient signal-to-noise (`grad_cos_prev`), and the SFT arms' top-1) against
+training minutes, in JSON (every logged value, the quarters, and which curves the run did
 not log) and one PNG. Training minutes: the trainer's `train_s` (the run's training seconds, resumes
 included, τ probe excluded: what `run.max_minutes` counts). Runs logged before `train_s` existed hold one
 segment per start, each with its own clock (`elapsed_s` restarts, `probe_s` is the τ probe's time so
@@ -27,6 +28,7 @@ CURVES = {
     "reward": "sampled (or expected) window reward",
     "greedy_accept_len": "greedy-window k (training positions)",
     "sim_tau": "τ probe (held-out prompts)",
+    "heldout_k": "greedy-window k at every position of the τ probe's held-out continuations",
     "zero_adv_frac": "groups with all-zero advantage",
     "r_dist_rate": "R_dist rate (k = 0 windows)",
     "clip_frac": "PPO clip fraction",

@@ -278,6 +278,9 @@ def test_training_logs_simulated_tau_and_tiny_simulation_equals_decoding(tmp_pat
     run = _tiny_run(tmp_path, monkeypatch, every=1)
     taus = _sim_taus(run)
     assert len(taus) == 2 and all(1.0 <= x <= 6.0 for x in taus)   # one value per step, in [1, depth + 1]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    ks = [r["heldout_k"] for r in rows if "sim_tau" in r]
+    assert len(ks) == 2 and all(0.0 <= k <= 4.0 for k in ks)        # a chain of the tiny recipe's rollout.window = 4
     assert (run / "sim_tau.png").is_file()
     # the tiny drafter simulated == decoded by the host, prompt by prompt (kept accept lengths and tokens)
     prompts = [evaluate.EvalPrompt("mine", str(i), (f"w{i} w{i + 1} w{i + 2}",)) for i in (1, 40, 77, 100)]
@@ -366,6 +369,8 @@ def test_topk_by_depth_agrees_with_chain_acceptance_and_drafts_past_a_miss(tmp_p
     assert torch.equal(leading, chained)
     missed_then_ranked = ((ranks != 0).long().cumsum(1) > 0)[:, :-1] & (ranks[:, 1:] >= 0)
     assert missed_then_ranked.any()    # a drafter that stopped at the first miss would leave -1 there
+    assert simulate.chain_accept_mean("eagle1", drafter, target, conts, 8, depth, None) == pytest.approx(
+        float(leading.float().mean()))  # the τ probe's heldout_k: the chain's mean over every root
     stats = simulate.topk_by_depth("eagle1", drafter, target, conts, ["mine"] * len(conts), 8, depth, None)
     assert stats["overall"]["roots"] == ranks.shape[0] == stats["mine"]["roots"]
     assert stats["overall"]["top1"][0] == pytest.approx(float((chained >= 1).float().mean()))

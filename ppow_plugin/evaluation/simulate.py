@@ -316,6 +316,19 @@ def topk_by_depth(fmt: str, drafter, target, conts: Sequence[continuations.Conti
                 "top3": (sums[k][1] / counts[k]).tolist()} for k in sums}
 
 
+@torch.no_grad()
+def chain_accept_mean(fmt: str, drafter, target, conts: Sequence[continuations.Continuation], max_new_tokens: int,
+                      depth: int, eos_token_id: int | None) -> float:
+    """Mean accepted drafts of a greedy chain of `depth` over every root of every continuation (each position a
+    cycle could root at, not only those the decoder's walk reads): the greedy-window k on that text."""
+    accepted, roots = 0, 0
+    for cont in conts:
+        seq = teacher_forced(fmt, drafter, target, cont)
+        accept = static_accept_lengths(fmt, drafter, target, seq, _roots(cont, max_new_tokens, eos_token_id), chain(depth))
+        accepted, roots = accepted + int(accept.sum()), roots + accept.numel()
+    return accepted / max(1, roots)
+
+
 def simulate_records(fmt: str, drafter, target, conts: Sequence[continuations.Continuation],
                      prompt_keys: Sequence[tuple[str, str]], max_new_tokens: int, tree, eos_token_id: int | None,
                      progress: bool = False) -> list[eval_report.PromptRecord]:

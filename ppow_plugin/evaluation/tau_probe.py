@@ -6,7 +6,9 @@ Every `eval.every_steps` optimizer steps (0 = off) the trainer asks `TauProbe.me
 τ (`simulate.py`, T = 0, `eval.max_new_tokens`, the tree `ppow eval` uses) of its current drafter on the
 first `eval.every_prompts` prompts of each of `eval.benchmarks` (MT-Bench and HumanEval are never trained
 on; ShareGPT prompts come from the held-out split). The value goes to metrics.jsonl as `sim_tau` and to
-the progress bar; `plot` draws τ against the step into the run directory at the end. The greedy
+the progress bar, with `heldout_k`: the greedy-window k (a chain of `rollout.window` drafts) at every
+position of the same continuations (`simulate.chain_accept_mean`), the training's `greedy_accept_len` on
+text it never saw; `plot` draws τ against the step into the run directory at the end. The greedy
 continuations are built once (cached across runs), so each measurement costs only drafter passes.
 Everything runs where training runs: the trainer's target (dist.device, dist.target_dtype) makes the
 continuations (cached apart per device type and dtype, `continuations.cache_root`) and the drafter, on its
@@ -32,6 +34,7 @@ class TauProbe:
 
         ev = cfg.eval
         self.every, self.fmt, self.target, self.max_new = ev.every_steps, fmt, target, ev.max_new_tokens
+        self.window = cfg.rollout.window
         self.tree = (evaluate.Eagle3Tree(ev.tree_depth, ev.tree_top_k, ev.tree_total_tokens) if fmt == "eagle3"
                      else simulate.host_tree())
         tok = AutoTokenizer.from_pretrained(str(target_dir))
@@ -40,21 +43,25 @@ class TauProbe:
         ids = [evaluate._format(tok, p.turns[:1], [])[0].tolist() for p in prompts]
         self.keys = [(p.benchmark, p.prompt_id) for p in prompts]
         self.conts, self.build_cost = continuations.load_continuations(
-            target_dir, target, ids, simulate.continuation_length(self.max_new, self.tree), feature_layers)
+            target_dir, target, ids, max(simulate.continuation_length(self.max_new, self.tree),
+                                         self.max_new + self.window + 3), feature_layers)  # the chain's too
         self.history: list[tuple[int, float]] = []
 
     def due(self, step: int) -> bool:
         return self.every > 0 and step % self.every == 0
 
-    def measure(self, step: int, drafter: torch.nn.Module) -> float:
-        """Simulated τ of a frozen copy of `drafter` (training state untouched); recorded in the history."""
+    def measure(self, step: int, drafter: torch.nn.Module) -> dict[str, float]:
+        """{"sim_tau", "heldout_k"} of a frozen copy of `drafter` (training state untouched); τ is recorded in
+        the history."""
         frozen = copy.deepcopy(drafter).eval()
         with torch.no_grad():
             records = simulate.simulate_records(self.fmt, frozen, self.target, self.conts, self.keys, self.max_new,
                                                 self.tree, self.eos)
+            k = simulate.chain_accept_mean(self.fmt, frozen, self.target, self.conts, self.max_new, self.window,
+                                           self.eos)
         tau = sum(r.new_tokens for r in records) / max(1, sum(r.cycles for r in records))
         self.history.append((step, tau))
-        return tau
+        return {"sim_tau": tau, "heldout_k": k}
 
     def plot(self, path: Path) -> Path | None:
         """τ against the optimizer step as a PNG (None when nothing was measured)."""

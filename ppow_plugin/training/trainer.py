@@ -190,7 +190,7 @@ class Trainer:
                              train_s=self.train_s, **(self.features.stats() if self.features else {}))
                 if self.tau_probe is not None and self.tau_probe.due(self.step):
                     probe_start = time.time()
-                    stats["sim_tau"] = self.tau_probe.measure(self.step, self.drafter)
+                    stats.update(self.tau_probe.measure(self.step, self.drafter))
                     probe_s += time.time() - probe_start
                     stats["probe_s"] = probe_s
                 self._log(stats, pbar)
