@@ -17,8 +17,9 @@
 #        GEN_START  the non-converged start (assets/drafters/smollm2-135m-<family>-sft-gen)
 #        CST_LR   continued-SFT lr (3e-4, the SFT recipes')
 #        CST_SCHEDULE  cosine (default): arms 1-2 as one cycle of the SFT recipes' schedule (100 warm-up steps,
-#                 cosine to 0) over the steps MINUTES give at the arm's step rate (run.max_steps; run.max_minutes
-#                 still caps): `LR=3e-4 SCHEDULE=cosine WARMUP=100 scripts/converge.sh`'s run, the stronger
+#                 cosine to 0) over their MINUTES of training time (optim.decay_over=minutes, as the PPOW arms:
+#                 every arm trains its whole hour; a step budget from the rates below ended arm 1 after ~36 of its
+#                 60 minutes on free cores): `MINUTES=60 scripts/converge.sh`'s run, the stronger
 #                 control (docs/results.md §8: +6.5 % / +4.3 % on MT-Bench in an hour against +4.7 % / +1.7 % at
 #                 5e-5 constant); constant: lr CST_LR (then 5e-5, as the -long drafters) without warm-up
 #        TUNE_LRS lr candidates of arms 3 and 4 ("" = the recipe's 5e-6; TUNE_LRS_dense, TUNE_LRS_expected for one
@@ -32,10 +33,12 @@
 #                 its decay when its hour does, as arm 1's cosine does); constant: the recipe's constant lr
 #        POSITIONS  PPOW window starts, `all` or N chosen by ADAW (all)   SFT_WEIGHT  arm 4's loss.sft_weight (1.0)
 #        CST_FROM arm 1 already trained: a finished run dir, rounds.sh's last round (OUT/round-r/sft, the hour that
-#                 showed START converged, run by converge.sh with arm 1's settings; PROBE_EVERY=RATE_cst/PROBES
-#                 gives it arm 1's τ probes). Checked (same resolved config as arm 1 but for eval.*, run.save_every,
-#                 run.max_minutes, run.output_dir, run.resume, run.grad_cosine; model.drafter the same dir as START; trained
-#                 <= MINUTES), then linked as OUT/cst instead of training it again: one hour saved per family.
+#                 showed START converged, run by `MINUTES=60 scripts/converge.sh`, arm 1's settings; PROBE_EVERY=
+#                 RATE_cst/PROBES gives it arm 1's τ probes; a step-budget round is another config and is refused).
+#                 Checked (the same resolved config as arm 1 but for eval.*, run.save_every, run.max_minutes,
+#                 run.output_dir, run.resume, run.grad_cosine; model.drafter the same dir as START; trained <=
+#                 MINUTES + 1 %: the step that crosses it), then linked as OUT/cst instead of training it again:
+#                 one hour saved per family.
 #        BEST     the PPOW arm the ablations modify, dense|expected (default: the higher τ on the tuning prompts)
 #        ADAW_STARTS  starts ADAW (or uniform) picks in the ADAW ablation pair (32)
 #        PROBES   τ probes per arm during training (6; eval.every_steps from the step rates below)
@@ -47,7 +50,7 @@
 # prompts are the first 16 of the ShareGPT evaluation set: a training curve only, nothing is chosen by it.
 #  1 cst        continued SFT: recipes/smollm2/135M_<f>_sft_generated.yaml, CST_LR and CST_SCHEDULE,
 #               the start's own SFT loss (EAGLE-1 sft.vocab_rows=4096; EAGLE-3 sft.ttt_steps=4, its 8192 draft
-#               vocabulary): exactly converge.sh's run. Controls: "does more of the same training still help".
+#               vocabulary): exactly `MINUTES=60 scripts/converge.sh`'s run. Controls: "does more of the same training still help".
 #  2 deep_sft   arm 1 + the SFT loss at every draft depth PPOW's window trains (K = rollout.window):
 #               EAGLE-1 sft.multi_step=4 (HASS-style: depths 2..5 re-drafted from the drafter's own features,
 #               1 + 4 = K = 5, the host tree's depth); EAGLE-3 sft.ttt_steps=8 instead of the start's 4 (its SFT
@@ -154,11 +157,11 @@ schedule() {  # schedule RATE: the probe and checkpoint overrides
   echo "eval.benchmarks=[sharegpt] eval.every_prompts=16 eval.max_new_tokens=128" \
        "eval.every_steps=$(every "$1" "$PROBES") run.save_every=$(every "$1" 12) run.grad_cosine=true"
 }
-sft_args() {  # sft_args RATE: arms 1-2's data and lr schedule
+sft_args() {  # sft_args: arms 1-2's data and lr schedule
   case $CST_SCHEDULE in
     constant) echo "data.path=$DATA optim.lr=${CST_LR:-5.0e-5} optim.schedule=constant optim.warmup_steps=0" ;;
     cosine)   echo "data.path=$DATA optim.lr=${CST_LR:-3.0e-4} optim.schedule=cosine optim.warmup_steps=100" \
-                   "run.max_steps=$(( $1 * MIN / 60 ))" ;;
+                   "optim.decay_over=minutes run.max_steps=1000000" ;;
   esac
 }
 lr_of() {  # lr_of dense|expected: "optim.lr=X" once chosen (LR_<arm> or OUT/lr-<arm>.txt), else nothing
@@ -182,8 +185,8 @@ arm() {
   local name=$1 best=${2:-dense} start=$START
   case $name in gen_*) start=$GEN_START; name=${name#gen_} ;; esac
   case $name in
-    cst)        echo "sft $SFT_RECIPE model.drafter=$start $(sft_args $RATE_cst) $SFT_LOSS $(schedule $RATE_cst)" ;;
-    deep_sft)   echo "sft $SFT_RECIPE model.drafter=$start $(sft_args $RATE_deep) $DEEP $(schedule $RATE_deep)" ;;
+    cst)        echo "sft $SFT_RECIPE model.drafter=$start $(sft_args) $SFT_LOSS $(schedule $RATE_cst)" ;;
+    deep_sft)   echo "sft $SFT_RECIPE model.drafter=$start $(sft_args) $DEEP $(schedule $RATE_deep)" ;;
     dense)      echo "train $PPOW_RECIPE model.drafter=$start $(ppow_args "$POSITIONS" sampled) $(lr_of dense) $(schedule $RATE_ppow)" ;;
     expected)   echo "train $PPOW_RECIPE model.drafter=$start $(ppow_args "$POSITIONS" expected) $(lr_of expected) $(schedule $RATE_ppow)" ;;
     no_rdist)   echo "train $PPOW_RECIPE model.drafter=$start $(best_args "$best") $(lr_of "$best") reward.proximity_weight=0 $(schedule $RATE_ppow)" ;;
@@ -261,7 +264,7 @@ done
 # 1. Arms 1-4, JOBS at a time (arm 1 linked from CST_FROM when given); then BEST on the tuning prompts.
 if [ -n "${CST_FROM:-}" ] && in_runs cst && [ ! -e "$OUT/cst" ]; then
   a=$(arm cst)
-  $PY - "$CST_FROM" "$START" "$MIN" ${a#* } <<'EOF' || exit 2
+  $PY - "$CST_FROM" "$START" "$MIN" ${a#* } "run.max_minutes=$MIN" <<'EOF' || exit 2
 import json, os, sys
 from ppow_plugin.config import config_to_dict, load_config
 run, start, minutes, recipe, *overrides = sys.argv[1:]
@@ -283,7 +286,7 @@ if diff:
     fail("its config differs in " + ", ".join(diff))
 if os.path.realpath(have["model.drafter"]) != os.path.realpath(start):
     fail(f"it continued {have['model.drafter']}, not START {start}")
-if last["train_s"] > float(minutes) * 60:
+if last["train_s"] > float(minutes) * 60 * 1.01:  # run.max_minutes stops after the step that crosses it
     fail(f"it trained {last['train_s'] / 60:.1f} min, more than MINUTES={minutes}")
 EOF
   echo "= cst: linked from CST_FROM=$CST_FROM (rounds.sh's last round; its config is arm 1's)"

@@ -7,7 +7,10 @@
 # Budget: STEPS steps (default: what 60 uncontended minutes gave when the start itself was trained:
 # 14 400 for EAGLE-1, 2 420 for EAGLE-3, docs/results.md §1b and §1c). A step budget, not a wall-time
 # one, so that other work on the machine cannot make the start look converged by starving its run;
-# the run's wall time is in OUT/sft/metrics.jsonl. The recipe's SFT loss and schedule: one cycle of lr LR
+# the run's wall time is in OUT/sft/metrics.jsonl. MINUTES=N instead: a time budget, N minutes of training
+# (run.max_minutes, the cosine decaying over them: optim.decay_over=minutes), exactly arm 1 of
+# scripts/arms.sh at MINUTES=N, so that the round that shows its start converged is linked as arm 1
+# (arms.sh CST_FROM); the machine's other load then sets its steps: keep it as the arms will have it. The recipe's SFT loss and schedule: one cycle of lr LR
 # (3e-4) with SCHEDULE (cosine, to 0 at the budget's end) after WARMUP steps (100), arm 1 of scripts/arms.sh.
 # The first round (docs/results.md §8) ran LR=5e-5 SCHEDULE=constant WARMUP=0, as the -long drafters were
 # trained. One torch thread (THREADS),
@@ -32,8 +35,13 @@ RECIPE=recipes/smollm2/135M_${FAMILY}_sft_generated.yaml
 . scripts/arms_lib.sh
 family_settings "$FAMILY"
 STEPS=${STEPS:-$RATE_cst}; SAVE=$(( STEPS / 12 > 0 ? STEPS / 12 : 1 ))
+BUDGET="run.max_steps=$STEPS run.max_minutes=600"
+if [ -n "${MINUTES:-}" ]; then
+  BUDGET="run.max_steps=1000000 run.max_minutes=$MINUTES"
+  [ "$SCHEDULE" = constant ] || BUDGET="$BUDGET optim.decay_over=minutes"
+fi
 ARGS="model.drafter=$START data.path=$DATA optim.lr=$LR optim.schedule=$SCHEDULE optim.warmup_steps=$WARMUP
-      run.max_steps=$STEPS run.max_minutes=600 run.save_every=$SAVE run.output_dir=$OUT/sft
+      $BUDGET run.save_every=$SAVE run.output_dir=$OUT/sft
       eval.benchmarks=[sharegpt] eval.every_prompts=16 eval.max_new_tokens=128 eval.every_steps=${PROBE_EVERY:-1000000}
       run.grad_cosine=true $SFT_LOSS"
 ppow validate "$RECIPE" $ARGS > /dev/null

@@ -48,8 +48,7 @@ def test_arms_dry_run_validates_every_arm(family, tmp_path):
     deep = next(line for line in lines if line.endswith("/deep_sft"))
     assert ("sft.multi_step=4" if family == "eagle1" else "sft.ttt_steps=8") in deep
     cst = next(line for line in lines if line.endswith("/cst"))  # default: one cycle of the SFT recipe's schedule
-    steps = {"eagle1": 14400, "eagle3": 2420}[family]
-    assert f"optim.lr=3.0e-4 optim.schedule=cosine optim.warmup_steps=100 run.max_steps={steps} " in cst
+    assert "optim.lr=3.0e-4 optim.schedule=cosine optim.warmup_steps=100 optim.decay_over=minutes " in cst
     assert STARTS[family].replace("-long", "") + " " in next(line for line in lines if line.endswith("/gen_cst"))
     assert not out.exists()  # nothing run, nothing written
 
@@ -255,13 +254,16 @@ def test_arms_lr_candidates_per_arm(tmp_path):
     assert not any("optim.schedule=" in c or "decay_over" in c for c in trains)
 
 
-def test_arms_cosine_continued_sft_spans_the_steps_of_its_minutes(tmp_path):
+def test_arms_cosine_continued_sft_decays_over_its_minutes(tmp_path):
+    """Arms 1-2 train their whole MINUTES (no step budget) with the cosine decaying over them, as PPOW's arms."""
     res = _dry(["scripts/arms.sh", STARTS["eagle1"], "eagle1", str(tmp_path / "o")], tmp_path,
                RUNS="cst deep_sft", CST_SCHEDULE="cosine", CST_LR="3e-4", MINUTES="30")
     assert res.returncode == 0, res.stderr + res.stdout
     cst, deep = (next(x for x in res.stdout.splitlines() if x.endswith(f"/{a}")) for a in ("cst", "deep_sft"))
-    assert "optim.lr=3e-4 optim.schedule=cosine optim.warmup_steps=100 run.max_steps=7200 " in cst  # 14400/h
-    assert "optim.schedule=cosine optim.warmup_steps=100 run.max_steps=1000 " in deep  # 2000/h
+    for line in (cst, deep):
+        assert ("optim.schedule=cosine optim.warmup_steps=100 optim.decay_over=minutes run.max_steps=1000000 "
+                in line) and "run.max_minutes=30 " in line
+    assert "optim.lr=3e-4 " in cst and "sft.multi_step=4" in deep
     bad = _dry(["scripts/arms.sh", STARTS["eagle1"], "eagle1", str(tmp_path / "o")], tmp_path, CST_SCHEDULE="step")
     assert bad.returncode != 0 and "CST_SCHEDULE must be constant or cosine, not 'step'" in bad.stderr
 
@@ -291,9 +293,9 @@ def test_arms_links_arm_1_from_the_round_that_ran_its_config(tmp_path):
     arms = lambda out, run: subprocess.run(["bash", "scripts/arms.sh", STARTS["eagle1"], "eagle1", str(out)],
                                            cwd=ROOT, env={**env, "CST_FROM": str(run)}, capture_output=True,
                                            text=True, timeout=600)
-    good = finished("round", [f"model.drafter={ROOT / STARTS['eagle1']}"], 3400.0)
-    arms(tmp_path / "ok", good)
-    assert (tmp_path / "ok" / "cst").resolve() == good.resolve()
+    good = finished("round", [f"model.drafter={ROOT / STARTS['eagle1']}"], 3601.0)  # the step that crossed 60 min
+    res = arms(tmp_path / "ok", good)
+    assert (tmp_path / "ok" / "cst").resolve() == good.resolve(), res.stderr
     assert not any(c.startswith("sft ") for c in log.read_text().splitlines())
     for name, extra, train_s, why in [
             ("lr", ["optim.lr=5e-5"], 3400.0, "optim.lr=5e-05 (arm 1: 0.0003)"),
@@ -302,6 +304,34 @@ def test_arms_links_arm_1_from_the_round_that_ran_its_config(tmp_path):
         res = arms(tmp_path / f"out-{name}", finished(name, extra, train_s))
         assert res.returncode == 2 and why in res.stderr, (name, res.stderr)
         assert not (tmp_path / f"out-{name}" / "cst").exists()
+
+
+@pytest.mark.parametrize("family", ["eagle1", "eagle3"])
+def test_converge_minutes_round_is_arm_1(family, tmp_path):
+    """converge.sh with MINUTES=60 resolves to arm 1's config (what CST_FROM compares); its default step budget
+    does not (CST_FROM would refuse such a round)."""
+    from ppow_plugin.config import config_to_dict, load_config
+    skip = ("eval.", "run.save_every", "run.output_dir")
+
+    def resolved(line: str) -> dict:
+        recipe, *overrides = line.split()
+        flat = {f"{s}.{k}": v for s, sec in config_to_dict(load_config(ROOT / recipe, overrides)).items()
+                if isinstance(sec, dict) for k, v in sec.items()}
+        return {k: v for k, v in flat.items() if not k.startswith(skip)}
+
+    arm = _dry(["scripts/arms.sh", STARTS[family], family, str(tmp_path / "o")], tmp_path, RUNS="cst")
+    arm_line = next(x for x in arm.stdout.splitlines() if x.startswith("+ ppow validate ") and x.endswith("/cst"))
+    want = resolved(arm_line.removeprefix("+ ppow validate "))
+    rounds = {}
+    for budget in ("60", None):
+        env = {"MINUTES": budget} if budget else {}
+        res = _dry(["scripts/converge.sh", STARTS[family], family, str(tmp_path / "c")], tmp_path, **env)
+        assert res.returncode == 0, res.stderr + res.stdout
+        line = next(x for x in res.stdout.splitlines() if x.startswith("DRY=1: config valid"))
+        rounds[budget] = resolved(line.split(": ppow sft ", 1)[1])
+    assert rounds["60"] == want
+    differs = {k for k in want if rounds[None].get(k) != want[k]}
+    assert differs == {"optim.decay_over", "run.max_steps", "run.max_minutes"}
 
 
 FAKE_ROUNDS = '''
