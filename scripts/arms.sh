@@ -44,6 +44,7 @@
 #        PROBES   τ probes per arm during training (6; eval.every_steps from the step rates below)
 #        BENCHES  "mt_bench:80 humaneval:164 sharegpt:200"  PER_DEPTH  the benchmark given --per-depth (mt_bench)
 #        TUNING   tuning prompts (48; scripts/dev_prompts.py)  REAL  prompts per benchmark, real decoding (10)
+#        T1       prompts per benchmark, real decoding at T = 1 (0: not run; 20 for a ±4 % interval, below)
 #
 # Arms (the recipe of each family; START unless gen_; every arm: model.drafter, run.max_minutes, the τ probe
 # on 16 held-out ShareGPT prompts, eval.every_steps; data = the committed 2048 generated answers). The probe's
@@ -86,7 +87,11 @@
 #    MT-Bench and HumanEval (2 x 10 = 20), OUT/real-t0; `scripts/paired.py agree` checks 0 mismatches and
 #    cycles identical to the simulation.
 #  - curves: `scripts/curves.py OUT/<arm>... --per-run OUT/curves` (one JSON and one PNG per arm).
-#  T = 1 is not run here (issue 28 asks for it or a documented reason; docs/results.md §7 has the method).
+#  - T1=N (default 0: not run): real decoding at T = 1 of START, arm 1 and BEST on the first N prompts of
+#    MT-Bench and of HumanEval, OUT/real-t1-<bench>, paired table OUT/vs-start-t1.md (and both pooled). There is no simulation
+#    at T = 1 and each drafter samples its own answers: docs/results.md §7's runs (3-4 prompts a benchmark)
+#    gave paired intervals ±9-10 % wide on 6 prompts, so ±4 % needs ~(10/4)^2 x 6 ≈ 40 prompts (T1=20):
+#    3 drafters x 40 x ~70-95 s ≈ 2.5-3 h on one thread per family (half with JOBS=2).
 #
 # Cost on this 2-core machine, JOBS=2 THREADS=1 (the τ probe's time is on top of MINUTES):
 #  lr tuning: 2 arms x 3 lr x TUNE_MIN 15 min, 2 at a time: 45 min, + 2 tuning compares (4 drafters x 48).
@@ -346,6 +351,19 @@ if [ "${REAL:-10}" != 0 ] && [ -n "$real" ]; then
   compare_into "$OUT/real-t0" $(group start "$START" $real) --temperature 0 --max-new-tokens 128 --recipe "$PPOW_RECIPE" \
     --benchmarks mt_bench,humaneval --num-prompts "${REAL:-10}"
   $PY scripts/paired.py agree "$OUT/real-t0" "$OUT"/sim-*/ | tee "$OUT/real-t0-agree.txt" || disagree=1
+fi
+
+# 5b. Real decoding at T = 1 (T1 prompts of MT-Bench and of HumanEval; 0 = not run): START, arm 1 and BEST, each
+# drafter decoding its own sampled answers, paired over prompts; one compare per benchmark, JOBS at a time.
+if [ "${T1:-0}" != 0 ] && [ -n "$real" ]; then
+  cmp_dirs=""
+  for b in mt_bench humaneval; do
+    compare "$OUT/real-t1-$b" $(group start "$START" $(only "cst $BEST")) --temperature 1 --max-new-tokens 128 \
+      --recipe "$PPOW_RECIPE" --benchmarks "$b" --num-prompts "$T1"
+  done
+  wait || true
+  for d in $cmp_dirs; do [ -f "$d/compare.md" ] || { echo "error: no $d/compare.md; see $d.log" >&2; exit 1; }; done
+  $PY scripts/paired.py table --reference start --pooled --out "$OUT/vs-start-t1.md" "$OUT"/real-t1-*/ > /dev/null
 fi
 
 # 6. Curves: one JSON and one PNG per arm.

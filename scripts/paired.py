@@ -1,6 +1,6 @@
 """Paired τ tables across `ppow compare` outputs, against any drafter, and the real-decoding check.
 
-    python scripts/paired.py table --reference cst --out OUT/vs-cst.md CMP_DIR [CMP_DIR ...]
+    python scripts/paired.py table --reference cst --out OUT/vs-cst.md [--pooled] CMP_DIR [CMP_DIR ...]
     python scripts/paired.py agree REAL_CMP_DIR SIM_CMP_DIR [SIM_CMP_DIR ...]
     python scripts/paired.py depths CMP_DIR            # a compare run with --per-depth: one table, all drafters
 
@@ -44,17 +44,19 @@ def load(dirs: list[Path]) -> dict[str, dict[tuple[str, str], dict]]:
     return out
 
 
-def table(reports: dict[str, dict[tuple[str, str], dict]], reference: str) -> str:
+def table(reports: dict[str, dict[tuple[str, str], dict]], reference: str, pooled: bool = False) -> str:
+    """Per benchmark (and, with `pooled`, one more column over all their prompts together) τ of each drafter
+    and its paired change against `reference`."""
     if reference not in reports:
         raise SystemExit(f"error: no drafter named {reference!r}; have: {', '.join(reports)}")
     ref = reports[reference]
-    benches = list(dict.fromkeys(b for b, _ in ref))
+    benches = list(dict.fromkeys(b for b, _ in ref)) + (["all"] if pooled else [])
     lines = [f"τ, and change vs {reference} (paired 95 % bootstrap over the prompts both decoded)", "",
              "| drafter | " + " | ".join(f"{b}" for b in benches) + " |", "|---|" + "---|" * len(benches)]
     for name, recs in reports.items():
         cells = []
         for b in benches:
-            keys = [k for k in ref if k[0] == b and k in recs]
+            keys = [k for k in ref if (pooled and b == "all" or k[0] == b) and k in recs]
             if not keys:
                 cells.append("")
                 continue
@@ -110,6 +112,7 @@ def main() -> None:
     t.add_argument("dirs", nargs="+", type=Path)
     t.add_argument("--reference", required=True)
     t.add_argument("--out", type=Path, default=None)
+    t.add_argument("--pooled", action="store_true", help="one more column: all the benchmarks' prompts together")
     a = sub.add_parser("agree")
     a.add_argument("real", type=Path)
     a.add_argument("sim", nargs="+", type=Path)
@@ -124,7 +127,7 @@ def main() -> None:
             args.out.write_text(text)
         return
     if args.cmd == "table":
-        text = table(load(args.dirs), args.reference)
+        text = table(load(args.dirs), args.reference, args.pooled)
         print(text)
         if args.out:
             args.out.write_text(text)

@@ -144,6 +144,13 @@ def test_paired_table_against_any_drafter_and_the_real_check(tmp_path):
     text = paired.table(reports, "cst")
     assert "| cst | 2.222 (6) |" in text
     assert "| no_rdist | 2.500: +12.5 % [+12.5, +12.5] |" in text and "| start | 2.000: -10.0 %" in text
+    pool = tmp_path / "pool"  # --pooled: one more column over both benchmarks' prompts
+    _report(pool, "start", [("mt_bench", "0", 100, 50), ("humaneval", "0", 100, 50)])
+    _report(pool, "cst", [("mt_bench", "0", 100, 40), ("humaneval", "0", 100, 50)])
+    assert "| cst | 2.500: +25.0 % [+25.0, +25.0] | 2.000: +0.0 % [+0.0, +0.0] |\n" in paired.table(
+        paired.load([pool]), "start")
+    assert "| cst | 2.500: +25.0 % [+25.0, +25.0] | 2.000: +0.0 % [+0.0, +0.0] | 2.222: +11.1 %" in paired.table(
+        paired.load([pool]), "start", pooled=True)
     _report(tmp_path / "cmp-c", "start", [("mt_bench", "0", 100, 49)])
     with pytest.raises(SystemExit, match="differs between compares"):
         paired.load([a, tmp_path / "cmp-c"])
@@ -192,6 +199,11 @@ if args[2] == "compare":
     tau = json.loads(os.environ["FAKE_TAU"])  # name -> tau
     (out / "compare.json").write_text(json.dumps({"drafters": {n: {"overall": {"tau": tau.get(n, 2.0)}} for n in names}}))
     (out / "compare.md").write_text("fake\\n")
+    benches = args[args.index("--benchmarks") + 1].split(",") if "--benchmarks" in args else ["tuning"]
+    for n in names:  # one prompt per benchmark, τ 2
+        (out / n).mkdir(exist_ok=True)
+        (out / n / "report.json").write_text(json.dumps({"settings": {}, "prompts": [
+            {"benchmark": b, "prompt_id": "0", "new_tokens": 100, "cycles": 50, "mismatch_at": None} for b in benches]}))
 else:
     out = next(a.split("=", 1)[1] for a in args if a.startswith("run.output_dir="))
     Path(out, "drafter").mkdir(parents=True)
@@ -227,6 +239,30 @@ def test_arms_tunes_the_lr_on_the_tuning_prompts_and_trains_with_it(tmp_path):
     assert [c.split("run.output_dir=")[1].split()[0] for c in trains] == [f"{out}/dense", f"{out}/expected"]
     assert "optim.lr=3.0e-5" in trains[0] and "optim.lr=1.0e-6" in trains[1]
     assert all("run.max_minutes=60" in c for c in trains)
+
+
+def test_arms_real_decoding_at_t1_when_asked(tmp_path):
+    """T1=N: after the simulated tables, real decoding at T = 1 of the start, arm 1 and BEST on N prompts of
+    MT-Bench and of HumanEval, one compare each, and a paired table with both pooled; T1 unset: none."""
+    wrapper = _fake_python(tmp_path, FAKE_PPOW)
+    log = tmp_path / "calls.log"
+    env = {**os.environ, "PY": str(wrapper), "REAL_PY": sys.executable, "PYTHONPATH": str(ROOT),
+           "OMP_NUM_THREADS": "1", "FAKE_LOG": str(log), "RUNS": "cst dense", "LR_dense": "1.0e-5", "BEST": "dense",
+           "BENCHES": "mt_bench:2", "PER_DEPTH": "none", "REAL": "1", "JOBS": "2", "FAKE_TAU": "{}"}
+    for t1, out in (("3", tmp_path / "t1"), ("0", tmp_path / "none")):
+        log.write_text("")
+        res = subprocess.run(["bash", "scripts/arms.sh", STARTS["eagle1"], "eagle1", str(out)], cwd=ROOT,
+                             env={**env, "T1": t1}, capture_output=True, text=True, timeout=600)
+        assert (out / "vs-cst.md").exists(), res.stderr + res.stdout  # the simulated tables came first
+        t1_calls = [c for c in log.read_text().splitlines() if c.startswith("compare ") and "--temperature 1" in c]
+        if t1 == "0":
+            assert t1_calls == [] and not (out / "vs-start-t1.md").exists()
+            continue
+        assert sorted(c.split("--benchmarks ")[1].split()[0] for c in t1_calls) == ["humaneval", "mt_bench"]
+        assert all("--names start,cst,dense " in c and "--num-prompts 3" in c and "--simulate" not in c
+                   for c in t1_calls)
+        head = (out / "vs-start-t1.md").read_text().splitlines()[2]
+        assert head in ("| drafter | humaneval | mt_bench | all |", "| drafter | mt_bench | humaneval | all |")
 
 
 def test_arms_lr_candidates_per_arm(tmp_path):
