@@ -25,7 +25,7 @@ from ppow_plugin.data import continuations
 from ppow_plugin.evaluation import evaluate, simulate, tree_walk
 from ppow_plugin.host import eagle_compat
 
-DRAFTERS = "assets/drafters/smollm2-135m-eagle3-sft-gen,assets/drafters/smollm2-135m-eagle3-sft-gen-long"
+DRAFTERS = "assets/drafters/smollm2-135m-eagle3-sft-gen,assets/drafters/smollm2-135m-eagle3-sft-converged"
 
 
 def _timed(fn):

@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 ARMS = ["cst", "deep_sft", "dense", "expected", "adaw", "no_adaw", "no_rdist", "gamma_prof",
         "gen_cst", "gen_dense", "gen_expected"]
 STARTS = {"eagle1": "assets/drafters/smollm2-135m-eagle1-sft-gen-long",
-          "eagle3": "assets/drafters/smollm2-135m-eagle3-sft-gen-long"}
+          "eagle3": "assets/drafters/smollm2-135m-eagle3-sft-converged"}
 
 
 def _script(name: str):
@@ -49,7 +49,7 @@ def test_arms_dry_run_validates_every_arm(family, tmp_path):
     assert ("sft.multi_step=4" if family == "eagle1" else "sft.ttt_steps=8") in deep
     cst = next(line for line in lines if line.endswith("/cst"))  # default: one cycle of the SFT recipe's schedule
     assert "optim.lr=3.0e-4 optim.schedule=cosine optim.warmup_steps=100 optim.decay_over=minutes " in cst
-    assert STARTS[family].replace("-long", "") + " " in next(line for line in lines if line.endswith("/gen_cst"))
+    assert f"assets/drafters/smollm2-135m-{family}-sft-gen " in next(x for x in lines if x.endswith("/gen_cst"))
     assert not out.exists()  # nothing run, nothing written
 
 

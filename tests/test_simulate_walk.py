@@ -166,7 +166,7 @@ def test_a_stop_rule_that_ignores_later_candidates_is_caught():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["smollm2-135m-eagle3-sft-gen", "smollm2-135m-eagle3-sft-gen-long"])
+@pytest.mark.parametrize("name", ["smollm2-135m-eagle3-sft-gen", "smollm2-135m-eagle3-sft-converged"])
 def test_committed_drafters_walked_equals_every_root(name: str):
     """Every root's accepted length (walked batches vs the reference's chunks) and every prompt's cycles, on
     the first 3 MT-Bench prompts at 128 new tokens (the eval tree 7 / 10 / 60)."""

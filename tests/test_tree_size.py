@@ -100,9 +100,11 @@ def test_a_retired_drafter_says_how_to_restore_it(drafter: Path, tmp_path: Path,
     assert RETIRED, "no retired drafter dir"
     assert not (drafter / "model.safetensors").exists() and (drafter / "provenance.json").is_file()
     rel = drafter.relative_to(ROOT).as_posix()
-    command = f"git checkout {BEFORE_SLIMMING} -- {rel}/model.safetensors"
-    assert command in (drafter / "RETIRED.md").read_text()
-    git("cat-file", "-e", f"{BEFORE_SLIMMING}:{rel}/model.safetensors")  # the command restores something
+    found = re.search(rf"git checkout ([0-9a-f]{{7,40}}) -- {re.escape(rel)}/model\.safetensors",
+                      (drafter / "RETIRED.md").read_text())
+    assert found, f"{drafter}/RETIRED.md names no `git checkout COMMIT -- {rel}/model.safetensors`"
+    command = found.group(0)
+    git("cat-file", "-e", f"{found.group(1)}:{rel}/model.safetensors")  # the command restores something
     code = cli.main(["validate", str(ROOT / "recipes/smollm2/135M_eagle1_ppow.yaml"), f"model.drafter={drafter}",
                      f"run.output_dir={tmp_path / 'run'}"])
     err = capsys.readouterr().err.strip()
