@@ -80,6 +80,7 @@
 #    PER_DEPTH's with --per-depth (top-1 / top-3 per draft depth), into OUT/sim-<bench>; the same for GEN_START
 #    and the gen_ arms into OUT/gen-sim-<bench>.
 #  - the tuning prompts: OUT/tuning-main (START + arms 1-4; picks BEST), OUT/tuning-ablations, OUT/gen-tuning.
+#  - the start, arm 1 and BEST on the benchmarks only -> OUT/before_after.md (what `make demo` prints).
 #  - against arm 1: scripts/paired.py table --reference cst over all compares -> OUT/vs-cst.md (and
 #    OUT/vs-gen_cst.md); against the start -> OUT/vs-start.md (OUT/vs-gen_start.md); the per-depth table of
 #    all arms -> OUT/per-depth.md (OUT/gen-per-depth.md).
@@ -339,6 +340,10 @@ tables() {  # tables START_NAME ARM1_NAME COMPARE_DIR...
   return 0
 }
 [ -n "$conv" ] && tables start cst "$OUT"/sim-*/ "$OUT"/tuning-*/
+if [ -n "$conv" ] && in_runs cst && in_runs "$BEST"; then  # make demo's table: start, arm 1, BEST, held-out only
+  $PY scripts/paired.py table --reference start --drafters "start,cst,$BEST" --out "$OUT/before_after.md" \
+    "$OUT"/sim-*/ > /dev/null
+fi
 [ -n "$gen" ] && tables gen_start gen_cst "$OUT"/gen-sim-*/ "$OUT/gen-tuning/"
 pd=${PER_DEPTH:-mt_bench}  # one per-depth table per group
 [ -n "$conv" ] && [ -d "$OUT/sim-$pd" ] && $PY scripts/paired.py depths "$OUT/sim-$pd" --out "$OUT/per-depth.md" > /dev/null

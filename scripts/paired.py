@@ -1,6 +1,6 @@
 """Paired τ tables across `ppow compare` outputs, against any drafter, and the real-decoding check.
 
-    python scripts/paired.py table --reference cst --out OUT/vs-cst.md [--pooled] CMP_DIR [CMP_DIR ...]
+    python scripts/paired.py table --reference cst --out OUT/vs-cst.md [--pooled] [--drafters A,B] CMP_DIR ...
     python scripts/paired.py agree REAL_CMP_DIR SIM_CMP_DIR [SIM_CMP_DIR ...]
     python scripts/paired.py depths CMP_DIR            # a compare run with --per-depth: one table, all drafters
 
@@ -113,6 +113,7 @@ def main() -> None:
     t.add_argument("--reference", required=True)
     t.add_argument("--out", type=Path, default=None)
     t.add_argument("--pooled", action="store_true", help="one more column: all the benchmarks' prompts together")
+    t.add_argument("--drafters", default="", help="NAME,NAME...: only these rows, in this order (the reference too)")
     a = sub.add_parser("agree")
     a.add_argument("real", type=Path)
     a.add_argument("sim", nargs="+", type=Path)
@@ -127,7 +128,14 @@ def main() -> None:
             args.out.write_text(text)
         return
     if args.cmd == "table":
-        text = table(load(args.dirs), args.reference, args.pooled)
+        reports = load(args.dirs)
+        if args.drafters:
+            names = args.drafters.split(",")
+            missing = [n for n in names if n not in reports]
+            if missing:
+                raise SystemExit(f"error: no drafter named {', '.join(missing)}; have: {', '.join(reports)}")
+            reports = {n: reports[n] for n in names}
+        text = table(reports, args.reference, args.pooled)
         print(text)
         if args.out:
             args.out.write_text(text)

@@ -254,6 +254,8 @@ def test_arms_real_decoding_at_t1_when_asked(tmp_path):
         res = subprocess.run(["bash", "scripts/arms.sh", STARTS["eagle1"], "eagle1", str(out)], cwd=ROOT,
                              env={**env, "T1": t1}, capture_output=True, text=True, timeout=600)
         assert (out / "vs-cst.md").exists(), res.stderr + res.stdout  # the simulated tables came first
+        rows = [x.split(" | ")[0] for x in (out / "before_after.md").read_text().splitlines() if x.startswith("| ")]
+        assert rows == ["| drafter", "| start", "| cst", "| dense"]  # make demo's three rows
         t1_calls = [c for c in log.read_text().splitlines() if c.startswith("compare ") and "--temperature 1" in c]
         if t1 == "0":
             assert t1_calls == [] and not (out / "vs-start-t1.md").exists()
