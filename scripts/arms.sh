@@ -51,7 +51,8 @@
 # prompts are the first 16 of the ShareGPT evaluation set: a training curve only, nothing is chosen by it.
 #  1 cst        continued SFT: recipes/smollm2/135M_<f>_sft_generated.yaml, CST_LR and CST_SCHEDULE,
 #               the start's own SFT loss (EAGLE-1 sft.vocab_rows=4096; EAGLE-3 sft.ttt_steps=4, its 8192 draft
-#               vocabulary): exactly `MINUTES=60 scripts/converge.sh`'s run. Controls: "does more of the same training still help".
+#               vocabulary): exactly `MINUTES=60 scripts/converge.sh`'s run. Controls: "does more of the same
+#               training still help".
 #  2 deep_sft   arm 1 + the SFT loss at every draft depth PPOW's window trains (K = rollout.window):
 #               EAGLE-1 sft.multi_step=4 (HASS-style: depths 2..5 re-drafted from the drafter's own features,
 #               1 + 4 = K = 5, the host tree's depth); EAGLE-3 sft.ttt_steps=8 instead of the start's 4 (its SFT
@@ -89,10 +90,10 @@
 #    cycles identical to the simulation.
 #  - curves: `scripts/curves.py OUT/<arm>... --per-run OUT/curves` (one JSON and one PNG per arm).
 #  - T1=N (default 0: not run): real decoding at T = 1 of START, arm 1 and BEST on the first N prompts of
-#    MT-Bench and of HumanEval, OUT/real-t1-<bench>, paired table OUT/vs-start-t1.md (and both pooled). There is no simulation
-#    at T = 1 and each drafter samples its own answers: docs/results.md §7's runs (3-4 prompts a benchmark)
-#    gave paired intervals ±9-10 % wide on 6 prompts, so ±4 % needs ~(10/4)^2 x 6 ≈ 40 prompts (T1=20):
-#    3 drafters x 40 x ~70-95 s ≈ 2.5-3 h on one thread per family (half with JOBS=2).
+#    MT-Bench and of HumanEval, OUT/real-t1-<bench>, paired table OUT/vs-start-t1.md (and both pooled). There
+#    is no simulation at T = 1 and each drafter samples its own answers: docs/results.md §7's runs (3-4
+#    prompts a benchmark) gave paired intervals ±9-10 % wide on 6 prompts, so ±4 % needs ~(10/4)^2 x 6 ≈ 40
+#    prompts (T1=20): 3 drafters x 40 x ~70-95 s ≈ 2.5-3 h on one thread per family (half with JOBS=2).
 #
 # Cost on this 2-core machine, JOBS=2 THREADS=1 (the τ probe's time is on top of MINUTES):
 #  lr tuning: 2 arms x 3 lr x TUNE_MIN 15 min, 2 at a time: 45 min, + 2 tuning compares (4 drafters x 48).

@@ -10,8 +10,9 @@
 # the run's wall time is in OUT/sft/metrics.jsonl. MINUTES=N instead: a time budget, N minutes of training
 # (run.max_minutes, the cosine decaying over them: optim.decay_over=minutes), exactly arm 1 of
 # scripts/arms.sh at MINUTES=N, so that the round that shows its start converged is linked as arm 1
-# (arms.sh CST_FROM); the machine's other load then sets its steps: keep it as the arms will have it. The recipe's SFT loss and schedule: one cycle of lr LR
-# (3e-4) with SCHEDULE (cosine, to 0 at the budget's end) after WARMUP steps (100), arm 1 of scripts/arms.sh.
+# (arms.sh CST_FROM); the machine's other load then sets its steps: keep it as the arms will have it.
+# The recipe's SFT loss and schedule: one cycle of lr LR (3e-4) with SCHEDULE (cosine, to 0 at the budget's
+# end) after WARMUP steps (100), arm 1 of scripts/arms.sh.
 # The first round (docs/results.md §8) ran LR=5e-5 SCHEDULE=constant WARMUP=0, as the -long drafters were
 # trained. One torch thread (THREADS),
 # the committed generated answers. PROBE_EVERY=N: a τ probe (16 held-out ShareGPT prompts) every N steps;

@@ -324,7 +324,8 @@ def chain_accept_mean(fmt: str, drafter, target, conts: Sequence[continuations.C
     accepted, roots = 0, 0
     for cont in conts:
         seq = teacher_forced(fmt, drafter, target, cont)
-        accept = static_accept_lengths(fmt, drafter, target, seq, _roots(cont, max_new_tokens, eos_token_id), chain(depth))
+        starts = _roots(cont, max_new_tokens, eos_token_id)
+        accept = static_accept_lengths(fmt, drafter, target, seq, starts, chain(depth))
         accepted, roots = accepted + int(accept.sum()), roots + accept.numel()
     return accepted / max(1, roots)
 

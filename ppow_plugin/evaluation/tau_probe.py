@@ -43,8 +43,8 @@ class TauProbe:
         ids = [evaluate._format(tok, p.turns[:1], [])[0].tolist() for p in prompts]
         self.keys = [(p.benchmark, p.prompt_id) for p in prompts]
         self.conts, self.build_cost = continuations.load_continuations(
-            target_dir, target, ids, max(simulate.continuation_length(self.max_new, self.tree),
-                                         self.max_new + self.window + 3), feature_layers)  # the chain's too
+            target_dir, target, ids, max(simulate.continuation_length(self.max_new, t)
+                                         for t in (self.tree, simulate.chain(self.window))), feature_layers)
         self.history: list[tuple[int, float]] = []
 
     def due(self, step: int) -> bool:
