@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from ppow_plugin import cli, devices
-from ppow_plugin.config import EvalCfg, load_config
+from ppow_plugin.config import EvalCfg, RolloutCfg, load_config
 from ppow_plugin.data import continuations, datasets, generate
 from ppow_plugin.errors import UserError
 from ppow_plugin.evaluation import evaluate, profile, simulate, tree_decode, tree_draft, tree_walk
@@ -274,7 +274,7 @@ def test_tau_probe_takes_a_target_on_the_gpu(target_dir: Path, monkeypatch: pyte
                         lambda target_dir, target, *a, **k: given.append(target) or ([], {}))
     weight = SimpleNamespace(device=torch.device("cuda", 0), dtype=torch.bfloat16)
     target = SimpleNamespace(parameters=lambda: iter([weight]), lm_head=SimpleNamespace(weight=weight))
-    cfg = SimpleNamespace(eval=EvalCfg(benchmarks=["mt_bench"], every_steps=1, every_prompts=1))
+    cfg = SimpleNamespace(eval=EvalCfg(benchmarks=["mt_bench"], every_steps=1, every_prompts=1), rollout=RolloutCfg())
     probe = tau_probe.TauProbe(cfg, target, target_dir, "eagle1", None)
     assert given == [target] and probe.due(1)  # the continuations come from the training target itself
 
