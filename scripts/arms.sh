@@ -41,7 +41,7 @@
 #                 one hour saved per family.
 #        BEST     the PPOW arm the ablations modify, dense|expected (default: the higher τ on the tuning prompts)
 #        ADAW_STARTS  starts ADAW (or uniform) picks in the ADAW ablation pair (32)
-#        PROBES   τ probes per arm during training (6; eval.every_steps from the step rates below)
+#        PROBES   τ probes per arm during training (6, and one of the start; eval.every_steps from the rates below)
 #        BENCHES  "mt_bench:80 humaneval:164 sharegpt:200"  PER_DEPTH  the benchmark given --per-depth (mt_bench)
 #        TUNING   tuning prompts (48; scripts/dev_prompts.py)  REAL  prompts per benchmark, real decoding (10)
 #        T1       prompts per benchmark, real decoding at T = 1 (0: not run; 20 for a ±4 % interval, below)
@@ -240,7 +240,7 @@ compare() { cmp_dirs="$cmp_dirs $1"; queue compare_into "$@"; }  # compare DIR .
 # higher τ on the tuning prompts is the arm's lr (OUT/lr-ARM.txt; LR_<arm> or an existing file skips this).
 tune_one() {  # tune_one ARM LR
   local a; a=$(arm "$1")
-  MIN=${TUNE_MIN:-15} train_arm "tune-$1-$2" ${a%% *} ${a#* } "optim.lr=$2" eval.every_steps=1000000
+  MIN=${TUNE_MIN:-15} train_arm "tune-$1-$2" ${a%% *} ${a#* } "optim.lr=$2" eval.every_steps=0
 }
 lrs_of() {  # lrs_of dense|expected: its lr candidates, TUNE_LRS_<arm> if set, else TUNE_LRS if set, else its default
   local var=TUNE_LRS_$1

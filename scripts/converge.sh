@@ -15,8 +15,8 @@
 # end) after WARMUP steps (100), arm 1 of scripts/arms.sh.
 # The first round (docs/results.md §8) ran LR=5e-5 SCHEDULE=constant WARMUP=0, as the -long drafters were
 # trained. One torch thread (THREADS),
-# the committed generated answers. PROBE_EVERY=N: a τ probe (16 held-out ShareGPT prompts) every N steps;
-# every step logs grad_cos_prev (run.grad_cosine).
+# the committed generated answers. PROBE_EVERY=N: a τ probe (16 held-out ShareGPT prompts) at the start and
+# every N steps (default: none); every step logs grad_cos_prev (run.grad_cosine).
 # Resumable: rerun the same command; training resumes from its newest checkpoint, finished
 # evaluations are kept (OUT/cmp-*/compare.md).
 # Evaluation: `ppow compare --simulate START OUT/sft/drafter`, T = 0, 128 new tokens, on the 48 tuning
@@ -43,7 +43,7 @@ if [ -n "${MINUTES:-}" ]; then
 fi
 ARGS="model.drafter=$START data.path=$DATA optim.lr=$LR optim.schedule=$SCHEDULE optim.warmup_steps=$WARMUP
       $BUDGET run.save_every=$SAVE run.output_dir=$OUT/sft
-      eval.benchmarks=[sharegpt] eval.every_prompts=16 eval.max_new_tokens=128 eval.every_steps=${PROBE_EVERY:-1000000}
+      eval.benchmarks=[sharegpt] eval.every_prompts=16 eval.max_new_tokens=128 eval.every_steps=${PROBE_EVERY:-0}
       run.grad_cosine=true $SFT_LOSS"
 ppow validate "$RECIPE" $ARGS > /dev/null
 [ "${DRY:-0}" = 1 ] && { echo "DRY=1: config valid: ppow sft $RECIPE" $ARGS; exit 0; }

@@ -229,7 +229,7 @@ def test_arms_tunes_the_lr_on_the_tuning_prompts_and_trains_with_it(tmp_path):
     calls = log.read_text().splitlines()
     tunes = [c for c in calls if c.startswith("train ")]
     assert len(tunes) == 4
-    assert all("run.max_minutes=7" in c and "eval.every_steps=1000000 " in c for c in tunes)
+    assert all("run.max_minutes=7" in c and "eval.every_steps=0 " in c for c in tunes)
     assert all("optim.schedule=cosine optim.decay_over=minutes" in c for c in tunes)  # PPOW_SCHEDULE's default
     assert sum("optim.lr=1.0e-6" in c for c in tunes) == 2 and sum("loss.estimator=expected" in c for c in tunes) == 2
     # the arms: each with its chosen lr, 60 minutes, no tuning again

@@ -277,10 +277,11 @@ def test_training_logs_simulated_tau_and_tiny_simulation_equals_decoding(tmp_pat
     from ppow_plugin.evaluation import evaluate
     run = _tiny_run(tmp_path, monkeypatch, every=1)
     taus = _sim_taus(run)
-    assert len(taus) == 2 and all(1.0 <= x <= 6.0 for x in taus)   # one value per step, in [1, depth + 1]
+    assert len(taus) == 3 and all(1.0 <= x <= 6.0 for x in taus)   # the start + one per step, in [1, depth + 1]
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "sim_tau" in r] == [0, 1, 2] and rows[0]["train_s"] == 0.0
     ks = [r["heldout_k"] for r in rows if "sim_tau" in r]
-    assert len(ks) == 2 and all(0.0 <= k <= 4.0 for k in ks)        # a chain of the tiny recipe's rollout.window = 4
+    assert len(ks) == 3 and all(0.0 <= k <= 4.0 for k in ks)        # a chain of the tiny recipe's rollout.window = 4
     assert (run / "sim_tau.png").is_file()
     # the tiny drafter simulated == decoded by the host, prompt by prompt (kept accept lengths and tokens)
     prompts = [evaluate.EvalPrompt("mine", str(i), (f"w{i} w{i + 1} w{i + 2}",)) for i in (1, 40, 77, 100)]

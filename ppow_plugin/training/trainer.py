@@ -175,6 +175,11 @@ class Trainer:
         start_time = time.time()
         probe_s = 0.0  # τ-probe time: measurement, not training, so run.max_minutes does not count it
         train_s_before = self.train_s  # run.max_minutes is the run's budget: a resume goes on with what is left
+        if self.tau_probe is not None and self.step == 0:  # the start's τ, the curve's first point (rank 0 only)
+            probe_start = time.time()
+            row = {"step": 0, "train_s": 0.0, **self.tau_probe.measure(0, self.drafter)}
+            probe_s += time.time() - probe_start
+            self._write_run_file("metrics.jsonl", json.dumps(dict(row, probe_s=probe_s)) + "\n", mode="a")
         # closed on errors too, so the CLI's `error:` line starts a line of its own
         with _progress(cfg.run.max_steps, self.step, self.dist.is_main) as pbar:
             while self.step < cfg.run.max_steps:
