@@ -14,9 +14,9 @@
 # The recipe's SFT loss and schedule: one cycle of lr LR (3e-4) with SCHEDULE (cosine, to 0 at the budget's
 # end) after WARMUP steps (100), arm 1 of scripts/arms.sh.
 # The first round (docs/results.md §8) ran LR=5e-5 SCHEDULE=constant WARMUP=0, as the -long drafters were
-# trained. One torch thread (THREADS),
-# the committed generated answers. PROBE_EVERY=N: a τ probe (16 held-out ShareGPT prompts) at the start and
-# every N steps (default: none); every step logs grad_cos_prev (run.grad_cosine).
+# trained. One torch thread (THREADS), the committed generated answers. PROBE_EVERY=N: a τ probe (16 held-out
+# ShareGPT prompts) at the start and every N steps (default: none); every step logs grad_cos_prev
+# (run.grad_cosine).
 # Resumable: rerun the same command; training resumes from its newest checkpoint, finished
 # evaluations are kept (OUT/cmp-*/compare.md).
 # Evaluation: `ppow compare --simulate START OUT/sft/drafter`, T = 0, 128 new tokens, on the 48 tuning

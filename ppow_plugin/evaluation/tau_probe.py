@@ -18,6 +18,7 @@ own device and dtype, is simulated there.
 from __future__ import annotations
 
 import copy
+import time
 from pathlib import Path
 
 import torch
@@ -46,13 +47,15 @@ class TauProbe:
             target_dir, target, ids, max(simulate.continuation_length(self.max_new, t)
                                          for t in (self.tree, simulate.chain(self.window))), feature_layers)
         self.history: list[tuple[int, float]] = []
+        self.seconds = 0.0  # time spent measuring: not training, so run.max_minutes does not count it
 
     def due(self, step: int) -> bool:
         return self.every > 0 and step % self.every == 0
 
     def measure(self, step: int, drafter: torch.nn.Module) -> dict[str, float]:
-        """{"sim_tau", "heldout_k"} of a frozen copy of `drafter` (training state untouched); τ is recorded in
-        the history."""
+        """{"sim_tau", "heldout_k", "probe_s": seconds measuring so far} of a frozen copy of `drafter` (training
+        state untouched); τ is recorded in the history."""
+        start = time.time()
         frozen = copy.deepcopy(drafter).eval()
         with torch.no_grad():
             records = simulate.simulate_records(self.fmt, frozen, self.target, self.conts, self.keys, self.max_new,
@@ -61,7 +64,8 @@ class TauProbe:
                                            self.eos)
         tau = sum(r.new_tokens for r in records) / max(1, sum(r.cycles for r in records))
         self.history.append((step, tau))
-        return {"sim_tau": tau, "heldout_k": k}
+        self.seconds += time.time() - start
+        return {"sim_tau": tau, "heldout_k": k, "probe_s": self.seconds}
 
     def plot(self, path: Path) -> Path | None:
         """τ against the optimizer step as a PNG (None when nothing was measured)."""

@@ -173,13 +173,11 @@ class Trainer:
     def train(self) -> Path:
         cfg = self.cfg
         start_time = time.time()
-        probe_s = 0.0  # τ-probe time: measurement, not training, so run.max_minutes does not count it
+        probe = self.tau_probe  # rank 0 only; its time (probe.seconds) is measurement, not training
         train_s_before = self.train_s  # run.max_minutes is the run's budget: a resume goes on with what is left
-        if self.tau_probe is not None and self.step == 0:  # the start's τ, the curve's first point (rank 0 only)
-            probe_start = time.time()
-            row = {"step": 0, "train_s": 0.0, **self.tau_probe.measure(0, self.drafter)}
-            probe_s += time.time() - probe_start
-            self._write_run_file("metrics.jsonl", json.dumps(dict(row, probe_s=probe_s)) + "\n", mode="a")
+        if probe is not None and self.step == 0:  # the start's τ, the curve's first point
+            row = {"step": 0, "train_s": 0.0, **probe.measure(0, self.drafter)}
+            self._write_run_file("metrics.jsonl", json.dumps(row) + "\n", mode="a")
         # closed on errors too, so the CLI's `error:` line starts a line of its own
         with _progress(cfg.run.max_steps, self.step, self.dist.is_main) as pbar:
             while self.step < cfg.run.max_steps:
@@ -189,15 +187,13 @@ class Trainer:
                 self.step += 1
                 # the ranks' mean: every rank stops at the same step (run.max_minutes) and sets the same lr
                 # (optim.decay_over=minutes); one rank breaking alone would leave the others in a collective
+                measuring = probe.seconds if probe else 0.0
                 self.train_s = distributed.all_reduce_mean(
-                    {"train_s": train_s_before + time.time() - start_time - probe_s})["train_s"]
+                    {"train_s": train_s_before + time.time() - start_time - measuring})["train_s"]
                 stats.update(step=self.step, lr=self.engine.lr, elapsed_s=time.time() - start_time,
                              train_s=self.train_s, **(self.features.stats() if self.features else {}))
-                if self.tau_probe is not None and self.tau_probe.due(self.step):
-                    probe_start = time.time()
-                    stats.update(self.tau_probe.measure(self.step, self.drafter))
-                    probe_s += time.time() - probe_start
-                    stats["probe_s"] = probe_s
+                if probe is not None and probe.due(self.step):
+                    stats.update(probe.measure(self.step, self.drafter))
                 self._log(stats, pbar)
                 if self.step % cfg.run.save_every == 0:
                     self.save_checkpoint()
