@@ -225,6 +225,13 @@ if in_runs gamma_prof && [ -z "${PROFILE:-}" ] && [ ! -f "$OUT/profile.json" ]; 
   ppow profile --drafter "$START" --out "$OUT/profile.json"
 fi
 
+# 0b. The feature cache filled before any timed run (JOBS processes, a share each; quick when it is full), so that
+# no arm pays the target's passes inside its minutes: the first arms would otherwise, the later ones not.
+a=$(arm cst); pids=""
+for s in $(seq 0 $((JOBS - 1))); do $PY scripts/fill_features.py "$s" "$JOBS" ${a#* } >> "$OUT/fill.log" 2>&1 & pids="$pids $!"; done
+for p in $pids; do wait "$p" || { echo "error: filling the feature cache failed; see $OUT/fill.log" >&2; exit 1; }; done
+tail -n "$JOBS" "$OUT/fill.log"
+
 train_one() { local a; a=$(arm "$1" "${BEST:-dense}"); train_arm "$1" ${a%% *} ${a#* }; }
 SIMARGS="--simulate --temperature 0 --max-new-tokens 128 --recipe $PPOW_RECIPE"
 group() {  # group START_NAME START ARM...: "START,OUT/ARM/drafter,... START_NAME,ARM,..." for compare_into
@@ -236,7 +243,7 @@ group() {  # group START_NAME START ARM...: "START,OUT/ARM/drafter,... START_NAM
 cmp_dirs=""
 compare() { cmp_dirs="$cmp_dirs $1"; queue compare_into "$@"; }  # compare DIR ...: compare_into, JOBS at a time
 
-# 0b. The lr of arms 3 and 4: TUNE_LRS, TUNE_MIN minutes each from START (no τ probe), JOBS at a time; the
+# 0c. The lr of arms 3 and 4: TUNE_LRS, TUNE_MIN minutes each from START (no τ probe), JOBS at a time; the
 # higher τ on the tuning prompts is the arm's lr (OUT/lr-ARM.txt; LR_<arm> or an existing file skips this).
 tune_one() {  # tune_one ARM LR
   local a; a=$(arm "$1")

@@ -188,6 +188,10 @@ FAKE_PPOW = '''
 import json, os, subprocess, sys
 from pathlib import Path
 args = sys.argv[1:]
+if args and args[0].endswith("fill_features.py"):  # fills the feature cache: log it, fill nothing
+    with open(os.environ["FAKE_LOG"], "a") as log:
+        log.write("fill " + " ".join(args[1:]) + "\\n")
+    sys.exit(0)
 if args[:2] != ["-m", "ppow_plugin.cli"] or args[2] not in ("train", "sft", "compare"):
     sys.exit(subprocess.call([os.environ["REAL_PY"], *args]))  # validate, -c, scripts: the real thing
 with open(os.environ["FAKE_LOG"], "a") as log:
@@ -229,6 +233,9 @@ def test_arms_tunes_the_lr_on_the_tuning_prompts_and_trains_with_it(tmp_path):
     calls = log.read_text().splitlines()
     tunes = [c for c in calls if c.startswith("train ")]
     assert len(tunes) == 4
+    # the feature cache is filled first (JOBS=1: one share, all of it, with arm 1's data), before any timed run
+    assert calls[0].startswith("fill 0 1 recipes/smollm2/135M_eagle1_sft_generated.yaml ") and "data.path=" in calls[0]
+    assert sum(c.startswith("fill ") for c in calls) == 1
     assert all("run.max_minutes=7" in c and "eval.every_steps=0 " in c for c in tunes)
     assert all("optim.schedule=cosine optim.decay_over=minutes" in c for c in tunes)  # PPOW_SCHEDULE's default
     assert sum("optim.lr=1.0e-6" in c for c in tunes) == 2 and sum("loss.estimator=expected" in c for c in tunes) == 2
