@@ -228,7 +228,7 @@ fi
 # 0b. The feature cache filled before any timed run (JOBS processes, a share each; quick when it is full), so that
 # no arm pays the target's passes inside its minutes: the first arms would otherwise, the later ones not.
 a=$(arm cst); pids=""
-for s in $(seq 0 $((JOBS - 1))); do $PY scripts/fill_features.py "$s" "$JOBS" ${a#* } >> "$OUT/fill.log" 2>&1 & pids="$pids $!"; done
+for s in $(seq 0 $((JOBS - 1))); do $PY scripts/fill_features.py "$s" "$JOBS" ${a#* } "run.max_minutes=$MIN" >> "$OUT/fill.log" 2>&1 & pids="$pids $!"; done
 for p in $pids; do wait "$p" || { echo "error: filling the feature cache failed; see $OUT/fill.log" >&2; exit 1; }; done
 tail -n "$JOBS" "$OUT/fill.log"
 
