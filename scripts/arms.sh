@@ -96,6 +96,8 @@
 #    prompts (T1=20): 3 drafters x 40 x ~70-95 s ≈ 2.5-3 h on one thread per family (half with JOBS=2).
 #
 # Cost on this 2-core machine, JOBS=2 THREADS=1 (the τ probe's time is on top of MINUTES):
+#  feature cache (step 0b, once per machine): one target pass per sequence, ~1 s each on one core at max_len 512:
+#    2048 EAGLE-3 sequences in ~15 min with JOBS=2 (measured 2026-12-07); a full cache is checked in ~1 min.
 #  lr tuning: 2 arms x 3 lr x TUNE_MIN 15 min, 2 at a time: 45 min, + 2 tuning compares (4 drafters x 48).
 #  training: 11 arms (4 main, then 4 ablations + 3 gen_) x 60 min, 2 at a time: 6 rounds = 6 h per family
 #    (arms 1-4 first, so that BEST is known after 2 h); the τ probes add
@@ -124,7 +126,9 @@
 # sequences: the step's signal-to-noise, logged in training; benchmarks/ppow_dense.py measures it offline).
 # Step rates used to space the τ probe and checkpoints (steps per training hour, one thread on a shared
 # machine; estimates from docs/results.md §1b, §1c, §4, docs/algorithm.md's 15-min dense checks):
-#  EAGLE-1 cst 14400, deep_sft 2000, PPOW dense 400; EAGLE-3 cst 2420, deep_sft 1200, PPOW dense 200.
+#  EAGLE-1 cst 14400, deep_sft 2000, PPOW dense 400; EAGLE-3 cst 2420, deep_sft 1200, PPOW dense 1500 (measured
+#  2026-12-07: the data-path dense and expected arms at 0.20-0.23 steps/s on half a core, four arms on two
+#  cores; the earlier 200 was the tree-verified step's, and spaced 60 minutes' probes every 20 steps).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ $# = 3 ] || { echo "usage: scripts/arms.sh START_DRAFTER_DIR eagle1|eagle3 OUT   (DRY=1: validate only)" >&2; exit 2; }

@@ -13,7 +13,7 @@ family_settings() {
             RATE_cst=14400; RATE_deep=2000; RATE_ppow=400 ;;
     eagle3) SFT_LOSS="sft.ttt_steps=4 model.draft_vocab_size=null data.num_conversations=2048"
             DEEP="sft.ttt_steps=8 model.draft_vocab_size=null data.num_conversations=2048"; PPOW_SFT="sft.ttt_steps=4"
-            RATE_cst=2420; RATE_deep=1200; RATE_ppow=200 ;;
+            RATE_cst=2420; RATE_deep=1200; RATE_ppow=1500 ;;
     *) echo "error: family must be eagle1 or eagle3, not '$1'" >&2; exit 2 ;;
   esac
 }
