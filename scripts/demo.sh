@@ -2,6 +2,7 @@
 # The README's main job, end to end on the embedded default (SmolLM2-135M-Instruct on CPU):
 #   committed SFT drafter -> short PPOW run -> before/after evaluation -> export for the EAGLE host,
 #   then the committed SFT and PPOW drafters' before/after table on every prompt (measured once, with its command).
+#   and the converged EAGLE-3 start's table (start, continued SFT, PPOW; docs/results/arms-e3, issue 28).
 # Run via `make demo` (which builds .venv and prepares the target first). ~10 min on 2 idle cores.
 # Knobs: PPOW_DEMO_OUT (default runs/demo), PPOW_DEMO_STEPS (20), PPOW_DEMO_PROMPTS (5 per benchmark).
 set -euo pipefail
@@ -19,6 +20,11 @@ if [ ! -f "$SFT/model.safetensors" ]; then
 fi
 if [ ! -f "$PPOW/before_after.md" ]; then
   echo "error: the committed PPOW drafter's table $PPOW/before_after.md is missing; restore it with: git checkout -- $PPOW" >&2
+  exit 2
+fi
+CONVERGED=docs/results/arms-e3/before_after.md  # issue 28: the converged EAGLE-3 start, arm 1 and the best PPOW arm
+if [ ! -f "$CONVERGED" ]; then
+  echo "error: the converged-start table $CONVERGED is missing; restore it with: git checkout -- $CONVERGED" >&2
   exit 2
 fi
 if [ -e "$OUT" ]; then
@@ -45,3 +51,7 @@ echo "Exported drafter: $OUT/export-eagle1 (config.json + pytorch_model.bin, loa
 echo
 echo "The committed drafters on every prompt ($PPOW/before_after.md; its command re-measures it, ~25 min cold):"
 cat "$PPOW/before_after.md"
+echo
+echo "From a converged start (EAGLE-3 after six continued-SFT rounds; docs/results.md §4): the start, 60 min of"
+echo "continued SFT (cst) and 60 min of PPOW (dense), simulated τ at T = 0, 128 new tokens, change vs the start:"
+cat "$CONVERGED"
