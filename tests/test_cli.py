@@ -116,3 +116,14 @@ def test_overrides_may_follow_flags(capsys):
     assert exc.value.code == 2 and "unrecognized arguments: bogus" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli.main(["doctor", "data.max_len=1024"])  # a command without overrides takes none
+
+
+@pytest.mark.parametrize("depth", ["0", "257", "4294967295"])
+def test_eval_chain_out_of_range_is_one_error_line(capsys, tmp_path, depth):
+    """--chain D builds a tree of D paths before any model loads: 4294967295 once took all 24 GB (found by
+    test_properties' CLI fuzz); now it is refused like any bad flag, nothing written."""
+    out = tmp_path / "o"
+    code, _, err = run(capsys, "eval", "--drafter", "assets/drafters/smollm2-135m-eagle1-sft-gen", "--simulate",
+                       "--chain", depth, "--out", str(out))
+    assert code == 2 and one_error_line(err).startswith(f"error: --chain {depth}: must be in [1, 256]")
+    assert not out.exists()

@@ -78,12 +78,16 @@ def check_out(args, inputs: dict, kind: str = "dir", flag: str = "--out") -> Non
     outputs.check_output(args.out, inputs, args.force, flag, kind)
 
 
+CHAIN_MAX = 256  # --chain D: the static tree has D paths of 1..D tokens (D(D+1)/2 ids); the hosts' trees are 5-8 deep
+
+
 def _sim_args(args) -> dict:
     """--simulate / --chain / --prompts as evaluate() keywords (the prompt file is read here: bad lines fail early)."""
     from ppow_plugin.data import eval_prompts
     from ppow_plugin.evaluation import simulate
-    if args.chain is not None and args.chain < 1:
-        raise UserError(f"--chain {args.chain}: a chain needs at least 1 draft")
+    if args.chain is not None and not 1 <= args.chain <= CHAIN_MAX:
+        raise UserError(f"--chain {args.chain}: must be in [1, {CHAIN_MAX}] drafts (a chain needs at least 1; "
+                        f"its tree holds D paths of up to D tokens, so D is bounded)")
     if args.prompts and (args.benchmarks is not None or args.num_prompts is not None):
         given = "--benchmarks" if args.benchmarks is not None else "--num-prompts"
         raise UserError(f"--prompts {args.prompts} replaces the benchmarks: every line of it is a prompt, so "
