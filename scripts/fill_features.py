@@ -5,7 +5,8 @@ warm cache instead of the first ones paying the target's passes inside their min
     python scripts/fill_features.py SHARD NSHARDS RECIPE OVERRIDE...    # e.g. 0 2 and 1 2 side by side
 
 RECIPE and OVERRIDEs are the run's own (`ppow sft` / `ppow train`; run.output_dir is replaced by a temporary
-dir). SHARD/NSHARDS: this process fills the sequences i with i % NSHARDS == SHARD. Prints hits and misses.
+dir). SHARD/NSHARDS: this process fills the sequences i with i % NSHARDS == SHARD. Prints how many it stored
+and how many were already there.
 """
 
 from __future__ import annotations
@@ -14,10 +15,8 @@ import sys
 import tempfile
 
 from ppow_plugin.config import load_config
-from ppow_plugin.data.feature_cache import sample_digest
 from ppow_plugin.errors import UserError
-from ppow_plugin.host import eagle_compat
-from ppow_plugin.training.target_passes import sequence_tensors
+from ppow_plugin.training.target_passes import TargetPasses, sequence_tensors
 from ppow_plugin.training.trainer import Trainer
 
 
@@ -39,15 +38,15 @@ def main(argv: list[str]) -> int:
         trainer = Trainer(cfg)
         trainer.setup()
         cache, stored, present = trainer.features, 0, 0
+        passes = TargetPasses(cfg, trainer.adapter, trainer.target, trainer.kv, cache)
         for i, sample in enumerate(trainer.data.samples):
             if i % nshards != shard:
                 continue
-            if cache._path(sample_digest(sample.input_ids, sample.loss_mask)).is_file():
-                present += 1  # `get` checks its digest when a run reads it (and rebuilds a damaged one)
+            if cache.has(sample):
+                present += 1
                 continue
             ids, _ = sequence_tensors(sample, trainer.device)
-            eagle_compat.reset_kv(trainer.kv)  # the pass `TargetPasses` runs on a miss, stored the same way
-            cache.put(sample, trainer.adapter.target_pass(trainer.drafter, trainer.target, ids, trainer.kv))
+            cache.put(sample, passes.run_target(trainer.drafter, ids))  # what a run's miss stores
             stored += 1
         print(f"feature cache {cache.root}: {stored} stored, {present} already there (shard {shard}/{nshards})")
         trainer.cleanup()

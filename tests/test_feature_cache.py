@@ -70,9 +70,10 @@ def test_cache_is_invalidated_by_target_data_and_max_len(tmp_path):
 
     cache = feature_cache.FeatureCache.open(a, "eagle1", None, max_len=64, place=CPU)
     s = sample([5, 6, 7])
-    assert cache.get(s, head) is None
+    assert cache.get(s, head) is None and not cache.has(s)
     tp = fake_pass(3)
     cache.put(s, tp)
+    assert cache.has(s) and not cache.has(sample([5, 6, 8]))  # what scripts/fill_features.py skips
     got = cache.get(s, head)
     assert got is not None and torch.equal(got.features, tp.features.half().float())  # same key: a hit
     assert feature_cache.FeatureCache.open(a, "eagle1", None, max_len=64, place=CPU).get(s, head) is not None

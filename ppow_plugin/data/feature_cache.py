@@ -84,6 +84,10 @@ class FeatureCache:
     def _path(self, digest: str) -> Path:
         return self.root / digest[:2] / f"{digest}.npz"
 
+    def has(self, sample) -> bool:
+        """Whether `sample` has an entry (its digest is checked when `get` reads it; a damaged one is rebuilt)."""
+        return self._path(sample_digest(sample.input_ids, sample.loss_mask)).is_file()
+
     def get(self, sample, lm_head: torch.nn.Module, rows: Tensor | None = None) -> TargetPass | None:
         """The sample's cached target pass (features fp16 -> lm_head dtype; logits recomputed), or None.
 

@@ -50,9 +50,13 @@ class TargetPasses:
             cached = self.features.get(sample, self.target.lm_head, rows)
             if cached is not None:
                 return cached
-        eagle_compat.reset_kv(self.kv)
-        tpass = self.adapter.target_pass(drafter, self.target, ids, self.kv)
+        tpass = self.run_target(drafter, ids)
         if self.features is None:
             return tpass
         self.features.put(sample, tpass)
         return feature_cache.cached_target_pass(tpass.features.half(), tpass.hidden.half(), self.target.lm_head, rows)
+
+    def run_target(self, drafter, ids: torch.Tensor) -> rollout.TargetPass:
+        """The target's own pass over `ids` [T] (no cache read or written): what a miss computes and stores."""
+        eagle_compat.reset_kv(self.kv)
+        return self.adapter.target_pass(drafter, self.target, ids, self.kv)
