@@ -39,7 +39,8 @@
 #                 run.output_dir, run.resume, run.grad_cosine; model.drafter the same dir as START; trained <=
 #                 MINUTES + 1 %: the step that crosses it), then linked as OUT/cst instead of training it again:
 #                 one hour saved per family.
-#        BEST     the PPOW arm the ablations modify, dense|expected (default: the higher τ on the tuning prompts)
+#        BEST     the PPOW arm the ablations modify, dense|expected (default: the higher τ on the tuning prompts);
+#                 given, every arm of RUNS trains in one queue (all side by side when JOBS covers RUNS)
 #        ADAW_STARTS  starts ADAW (or uniform) picks in the ADAW ablation pair (32)
 #        PROBES   τ probes per arm during training (6, and one of the start; eval.every_steps from the rates below)
 #        BENCHES  "mt_bench:80 humaneval:164 sharegpt:200"  PER_DEPTH  the benchmark given --per-depth (mt_bench)
@@ -310,7 +311,10 @@ EOF
   echo "= cst: linked from CST_FROM=$CST_FROM (rounds.sh's last round; its config is arm 1's)"
   ln -s "$(realpath "$CST_FROM")" "$OUT/cst"
 fi
-train_all $(only "$MAIN")
+# BEST given: the ablations do not wait for arms 1-4, so every arm of RUNS goes in one queue (JOBS at a time: all
+# of them side by side when JOBS covers RUNS, one contention for every arm, each compared with an arm 1 trained
+# beside it); else arms 1-4 first, then BEST is chosen and the rest trained.
+if [ -n "${BEST:-}" ]; then train_all $(only "$MAIN $ABLATIONS $GEN"); else train_all $(only "$MAIN"); fi
 main=$(only "$MAIN")
 [ -n "$main" ] && compare_into "$OUT/tuning-main" $(group start "$START" $main) $SIMARGS \
   --prompts "$OUT/dev-prompts.jsonl"

@@ -210,6 +210,11 @@ if args[2] == "compare":
             {"benchmark": b, "prompt_id": "0", "new_tokens": 100, "cycles": 50, "mismatch_at": None} for b in benches]}))
 else:
     out = next(a.split("=", 1)[1] for a in args if a.startswith("run.output_dir="))
+    if os.environ.get("FAKE_SLEEP"):  # a run that takes time: its end logged too, to see what ran side by side
+        import time
+        time.sleep(float(os.environ["FAKE_SLEEP"]))
+        with open(os.environ["FAKE_LOG"], "a") as log:
+            log.write("end " + out + "\\n")
     Path(out, "drafter").mkdir(parents=True)
 '''
 
@@ -272,6 +277,28 @@ def test_arms_real_decoding_at_t1_when_asked(tmp_path):
                    for c in t1_calls)
         head = (out / "vs-start-t1.md").read_text().splitlines()[2]
         assert head in ("| drafter | humaneval | mt_bench | all |", "| drafter | mt_bench | humaneval | all |")
+
+
+def test_arms_with_best_given_train_every_arm_in_one_queue(tmp_path):
+    """BEST set: arm 1, BEST, its ablations and the gen_ arms all start before any ends (JOBS covers them), so
+    every arm trains under one contention beside the arm 1 it is compared with; BEST unset: the ablations wait
+    for arms 1-4 (BEST is chosen from them)."""
+    wrapper = _fake_python(tmp_path, FAKE_PPOW)
+    log = tmp_path / "calls.log"
+    env = {**os.environ, "PY": str(wrapper), "REAL_PY": sys.executable, "PYTHONPATH": str(ROOT),
+           "OMP_NUM_THREADS": "1", "FAKE_LOG": str(log), "RUNS": "cst dense expected no_rdist gen_cst",
+           "LR_dense": "1.0e-5", "LR_expected": "1.0e-5", "BENCHES": "mt_bench:2", "PER_DEPTH": "none",
+           "REAL": "0", "JOBS": "5", "FAKE_TAU": "{}", "FAKE_SLEEP": "1"}
+    for best, out in (("dense", tmp_path / "one"), ("", tmp_path / "two")):
+        log.write_text("")
+        res = subprocess.run(["bash", "scripts/arms.sh", STARTS["eagle3"], "eagle3", str(out)], cwd=ROOT,
+                             env={**env, "BEST": best}, capture_output=True, text=True, timeout=600)
+        assert (out / "vs-cst.md").exists(), res.stderr + res.stdout  # trained and compared (fake runs: no curves)
+        events = [c.split()[0] if c.startswith("end ") else "start"
+                  for c in log.read_text().splitlines() if c.startswith(("train ", "sft ", "end "))]
+        assert events.count("start") == 5
+        first_end = events.index("end")
+        assert events[:first_end].count("start") == (5 if best else 3)
 
 
 def test_arms_lr_candidates_per_arm(tmp_path):
