@@ -36,6 +36,8 @@ T_MIN, T_MAX = 0.01, 100.0  # sampling temperatures: logits / T must stay finite
 T_RULE = f"in [{T_MIN}, {T_MAX:g}]"
 SEED_MAX = 2**32 - 1  # NumPy's seed range, the narrowest of the three RNGs we seed
 MAX_LEN_MAX = 1 << 20  # tokens; beyond any target's context
+TREE_MAX = {"tree_depth": 64, "tree_top_k": 64, "tree_total_tokens": 1024}  # EAGLE-3's tree is 7 / 10 / 60; a
+# bound keeps a typo (--depth 4294967295) from looping or allocating before any prompt is decoded
 
 
 @dataclass
@@ -274,6 +276,8 @@ class EvalCfg:
                  self.benchmarks, "a non-empty list, e.g. [mt_bench, humaneval, sharegpt]")
         for name in ("num_prompts", "max_new_tokens", "tree_depth", "tree_top_k", "tree_total_tokens", "every_prompts"):
             require(getattr(self, name) >= 1, f"eval.{name}", getattr(self, name), ">= 1")
+        for name, top in TREE_MAX.items():
+            require(getattr(self, name) <= top, f"eval.{name}", getattr(self, name), f"in [1, {top}]")
         require(self.temperature == 0 or T_MIN <= self.temperature <= T_MAX, "eval.temperature", self.temperature,
                  f"0 (greedy) or {T_RULE}")
         require(0 <= self.seed <= SEED_MAX, "eval.seed", self.seed, f"in [0, {SEED_MAX}]")

@@ -127,3 +127,19 @@ def test_eval_chain_out_of_range_is_one_error_line(capsys, tmp_path, depth):
                        "--chain", depth, "--out", str(out))
     assert code == 2 and one_error_line(err).startswith(f"error: --chain {depth}: must be in [1, 256]")
     assert not out.exists()
+
+
+@pytest.mark.parametrize("flag,value,top", [("--depth", "65", 64), ("--depth", "4294967295", 64),
+                                            ("--top-k", "65", 64), ("--total-tokens", "1025", 1024)])
+def test_eval_tree_size_out_of_range_is_one_error_line(capsys, tmp_path, flag, value, top):
+    """The dynamic tree's depth, top-k and node count are bounded (eval.tree_*): a typo is one error line naming
+    the flag and the range, exit 2, nothing written; the bound itself is accepted."""
+    from ppow_plugin.config import EvalCfg
+    out = tmp_path / "o"
+    code, _, err = run(capsys, "eval", "--drafter", "assets/drafters/smollm2-135m-eagle3-sft-gen", "--simulate",
+                       flag, value, "--out", str(out))
+    line = one_error_line(err)
+    assert code == 2 and line.startswith(f"error: {flag} {value}: ") and f"in [1, {top}]" in line
+    assert not out.exists()
+    field = {"--depth": "tree_depth", "--top-k": "tree_top_k", "--total-tokens": "tree_total_tokens"}[flag]
+    assert getattr(EvalCfg(**{field: top}), field) == top
