@@ -304,6 +304,32 @@ def test_training_logs_simulated_tau_and_tiny_simulation_equals_decoding(tmp_pat
     assert change["resamples"] == 2000 and "+0.0 % [+0.0, +0.0]" in (out / "compare.md").read_text()
 
 
+def test_tau_probe_runs_one_teacher_forced_pass_per_prompt_for_both_measures(tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch):
+    """τ and heldout_k read the same drafter pass over each held-out continuation: one per prompt per probe
+    (three probes of one prompt: 3 passes, not 6), with the values the separate calls give."""
+    from ppow_plugin.evaluation import tau_probe
+    calls, measured = [], []
+    real_tf, real_measure = simulate.teacher_forced, tau_probe.TauProbe.measure
+    monkeypatch.setattr(simulate, "teacher_forced", lambda *a: calls.append(1) or real_tf(*a))
+
+    def measure(self, step, drafter):  # the probe's numbers, and the separate calls' numbers beside them
+        got = real_measure(self, step, drafter)
+        with torch.no_grad():
+            recs = simulate.simulate_records(self.fmt, drafter, self.target, self.conts, self.keys, self.max_new,
+                                             self.tree, self.eos)
+            k = simulate.chain_accept_mean(self.fmt, drafter, self.target, self.conts, self.max_new, self.window,
+                                           self.eos)
+        measured.append((got, sum(r.new_tokens for r in recs) / sum(r.cycles for r in recs), k, len(self.conts)))
+        return got
+    monkeypatch.setattr(tau_probe.TauProbe, "measure", measure)
+    _tiny_run(tmp_path, monkeypatch, every=1)
+    assert len(measured) == 3 and all(n == 1 for *_, n in measured)
+    assert len(calls) == 3 * (1 + 2)  # per probe: its one pass, then the two separate calls' own
+    for got, tau, k, _ in measured:
+        assert got["sim_tau"] == pytest.approx(tau) and got["heldout_k"] == pytest.approx(k)
+
+
 def test_training_without_every_steps_measures_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     run = _tiny_run(tmp_path, monkeypatch, every=0)
     assert _sim_taus(run) == [] and not (run / "sim_tau.png").exists()

@@ -275,9 +275,11 @@ def continuation_length(max_new_tokens: int, tree) -> int:
 
 @torch.no_grad()
 def simulate_one(fmt: str, drafter, target, cont: continuations.Continuation, max_new_tokens: int, tree,
-                 eos_token_id: int | None, stop: str, every_root: bool = False) -> Cycles:
-    """The decoder's cycles on one prompt (see the module doc); `every_root`: `accept_lengths`' reference."""
-    seq = teacher_forced(fmt, drafter, target, cont)
+                 eos_token_id: int | None, stop: str, every_root: bool = False, seq: Sequencer | None = None
+                 ) -> Cycles:
+    """The decoder's cycles on one prompt (see the module doc); `every_root`: `accept_lengths`' reference;
+    `seq`: the drafter's `teacher_forced` pass over `cont` when the caller already has it."""
+    seq = seq if seq is not None else teacher_forced(fmt, drafter, target, cont)
     roots = _roots(cont, max_new_tokens, eos_token_id)
     accept = accept_lengths(fmt, drafter, target, seq, roots, tree, every_root)
     return walk_cycles(accept, cont.ids[cont.prompt_len:].tolist(), eos_token_id, max_new_tokens, stop)
@@ -318,12 +320,13 @@ def topk_by_depth(fmt: str, drafter, target, conts: Sequence[continuations.Conti
 
 @torch.no_grad()
 def chain_accept_mean(fmt: str, drafter, target, conts: Sequence[continuations.Continuation], max_new_tokens: int,
-                      depth: int, eos_token_id: int | None) -> float:
+                      depth: int, eos_token_id: int | None, seqs: Sequence[Sequencer] | None = None) -> float:
     """Mean accepted drafts of a greedy chain of `depth` over every root of every continuation (each position a
-    cycle could root at, not only those the decoder's walk reads): the greedy-window k on that text."""
+    cycle could root at, not only those the decoder's walk reads): the greedy-window k on that text. `seqs`:
+    the drafter's `teacher_forced` pass over each continuation when the caller already has them."""
     accepted, roots = 0, 0
-    for cont in conts:
-        seq = teacher_forced(fmt, drafter, target, cont)
+    for i, cont in enumerate(conts):
+        seq = seqs[i] if seqs is not None else teacher_forced(fmt, drafter, target, cont)
         starts = _roots(cont, max_new_tokens, eos_token_id)
         accept = static_accept_lengths(fmt, drafter, target, seq, starts, chain(depth))
         accepted, roots = accepted + int(accept.sum()), roots + accept.numel()
@@ -332,19 +335,22 @@ def chain_accept_mean(fmt: str, drafter, target, conts: Sequence[continuations.C
 
 def simulate_records(fmt: str, drafter, target, conts: Sequence[continuations.Continuation],
                      prompt_keys: Sequence[tuple[str, str]], max_new_tokens: int, tree, eos_token_id: int | None,
-                     progress: bool = False) -> list[eval_report.PromptRecord]:
+                     progress: bool = False, seqs: Sequence[Sequencer] | None = None
+                     ) -> list[eval_report.PromptRecord]:
     """One `PromptRecord` per continuation (benchmark, prompt id from `prompt_keys`); no timing fields.
 
     The decoder stop rule is the host's for EAGLE-1 drafters and ours for EAGLE-3 ones; kept tokens and
     counted cycles are cut by `eval_report.truncate_generation`, as for real decoding. No baseline runs.
+    `seqs`: the drafter's `teacher_forced` pass over each continuation, when the caller already has them.
     """
     from tqdm import tqdm
 
     stop = "ppow" if fmt == "eagle3" else "host"
     records = []
     bar = tqdm(list(zip(conts, prompt_keys)), desc="simulate", unit="prompt", disable=not progress)
-    for cont, (bench, pid) in bar:
-        cyc = simulate_one(fmt, drafter, target, cont, max_new_tokens, tree, eos_token_id, stop)
+    for i, (cont, (bench, pid)) in enumerate(bar):
+        cyc = simulate_one(fmt, drafter, target, cont, max_new_tokens, tree, eos_token_id, stop,
+                           seq=seqs[i] if seqs is not None else None)
         new = cont.ids[cont.prompt_len:cont.prompt_len + cyc.new_tokens].tolist()
         kept = eval_report.truncate_generation(new, cyc.accept_lengths, eos_token_id, max_new_tokens)
         records.append(eval_report.PromptRecord(bench, pid, cont.prompt_len, len(kept.tokens), kept.cycles,

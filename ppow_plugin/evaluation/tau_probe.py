@@ -57,11 +57,12 @@ class TauProbe:
         state untouched); τ is recorded in the history."""
         start = time.time()
         frozen = copy.deepcopy(drafter).eval()
-        with torch.no_grad():
+        with torch.no_grad():  # one teacher-forced pass per prompt serves both measures
+            seqs = [simulate.teacher_forced(self.fmt, frozen, self.target, c) for c in self.conts]
             records = simulate.simulate_records(self.fmt, frozen, self.target, self.conts, self.keys, self.max_new,
-                                                self.tree, self.eos)
+                                                self.tree, self.eos, seqs=seqs)
             k = simulate.chain_accept_mean(self.fmt, frozen, self.target, self.conts, self.max_new, self.window,
-                                           self.eos)
+                                           self.eos, seqs=seqs)
         tau = sum(r.new_tokens for r in records) / max(1, sum(r.cycles for r in records))
         self.history.append((step, tau))
         self.seconds += time.time() - start
