@@ -115,7 +115,7 @@ def plot_curves(c: dict, path: Path) -> None:
         ax.set_xlabel("training minutes", fontsize=8)
     for ax in list(axes.flat)[len(keys):]:
         ax.axis("off")
-    fig.suptitle(f"{c['run']}: {c['steps']} steps, {c['training_minutes']:.0f} min; not logged: "
+    fig.suptitle(f"{Path(c['run']).name}: {c['steps']} steps, {c['training_minutes']:.0f} min; not logged: "
                  + (", ".join(c["absent"]) or "none"), fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=90)

@@ -121,6 +121,13 @@ def test_curves_per_run_and_minutes_of_a_resumed_run(tmp_path):
     assert c["curves"]["sim_tau"]["points"] == [[2, 2.0, 2.0], [5, 5.0, 2.1]]  # [step, training minutes, τ]
     assert c["steps"] == 6 and c["training_minutes"] == 6.0
     assert (out / "dense.png").stat().st_size > 1000
+    titles = []  # the PNG's title names the arm, not this machine's path to it (the PNGs are committed)
+    import matplotlib.figure
+    orig = matplotlib.figure.Figure.suptitle
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(matplotlib.figure.Figure, "suptitle", lambda self, t, **k: titles.append(t) or orig(self, t, **k))
+        curves.plot_curves(c, tmp_path / "again.png")
+    assert titles[0].startswith("dense: 6 steps") and str(tmp_path) not in titles[0]
 
 
 def _report(d: Path, name: str, records: list[tuple[str, str, int, int]], mismatch=None) -> None:
