@@ -14,6 +14,8 @@
 #
 # Knobs: RUNS     arms to run (default all below)           MINUTES  training minutes per arm (default 60)
 #        JOBS     arms (and compares) side by side (2)      THREADS  torch threads per process (1)
+#        MEM_GB_PER_JOB  memory one run needs (5: an EAGLE-3 arm's measured peak); JOBS beyond what the machine's
+#                 available memory holds is refused before any work
 #        GEN_START  the non-converged start (assets/drafters/smollm2-135m-<family>-sft-gen)
 #        CST_LR   continued-SFT lr (3e-4, the SFT recipes')
 #        CST_SCHEDULE  cosine (default): arms 1-2 as one cycle of the SFT recipes' schedule (100 warm-up steps,
@@ -223,6 +225,15 @@ for a in $RUNS; do
   done
 done | validate_all
 [ "${DRY:-0}" = 1 ] && { echo "DRY=1: configs valid, nothing run"; exit 0; }
+# JOBS runs side by side must fit in memory: an EAGLE-3 arm peaked at 5.0 GB (anon RSS, 2026-12-07), and nine
+# side by side on this 24 GB machine had the kernel kill four of them in their first minutes.
+avail=$(awk '/^MemAvailable:/ { printf "%d", $2 / 1048576 }' /proc/meminfo 2> /dev/null || echo 0)
+need=$(awk -v j="$JOBS" -v m="${MEM_GB_PER_JOB:-5}" 'BEGIN { printf "%d", j * m + 0.999 }')
+if [ -n "$avail" ] && [ "$avail" -gt 0 ] && [ "$need" -gt "$avail" ]; then
+  echo "error: JOBS=$JOBS runs need ~$need GB (MEM_GB_PER_JOB=${MEM_GB_PER_JOB:-5} each) but $avail GB is available;" \
+       "lower JOBS to $(awk -v a="$avail" -v m="${MEM_GB_PER_JOB:-5}" 'BEGIN { n = int(a / m); print (n < 1 ? 1 : n) }')" >&2
+  exit 2
+fi
 mkdir -p "$OUT"
 [ -f "$OUT/dev-prompts.jsonl" ] || $PY scripts/dev_prompts.py "$OUT/dev-prompts.jsonl" "${TUNING:-48}"
 if in_runs gamma_prof && [ -z "${PROFILE:-}" ] && [ ! -f "$OUT/profile.json" ]; then

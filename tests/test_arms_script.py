@@ -19,6 +19,13 @@ STARTS = {"eagle1": "assets/drafters/smollm2-135m-eagle1-sft-gen-long",
           "eagle3": "assets/drafters/smollm2-135m-eagle3-sft-converged"}
 
 
+@pytest.fixture(autouse=True)
+def _fake_runs_need_no_memory(monkeypatch):
+    """The fake runs below take no memory: arms.sh's JOBS-fits-in-memory check is off (MEM_GB_PER_JOB=0) unless
+    a test sets it, so they pass on a machine whatever its free memory."""
+    monkeypatch.setenv("MEM_GB_PER_JOB", "0")
+
+
 def _script(name: str):
     spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
@@ -306,6 +313,23 @@ def test_arms_with_best_given_train_every_arm_in_one_queue(tmp_path):
         assert events.count("start") == 5
         first_end = events.index("end")
         assert events[:first_end].count("start") == (5 if best else 3)
+
+
+def test_arms_refuses_more_jobs_than_memory_holds(tmp_path):
+    """JOBS x MEM_GB_PER_JOB above the available memory: one error line naming the JOBS that fits, exit 2, no
+    OUT and no run started (nine EAGLE-3 arms at ~5 GB each once had four killed by the kernel)."""
+    wrapper = _fake_python(tmp_path, FAKE_PPOW)
+    log, out = tmp_path / "calls.log", tmp_path / "out"
+    log.write_text("")
+    env = {**os.environ, "PY": str(wrapper), "REAL_PY": sys.executable, "PYTHONPATH": str(ROOT),
+           "OMP_NUM_THREADS": "1", "FAKE_LOG": str(log), "RUNS": "cst", "FAKE_TAU": "{}", "JOBS": "3",
+           "MEM_GB_PER_JOB": "100000"}
+    res = subprocess.run(["bash", "scripts/arms.sh", STARTS["eagle3"], "eagle3", str(out)], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=600)
+    err = [x for x in res.stderr.splitlines() if x.startswith("error:")]
+    assert res.returncode == 2 and len(err) == 1 and "JOBS=3 runs need ~300000 GB" in err[0]
+    assert err[0].endswith("lower JOBS to 1")
+    assert not out.exists() and log.read_text() == ""
 
 
 def test_arms_lr_candidates_per_arm(tmp_path):
