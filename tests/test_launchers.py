@@ -3,6 +3,7 @@ torch.distributed.launch pass, LOCAL_RANK, `dist.device=cuda` = this rank's GPU 
 anything touches a GPU (CUDA calls mocked), and a real 2-process run started by the `deepspeed` launcher on gloo."""
 
 import os
+import socket
 import subprocess
 import sys
 
@@ -117,7 +118,10 @@ def test_deepspeed_launcher_two_cpu_processes(tmp_path):
     rec = recipe_file(tmp_path, "sft", "deepspeed", **{"run.max_steps": 2})
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     env.pop("LOCAL_RANK", None)
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", "29661",
+    with socket.socket() as sock:  # a port free now, not a fixed one (29661 was once in use: EADDRINUSE, red)
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(port),
            "--module", "ppow_plugin.cli", "sft", str(rec)]
     res = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     out = res.stdout + res.stderr
