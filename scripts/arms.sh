@@ -140,6 +140,7 @@ PY=${PY:-.venv/bin/python}
 MIN=${MINUTES:-60}
 JOBS=${JOBS:-2}
 THREADS=${THREADS:-1}
+MEM=${MEM_GB_PER_JOB:-5}
 export OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS
 GEN_START=${GEN_START:-assets/drafters/smollm2-135m-$FAMILY-sft-gen}
 DATA=assets/generated/smollm2-135m-sharegpt-2048
@@ -228,10 +229,10 @@ done | validate_all
 # JOBS runs side by side must fit in memory: an EAGLE-3 arm peaked at 5.0 GB (anon RSS, 2026-12-07), and nine
 # side by side on this 24 GB machine had the kernel kill four of them in their first minutes.
 avail=$(awk '/^MemAvailable:/ { printf "%d", $2 / 1048576 }' /proc/meminfo 2> /dev/null || echo 0)
-need=$(awk -v j="$JOBS" -v m="${MEM_GB_PER_JOB:-5}" 'BEGIN { printf "%d", j * m + 0.999 }')
-if [ -n "$avail" ] && [ "$avail" -gt 0 ] && [ "$need" -gt "$avail" ]; then
-  echo "error: JOBS=$JOBS runs need ~$need GB (MEM_GB_PER_JOB=${MEM_GB_PER_JOB:-5} each) but $avail GB is available;" \
-       "lower JOBS to $(awk -v a="$avail" -v m="${MEM_GB_PER_JOB:-5}" 'BEGIN { n = int(a / m); print (n < 1 ? 1 : n) }')" >&2
+need=$(awk -v j="$JOBS" -v m="$MEM" 'BEGIN { printf "%d", j * m + 0.999 }')
+if [ "$avail" -gt 0 ] && [ "$need" -gt "$avail" ]; then
+  echo "error: JOBS=$JOBS runs need ~$need GB (MEM_GB_PER_JOB=$MEM each) but $avail GB is available;" \
+       "lower JOBS to $(awk -v a="$avail" -v m="$MEM" 'BEGIN { n = int(a / m); print (n < 1 ? 1 : n) }')" >&2
   exit 2
 fi
 mkdir -p "$OUT"
