@@ -95,6 +95,20 @@ def curves(run: Path, parts: int) -> dict:
             "absent": [k for k, v in series.items() if not v]}
 
 
+def dump_curves(c: dict) -> str:
+    """`curves()`'s dict as JSON with one line per top-level key and one per curve: readable, and about half the
+    size of an indented dump (every number on its own line), which matters for the committed per-arm files."""
+    line = lambda v: json.dumps(v, separators=(",", ":"), ensure_ascii=False)
+    parts = []
+    for k, v in c.items():
+        if k == "curves":
+            inner = ",\n".join(f" {line(name)}:{line(cv)}" for name, cv in v.items())
+            parts.append(f'"curves":{{\n{inner}\n}}' if v else '"curves":{}')
+        else:
+            parts.append(f"{line(k)}:{line(v)}")
+    return "{\n" + ",\n".join(parts) + "\n}\n"
+
+
 def plot_curves(c: dict, path: Path) -> None:
     """One PNG: a panel per logged curve against training minutes (a moving mean over ~2 % of the run)."""
     import matplotlib
@@ -155,7 +169,7 @@ def main() -> None:
         args.per_run.mkdir(parents=True, exist_ok=True)
         for run in args.runs:
             c = curves(run, args.parts)
-            (args.per_run / f"{run.name}.json").write_text(json.dumps(c, indent=1) + "\n")
+            (args.per_run / f"{run.name}.json").write_text(dump_curves(c))
             if c["curves"]:
                 plot_curves(c, args.per_run / f"{run.name}.png")
             print(f"{run.name}: {', '.join(c['curves'])}; not logged: {', '.join(c['absent']) or 'none'}")

@@ -122,7 +122,10 @@ def test_curves_per_run_and_minutes_of_a_resumed_run(tmp_path):
     res = subprocess.run([sys.executable, "scripts/curves.py", str(run), "--per-run", str(out)], cwd=ROOT,
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
-    c = json.loads((out / "dense.json").read_text())
+    text = (out / "dense.json").read_text()
+    c = json.loads(text)
+    # one line per top-level key and per curve (can fail: an indented dump puts every number on its own line)
+    assert len(text.splitlines()) == 2 + len(c) + len(c["curves"]) + 1
     assert set(c["curves"]) == {"reward", "sim_tau", "zero_adv_frac", "greedy_accept_len"}
     assert {"clip_frac", "r_dist_rate", "grad_cos_prev"} <= set(c["absent"])
     assert c["curves"]["sim_tau"]["points"] == [[2, 2.0, 2.0], [5, 5.0, 2.1]]  # [step, training minutes, τ]
