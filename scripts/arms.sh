@@ -176,7 +176,7 @@ sft_args() {  # sft_args: arms 1-2's data and lr schedule
   case $CST_SCHEDULE in
     constant) echo "data.path=$DATA optim.lr=${CST_LR:-5.0e-5} optim.schedule=constant optim.warmup_steps=0" ;;
     cosine)   echo "data.path=$DATA optim.lr=${CST_LR:-3.0e-4} optim.schedule=cosine optim.warmup_steps=100" \
-                   "optim.decay_over=minutes run.max_steps=1000000" ;;
+                   "optim.decay_over=minutes $NO_STEP_CAP" ;;
   esac
 }
 lr_of() {  # lr_of dense|expected: "optim.lr=X" once chosen (LR_<arm> or OUT/lr-<arm>.txt), else nothing

@@ -3,6 +3,9 @@
 # caller sets PY (and, for train_arm and queue, OUT, MIN and JOBS) before sourcing, and defines its arms.
 
 ppow() { $PY -m ppow_plugin.cli "$@"; }
+# The step limit of a run that run.max_minutes ends (time-bounded arms, converge.sh's MINUTES rounds): one no
+# run reaches, so the recipe's own run.max_steps cannot end it first.
+NO_STEP_CAP=run.max_steps=1000000
 
 # family_settings eagle1|eagle3: the per-family settings scripts/converge.sh and scripts/arms.sh share.
 # SFT_LOSS: the start's own SFT loss (continued SFT); DEEP: arm 2's multi-depth SFT; PPOW_SFT: arm 4's SFT term;
@@ -44,15 +47,16 @@ newest_step() {
 }
 
 # train_arm NAME SUBCMD RECIPE OVERRIDE...: `ppow SUBCMD RECIPE OVERRIDE...` in $OUT/NAME for MIN minutes of
-# training time in all (and no step limit unless an OVERRIDE sets run.max_steps) (the tau probe's time excluded, as run.max_minutes does). Skipped when its drafter
-# exists; an interrupted run resumes from its newest checkpoint with run.resume=true (run.max_minutes is the
-# run's budget: the checkpoint carries its training time). Appends to $OUT/NAME.log; echoes the command.
+# training time in all (NO_STEP_CAP unless an OVERRIDE sets run.max_steps; the τ probe's time excluded, as
+# run.max_minutes does). Skipped when its drafter exists; an interrupted run resumes from its newest checkpoint
+# with run.resume=true (run.max_minutes is the run's budget: the checkpoint carries its training time).
+# Appends to $OUT/NAME.log; echoes the command.
 train_arm() {
   local name=$1 sub=$2 recipe=$3 dir=$OUT/$1 resume="" 
   shift 3
   if [ -d "$dir/drafter" ]; then echo "= $name: done, $dir/drafter"; return 0; fi
   [ -n "$(newest_step "$dir")" ] && resume=run.resume=true
-  case " $* " in *" run.max_steps="*) ;; *) set -- "$@" run.max_steps=1000000 ;; esac  # else the arm's own
+  case " $* " in *" run.max_steps="*) ;; *) set -- "$@" $NO_STEP_CAP ;; esac
   echo "+ ppow $sub $recipe $* run.output_dir=$dir run.max_minutes=$MIN $resume"
   ppow "$sub" "$recipe" "$@" "run.output_dir=$dir" "run.max_minutes=$MIN" $resume >> "$OUT/$name.log" 2>&1
 }

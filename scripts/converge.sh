@@ -38,7 +38,7 @@ family_settings "$FAMILY"
 STEPS=${STEPS:-$RATE_cst}; SAVE=$(( STEPS / 12 > 0 ? STEPS / 12 : 1 ))
 BUDGET="run.max_steps=$STEPS run.max_minutes=600"
 if [ -n "${MINUTES:-}" ]; then
-  BUDGET="run.max_steps=1000000 run.max_minutes=$MINUTES"
+  BUDGET="$NO_STEP_CAP run.max_minutes=$MINUTES"
   [ "$SCHEDULE" = constant ] || BUDGET="$BUDGET optim.decay_over=minutes"
 fi
 ARGS="model.drafter=$START data.path=$DATA optim.lr=$LR optim.schedule=$SCHEDULE optim.warmup_steps=$WARMUP

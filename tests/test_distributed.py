@@ -14,17 +14,17 @@ import pytest
 from ppow_plugin import distributed
 from ppow_plugin.drafters import formats
 from ppow_plugin.host import patching
-from tiny import recipe_file, wait_for_checkpoint
+from tiny import free_port, recipe_file, wait_for_checkpoint
 
 pytestmark = pytest.mark.distributed
 if patching.patch_status().state != "patched":
     pytest.skip("the EAGLE host is not installed and patched (`ppow patch apply`)", allow_module_level=True)
 
 
-def torchrun(tmp_path, args, port, nproc=2):
+def torchrun(tmp_path, args, nproc=2):
     """`ppow <args>` in `nproc` workers under torchrun; nproc=1 runs plain `python -m`, no launcher."""
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    launcher = ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(port)]
+    launcher = ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(free_port())]
     cmd = [sys.executable, *(launcher if nproc > 1 else []), "-m", "ppow_plugin.cli", *args]
     return subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
 
@@ -32,11 +32,11 @@ def torchrun(tmp_path, args, port, nproc=2):
 @pytest.mark.parametrize("zero", [2, 3])
 def test_two_process_sft_then_ppow(tmp_path, zero):
     sft = recipe_file(tmp_path, "sft", "deepspeed", **{"run.max_steps": 2, "dist.zero_stage": zero})
-    res = torchrun(tmp_path, ["sft", str(sft)], 29611 + zero)
+    res = torchrun(tmp_path, ["sft", str(sft)])
     assert res.returncode == 0, res.stderr[-3000:]
     ppow = recipe_file(tmp_path, "ppow", "deepspeed", **{"run.max_steps": 2, "dist.zero_stage": zero,
                                        "model.drafter": tmp_path / "run-sft" / "drafter"})
-    res = torchrun(tmp_path, ["train", str(ppow)], 29621 + zero)
+    res = torchrun(tmp_path, ["train", str(ppow)])
     assert res.returncode == 0, res.stderr[-3000:]
     run = tmp_path / "run-ppow"
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
@@ -49,11 +49,11 @@ def test_two_process_sft_then_ppow(tmp_path, zero):
 KILL_TOLERANCE = 0.0  # max |delta| of any drafter weight, killed+resumed vs uninterrupted (measured: 0)
 
 
-def launch(tmp_path, args, port, log):
+def launch(tmp_path, args, log):
     """torchrun with 2 workers, output to `log`."""
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-           "-m", "ppow_plugin.cli", *args]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+           str(free_port()), "-m", "ppow_plugin.cli", *args]
     return subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
 
 
@@ -92,16 +92,16 @@ def test_two_process_sigkill_twice_then_resume_matches_uninterrupted(tmp_path):
     common = {"run.max_steps": 12, "run.save_every": 1, "run.keep_last": 3, "dist.zero_stage": 2}
     straight = recipe_file(tmp_path, "sft", "deepspeed", **common, **{"run.output_dir": tmp_path / "straight"})
     killed = recipe_file(tmp_path, "sft", "deepspeed", **common, **{"run.output_dir": tmp_path / "killed"})
-    proc = launch(tmp_path, ["sft", str(straight)], 29641, tmp_path / "straight.log")
+    proc = launch(tmp_path, ["sft", str(straight)], tmp_path / "straight.log")
     assert proc.wait(timeout=600) == 0, (tmp_path / "straight.log").read_text()[-3000:]
     ckpts = tmp_path / "killed" / "checkpoints"
-    proc = launch(tmp_path, ["sft", str(killed)], 29642, tmp_path / "run1.log")
+    proc = launch(tmp_path, ["sft", str(killed)], tmp_path / "run1.log")
     wait_for_checkpoint(proc, ckpts, 2, tmp_path / "run1.log")
     kill_rank(proc, 1)
-    proc = launch(tmp_path, ["sft", str(killed), "run.resume=true"], 29643, tmp_path / "run2.log")
+    proc = launch(tmp_path, ["sft", str(killed), "run.resume=true"], tmp_path / "run2.log")
     wait_for_checkpoint(proc, ckpts, 6, tmp_path / "run2.log")
     kill_job(proc)
-    proc = launch(tmp_path, ["sft", str(killed), "run.resume=true"], 29644, tmp_path / "run3.log")
+    proc = launch(tmp_path, ["sft", str(killed), "run.resume=true"], tmp_path / "run3.log")
     assert proc.wait(timeout=600) == 0, (tmp_path / "run3.log").read_text()[-3000:]
     # each kill landed mid-run: the resumes started before the last step
     assert 2 <= resumed_step(tmp_path / "run2.log") < 6 <= resumed_step(tmp_path / "run3.log") < 12
@@ -127,12 +127,12 @@ CURVE_TOL = 1e-5  # 300x the measured float-order difference; lr 1.2e-3 instead 
 CURVE_STEPS = 10
 
 
-def sft_curve(root, name, nproc, port=None, **extra):
+def sft_curve(root, name, nproc, **extra):
     """Per-step logged loss of a 10-step tiny SFT run without feature noise, in `nproc` processes."""
     rec = recipe_file(root, "sft", "deepspeed", **{"run.max_steps": CURVE_STEPS, "sft.feature_noise": 0.0,
                                                  "optim.grad_accum": 2 // nproc, "run.output_dir": root / name,
                                                  **extra})
-    res = torchrun(root, ["sft", str(rec)], port, nproc=nproc)
+    res = torchrun(root, ["sft", str(rec)], nproc=nproc)
     assert res.returncode == 0, res.stderr[-3000:]
     rows = [json.loads(x) for x in (root / name / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, CURVE_STEPS + 1))  # logged once per step (rank 0)
@@ -154,7 +154,7 @@ def max_gap(a, b) -> float:
 @pytest.mark.parametrize("zero", [2, 3])
 def test_one_and_two_processes_same_sft_loss_curve(one_process_curve, zero):
     root, base = one_process_curve
-    two = sft_curve(root, f"p2-zero{zero}", 2, 29631 + zero, **{"dist.zero_stage": zero})
+    two = sft_curve(root, f"p2-zero{zero}", 2, **{"dist.zero_stage": zero})
     print(f"ZeRO-{zero}: max |dloss| 1 vs 2 processes: {max_gap(base, two):.3g}")
     assert max_gap(base, two) <= CURVE_TOL, (base, two)
 

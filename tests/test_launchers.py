@@ -3,7 +3,6 @@ torch.distributed.launch pass, LOCAL_RANK, `dist.device=cuda` = this rank's GPU 
 anything touches a GPU (CUDA calls mocked), and a real 2-process run started by the `deepspeed` launcher on gloo."""
 
 import os
-import socket
 import subprocess
 import sys
 
@@ -14,7 +13,7 @@ from ppow_plugin import cli, distributed
 from ppow_plugin.host import patching
 from ppow_plugin.training import trainer
 from ppow_plugin.errors import UserError
-from tiny import recipe_file
+from tiny import free_port, recipe_file
 
 
 @pytest.fixture
@@ -118,9 +117,7 @@ def test_deepspeed_launcher_two_cpu_processes(tmp_path):
     rec = recipe_file(tmp_path, "sft", "deepspeed", **{"run.max_steps": 2})
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     env.pop("LOCAL_RANK", None)
-    with socket.socket() as sock:  # a port free now, not a fixed one (29661 was once in use: EADDRINUSE, red)
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()  # not a fixed one: 29661 was once in use (EADDRINUSE, red)
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(port),
            "--module", "ppow_plugin.cli", "sft", str(rec)]
     res = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)

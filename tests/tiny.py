@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import random
+import socket
 import time
 from pathlib import Path
 
@@ -19,6 +20,14 @@ SPECIAL = ["<pad>", "<unk>", "<|im_start|>", "<|im_end|>"]
 WORDS = SPECIAL + ["user", "assistant", "system", "\n"] + [f"w{i}" for i in range(120)]
 CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>' + '\n' }}"
           "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+def free_port() -> int:
+    """A TCP port free on this machine now, for a launcher's --master_port: a fixed one can be in use (a fresh-clone
+    run once found 29661 taken: EADDRINUSE)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def make_target(out_dir: Path, layers: int = 6, seed: int = 0) -> Path:
